@@ -1,0 +1,147 @@
+from diffserve.v1 import generation_pb2 as _generation_pb2
+from google.rpc import status_pb2 as _status_pb2
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ProtocolVersion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PROTOCOL_VERSION_UNSPECIFIED: _ClassVar[ProtocolVersion]
+    PROTOCOL_VERSION_1: _ClassVar[ProtocolVersion]
+PROTOCOL_VERSION_UNSPECIFIED: ProtocolVersion
+PROTOCOL_VERSION_1: ProtocolVersion
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "frame")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    frame: int
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., frame: _Optional[int] = ...) -> None: ...
+
+class Command(_message.Message):
+    __slots__ = ("id", "welcome", "admit", "run_stage", "denoise_step", "free", "shutdown")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    WELCOME_FIELD_NUMBER: _ClassVar[int]
+    ADMIT_FIELD_NUMBER: _ClassVar[int]
+    RUN_STAGE_FIELD_NUMBER: _ClassVar[int]
+    DENOISE_STEP_FIELD_NUMBER: _ClassVar[int]
+    FREE_FIELD_NUMBER: _ClassVar[int]
+    SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    welcome: Welcome
+    admit: Admit
+    run_stage: RunStage
+    denoise_step: DenoiseStep
+    free: Free
+    shutdown: Shutdown
+    def __init__(self, id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., admit: _Optional[_Union[Admit, _Mapping]] = ..., run_stage: _Optional[_Union[RunStage, _Mapping]] = ..., denoise_step: _Optional[_Union[DenoiseStep, _Mapping]] = ..., free: _Optional[_Union[Free, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ...) -> None: ...
+
+class Welcome(_message.Message):
+    __slots__ = ("worker_id", "heartbeat_interval_s")
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    heartbeat_interval_s: float
+    def __init__(self, worker_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+
+class Admit(_message.Message):
+    __slots__ = ("request_id", "params")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PARAMS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    params: _generation_pb2.GenerationParams
+    def __init__(self, request_id: _Optional[str] = ..., params: _Optional[_Union[_generation_pb2.GenerationParams, _Mapping]] = ...) -> None: ...
+
+class RunStage(_message.Message):
+    __slots__ = ("request_id", "stage")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    stage: _generation_pb2.Stage
+    def __init__(self, request_id: _Optional[str] = ..., stage: _Optional[_Union[_generation_pb2.Stage, str]] = ...) -> None: ...
+
+class DenoiseStep(_message.Message):
+    __slots__ = ("entries",)
+    ENTRIES_FIELD_NUMBER: _ClassVar[int]
+    entries: _containers.RepeatedCompositeFieldContainer[StepEntry]
+    def __init__(self, entries: _Optional[_Iterable[_Union[StepEntry, _Mapping]]] = ...) -> None: ...
+
+class StepEntry(_message.Message):
+    __slots__ = ("request_id", "step_index")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_INDEX_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    step_index: int
+    def __init__(self, request_id: _Optional[str] = ..., step_index: _Optional[int] = ...) -> None: ...
+
+class Free(_message.Message):
+    __slots__ = ("request_ids",)
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class Shutdown(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerMessage(_message.Message):
+    __slots__ = ("hello", "heartbeat", "result")
+    HELLO_FIELD_NUMBER: _ClassVar[int]
+    HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
+    RESULT_FIELD_NUMBER: _ClassVar[int]
+    hello: Hello
+    heartbeat: Heartbeat
+    result: Result
+    def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ...) -> None: ...
+
+class Hello(_message.Message):
+    __slots__ = ("protocol_version", "description", "model", "max_batch_size", "max_resident", "world_size")
+    PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    MAX_RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    protocol_version: ProtocolVersion
+    description: str
+    model: _generation_pb2.Model
+    max_batch_size: int
+    max_resident: int
+    world_size: int
+    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., description: _Optional[str] = ..., model: _Optional[_Union[_generation_pb2.Model, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., max_resident: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
+
+class Heartbeat(_message.Message):
+    __slots__ = ("sequence", "status")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    status: _generation_pb2.WorkerStatus
+    def __init__(self, sequence: _Optional[int] = ..., status: _Optional[_Union[_generation_pb2.WorkerStatus, _Mapping]] = ...) -> None: ...
+
+class Result(_message.Message):
+    __slots__ = ("command_id", "elapsed_ms", "requests")
+    COMMAND_ID_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    command_id: int
+    elapsed_ms: float
+    requests: _containers.RepeatedCompositeFieldContainer[RequestResult]
+    def __init__(self, command_id: _Optional[int] = ..., elapsed_ms: _Optional[float] = ..., requests: _Optional[_Iterable[_Union[RequestResult, _Mapping]]] = ...) -> None: ...
+
+class RequestResult(_message.Message):
+    __slots__ = ("request_id", "status", "frames")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    FRAMES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    status: _status_pb2.Status
+    frames: Tensor
+    def __init__(self, request_id: _Optional[str] = ..., status: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., frames: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...

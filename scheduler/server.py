@@ -1,0 +1,131 @@
+"""Assembles and runs the scheduler service: gRPC (GenerationService, grpc.health.v1, reflection)
+on uvloop, the ZeroMQ worker link, the engine, and the local worker processes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from diffserve.v1 import generation_pb2 as pb
+from diffserve.v1 import generation_pb2_grpc as pb_grpc
+
+from . import errors
+from .artifacts import ArtifactStore
+from .engine import Engine, EngineConfig
+from .launcher import LocalWorkers, LocalWorkerSpec
+from .service import GenerationService
+from .workers import WorkerLink
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
+MAX_MESSAGE_BYTES = 64 << 20  # input images arrive inside SubmitJob
+
+
+@dataclass
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 50051  # 0 picks a free port
+    worker_bind: str = "tcp://127.0.0.1:0"  # ZeroMQ address workers connect to
+    output_dir: str = "outputs"
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    local_workers: list[LocalWorkerSpec] = field(default_factory=list)
+    restart_workers: bool = True
+    drain_timeout_s: float = 60.0
+
+
+class SchedulerServer:
+    """The scheduler process: start(), then wait(); stop() drains and shuts everything down."""
+
+    def __init__(self, config: ServerConfig):
+        self.config = config
+        self.link = WorkerLink(config.worker_bind)
+        self.engine = Engine(config.engine, self.link, ArtifactStore(config.output_dir))
+        self.health = health.aio.HealthServicer()
+        self.engine.on_serving_change = self._on_serving_change
+        self.workers = LocalWorkers(self.link.address, config.local_workers, self.engine.worker_lost, config.restart_workers)
+        self.server = grpc.aio.server(options=[
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ])
+        pb_grpc.add_GenerationServiceServicer_to_server(GenerationService(self.engine), self.server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
+        reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.port = 0
+        self._tasks: list[asyncio.Task] = []
+        self._stopped = asyncio.Event()
+
+    def _on_serving_change(self, serving: dict[str, bool]) -> None:
+        any_serving = any(serving.values())
+        status = health_pb2.HealthCheckResponse.SERVING if any_serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        log.info("health: %s (%s)", health_pb2.HealthCheckResponse.ServingStatus.Name(status), serving)
+        loop = asyncio.get_running_loop()
+        for name in ("", SERVICE_NAME):
+            loop.create_task(self.health.set(name, status))
+        for model, up in serving.items():
+            model_status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
+            loop.create_task(self.health.set(f"{SERVICE_NAME}/{model}", model_status))
+
+    async def start(self) -> int:
+        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        if self.port == 0:
+            raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.server.start()
+        self._tasks = [asyncio.create_task(self.engine.run()), asyncio.create_task(self.workers.run())]
+        log.info("scheduler listening on %s:%d (gRPC), workers connect to %s", self.config.host, self.port, self.link.address)
+        return self.port
+
+    async def wait(self) -> None:
+        await self._stopped.wait()
+
+    async def stop(self) -> None:
+        """Refuses new jobs, lets queued and running ones finish (up to drain_timeout_s), then exits."""
+        if self.engine.accepting is False:
+            return
+        self.engine.accepting = False
+        log.info("draining: waiting up to %.0f s for running jobs", self.config.drain_timeout_s)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.config.drain_timeout_s
+        while self.engine.busy() and loop.time() < deadline:
+            await asyncio.sleep(0.2)
+        for job in self.engine.jobs:
+            if not job.done:
+                self.engine.cancel(job, errors.cancelled("the server shut down"))
+        await self.health.enter_graceful_shutdown()
+        await self.engine.shutdown_workers()
+        await self.workers.stop()
+        await self.server.stop(grace=2.0)
+        for task in self._tasks:
+            task.cancel()
+        self.link.close()
+        self._stopped.set()
+
+
+async def serve(config: ServerConfig, on_started=None) -> None:
+    """Runs until SIGINT / SIGTERM, then drains."""
+    server = SchedulerServer(config)
+    port = await server.start()
+    if on_started is not None:
+        on_started(port)
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, lambda: loop.create_task(server.stop()))
+    await server.wait()
+
+
+def run(config: ServerConfig, on_started=None) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(serve(config, on_started))
+    except ImportError:  # uvloop is not built for every platform
+        asyncio.run(serve(config, on_started))

@@ -1,0 +1,116 @@
+"""gRPC front door: diffserve.v1.GenerationService over grpc.aio, a thin layer on the Engine."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+
+import grpc
+
+from diffserve.v1 import generation_pb2 as pb
+from diffserve.v1 import generation_pb2_grpc as pb_grpc
+
+from . import errors
+from .engine import Engine
+from .jobs import Job
+
+log = logging.getLogger(__name__)
+
+
+class GenerationService(pb_grpc.GenerationServiceServicer):
+    """Maps RPCs to Engine calls and RequestErrors to google.rpc statuses."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+
+    def _job(self, job_id: str) -> Job:
+        job = self.engine.jobs.get(job_id)
+        if job is None:
+            raise errors.not_found("job", job_id)
+        return job
+
+    def _proto(self, job: Job) -> pb.Job:
+        return job.to_proto(self.engine.queue_position(job))
+
+    async def SubmitJob(self, request: pb.SubmitJobRequest, context) -> pb.SubmitJobResponse:
+        try:
+            timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else None
+            job, created = self.engine.submit(request.params, request.client_request_id, timeout)
+        except errors.RequestError as exc:
+            await errors.abort(context, exc.status)
+        return pb.SubmitJobResponse(job=self._proto(job), created=created)
+
+    async def Generate(self, request: pb.GenerateRequest, context):
+        try:
+            remaining = context.time_remaining()
+            job, created = self.engine.submit(request.params, request.client_request_id, remaining)
+        except errors.RequestError as exc:
+            await errors.abort(context, exc.status)
+        try:
+            async for event in self._events(job):
+                yield event
+        except asyncio.CancelledError:
+            # The client went away or its deadline passed: the job was bound to this call.
+            if created and not job.done:
+                remaining = context.time_remaining()
+                expired = remaining is not None and remaining <= 0
+                self.engine.cancel(job, errors.deadline_exceeded("the call's deadline expired") if expired else errors.cancelled())
+            raise
+
+    async def StreamJobEvents(self, request: pb.StreamJobEventsRequest, context):
+        try:
+            job = self._job(request.job_id)
+        except errors.RequestError as exc:
+            await errors.abort(context, exc.status)
+        async for event in self._events(job):
+            yield event
+
+    async def _events(self, job: Job):
+        seen = 0
+        while True:
+            while seen < len(job.events):
+                seen += 1
+                yield job.events[seen - 1]
+            if job.done:
+                return
+            await job.wait_change(seen)
+
+    async def GetJob(self, request: pb.GetJobRequest, context) -> pb.GetJobResponse:
+        try:
+            return pb.GetJobResponse(job=self._proto(self._job(request.job_id)))
+        except errors.RequestError as exc:
+            await errors.abort(context, exc.status)
+
+    async def CancelJob(self, request: pb.CancelJobRequest, context) -> pb.CancelJobResponse:
+        try:
+            job = self._job(request.job_id)
+        except errors.RequestError as exc:
+            await errors.abort(context, exc.status)
+        self.engine.cancel(job, errors.cancelled("cancelled by CancelJob"))
+        return pb.CancelJobResponse(job=self._proto(job))
+
+    async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
+        return pb.ListModelsResponse(models=self.engine.list_models())
+
+    async def DownloadArtifact(self, request: pb.DownloadArtifactRequest, context):
+        try:
+            job = self._job(request.artifact_id)
+            if job.artifact is None or job.state != pb.JOB_STATE_SUCCEEDED:
+                raise errors.failed_precondition(f"job {job.id} has no artifact (state {pb.JobState.Name(job.state)})", "NO_ARTIFACT")
+        except errors.RequestError as exc:
+            await errors.abort(context, exc.status)
+        artifact = job.artifact
+        loop = asyncio.get_running_loop()
+        chunks = self.engine.artifacts.chunks(artifact)
+        first = True
+        while True:
+            chunk = await loop.run_in_executor(None, next, chunks, None)
+            if chunk is None:
+                return
+            reply = pb.DownloadArtifactResponse(data=chunk)
+            if first:
+                reply.media_type = artifact.media_type
+                reply.total_bytes = artifact.size_bytes
+                reply.file_name = artifact.file_name
+                first = False
+            yield reply

@@ -1,0 +1,80 @@
+"""Worker process entry: `python -m diffserve.worker --scheduler tcp://HOST:PORT --model-path DIR`.
+
+Loads the model, says Hello to the scheduler (which makes it SERVING), then runs commands
+until told to shut down.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import socket
+import sys
+import uuid
+
+from diffserve.worker.v1 import worker_pb2 as wpb
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m diffserve.worker", description=__doc__)
+    p.add_argument("--scheduler", required=True, help="ZeroMQ address of the scheduler, e.g. tcp://127.0.0.1:5555")
+    p.add_argument("--model-path", required=True, help="diffusers-layout folder (or hub id where the network allows)")
+    p.add_argument("--model-name", default="", help="name clients use (default: the folder's name)")
+    p.add_argument("--worker-id", default="", help="routing id (default: host-pid-random)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), bfloat16, float16, float32")
+    p.add_argument("--max-batch-size", type=int, default=4, help="most requests in one denoising step")
+    p.add_argument("--max-resident", type=int, default=8, help="most requests whose state is kept at once")
+    p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
+    p.add_argument("--log-level", default="INFO")
+    return p.parse_args(argv)
+
+
+def model_name_for(path: str) -> str:
+    return os.path.basename(os.path.normpath(path)) or path
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
+    import torch
+
+    from . import loading
+    from .connection import SchedulerConnection
+    from .registry import load_pipeline
+    from .runtime import Runtime
+
+    worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    try:
+        root = loading.resolve_model_path(args.model_path)
+        device = loading.pick_device(args.device)
+        dtype = loading.pick_dtype(args.dtype, device)
+        pipeline = load_pipeline(root, args.model_name or model_name_for(args.model_path), device, dtype)
+    except (loading.CheckpointError, ValueError) as exc:
+        logging.getLogger("diffserve.worker").error("cannot load the model: %s", exc)
+        return 2
+    torch.set_grad_enabled(False)
+    runtime = Runtime(pipeline)
+    hello = wpb.Hello(
+        protocol_version=wpb.PROTOCOL_VERSION_1,
+        description=f"{platform.node()} pid {os.getpid()} {device} {str(dtype).removeprefix('torch.')}",
+        model=pipeline.card,
+        max_batch_size=args.max_batch_size,
+        max_resident=args.max_resident,
+        world_size=1,
+    )
+    conn = SchedulerConnection(args.scheduler, worker_id, hello, runtime.status, args.parent_pid or None)
+    conn.start()
+    try:
+        runtime.serve(conn)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        conn.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,103 @@
+"""The worker's side of the ZeroMQ link: a DEALER socket owned by one I/O thread.
+
+The compute loop never touches the socket: commands arrive on `commands` (a queue.Queue) and
+results leave through `send()`. Heartbeats go out from the I/O thread, so a worker deep in a
+long step still answers, and a dead worker is noticed by its silence alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import threading
+import time
+from collections.abc import Callable
+
+import zmq
+
+from diffserve.v1 import generation_pb2 as pb
+from diffserve.worker.v1 import worker_pb2 as wpb
+
+log = logging.getLogger(__name__)
+
+HELLO_RETRY_S = 3.0
+
+
+class SchedulerConnection:
+    """Registers with the scheduler (Hello → Welcome), keeps heartbeats going, moves messages."""
+
+    def __init__(self, address: str, worker_id: str, hello: wpb.Hello, status: Callable[[], pb.WorkerStatus], parent_pid: int | None = None):
+        self.address = address
+        self.worker_id = worker_id
+        self.hello = hello
+        self.status = status
+        self.parent_pid = parent_pid
+        self.commands: queue.Queue[wpb.Command] = queue.Queue()
+        self._outgoing: queue.Queue[list] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="zmq-io", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def send(self, message: wpb.WorkerMessage, frames: list = ()) -> None:
+        """Queues a message and its raw tensor frames (bytes-like objects) for sending."""
+        self._outgoing.put([message.SerializeToString(), *frames])
+
+    def _run(self) -> None:
+        ctx = zmq.Context()
+        sock = ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.ROUTING_ID, self.worker_id.encode())
+        sock.setsockopt(zmq.LINGER, 2000)
+        sock.connect(self.address)
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        welcomed = False
+        interval = 1.0
+        last_hello = last_beat = 0.0
+        sequence = 0
+        try:
+            while not self._stop.is_set():
+                now = time.monotonic()
+                if not welcomed and now - last_hello > HELLO_RETRY_S:
+                    sock.send(wpb.WorkerMessage(hello=self.hello).SerializeToString())
+                    last_hello = now
+                if welcomed and now - last_beat > interval:
+                    sequence += 1
+                    beat = wpb.Heartbeat(sequence=sequence, status=self.status())
+                    sock.send(wpb.WorkerMessage(heartbeat=beat).SerializeToString())
+                    last_beat = now
+                while True:
+                    try:
+                        frames = self._outgoing.get_nowait()
+                    except queue.Empty:
+                        break
+                    sock.send_multipart(frames, copy=False)
+                if self.parent_pid and os.getppid() != self.parent_pid:
+                    log.error("parent process %d is gone; shutting down", self.parent_pid)
+                    self.commands.put(wpb.Command(shutdown=wpb.Shutdown()))
+                    self.parent_pid = None
+                if not poller.poll(50):
+                    continue
+                command = wpb.Command()
+                command.ParseFromString(sock.recv())
+                if command.WhichOneof("body") == "welcome":
+                    if command.welcome.worker_id:
+                        welcomed = True
+                        interval = command.welcome.heartbeat_interval_s or interval
+                        log.info("registered with the scheduler at %s as %s", self.address, self.worker_id)
+                    else:  # the scheduler does not know us (it restarted): register again, start clean
+                        welcomed = False
+                        last_hello = 0.0
+                        self.commands.put(wpb.Command(free=wpb.Free(request_ids=["*"])))
+                    continue
+                self.commands.put(command)
+        finally:
+            sock.close()
+            ctx.term()
+

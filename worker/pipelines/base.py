@@ -1,0 +1,47 @@
+"""What every pipeline offers the worker runtime, and the per-request state it keeps resident."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from diffserve.v1 import generation_pb2 as pb
+
+
+@dataclass(eq=False)
+class RequestState:
+    """One admitted request's tensors on the device, kept between commands."""
+
+    request_id: str
+    params: pb.GenerationParams
+    cond: Any = None  # text conditioning rows, (1, L, D)
+    uncond: Any = None  # negative conditioning, None without CFG
+    latents: Any = None  # float32 (1, C, F, H, W)
+    sampler: Any = None
+    timesteps: Any = None
+    step: int = 0  # denoising steps done
+    extras: dict = field(default_factory=dict)  # model-specific state
+
+    @property
+    def do_cfg(self) -> bool:
+        return self.params.guidance_scale > 1.0
+
+
+class Pipeline(Protocol):
+    """A model served by a worker, split into the stages the scheduler drives one command at a time."""
+
+    card: pb.Model
+
+    def admit(self, request_id: str, params: pb.GenerationParams) -> RequestState: ...
+
+    def encode(self, state: RequestState) -> None: ...
+
+    def prepare(self, state: RequestState) -> None: ...
+
+    def denoise_step(self, states: list[RequestState]) -> None:
+        """Advances every state by one step, in one transformer forward where shapes allow."""
+
+    def decode(self, state: RequestState) -> np.ndarray:
+        """uint8 frames, (F, H, W, 3)."""

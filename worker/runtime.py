@@ -1,0 +1,139 @@
+"""The worker's compute loop: runs scheduler commands against one pipeline.
+
+Keeps every admitted request's state resident between commands; a command names requests by
+id only. A failure of one request is returned as that request's status; the loop goes on.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import traceback
+
+import numpy as np
+import torch
+from google.rpc import code_pb2, status_pb2
+
+from diffserve.v1 import generation_pb2 as pb
+from diffserve.worker.v1 import worker_pb2 as wpb
+
+from .connection import SchedulerConnection
+from .pipelines.base import Pipeline, RequestState
+
+log = logging.getLogger(__name__)
+
+
+def error_status(exc: BaseException) -> status_pb2.Status:
+    if isinstance(exc, torch.OutOfMemoryError):
+        return status_pb2.Status(code=code_pb2.RESOURCE_EXHAUSTED, message=f"out of device memory: {exc}")
+    if isinstance(exc, ValueError):
+        return status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message=str(exc))
+    return status_pb2.Status(code=code_pb2.INTERNAL, message=f"{type(exc).__name__}: {exc}")
+
+
+class Runtime:
+    """Owns the resident request states and the counters the heartbeat reports."""
+
+    def __init__(self, pipeline: Pipeline):
+        self.pipeline = pipeline
+        self.states: dict[str, RequestState] = {}
+        self.admit_errors: dict[str, status_pb2.Status] = {}
+        self.counters = pb.WorkerStatus()
+
+    def status(self) -> pb.WorkerStatus:
+        status = pb.WorkerStatus()
+        status.CopyFrom(self.counters)
+        status.resident_jobs = len(self.states)
+        return status
+
+    def serve(self, conn: SchedulerConnection) -> None:
+        """Runs commands until Shutdown."""
+        while True:
+            command = conn.commands.get()
+            kind = command.WhichOneof("body")
+            if kind == "shutdown":
+                log.info("shutdown requested")
+                return
+            if kind == "admit":
+                self.admit(command.admit)
+            elif kind == "free":
+                self.free(command.free.request_ids)
+            elif kind in ("run_stage", "denoise_step"):
+                started = time.perf_counter()
+                results, frames = self.run_stage(command.run_stage) if kind == "run_stage" else self.denoise(command.denoise_step)
+                elapsed_ms = (time.perf_counter() - started) * 1e3
+                result = wpb.Result(command_id=command.id, elapsed_ms=elapsed_ms, requests=results)
+                conn.send(wpb.WorkerMessage(result=result), frames)
+
+    def admit(self, admit: wpb.Admit) -> None:
+        try:
+            self.states[admit.request_id] = self.pipeline.admit(admit.request_id, admit.params)
+        except Exception as exc:
+            log.exception("admitting %s failed", admit.request_id)
+            self.admit_errors[admit.request_id] = error_status(exc)
+
+    def free(self, request_ids) -> None:
+        if "*" in request_ids:
+            request_ids = list(self.states)
+        for rid in request_ids:
+            self.states.pop(rid, None)
+            self.admit_errors.pop(rid, None)
+
+    def _state(self, request_id: str) -> RequestState:
+        if request_id in self.admit_errors:
+            raise _Refused(self.admit_errors[request_id])
+        state = self.states.get(request_id)
+        if state is None:
+            raise _Refused(status_pb2.Status(code=code_pb2.NOT_FOUND, message=f"request {request_id} is not resident on this worker"))
+        return state
+
+    def run_stage(self, cmd: wpb.RunStage) -> tuple[list[wpb.RequestResult], list]:
+        result = wpb.RequestResult(request_id=cmd.request_id)
+        frames: list = []
+        try:
+            state = self._state(cmd.request_id)
+            if cmd.stage == pb.STAGE_ENCODE:
+                self.pipeline.encode(state)
+            elif cmd.stage == pb.STAGE_PREPARE:
+                self.pipeline.prepare(state)
+            elif cmd.stage == pb.STAGE_DECODE:
+                video = np.ascontiguousarray(self.pipeline.decode(state), dtype=np.uint8)
+                result.frames.CopyFrom(wpb.Tensor(dtype="uint8", shape=video.shape, frame=0))
+                frames.append(memoryview(video).cast("B"))
+            else:
+                raise ValueError(f"stage {pb.Stage.Name(cmd.stage)} does not run on a worker")
+        except _Refused as exc:
+            result.status.CopyFrom(exc.status)
+        except Exception as exc:
+            log.error("stage %s of %s failed:\n%s", pb.Stage.Name(cmd.stage), cmd.request_id, traceback.format_exc())
+            result.status.CopyFrom(error_status(exc))
+        return [result], frames
+
+    def denoise(self, cmd: wpb.DenoiseStep) -> tuple[list[wpb.RequestResult], list]:
+        results = {e.request_id: wpb.RequestResult(request_id=e.request_id) for e in cmd.entries}
+        runnable: list[RequestState] = []
+        for entry in cmd.entries:
+            try:
+                state = self._state(entry.request_id)
+                if entry.step_index != state.step or state.latents is None:
+                    raise _Refused(status_pb2.Status(code=code_pb2.FAILED_PRECONDITION, message=f"asked for step {entry.step_index}, request is at step {state.step}"))
+                runnable.append(state)
+            except _Refused as exc:
+                results[entry.request_id].status.CopyFrom(exc.status)
+        if runnable:
+            try:
+                rows = self.pipeline.denoise_step(runnable)
+                self.counters.step_commands += 1
+                self.counters.batched_step_commands += int(len(runnable) > 1)
+                self.counters.denoise_rows += rows
+            except Exception as exc:
+                log.error("denoising step failed for %d requests:\n%s", len(runnable), traceback.format_exc())
+                for state in runnable:
+                    results[state.request_id].status.CopyFrom(error_status(exc))
+        return list(results.values()), []
+
+
+class _Refused(Exception):
+    def __init__(self, status: status_pb2.Status):
+        super().__init__(status.message)
+        self.status = status
