@@ -18,9 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# The scheduler starts ffmpeg from a thread; gRPC's fork handlers only log noise about that.
-os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
-
 from diffserve.v1 import generation_pb2 as pb
 
 from .client import Client, DiffserveError, make_params
@@ -28,9 +25,16 @@ from .client import Client, DiffserveError, make_params
 EXTENSIONS = {pb.OUTPUT_FORMAT_PNG: ".png", pb.OUTPUT_FORMAT_MP4: ".mp4", pb.OUTPUT_FORMAT_NPY: ".npy"}
 
 
+def seed_type(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**64:
+        raise argparse.ArgumentTypeError("must be between 0 and 2**64-1")
+    return value
+
+
 def add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-path", help="diffusers-layout folder, or a hub id where the network allows")
-    p.add_argument("--model-name", default="", help="name clients use (default: the folder's name)")
+    p.add_argument("--model-name", default="", help="model name clients use (default: the folder's name); with generate --server, the served model to use")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), bfloat16, float16, float32")
     p.add_argument("--max-batch-size", type=int, default=4, help="most jobs sharing one denoising step (default 4)")
@@ -62,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fps", type=int)
     g.add_argument("--num-inference-steps", type=int)
     g.add_argument("--guidance-scale", type=float)
-    g.add_argument("--seed", type=int)
+    g.add_argument("--seed", type=seed_type, help="0 to 2**64-1 (default: random, reported)")
     g.add_argument("--output-format", choices=["png", "mp4", "npy"], default="")
     g.add_argument("--save-output", action="store_true", help="write the artifact (to --output-path)")
     g.add_argument("--output-path", default="outputs", help="file, or folder for an automatic name (default: outputs/)")
@@ -107,8 +111,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.ready_file:
             Path(args.ready_file).write_text(str(port))
 
-    run(config, started)
-    return 0
+    return run(config, started)
 
 
 def start_local_server(args: argparse.Namespace, workdir: str) -> tuple[subprocess.Popen, str]:

@@ -1,1 +1,7 @@
+"""diffserve scheduler: the service clients talk to; holds all request state; never imports torch."""
 
+import os as _os
+
+# The scheduler starts ffmpeg (and local workers) as subprocesses while gRPC threads run; gRPC's
+# fork handlers are not needed for fork+exec and only log noise, so they are off unless set.
+_os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")

@@ -12,9 +12,12 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 
 log = logging.getLogger(__name__)
+
+EXIT_CANNOT_LOAD = 2  # the worker's exit code when its model cannot be loaded (see worker/__main__.py)
 
 
 @dataclass
@@ -27,11 +30,13 @@ class LocalWorkerSpec:
 class LocalWorkers:
     """Owns the local worker subprocesses."""
 
-    def __init__(self, scheduler_address: str, specs: list[LocalWorkerSpec], on_exit, restart: bool = True):
+    def __init__(self, scheduler_address: str, specs: list[LocalWorkerSpec], on_exit, restart: bool = True, on_fatal=None):
         self.address = scheduler_address
         self.specs = specs
         self.on_exit = on_exit  # on_exit(worker_id, reason)
         self.restart = restart
+        self.on_fatal = on_fatal  # on_fatal(reason): a worker cannot start at all (bad model path...)
+        self._started_at: dict[str, float] = {}
         self.procs: dict[str, subprocess.Popen] = {}
         self._stopping = False
 
@@ -40,6 +45,7 @@ class LocalWorkers:
                "--parent-pid", str(os.getpid()), *spec.args]
         log.info("starting worker %s: %s", spec.worker_id, " ".join(cmd))
         self.procs[spec.worker_id] = subprocess.Popen(cmd, env={**os.environ, **spec.env})
+        self._started_at[spec.worker_id] = time.monotonic()
 
     async def run(self) -> None:
         for spec in self.specs:
@@ -56,6 +62,13 @@ class LocalWorkers:
                     reason += f" ({signal.Signals(-proc.returncode).name})"
                 del self.procs[spec.worker_id]
                 self.on_exit(spec.worker_id, reason)
+                if proc.returncode == EXIT_CANNOT_LOAD:
+                    log.error("%s: the worker cannot load its model; not restarting it", reason)
+                    if self.on_fatal is not None:
+                        self.on_fatal(f"worker {spec.worker_id} cannot load its model (see its log above)")
+                    continue
+                if time.monotonic() - self._started_at[spec.worker_id] > 60:
+                    delays[spec.worker_id] = 1.0  # it ran fine for a while: restart promptly
                 if self.restart:
                     delay = delays[spec.worker_id]
                     delays[spec.worker_id] = min(delay * 2, 60.0)

@@ -50,7 +50,8 @@ class SchedulerServer:
         self.engine = Engine(config.engine, self.link, ArtifactStore(config.output_dir))
         self.health = health.aio.HealthServicer()
         self.engine.on_serving_change = self._on_serving_change
-        self.workers = LocalWorkers(self.link.address, config.local_workers, self.engine.worker_lost, config.restart_workers)
+        self.workers = LocalWorkers(self.link.address, config.local_workers, self.engine.worker_lost, config.restart_workers, self._fatal)
+        self.exit_code = 0
         self.server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -72,6 +73,14 @@ class SchedulerServer:
         for model, up in serving.items():
             model_status = health_pb2.HealthCheckResponse.SERVING if up else health_pb2.HealthCheckResponse.NOT_SERVING
             loop.create_task(self.health.set(f"{SERVICE_NAME}/{model}", model_status))
+
+    def _fatal(self, reason: str) -> None:
+        """A local worker can never serve: stop rather than wait forever."""
+        if all(not w.alive for w in self.engine.workers.values()) and not self.workers.procs:
+            log.error("stopping: %s", reason)
+            self.exit_code = 3
+            self.config.drain_timeout_s = 0
+            asyncio.get_running_loop().create_task(self.stop())
 
     async def start(self) -> int:
         self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
@@ -110,7 +119,7 @@ class SchedulerServer:
         self._stopped.set()
 
 
-async def serve(config: ServerConfig, on_started=None) -> None:
+async def serve(config: ServerConfig, on_started=None) -> int:
     """Runs until SIGINT / SIGTERM, then drains."""
     server = SchedulerServer(config)
     port = await server.start()
@@ -120,12 +129,13 @@ async def serve(config: ServerConfig, on_started=None) -> None:
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, lambda: loop.create_task(server.stop()))
     await server.wait()
+    return server.exit_code
 
 
-def run(config: ServerConfig, on_started=None) -> None:
+def run(config: ServerConfig, on_started=None) -> int:
+    """Serves until SIGINT / SIGTERM; returns the process exit code."""
     try:
         import uvloop
-
-        uvloop.run(serve(config, on_started))
     except ImportError:  # uvloop is not built for every platform
-        asyncio.run(serve(config, on_started))
+        return asyncio.run(serve(config, on_started))
+    return uvloop.run(serve(config, on_started))

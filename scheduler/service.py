@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 
 import grpc
 
@@ -52,8 +53,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         except asyncio.CancelledError:
             # The client went away or its deadline passed: the job was bound to this call.
             if created and not job.done:
-                remaining = context.time_remaining()
-                expired = remaining is not None and remaining <= 0
+                expired = job.deadline is not None and time.monotonic() >= job.deadline - 0.1
                 self.engine.cancel(job, errors.deadline_exceeded("the call's deadline expired") if expired else errors.cancelled())
             raise
 

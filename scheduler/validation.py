@@ -20,6 +20,7 @@ MAX_FPS = 120
 def resolve_params(params: pb.GenerationParams, model: pb.Model) -> pb.GenerationParams:
     """Returns a copy of `params` with defaults applied and a seed set; raises RequestError."""
     d, lim = model.defaults, model.limits
+    size_multiple, frame_step = max(1, lim.size_multiple), max(1, lim.frame_step)
     out = pb.GenerationParams()
     out.CopyFrom(params)
     out.model = model.name
@@ -44,15 +45,15 @@ def resolve_params(params: pb.GenerationParams, model: pb.Model) -> pb.Generatio
         value = getattr(out, name)
         if value <= 0:
             bad.append((f"params.{name}", "must be positive"))
-        elif value % lim.size_multiple:
-            bad.append((f"params.{name}", f"must be a multiple of {lim.size_multiple} (got {value})"))
+        elif value % size_multiple:
+            bad.append((f"params.{name}", f"must be a multiple of {size_multiple} (got {value})"))
         elif value > limit:
             bad.append((f"params.{name}", f"must be at most {limit} (got {value})"))
     if out.height > 0 and out.width > 0 and lim.max_pixels and out.height * out.width > lim.max_pixels:
         bad.append(("params.height", f"height × width must be at most {lim.max_pixels} pixels"))
     frames = out.num_frames
-    if frames < 1 or (frames - 1) % lim.frame_step:
-        bad.append(("params.num_frames", f"must be {lim.frame_step}k+1 for some k >= 0 (1, {lim.frame_step + 1}, {2 * lim.frame_step + 1}, ...; got {frames})"))
+    if frames < 1 or (frames - 1) % frame_step:
+        bad.append(("params.num_frames", f"must be {frame_step}k+1 for some k >= 0 (1, {frame_step + 1}, {2 * frame_step + 1}, ...; got {frames})"))
     elif frames > lim.max_num_frames:
         bad.append(("params.num_frames", f"must be at most {lim.max_num_frames} (got {frames})"))
     steps = out.num_inference_steps

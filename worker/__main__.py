@@ -16,6 +16,8 @@ import uuid
 
 from diffserve.worker.v1 import worker_pb2 as wpb
 
+EXIT_CANNOT_LOAD = 2  # the launcher does not restart a worker that exits with this code
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m diffserve.worker", description=__doc__)
@@ -54,7 +56,7 @@ def main(argv=None) -> int:
         pipeline = load_pipeline(root, args.model_name or model_name_for(args.model_path), device, dtype)
     except (loading.CheckpointError, ValueError) as exc:
         logging.getLogger("diffserve.worker").error("cannot load the model: %s", exc)
-        return 2
+        return EXIT_CANNOT_LOAD
     torch.set_grad_enabled(False)
     runtime = Runtime(pipeline)
     hello = wpb.Hello(

@@ -40,8 +40,9 @@ class Pipeline(Protocol):
 
     def prepare(self, state: RequestState) -> None: ...
 
-    def denoise_step(self, states: list[RequestState]) -> None:
-        """Advances every state by one step, in one transformer forward where shapes allow."""
+    def denoise_step(self, states: list[RequestState]) -> int:
+        """Advances every state by one step, in one transformer forward where shapes allow;
+        returns the number of transformer rows run."""
 
     def decode(self, state: RequestState) -> np.ndarray:
         """uint8 frames, (F, H, W, 3)."""

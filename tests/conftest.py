@@ -1,0 +1,102 @@
+"""Shared fixtures: the tiny Wan checkpoint, and real `diffserve serve` processes on free ports."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from checkpoints import build_tiny_wan  # noqa: E402
+
+from diffserve.client import Client, DiffserveError  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_wan(tmp_path_factory) -> Path:
+    return build_tiny_wan(tmp_path_factory.mktemp("ckpt") / "tiny-wan")
+
+
+class ServerProcess:
+    """A `diffserve serve` subprocess with its local worker, on a free port."""
+
+    def __init__(self, model_path: Path, workdir: Path, *extra: str):
+        self.workdir = workdir
+        ready = workdir / "port"
+        self.output_dir = workdir / "outputs"
+        cmd = [sys.executable, "-m", "diffserve.client.cli", "serve", "--model-path", str(model_path), "--port", "0",
+               "--output-dir", str(self.output_dir), "--ready-file", str(ready), "--log-level", "WARNING", *extra]
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        self.proc = subprocess.Popen(cmd, env=env)
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert self.proc.poll() is None, f"server exited with {self.proc.returncode}"
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        self.target = f"127.0.0.1:{ready.read_text()}"
+        self.client = Client(self.target)
+        self.wait_health("SERVING", timeout_s=120)
+
+    def wait_health(self, status: str, timeout_s: float = 30) -> None:
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while time.monotonic() < deadline:
+            try:
+                last = self.client.health()
+            except DiffserveError as err:
+                last = str(err)
+            if last == status:
+                return
+            assert self.proc.poll() is None, f"server exited with {self.proc.returncode}"
+            time.sleep(0.1)
+        raise AssertionError(f"health stayed {last}, expected {status}")
+
+    def worker_pids(self) -> list[int]:
+        import psutil
+
+        return [c.pid for c in psutil.Process(self.proc.pid).children() if "diffserve.worker" in " ".join(c.cmdline())]
+
+    def worker_status(self):
+        (model,) = self.client.list_models()
+        return model.workers
+
+    def stop(self) -> int:
+        self.client.close()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+
+@pytest.fixture
+def start_server(tmp_path):
+    """Factory: start_server(model_path, *flags) -> ServerProcess, stopped at teardown."""
+    servers: list[ServerProcess] = []
+
+    def start(model_path: Path, *extra: str) -> ServerProcess:
+        workdir = tmp_path / f"server{len(servers)}"
+        workdir.mkdir()
+        servers.append(ServerProcess(model_path, workdir, *extra))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def wan_server(tiny_wan, tmp_path_factory):
+    """One server shared by a test module (jobs are independent)."""
+    server = ServerProcess(tiny_wan, tmp_path_factory.mktemp("server"), "--max-batch-size", "4")
+    yield server
+    server.stop()

@@ -1,0 +1,56 @@
+"""Step-level batching: concurrent jobs share step commands and still equal their solo outputs."""
+
+from __future__ import annotations
+
+import threading
+
+from jobs_util import npy_output, resident_jobs, wait_for, wait_step
+from reference import max_level_diff
+
+JOBS = [
+    dict(prompt="a cat in the snow", num_inference_steps=8, seed=11),
+    dict(prompt="a dog on the beach", num_inference_steps=5, seed=22),
+    dict(prompt="a bird over the sea", num_inference_steps=6, seed=33, guidance_scale=1.0),
+]
+COMMON = dict(height=32, width=32, num_frames=5, output_format="npy")
+
+
+def settled_status(server):
+    """Worker counters arrive with heartbeats: wait until they show no resident job."""
+    wait_for(lambda: resident_jobs(server) == 0, what="the worker to report no resident jobs")
+    return server.worker_status()[0]
+
+
+def test_concurrent_jobs_equal_solo_and_share_steps(tiny_wan, start_server):
+    server = start_server(tiny_wan, "--max-batch-size", "4")
+    client = server.client
+    solo = [npy_output(client, client.submit(**COMMON, **job).id) for job in JOBS]
+    before = settled_status(server)
+
+    first = client.submit(**COMMON, **JOBS[0])
+    wait_step(client, first.id, 2)  # the others join while the first is at step >= 2
+    rest = [client.submit(**COMMON, **job) for job in JOBS[1:]]
+    ids = [first.id] + [j.id for j in rest]
+    batched = [[e.step_completed.batch_jobs for e in client.events(i) if e.WhichOneof("event") == "step_completed"] for i in ids]
+    outputs = [npy_output(client, i) for i in ids]
+
+    for ours, alone in zip(outputs, solo):
+        assert max_level_diff(ours, alone) <= 2
+    assert all(max(sizes) >= 2 for sizes in batched), batched
+    assert len(batched[0]) == 8 and len(batched[1]) == 5 and len(batched[2]) == 6
+    after = settled_status(server)
+    assert after.batched_step_commands > before.batched_step_commands
+    # Fewer step commands than steps: steps were shared.
+    assert after.step_commands - before.step_commands < 8 + 5 + 6
+    assert after.denoise_rows - before.denoise_rows == 2 * 8 + 2 * 5 + 6  # CFG jobs run two rows, the third one
+
+
+def test_max_batch_size_one_never_batches(tiny_wan, start_server):
+    server = start_server(tiny_wan, "--max-batch-size", "1")
+    client = server.client
+    jobs = [client.submit(**COMMON, **job) for job in JOBS]
+    for job in jobs:
+        sizes = [e.step_completed.batch_jobs for e in client.events(job.id) if e.WhichOneof("event") == "step_completed"]
+        assert sizes and set(sizes) == {1}
+    status = settled_status(server)
+    assert status.batched_step_commands == 0 and status.step_commands == 8 + 5 + 6
