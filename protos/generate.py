@@ -29,28 +29,14 @@ def generate(out_dir: Path) -> list[Path]:
     import google.rpc  # googleapis-common-protos ships google/rpc/*.proto
 
     googleapis_root = Path(next(iter(google.rpc.__path__))).parent.parent
-    files = proto_files()
-    args = [
-        "protoc",
-        f"-I{PROTO_ROOT}",
-        f"-I{well_known}",
-        f"-I{googleapis_root}",
-        f"--python_out={out_dir}",
-        f"--pyi_out={out_dir}",
-        *files,
-    ]
-    if protoc.main(args) != 0:
-        raise RuntimeError(f"protoc failed: {' '.join(args)}")
-    grpc_args = [
-        "protoc",
-        f"-I{PROTO_ROOT}",
-        f"-I{well_known}",
-        f"-I{googleapis_root}",
-        f"--grpc_python_out={out_dir}",
-        *sorted(SERVICE_FILES),
-    ]
-    if protoc.main(grpc_args) != 0:
-        raise RuntimeError(f"protoc (grpc) failed: {' '.join(grpc_args)}")
+    includes = [f"-I{PROTO_ROOT}", f"-I{well_known}", f"-I{googleapis_root}"]
+    for outputs, files in (
+        ([f"--python_out={out_dir}", f"--pyi_out={out_dir}"], proto_files()),
+        ([f"--grpc_python_out={out_dir}"], sorted(SERVICE_FILES)),
+    ):
+        args = ["protoc", *includes, *outputs, *files]
+        if protoc.main(args) != 0:
+            raise RuntimeError(f"protoc failed: {' '.join(args)}")
     return sorted(p for p in out_dir.rglob("*.py*") if p.is_file())
 
 

@@ -50,23 +50,16 @@ def load_tokenizer(root: Path, name: str = "tokenizer"):
     return AutoTokenizer.from_pretrained(root / name)
 
 
-def load_transformers_model(root: Path, index: dict, name: str, dtype: torch.dtype, device: torch.device):
-    import transformers
+def load_component(root: Path, index: dict, name: str, dtype: torch.dtype, device: torch.device):
+    """Loads the transformers or diffusers model that model_index.json names for `name`."""
+    import importlib
 
     library, cls_name = component_class(index, name)
-    cls = getattr(transformers, cls_name, None)
-    if library != "transformers" or cls is None:
-        raise CheckpointError(f"component {name} is {library}.{cls_name}; expected a transformers class")
-    return cls.from_pretrained(root / name, torch_dtype=dtype).to(device).eval()
-
-
-def load_diffusers_model(root: Path, index: dict, name: str, dtype: torch.dtype, device: torch.device):
-    import diffusers
-
-    library, cls_name = component_class(index, name)
-    cls = getattr(diffusers, cls_name, None)
-    if library != "diffusers" or cls is None:
-        raise CheckpointError(f"component {name} is {library}.{cls_name}; expected a diffusers class")
+    if library not in ("transformers", "diffusers"):
+        raise CheckpointError(f"component {name} is {library}.{cls_name}; expected a transformers or diffusers class")
+    cls = getattr(importlib.import_module(library), cls_name, None)
+    if cls is None:
+        raise CheckpointError(f"component {name}: {library} has no class {cls_name} (upgrade {library}?)")
     return cls.from_pretrained(root / name, torch_dtype=dtype).to(device).eval()
 
 

@@ -1,28 +1,28 @@
-"""Which pipeline serves a checkpoint, chosen by model_index.json's `_class_name`."""
+"""Which pipeline serves a checkpoint, chosen by model_index.json's `_class_name`.
+
+One line per served pipeline class: "module:Class" under diffserve.worker.pipelines, imported
+only when a checkpoint needs it. Every class takes (root, name, device, dtype).
+"""
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 import torch
 
 from .loading import CheckpointError, read_model_index
 
-
-def _wan_t2v(root: Path, name: str, device: torch.device, dtype: torch.dtype):
-    from .pipelines.wan_t2v import WanT2VPipeline
-
-    return WanT2VPipeline(root, name, device, dtype)
-
-
 PIPELINES = {
-    "WanPipeline": _wan_t2v,
+    "WanPipeline": "wan_t2v:WanT2VPipeline",
 }
 
 
 def load_pipeline(root: Path, name: str, device: torch.device, dtype: torch.dtype):
     class_name = read_model_index(root).get("_class_name", "")
-    factory = PIPELINES.get(class_name)
-    if factory is None:
+    target = PIPELINES.get(class_name)
+    if target is None:
         raise CheckpointError(f"{root}: pipeline class {class_name!r} is not served; supported: {sorted(PIPELINES)}")
-    return factory(root, name, device, dtype)
+    module_name, _, cls_name = target.partition(":")
+    cls = getattr(importlib.import_module(f"diffserve.worker.pipelines.{module_name}"), cls_name)
+    return cls(root, name, device, dtype)

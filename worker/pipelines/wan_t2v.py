@@ -29,14 +29,14 @@ class WanT2VPipeline:
         self.device, self.dtype = device, dtype
         self.encoder = T5PromptEncoder(
             loading.load_tokenizer(root),
-            loading.load_transformers_model(root, index, "text_encoder", dtype, device),
+            loading.load_component(root, index, "text_encoder", dtype, device),
             TEXT_LENGTH,
             device,
             dtype,
         )
         self.transformer = WanTransformer.from_pretrained(root / "transformer", dtype, device).eval()
         # The Wan VAE runs in float32, as its model card recommends: bf16 decoding shows banding.
-        self.vae = loading.load_diffusers_model(root, index, "vae", torch.float32, device)
+        self.vae = loading.load_component(root, index, "vae", torch.float32, device)
         self.samplers = SamplerFactory.from_dir(root / "scheduler")
         vae_config = self.vae.config
         self.scale_spatial = int(getattr(vae_config, "scale_factor_spatial", 8))

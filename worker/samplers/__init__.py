@@ -32,10 +32,11 @@ class SamplerFactory:
     def flow_shift(self) -> float:
         return float(self.config.get("flow_shift") or self.config.get("shift") or 1.0)
 
-    def new(self, num_inference_steps: int, device):
-        """A sampler with its timesteps set for one request's run."""
+    def new(self, num_inference_steps: int, device, **set_timesteps_kwargs):
+        """A sampler with its timesteps set for one request's run; extra keywords (sigmas, mu, ...)
+        go to the sampler's set_timesteps as the reference pipeline passes them."""
         sampler = self._cls.from_config(self.config)
-        sampler.set_timesteps(num_inference_steps, device=device)
+        sampler.set_timesteps(num_inference_steps, device=device, **set_timesteps_kwargs)
         if hasattr(sampler, "set_begin_index"):
             sampler.set_begin_index(0)
         return sampler
