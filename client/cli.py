@@ -67,6 +67,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-inference-steps", type=int)
     g.add_argument("--guidance-scale", type=float)
     g.add_argument("--seed", type=seed_type, help="0 to 2**64-1 (default: random, reported)")
+    g.add_argument("--image-path", action="append", default=[], metavar="PATH_OR_URL",
+                   help="conditioning image (image-to-video, editing): a local file (sent as bytes) or an http(s) URL the server fetches; repeatable")
     g.add_argument("--output-format", choices=["png", "mp4", "npy"], default="")
     g.add_argument("--save-output", action="store_true", help="write the artifact (to --output-path)")
     g.add_argument("--output-path", default="outputs", help="file, or folder for an automatic name (default: outputs/)")
@@ -83,6 +85,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds of worker silence before its jobs fail")
     s.add_argument("--no-restart-workers", action="store_true", help="do not restart a local worker that died")
     s.add_argument("--drain-timeout", type=float, default=60.0, help="seconds Ctrl-C waits for running jobs")
+    s.add_argument("--image-dir", default="", help="folder whose images requests may name by path (default: paths refused)")
+    s.add_argument("--allow-private-image-urls", action="store_true", help="let image URLs reach private, loopback and link-local addresses")
+    s.add_argument("--max-image-bytes", type=int, default=20 << 20, help="largest input image, fetched or sent (default 20 MiB)")
+    s.add_argument("--image-fetch-timeout", type=float, default=10.0, help="seconds to fetch an image URL")
     s.add_argument("--ready-file", default="", help=argparse.SUPPRESS)
     s.add_argument("--log-level", default="INFO")
 
@@ -96,6 +102,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from diffserve.scheduler.engine import EngineConfig
+    from diffserve.scheduler.images import ImagePolicy
     from diffserve.scheduler.launcher import LocalWorkerSpec
     from diffserve.scheduler.server import ServerConfig, run
 
@@ -105,6 +112,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, worker_bind=args.worker_bind, output_dir=args.output_dir,
         engine=EngineConfig(max_queue=args.max_queue, max_batch_size=args.max_batch_size, heartbeat_timeout_s=args.heartbeat_timeout),
         local_workers=specs, restart_workers=not args.no_restart_workers, drain_timeout_s=args.drain_timeout,
+        images=ImagePolicy(allowed_dir=Path(args.image_dir) if args.image_dir else None, allow_private_urls=args.allow_private_image_urls,
+                           max_bytes=args.max_image_bytes, timeout_s=args.image_fetch_timeout),
     )
 
     def started(port: int) -> None:
@@ -154,6 +163,16 @@ def output_file(args: argparse.Namespace, job: pb.Job) -> Path:
     return target / f"{slug}_{job.params.seed}{ext}"
 
 
+def image_arg(path_or_url: str) -> bytes | str:
+    """A URL goes to the server as is; a local file is read here and sent as bytes."""
+    if path_or_url.startswith(("http://", "https://")):
+        return path_or_url
+    try:
+        return Path(path_or_url).expanduser().read_bytes()
+    except OSError as exc:
+        raise SystemExit(f"error: --image-path {path_or_url}: {exc.strerror}") from None
+
+
 def run_job(client: Client, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -161,7 +180,7 @@ def run_job(client: Client, args: argparse.Namespace) -> int:
         args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
         num_frames=args.num_frames, fps=args.fps, num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale, seed=args.seed, output_format=args.output_format,
-        model=args.model_name or "",
+        model=args.model_name or "", images=[image_arg(p) for p in args.image_path],
     )
     bar = None
     job_id = ""

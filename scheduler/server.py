@@ -19,6 +19,7 @@ from diffserve.v1 import generation_pb2_grpc as pb_grpc
 from . import errors
 from .artifacts import ArtifactStore
 from .engine import Engine, EngineConfig
+from .images import ImagePolicy
 from .launcher import LocalWorkers, LocalWorkerSpec
 from .service import GenerationService
 from .workers import WorkerLink
@@ -39,6 +40,7 @@ class ServerConfig:
     local_workers: list[LocalWorkerSpec] = field(default_factory=list)
     restart_workers: bool = True
     drain_timeout_s: float = 60.0
+    images: ImagePolicy = field(default_factory=ImagePolicy)
 
 
 class SchedulerServer:
@@ -56,7 +58,7 @@ class SchedulerServer:
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
         ])
-        pb_grpc.add_GenerationServiceServicer_to_server(GenerationService(self.engine), self.server)
+        pb_grpc.add_GenerationServiceServicer_to_server(GenerationService(self.engine, config.images), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = 0

@@ -13,6 +13,7 @@ from diffserve.v1 import generation_pb2_grpc as pb_grpc
 
 from . import errors
 from .engine import Engine
+from .images import ImagePolicy, resolve_images
 from .jobs import Job
 
 log = logging.getLogger(__name__)
@@ -21,8 +22,14 @@ log = logging.getLogger(__name__)
 class GenerationService(pb_grpc.GenerationServiceServicer):
     """Maps RPCs to Engine calls and RequestErrors to google.rpc statuses."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, image_policy: ImagePolicy | None = None):
         self.engine = engine
+        self.image_policy = image_policy or ImagePolicy()
+
+    async def _resolve_images(self, params: pb.GenerationParams) -> pb.GenerationParams:
+        if not params.images:
+            return params
+        return await asyncio.get_running_loop().run_in_executor(None, resolve_images, params, self.image_policy)
 
     def _job(self, job_id: str) -> Job:
         job = self.engine.jobs.get(job_id)
@@ -36,15 +43,16 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     async def SubmitJob(self, request: pb.SubmitJobRequest, context) -> pb.SubmitJobResponse:
         try:
             timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else None
-            job, created = self.engine.submit(request.params, request.client_request_id, timeout)
+            params = await self._resolve_images(request.params)
+            job, created = self.engine.submit(params, request.client_request_id, timeout)
         except errors.RequestError as exc:
             await errors.abort(context, exc.status)
         return pb.SubmitJobResponse(job=self._proto(job), created=created)
 
     async def Generate(self, request: pb.GenerateRequest, context):
         try:
-            remaining = context.time_remaining()
-            job, created = self.engine.submit(request.params, request.client_request_id, remaining)
+            params = await self._resolve_images(request.params)
+            job, created = self.engine.submit(params, request.client_request_id, context.time_remaining())
         except errors.RequestError as exc:
             await errors.abort(context, exc.status)
         try:
