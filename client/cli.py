@@ -37,13 +37,14 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model-name", default="", help="model name clients use (default: the folder's name); with generate --server, the served model to use")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), bfloat16, float16, float32")
+    p.add_argument("--attention-backend", default="auto", help="auto (fastest exact one available), fa3, flash-attn, cudnn, sdpa")
     p.add_argument("--max-batch-size", type=int, default=4, help="most jobs sharing one denoising step (default 4)")
     p.add_argument("--max-resident", type=int, default=8, help="most jobs a worker holds at once (default 8)")
     p.add_argument("--worker-log-level", default="INFO", help="log level of the worker process")
 
 
 def worker_args(args: argparse.Namespace) -> list[str]:
-    out = ["--model-path", args.model_path, "--device", args.device, "--dtype", args.dtype,
+    out = ["--model-path", args.model_path, "--device", args.device, "--dtype", args.dtype, "--attention-backend", args.attention_backend,
            "--max-batch-size", str(args.max_batch_size), "--max-resident", str(args.max_resident),
            "--log-level", args.worker_log_level]
     if args.model_name:

@@ -1,34 +1,164 @@
 """Attention dispatch for every model in diffserve.
 
-This module is the single dispatch point for attention. Every model calls
-`attention(q, k, v)` instead of touching a backend directly, so that faster
-backends (FlashAttention-3 on Hopper, flash-attn 2, cuDNN SDPA, ...) can be added
-here later, chosen by device, dtype and head dim, without editing the models.
+Every DiT calls `attention(q, k, v)`; this module picks the fastest *exact* backend available
+for the device, dtype and head dim, logs the choice once per signature, and falls back to plain
+PyTorch SDPA (the CPU / CI path, and the reference the others are checked against):
 
-Today the only backend is PyTorch's `scaled_dot_product_attention`.
+| backend      | needs                                   | notes                                  |
+|--------------|-----------------------------------------|----------------------------------------|
+| `fa3`        | Hopper (sm90), bf16, head_dim <= 256, `fa3_fwd` wheel | FlashAttention-3 forward          |
+| `flash-attn` | CUDA, bf16/fp16, head_dim <= 256, `flash_attn` package | FlashAttention-2                  |
+| `cudnn`      | CUDA, bf16/fp16                          | SDPA pinned to the cuDNN kernel        |
+| `sdpa`       | anything                                 | PyTorch picks its kernel               |
 
-Layout convention: tensors are (batch, seq, heads, head_dim) — the layout the
-projections produce after `unflatten` — and the result comes back in the same layout.
+`configure(name)` (the worker's `--attention-backend`) forces one; a forced backend that cannot
+run a call is an error, not a silent fallback. Layout everywhere: (batch, seq, heads, head_dim).
 """
 
 from __future__ import annotations
 
+import importlib
+import logging
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+
 import torch
 import torch.nn.functional as F
 
+log = logging.getLogger(__name__)
 
-def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Non-causal, unmasked softmax attention with the default 1/sqrt(head_dim) scale.
+AttentionFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    load: Callable[[], AttentionFn | None]  # None when the library is missing
+    supports: Callable[[torch.device, torch.dtype, int], bool]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # SDPA wants the heads before the sequence: (B, H, L, D).
+    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))  # (B, H, Lq, Dv)
+    return out.transpose(1, 2)  # (B, Lq, H, Dv)
+
+
+def _sdpa_pinned(kernel) -> AttentionFn:
+    from torch.nn.attention import sdpa_kernel
+
+    def run(q, k, v):
+        with sdpa_kernel([kernel]):
+            return _sdpa(q, k, v)
+
+    return run
+
+
+def _load_cudnn() -> AttentionFn | None:
+    from torch.nn.attention import SDPBackend
+
+    return _sdpa_pinned(SDPBackend.CUDNN_ATTENTION)
+
+
+def _load_fa3() -> AttentionFn | None:
+    try:
+        # The fa3-fwd wheel ships its config module as fa3_fwd_config; its interface imports it
+        # under FlashAttention's name.
+        sys.modules.setdefault("flash_attn_config", importlib.import_module("fa3_fwd_config"))
+        fa3 = importlib.import_module("fa3_fwd_interface")
+    except ImportError:
+        return None
+
+    def run(q, k, v):
+        out = fa3.flash_attn_func(q, k, v)
+        return out[0] if isinstance(out, tuple) else out
+
+    return run
+
+
+def _load_flash_attn() -> AttentionFn | None:
+    try:
+        flash_attn = importlib.import_module("flash_attn")
+    except ImportError:
+        return None
+    return lambda q, k, v: flash_attn.flash_attn_func(q, k, v)
+
+
+def _cuda_half(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    return device.type == "cuda" and dtype in (torch.bfloat16, torch.float16) and head_dim <= 256
+
+
+def _hopper_bf16(device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
+    return device.type == "cuda" and dtype == torch.bfloat16 and head_dim <= 256 and torch.cuda.get_device_capability(device)[0] == 9
+
+
+BACKENDS: dict[str, Backend] = {
+    b.name: b
+    for b in (
+        Backend("fa3", _load_fa3, _hopper_bf16),
+        Backend("flash-attn", _load_flash_attn, _cuda_half),
+        Backend("cudnn", _load_cudnn, lambda device, dtype, d: device.type == "cuda" and dtype in (torch.bfloat16, torch.float16)),
+        Backend("sdpa", lambda: _sdpa, lambda device, dtype, d: True),
+    )
+}
+AUTO_ORDER = ("fa3", "flash-attn", "cudnn", "sdpa")
+
+_forced: str | None = None
+
+
+def configure(name: str = "auto") -> None:
+    """Forces a backend for this process ("auto" restores automatic choice)."""
+    global _forced
+    if name != "auto" and name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; one of auto, {', '.join(BACKENDS)}")
+    _forced = None if name == "auto" else name
+    _choose.cache_clear()
+
+
+@lru_cache(maxsize=None)
+def _loaded(name: str) -> AttentionFn | None:
+    return BACKENDS[name].load()
+
+
+@lru_cache(maxsize=64)
+def _choose(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, AttentionFn]:
+    candidates = (_forced,) if _forced else AUTO_ORDER
+    for name in candidates:
+        backend = BACKENDS[name]
+        if backend.supports(device, dtype, head_dim) and (fn := _loaded(name)) is not None:
+            log.info("attention backend %s for %s %s head_dim %d", name, device, str(dtype).removeprefix("torch."), head_dim)
+            return name, fn
+    raise RuntimeError(f"attention backend {_forced!r} cannot run on {device} {dtype} head_dim {head_dim} (or is not installed)")
+
+
+def backend_for(q: torch.Tensor) -> str:
+    """The backend `attention` uses for tensors like q."""
+    return _choose(q.device, q.dtype, q.shape[-1])[0]
+
+
+def available(device: torch.device, dtype: torch.dtype, head_dim: int) -> list[str]:
+    """Backends installed here that can run this signature, fastest first."""
+    return [n for n in AUTO_ORDER if BACKENDS[n].supports(device, dtype, head_dim) and _loaded(n) is not None]
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Non-causal softmax attention with the default 1/sqrt(head_dim) scale.
 
     q: (B, Lq, H, D), k: (B, Lk, H, D), v: (B, Lk, H, Dv) -> (B, Lq, H, Dv)
+    key_mask: optional bool (B, Lk), False for padding keys (batched variable-length text). Masked
+    calls run through SDPA today; a varlen FlashAttention path is future work.
     """
-    # SDPA wants the heads before the sequence: (B, H, L, D).
-    out = F.scaled_dot_product_attention(
-        q.transpose(1, 2),
-        k.transpose(1, 2),
-        v.transpose(1, 2),
-        attn_mask=None,
-        dropout_p=0.0,
-        is_causal=False,
-    )  # (B, H, Lq, Dv)
-    return out.transpose(1, 2)  # (B, Lq, H, Dv)
+    if key_mask is not None:
+        mask = key_mask[:, None, None, :].to(torch.bool)  # (B, 1, 1, Lk)
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
+        return out.transpose(1, 2)
+    return _choose(q.device, q.dtype, q.shape[-1])[1](q, k, v)
+
+
+def run_backend(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """One call through a named backend (benchmarks and checks)."""
+    fn = _loaded(name)
+    if fn is None or not BACKENDS[name].supports(q.device, q.dtype, q.shape[-1]):
+        raise RuntimeError(f"attention backend {name} cannot run here")
+    return fn(q, k, v)

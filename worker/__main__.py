@@ -27,6 +27,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--worker-id", default="", help="routing id (default: host-pid-random)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), bfloat16, float16, float32")
+    p.add_argument("--attention-backend", default="auto", help="auto, fa3, flash-attn, cudnn, sdpa (see kernels/attention.py)")
     p.add_argument("--max-batch-size", type=int, default=4, help="most requests in one denoising step")
     p.add_argument("--max-resident", type=int, default=8, help="most requests whose state is kept at once")
     p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
@@ -48,6 +49,9 @@ def main(argv=None) -> int:
     from .registry import load_pipeline
     from .runtime import Runtime
 
+    from diffserve.kernels import attention
+
+    attention.configure(args.attention_backend)
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     try:
         root = loading.resolve_model_path(args.model_path)
