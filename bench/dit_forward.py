@@ -29,7 +29,7 @@ def wan_flops(cfg: dict, tokens: int, text: int = 512) -> float:
     return layers * per_layer
 
 
-def bench_wan(name: str, cfg: dict, latent_shape: tuple, shape_label: str) -> list[dict]:
+def bench_wan(name: str, cfg: dict, latent_shape: tuple, shape_label: str, compile_modes: list[str]) -> list[dict]:
     from diffusers import WanTransformer3DModel
 
     from diffserve.worker.models.wan import WanTransformer
@@ -67,18 +67,32 @@ def bench_wan(name: str, cfg: dict, latent_shape: tuple, shape_label: str) -> li
                              tflops=round(flops / ms / 1e9), diffserve_err=f"{rel_err(out, fp32):.2e}",
                              diffusers_err=f"{diffusers_err:.2e}", peak_gib=round(torch.cuda.max_memory_allocated() / 2**30, 1)))
         attn.configure("auto")
+        for mode in compile_modes:
+            import time
+
+            compiled = torch.compile(ours, mode=None if mode == "default" else mode)
+            started = time.perf_counter()
+            out = compiled(x, t, ctx)
+            torch.cuda.synchronize()
+            compile_s = time.perf_counter() - started
+            ms = time_ms(lambda: compiled(x, t, ctx))
+            rows.append(dict(model=name, shape=shape_label, card=card(), attention=f"{attn.backend_for(x.new_empty(1, 1, 1, cfg['attention_head_dim']))}+compile:{mode}",
+                             diffserve_ms=round(ms, 1), diffusers_ms=round(diffusers_ms, 1), ratio=round(ms / diffusers_ms, 3),
+                             tflops=round(flops / ms / 1e9), diffserve_err=f"{rel_err(out, fp32):.2e}",
+                             diffusers_err=f"{diffusers_err:.2e}", compile_s=round(compile_s)))
     return rows
 
 
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--compile", default="", help="comma-separated torch.compile modes to time as well (default, max-autotune-no-cudagraphs)")
     args = p.parse_args()
     rows = []
     for name in args.models.split(","):
-        rows += bench_wan(name, *MODELS[name])
+        rows += bench_wan(name, *MODELS[name], [m for m in args.compile.split(",") if m])
     write_json("dit_forward.json", rows)
-    print_table(rows, ["model", "shape", "attention", "diffserve_ms", "diffusers_ms", "ratio", "tflops", "diffserve_err", "diffusers_err", "peak_gib", "card"])
+    print_table(rows, ["model", "shape", "attention", "diffserve_ms", "diffusers_ms", "ratio", "tflops", "diffserve_err", "diffusers_err", "peak_gib", "compile_s", "card"])
 
 
 if __name__ == "__main__":
