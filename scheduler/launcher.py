@@ -82,14 +82,18 @@ class LocalWorkers:
     def pids(self) -> dict[str, int]:
         return {wid: p.pid for wid, p in self.procs.items()}
 
-    async def stop(self, timeout_s: float = 10.0) -> None:
-        """Waits for the workers (already told to shut down) and kills those that hang."""
+    async def stop(self, grace_s: float = 3.0, timeout_s: float = 10.0) -> None:
+        """Waits for the workers (registered ones were told to shut down), then terminates those
+        still running (e.g. still loading their model), and kills those that hang."""
         self._stopping = True
         loop = asyncio.get_running_loop()
         for proc in list(self.procs.values()):
-            try:
-                await loop.run_in_executor(None, proc.wait, timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("worker %d did not exit; killing it", proc.pid)
-                proc.kill()
-                proc.wait()
+            for action, wait_s in ((None, grace_s), (proc.terminate, timeout_s), (proc.kill, None)):
+                if action is not None:
+                    log.warning("worker %d still running; %s", proc.pid, action.__name__)
+                    action()
+                try:
+                    await loop.run_in_executor(None, proc.wait, wait_s)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue

@@ -43,6 +43,8 @@ def resolve_params(params: pb.GenerationParams, model: pb.Model) -> pb.Generatio
         bad.append(("params.negative_prompt", f"must be at most {MAX_PROMPT_CHARS} characters"))
     for name, limit in (("height", lim.max_height), ("width", lim.max_width)):
         value = getattr(out, name)
+        if value == 0 and getattr(d, name) == 0:
+            continue  # the model derives it from the input image (e.g. image editing)
         if value <= 0:
             bad.append((f"params.{name}", "must be positive"))
         elif value % size_multiple:

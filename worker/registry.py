@@ -15,6 +15,12 @@ from .loading import CheckpointError, read_model_index
 
 PIPELINES = {
     "WanPipeline": "wan_t2v:WanT2VPipeline",
+    "HunyuanVideoPipeline": "hunyuan_video:HunyuanVideoT2VPipeline",
+    "QwenImagePipeline": "qwen_image:QwenImagePipeline",
+    "QwenImageEditPipeline": "qwen_image:QwenImageEditPipeline",
+    "FluxPipeline": "flux:FluxPipeline",
+    "WanDMDPipeline": "fastwan:FastWanPipeline",
+    "WanImageToVideoPipeline": "wan_i2v:WanI2VPipeline",
 }
 
 

@@ -1,0 +1,399 @@
+"""FLUX.1 text-to-image transformer (our implementation of diffusers' FluxTransformer2DModel).
+
+Reading order: config -> rotary embedding over (text, image) ids -> conditioning (timestep,
+guidance, pooled CLIP text) -> joint attention -> double-stream block -> single-stream block
+-> model -> loading. Parameter names and shapes are exactly diffusers' so its safetensors load
+with `load_state_dict(strict=True)`; the math (including the dtype each op runs in) is the same,
+so outputs match diffusers to float rounding.
+
+FLUX works on *packed* latents: the VAE latent (C, H, W) is cut into 2x2 patches, each patch
+flattened to 4C channels, giving (H/2 * W/2, 4C) tokens. Packing and unpacking are in the
+pipeline (worker/pipelines/flux.py); this model sees tokens only.
+
+Shape legend: B batch, N image tokens, S text tokens, D model width, Hd heads, Dh head dim,
+Cin packed latent channels (64 for FLUX.1), J text-encoder width (T5), P pooled width (CLIP).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+from safetensors import safe_open
+
+from diffserve.kernels.attention import attention
+from diffserve.worker.models.layers import FeedForward, TimestepEmbedding, apply_rotary, modulate, timestep_embedding
+
+TIME_FREQ_DIM = 256  # width of the sinusoidal timestep / guidance embedding
+
+
+@dataclasses.dataclass(frozen=True)
+class FluxConfig:
+    """The fields of diffusers' transformer/config.json that shape the model (defaults: FLUX.1-dev)."""
+
+    patch_size: int = 1
+    in_channels: int = 64
+    out_channels: int | None = None
+    num_layers: int = 19  # double-stream blocks
+    num_single_layers: int = 38  # single-stream blocks
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 4096
+    pooled_projection_dim: int = 768
+    guidance_embeds: bool = True  # FLUX.1-dev: guidance-distilled; FLUX.1-schnell: False
+    axes_dims_rope: tuple[int, ...] = (16, 56, 56)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> FluxConfig:
+        """Build from a config.json dict; unknown keys (`_class_name`, `_diffusers_version`) are ignored."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if "axes_dims_rope" in kwargs:
+            kwargs["axes_dims_rope"] = tuple(kwargs["axes_dims_rope"])
+        return cls(**kwargs)
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding from (axis0, row, column) ids
+# ---------------------------------------------------------------------------------------------
+
+
+def flux_rope(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float = 10000.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multi-axis RoPE tables from integer position ids.
+
+    ids: (L, n_axes), one row per token (text tokens all zeros, image token (0, row, col)).
+    The head dim is split into `axes_dims` parts; part i is a 1-D RoPE of the i-th id, angles
+    computed in float64 (as diffusers does where the device allows), tables in float32.
+    Returns cos, sin each (1, L, 1, Dh), repeat-interleaved (channel pairs share an angle).
+    """
+    double_ok = ids.device.type not in ("mps", "npu")
+    freqs_dtype = torch.float64 if double_ok else torch.float32
+    positions = ids.to(freqs_dtype)
+    cos_parts, sin_parts = [], []
+    for axis, dim in enumerate(axes_dims):
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=freqs_dtype, device=ids.device) / dim))  # (dim/2,)
+        angles = torch.outer(positions[:, axis], inv_freq)  # (L, dim/2)
+        cos_parts.append(angles.cos().repeat_interleave(2, dim=1).float())
+        sin_parts.append(angles.sin().repeat_interleave(2, dim=1).float())
+    cos = torch.cat(cos_parts, dim=1)  # (L, Dh)
+    sin = torch.cat(sin_parts, dim=1)
+    return cos[None, :, None, :], sin[None, :, None, :]
+
+
+# ---------------------------------------------------------------------------------------------
+# Conditioning: timestep (+ guidance) + pooled text -> one vector per sample
+# ---------------------------------------------------------------------------------------------
+
+
+class PooledTextProjection(nn.Module):
+    """Pooled CLIP embedding -> model width: linear_1 -> SiLU -> linear_2
+    (diffusers' PixArtAlphaTextProjection with act_fn="silu"; layers.TextProjection is the GELU one)."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.act_1 = nn.SiLU()
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        # (B, P) -> (B, D)
+        return self.linear_2(self.act_1(self.linear_1(pooled)))
+
+
+class FluxTimeTextEmbedding(nn.Module):
+    """temb = MLP(sin(t)) [+ MLP(sin(guidance))] + MLP(pooled text): the vector every AdaLN reads.
+
+    Holds diffusers' `time_text_embed.*` keys: timestep_embedder, guidance_embedder (only for
+    guidance-distilled checkpoints) and text_embedder.
+    """
+
+    def __init__(self, dim: int, pooled_dim: int, with_guidance: bool):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedding(TIME_FREQ_DIM, dim)
+        self.guidance_embedder = TimestepEmbedding(TIME_FREQ_DIM, dim) if with_guidance else None
+        self.text_embedder = PooledTextProjection(pooled_dim, dim)
+
+    def forward(self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor) -> torch.Tensor:
+        # timestep, guidance: (B,) already scaled to [0, 1000]; pooled (B, P) -> temb (B, D)
+        temb = self.timestep_embedder(timestep_embedding(timestep, TIME_FREQ_DIM).to(pooled.dtype))
+        if self.guidance_embedder is not None:
+            if guidance is None:
+                raise ValueError("this FLUX checkpoint is guidance-distilled: pass a guidance scale per sample")
+            temb = temb + self.guidance_embedder(timestep_embedding(guidance, TIME_FREQ_DIM).to(pooled.dtype))
+        return temb + self.text_embedder(pooled)
+
+
+class AdaNorm(nn.Module):
+    """SiLU(temb) -> linear -> `chunks` modulation vectors, plus a parameter-free LayerNorm.
+
+    `chunks` = 6 for diffusers' AdaLayerNormZero (double blocks), 3 for AdaLayerNormZeroSingle,
+    2 for AdaLayerNormContinuous (output head, whose chunks are (scale, shift) in that order).
+    """
+
+    def __init__(self, dim: int, chunks: int):
+        super().__init__()
+        self.silu = nn.SiLU()
+        self.linear = nn.Linear(dim, chunks * dim)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.chunks = chunks
+
+    def modulations(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # (B, D) -> `chunks` tensors of (B, 1, D), broadcast over tokens
+        return self.linear(self.silu(temb))[:, None, :].chunk(self.chunks, dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------
+
+
+class FluxAttention(nn.Module):
+    """Joint attention with per-head RMS q/k norm and RoPE over the whole sequence.
+
+    Double-stream blocks (`joint=True`) project image and text tokens with separate weights
+    (`to_*` and `add_*_proj`), attend over the concatenation [text, image] and project each part
+    back with its own output layer. Single-stream blocks (`joint=False`) get the already
+    concatenated sequence and have no output projection (`pre_only`; the block's proj_out does it).
+    """
+
+    def __init__(self, dim: int, heads: int, head_dim: int, joint: bool, eps: float = 1e-6):
+        super().__init__()
+        self.heads = heads
+        inner = heads * head_dim
+        self.norm_q = nn.RMSNorm(head_dim, eps=eps)
+        self.norm_k = nn.RMSNorm(head_dim, eps=eps)
+        self.to_q = nn.Linear(dim, inner)
+        self.to_k = nn.Linear(dim, inner)
+        self.to_v = nn.Linear(dim, inner)
+        self.joint = joint
+        if joint:
+            self.to_out = nn.ModuleList([nn.Linear(inner, dim)])  # index 0 keeps diffusers' `to_out.0` keys
+            self.norm_added_q = nn.RMSNorm(head_dim, eps=eps)
+            self.norm_added_k = nn.RMSNorm(head_dim, eps=eps)
+            self.add_q_proj = nn.Linear(dim, inner)
+            self.add_k_proj = nn.Linear(dim, inner)
+            self.add_v_proj = nn.Linear(dim, inner)
+            self.to_add_out = nn.Linear(inner, dim)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        return x.unflatten(-1, (self.heads, -1))  # (B, L, D) -> (B, L, Hd, Dh)
+
+    def _qkv(self, x: torch.Tensor, to_q, to_k, to_v, norm_q, norm_k):
+        return norm_q(self._heads(to_q(x))), norm_k(self._heads(to_k(x))), self._heads(to_v(x))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        context: torch.Tensor | None = None,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        # joint: x image (B, N, D), context text (B, S, D) -> (image out, text out)
+        # single: x = [text, image] (B, S + N, D) -> (B, S + N, D), not projected
+        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)  # (B, N, Hd, Dh)
+        if self.joint:
+            cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
+                                   self.norm_added_q, self.norm_added_k)  # (B, S, Hd, Dh)
+            q, k, v = torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
+        q = apply_rotary(q, *rope)
+        k = apply_rotary(k, *rope)
+        out = attention(q, k, v).flatten(2, 3).to(q.dtype)  # (B, S + N, D)
+        if not self.joint:
+            return out
+        text_len = context.shape[1]
+        text_out, image_out = out[:, :text_len], out[:, text_len:]
+        return self.to_out[0](image_out.contiguous()), self.to_add_out(text_out.contiguous())
+
+
+# ---------------------------------------------------------------------------------------------
+# Blocks
+# ---------------------------------------------------------------------------------------------
+
+
+def _clip_fp16(x: torch.Tensor) -> torch.Tensor:
+    """diffusers clamps float16 activations to the finite range after each block."""
+    return x.clip(-65504, 65504) if x.dtype == torch.float16 else x
+
+
+class FluxDoubleBlock(nn.Module):
+    """MMDiT block: image and text streams with their own AdaLN/MLP weights, one joint attention.
+    (diffusers' FluxTransformerBlock, `transformer_blocks.*` keys.)"""
+
+    def __init__(self, dim: int, heads: int, head_dim: int):
+        super().__init__()
+        self.norm1 = AdaNorm(dim, 6)
+        self.norm1_context = AdaNorm(dim, 6)
+        self.attn = FluxAttention(dim, heads, head_dim, joint=True)
+        self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ff = FeedForward(dim, inner_dim=4 * dim, approximate="tanh")
+        self.norm2_context = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.ff_context = FeedForward(dim, inner_dim=4 * dim, approximate="tanh")
+
+    def forward(
+        self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # x (B, N, D) image, context (B, S, D) text, temb (B, D)
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.norm1.modulations(temb)  # (B, 1, D) each
+        c_shift_a, c_scale_a, c_gate_a, c_shift_f, c_scale_f, c_gate_f = self.norm1_context.modulations(temb)
+
+        # 1. Joint attention over [text, image].
+        h = modulate(self.norm1.norm(x), shift_a, scale_a)
+        c = modulate(self.norm1_context.norm(context), c_shift_a, c_scale_a)
+        attn_x, attn_c = self.attn(h, rope, context=c)
+
+        # 2. Image stream: gated residuals.
+        x = x + gate_a * attn_x
+        x = x + gate_f * self.ff(modulate(self.norm2(x), shift_f, scale_f))
+
+        # 3. Text stream: the same with its own weights.
+        context = context + c_gate_a * attn_c
+        context = context + c_gate_f * self.ff_context(modulate(self.norm2_context(context), c_shift_f, c_scale_f))
+        return _clip_fp16(x), _clip_fp16(context)
+
+
+class FluxSingleBlock(nn.Module):
+    """Parallel attention + MLP over the concatenated [text, image] sequence, one gated residual.
+    (diffusers' FluxSingleTransformerBlock, `single_transformer_blocks.*` keys.)"""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0):
+        super().__init__()
+        mlp_dim = int(dim * mlp_ratio)
+        self.norm = AdaNorm(dim, 3)
+        self.proj_mlp = nn.Linear(dim, mlp_dim)
+        self.act_mlp = nn.GELU(approximate="tanh")
+        self.proj_out = nn.Linear(dim + mlp_dim, dim)
+        self.attn = FluxAttention(dim, heads, head_dim, joint=False)
+
+    def forward(self, xc: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # xc = [text, image] (B, S + N, D)
+        shift, scale, gate = self.norm.modulations(temb)  # (B, 1, D) each
+        h = modulate(self.norm.norm(xc), shift, scale)
+        mlp = self.act_mlp(self.proj_mlp(h))  # (B, S + N, 4D)
+        attn = self.attn(h, rope)  # (B, S + N, D)
+        xc = xc + gate * self.proj_out(torch.cat([attn, mlp], dim=2))
+        return _clip_fp16(xc)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class FluxTransformer(nn.Module):
+    """The FLUX.1 denoiser (diffusers' FluxTransformer2DModel, same weights and math).
+
+    Owns the token embedders (packed latents and T5 states -> width D), the timestep / guidance /
+    pooled-text embedding, `num_layers` double-stream and `num_single_layers` single-stream
+    blocks and the AdaLN output head. It does not own the text encoders, VAE or sampler.
+    Every sample carries its own timestep, guidance and pooled text, so requests at different
+    steps with different guidance scales can share one forward.
+    """
+
+    def __init__(self, cfg: FluxConfig):
+        super().__init__()
+        self.config = cfg
+        dim = cfg.inner_dim
+        out_channels = cfg.out_channels or cfg.in_channels
+        self.time_text_embed = FluxTimeTextEmbedding(dim, cfg.pooled_projection_dim, cfg.guidance_embeds)
+        self.context_embedder = nn.Linear(cfg.joint_attention_dim, dim)
+        self.x_embedder = nn.Linear(cfg.in_channels, dim)
+        heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
+        self.transformer_blocks = nn.ModuleList([FluxDoubleBlock(dim, heads, head_dim) for _ in range(cfg.num_layers)])
+        self.single_transformer_blocks = nn.ModuleList(
+            [FluxSingleBlock(dim, heads, head_dim) for _ in range(cfg.num_single_layers)]
+        )
+        self.norm_out = AdaNorm(dim, 2)
+        self.proj_out = nn.Linear(dim, cfg.patch_size * cfg.patch_size * out_channels)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.x_embedder.weight.dtype
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        pooled: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Predict the flow for a batch of packed latents.
+
+        latents: (B, N, Cin) packed tokens; timestep: (B,) sigma-like in [0, 1] (the sampler's
+        t / 1000), one per sample; context: (B, S, J) T5 states; pooled: (B, P) CLIP pooled;
+        img_ids: (N, 3), txt_ids: (S, 3) RoPE position ids shared by the batch; guidance: (B,)
+        embedded guidance scale (guidance-distilled checkpoints only, else None).
+        Returns (B, N, Cout) in the model dtype.
+        """
+        x = self.x_embedder(latents)  # (B, N, D)
+
+        # Conditioning vector; timestep and guidance are scaled back to [0, 1000] in the model dtype.
+        t = timestep.to(x.dtype) * 1000
+        g = guidance.to(x.dtype) * 1000 if guidance is not None and self.config.guidance_embeds else None
+        temb = self.time_text_embed(t, g, pooled)  # (B, D)
+
+        c = self.context_embedder(context)  # (B, S, D)
+        rope = flux_rope(torch.cat([txt_ids, img_ids], dim=0), self.config.axes_dims_rope)  # (1, S + N, 1, Dh)
+
+        for block in self.transformer_blocks:
+            x, c = block(x, c, temb, rope)
+
+        text_len = c.shape[1]
+        xc = torch.cat([c, x], dim=1)  # (B, S + N, D)
+        for block in self.single_transformer_blocks:
+            xc = block(xc, temb, rope)
+        x = xc[:, text_len:]
+
+        # Output head: AdaLN (scale first, then shift) and linear to packed channels.
+        scale, shift = self.norm_out.modulations(temb)
+        x = modulate(self.norm_out.norm(x), shift, scale)
+        return self.proj_out(x)  # (B, N, Cout)
+
+    # -----------------------------------------------------------------------------------------
+    # Loading
+    # -----------------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype, device: torch.device | str) -> FluxTransformer:
+        """Load the `transformer/` folder of a diffusers FLUX pipeline.
+
+        Built on the meta device; the checkpoint tensors are assigned in place (`assign=True`), so
+        weights are allocated once, directly on `device`, floating ones cast to `dtype` (diffusers
+        keeps no FLUX module in float32). Returns the model in eval mode with gradients off.
+        """
+        path = Path(path)
+        cfg = FluxConfig.from_dict(json.loads((path / "config.json").read_text()))
+        with torch.device("meta"):
+            model = cls(cfg)
+        state_dict = {}
+        for name, tensor in _read_safetensors(path, device):
+            state_dict[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        return model.eval().requires_grad_(False)
+
+
+def _read_safetensors(folder: Path, device: torch.device | str):
+    """Yield (name, tensor) from diffusion_pytorch_model.safetensors or its sharded index."""
+    single = folder / "diffusion_pytorch_model.safetensors"
+    index = folder / "diffusion_pytorch_model.safetensors.index.json"
+    if single.exists():
+        files = [single]
+    elif index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        files = [folder / shard for shard in sorted(set(weight_map.values()))]
+    else:
+        raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors[.index.json] in {folder}")
+    device = str(torch.device(device))
+    for file in files:
+        with safe_open(str(file), framework="pt", device=device) as f:
+            for name in f.keys():
+                yield name, f.get_tensor(name)

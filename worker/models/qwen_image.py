@@ -1,0 +1,341 @@
+"""Qwen-Image MMDiT (our implementation of diffusers' QwenImageTransformer2DModel).
+
+A double-stream transformer: image tokens (packed 2x2 latent patches) and text tokens (Qwen2.5-VL
+hidden states) keep separate weights (modulation, norms, projections, MLPs) but attend jointly,
+text first. Positions are a 3-D RoPE over (frame, height, width) for image tokens, centred on the
+image ("scale_rope"), and 1-D positions after the largest image extent for text tokens.
+
+Reading order: config -> RoPE -> norms / timestep embedding -> joint attention -> block -> model
+-> loading. Parameter names and shapes are exactly diffusers', so its safetensors load with
+`load_state_dict(strict=True)`; the math follows diffusers' (including its float32 upcasts).
+
+Shape legend: B batch rows, L image tokens (all images of a row: target latents first, then
+Edit's conditioning image latents), S text tokens, D model width, Hd heads, Dh head dim,
+Cp packed channels (latent channels x 2 x 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from diffserve.kernels.attention import attention
+from diffserve.worker.models.layers import FeedForward, TimestepEmbedding, apply_rotary, modulate
+from diffserve.worker.models.wan import _read_safetensors
+
+# (frames, height, width) of one image's token grid, in packed (2x2) latent units.
+ImageShape = tuple[int, int, int]
+
+ROPE_THETA = 10000.0
+ROPE_MAX_POSITIONS = 4096  # diffusers' position tables hold [-4096, 4096)
+TIME_PROJ_DIM = 256
+
+
+@dataclasses.dataclass(frozen=True)
+class QwenImageConfig:
+    """The fields of diffusers' transformer/config.json that shape the model (defaults: Qwen-Image 20B)."""
+
+    patch_size: int = 2
+    in_channels: int = 64
+    out_channels: int | None = 16
+    num_layers: int = 60
+    attention_head_dim: int = 128
+    num_attention_heads: int = 24
+    joint_attention_dim: int = 3584
+    guidance_embeds: bool = False
+    axes_dims_rope: tuple[int, int, int] = (16, 56, 56)
+    zero_cond_t: bool = False
+    use_additional_t_cond: bool = False
+    use_layer3d_rope: bool = False
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> QwenImageConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in d.items() if k in known}
+        if "axes_dims_rope" in kwargs:
+            kwargs["axes_dims_rope"] = tuple(kwargs["axes_dims_rope"])
+        cfg = cls(**kwargs)
+        unsupported = [n for n in ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope") if getattr(cfg, n)]
+        if unsupported:
+            raise ValueError(f"Qwen-Image variants with {unsupported} set are not served yet")
+        return cfg
+
+    @property
+    def inner_dim(self) -> int:
+        return self.num_attention_heads * self.attention_head_dim
+
+
+# ---------------------------------------------------------------------------------------------
+# Rotary position embedding: (frame, height, width) for images, a line after them for text
+# ---------------------------------------------------------------------------------------------
+
+
+def _rope_angles(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Angles of 1-D RoPE for integer `positions` (N,) -> (N, dim/2) float32.
+
+    Same float32 arithmetic as diffusers' QwenEmbedRope tables (integer position times
+    theta^(-2i/dim)), so looking positions up in its tables or computing them here agrees exactly.
+    """
+    inv_freq = 1.0 / torch.pow(ROPE_THETA, torch.arange(0, dim, 2, device=positions.device).to(torch.float32).div(dim))
+    return torch.outer(positions, inv_freq)
+
+
+def _centred(n: int, device) -> torch.Tensor:
+    """Positions -(n - n//2) .. n//2 - 1: the image grid centred on 0 (diffusers' scale_rope)."""
+    return torch.arange(n, device=device) - (n - n // 2)
+
+
+def rope_tables(
+    axes_dims: tuple[int, int, int], images: list[ImageShape], text_len: int, device
+) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """cos/sin tables, repeat-interleaved for `apply_rotary`: image (1, L, 1, Dh) and text (1, S, 1, Dh).
+
+    Image i's frames are at positions i .. i + frames - 1; its rows and columns are centred.
+    Text token j sits at position max_extent + j on all three axes, where max_extent is the largest
+    half-height / half-width over the images.
+    """
+    d_f, d_h, d_w = axes_dims
+    image_angles = []
+    max_extent = 0
+    for index, (f, h, w) in enumerate(images):
+        a_f = _rope_angles(torch.arange(index, index + f, device=device), d_f)  # (f, d_f/2)
+        a_h = _rope_angles(_centred(h, device), d_h)  # (h, d_h/2)
+        a_w = _rope_angles(_centred(w, device), d_w)  # (w, d_w/2)
+        grid = torch.cat(
+            [
+                a_f.view(f, 1, 1, -1).expand(f, h, w, -1),
+                a_h.view(1, h, 1, -1).expand(f, h, w, -1),
+                a_w.view(1, 1, w, -1).expand(f, h, w, -1),
+            ],
+            dim=-1,
+        )  # (f, h, w, Dh/2)
+        image_angles.append(grid.reshape(f * h * w, -1))
+        max_extent = max(max_extent, h // 2, w // 2)
+    assert max_extent + text_len <= ROPE_MAX_POSITIONS, "image + text positions exceed the RoPE range"
+    text_pos = torch.arange(max_extent, max_extent + text_len, device=device)
+    text_angles = torch.cat([_rope_angles(text_pos, d) for d in axes_dims], dim=-1)  # (S, Dh/2)
+
+    def tables(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cos = angles.cos().repeat_interleave(2, dim=-1)[None, :, None, :]
+        sin = angles.sin().repeat_interleave(2, dim=-1)[None, :, None, :]
+        return cos, sin
+
+    return tables(torch.cat(image_angles)), tables(text_angles)
+
+
+# ---------------------------------------------------------------------------------------------
+# Norms and timestep embedding
+# ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    """diffusers' RMSNorm: variance in float32; the result takes the weight's dtype if it is half
+    precision (a float32 weight leaves it float32)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return x * self.weight
+
+
+def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """LayerNorm without affine parameters, in x's dtype (diffusers uses plain nn.LayerNorm here)."""
+    return F.layer_norm(x, x.shape[-1:], eps=eps)
+
+
+def qwen_timestep_embedding(timestep: torch.Tensor, dim: int = TIME_PROJ_DIM, scale: float = 1000.0) -> torch.Tensor:
+    """Sinusoidal [cos | sin] embedding of timesteps in [0, 1] scaled by 1000: (B,) -> (B, dim) float32.
+
+    Like diffusers' Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0, scale=1000): the
+    frequencies are cast to the timestep's dtype and the scale multiplies the angles.
+    """
+    half = dim // 2
+    exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half
+    freqs = torch.exp(exponent).to(timestep.dtype)
+    angles = scale * (timestep[:, None].float() * freqs[None, :])  # (B, half)
+    return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
+
+
+class TimeTextEmbed(nn.Module):
+    """`time_text_embed`: sinusoidal projection then the timestep MLP (`timestep_embedder.linear_1/2`)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedding(TIME_PROJ_DIM, dim)
+
+    def forward(self, timestep: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        return self.timestep_embedder(qwen_timestep_embedding(timestep).to(dtype))  # (B, D)
+
+
+# ---------------------------------------------------------------------------------------------
+# Joint attention and the double-stream block
+# ---------------------------------------------------------------------------------------------
+
+
+class JointAttention(nn.Module):
+    """Image stream (to_q/k/v, norm_q/k, to_out) and text stream (add_*_proj, norm_added_*, to_add_out)
+    projected separately, RMS-normed per head, rotated, then one attention over [text, image]."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.heads = heads
+        self.to_q = nn.Linear(dim, dim)
+        self.to_k = nn.Linear(dim, dim)
+        self.to_v = nn.Linear(dim, dim)
+        self.add_q_proj = nn.Linear(dim, dim)
+        self.add_k_proj = nn.Linear(dim, dim)
+        self.add_v_proj = nn.Linear(dim, dim)
+        self.norm_q = RMSNorm(head_dim, eps)
+        self.norm_k = RMSNorm(head_dim, eps)
+        self.norm_added_q = RMSNorm(head_dim, eps)
+        self.norm_added_k = RMSNorm(head_dim, eps)
+        self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # diffusers' `to_out.0` (to_out.1 is dropout)
+        self.to_add_out = nn.Linear(dim, dim)
+
+    def forward(self, img, txt, img_rope, txt_rope, key_mask):
+        # img: (B, L, D), txt: (B, S, D); key_mask: (B, S + L) bool or None
+        def heads(x):
+            return x.unflatten(-1, (self.heads, -1))  # (B, N, Hd, Dh)
+
+        img_q = apply_rotary(self.norm_q(heads(self.to_q(img))), *img_rope)
+        img_k = apply_rotary(self.norm_k(heads(self.to_k(img))), *img_rope)
+        img_v = heads(self.to_v(img))
+        txt_q = apply_rotary(self.norm_added_q(heads(self.add_q_proj(txt))), *txt_rope)
+        txt_k = apply_rotary(self.norm_added_k(heads(self.add_k_proj(txt))), *txt_rope)
+        txt_v = heads(self.add_v_proj(txt))
+
+        q = torch.cat([txt_q, img_q], dim=1)  # (B, S + L, Hd, Dh)
+        k = torch.cat([txt_k, img_k], dim=1)
+        v = torch.cat([txt_v, img_v], dim=1)
+        out = attention(q, k, v, key_mask=key_mask).flatten(2, 3).to(q.dtype)  # (B, S + L, D)
+        s = txt.shape[1]
+        return self.to_out[0](out[:, s:].contiguous()), self.to_add_out(out[:, :s].contiguous())
+
+
+class QwenImageBlock(nn.Module):
+    """Per stream: AdaLN (shift, scale, gate) x 2 from the timestep; joint attention; GELU MLP."""
+
+    def __init__(self, dim: int, heads: int, head_dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))  # keys img_mod.1.*
+        self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
+        self.attn = JointAttention(dim, heads, head_dim, eps)
+        self.img_mlp = FeedForward(dim, 4 * dim, approximate="tanh")
+        self.txt_mlp = FeedForward(dim, 4 * dim, approximate="tanh")
+
+    def forward(self, img, txt, temb, img_rope, txt_rope, key_mask):
+        # img: (B, L, D), txt: (B, S, D), temb: (B, D)
+        img_mod = self.img_mod(temb)[:, None].chunk(6, dim=-1)  # 6 x (B, 1, D): shift, scale, gate, x2
+        txt_mod = self.txt_mod(temb)[:, None].chunk(6, dim=-1)
+
+        img_attn, txt_attn = self.attn(
+            modulate(layer_norm(img, self.eps), img_mod[0], img_mod[1]),
+            modulate(layer_norm(txt, self.eps), txt_mod[0], txt_mod[1]),
+            img_rope,
+            txt_rope,
+            key_mask,
+        )
+        img = img + img_mod[2] * img_attn
+        txt = txt + txt_mod[2] * txt_attn
+
+        img = img + img_mod[5] * self.img_mlp(modulate(layer_norm(img, self.eps), img_mod[3], img_mod[4]))
+        txt = txt + txt_mod[5] * self.txt_mlp(modulate(layer_norm(txt, self.eps), txt_mod[3], txt_mod[4]))
+        if txt.dtype == torch.float16:
+            txt, img = txt.clip(-65504, 65504), img.clip(-65504, 65504)
+        return img, txt
+
+
+class AdaNormOut(nn.Module):
+    """`norm_out`: LayerNorm modulated by (scale, shift) = linear(SiLU(temb)) (diffusers' AdaLayerNormContinuous)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.linear = nn.Linear(dim, 2 * dim)
+
+    def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        scale, shift = self.linear(F.silu(temb).to(x.dtype)).chunk(2, dim=-1)  # (B, D) each
+        return layer_norm(x, self.eps) * (1 + scale[:, None]) + shift[:, None]
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class QwenImageTransformer(nn.Module):
+    """The Qwen-Image denoiser (diffusers' QwenImageTransformer2DModel, same weights and math).
+
+    Takes packed latents (2x2 patches already folded into channels, as the pipeline packs them),
+    per-row timesteps in [0, 1] and Qwen2.5-VL text states with an optional padding mask, so rows of
+    different requests (different steps, different text lengths) share one forward.
+    """
+
+    def __init__(self, cfg: QwenImageConfig):
+        super().__init__()
+        self.config = cfg
+        dim = cfg.inner_dim
+        out_channels = cfg.out_channels or cfg.in_channels
+        self.time_text_embed = TimeTextEmbed(dim)
+        self.txt_norm = RMSNorm(cfg.joint_attention_dim, eps=1e-6)
+        self.img_in = nn.Linear(cfg.in_channels, dim)
+        self.txt_in = nn.Linear(cfg.joint_attention_dim, dim)
+        self.transformer_blocks = nn.ModuleList(
+            [QwenImageBlock(dim, cfg.num_attention_heads, cfg.attention_head_dim) for _ in range(cfg.num_layers)]
+        )
+        self.norm_out = AdaNormOut(dim)
+        self.proj_out = nn.Linear(dim, cfg.patch_size * cfg.patch_size * out_channels)
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        image_shapes: list[ImageShape],
+    ) -> torch.Tensor:
+        """latents: (B, L, Cp) packed tokens of the images in `image_shapes` (same for every row),
+        timestep: (B,) in [0, 1] (sampler timestep / 1000); text: (B, S, joint_attention_dim);
+        text_mask: (B, S) bool, False at padding, or None when no row is padded.
+        Returns (B, L, patch^2 * out_channels), the flow prediction for every image token.
+        """
+        x = self.img_in(latents)  # (B, L, D)
+        temb = self.time_text_embed(timestep.to(x.dtype), x.dtype)  # (B, D)
+        txt = self.txt_in(self.txt_norm(text))  # (B, S, D)
+
+        img_rope, txt_rope = rope_tables(self.config.axes_dims_rope, image_shapes, txt.shape[1], x.device)
+        key_mask = None
+        if text_mask is not None:
+            key_mask = torch.cat([text_mask.bool(), text_mask.new_ones(x.shape[:2], dtype=torch.bool)], dim=1)  # (B, S + L)
+
+        for block in self.transformer_blocks:
+            x, txt = block(x, txt, temb, img_rope, txt_rope, key_mask)
+
+        return self.proj_out(self.norm_out(x, temb))
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype, device: torch.device | str) -> QwenImageTransformer:
+        """Load the `transformer/` folder of a diffusers Qwen-Image pipeline (all floating weights in `dtype`,
+        as diffusers does: the model keeps no module in float32)."""
+        path = Path(path)
+        cfg = QwenImageConfig.from_dict(json.loads((path / "config.json").read_text()))
+        with torch.device("meta"):
+            model = cls(cfg)
+        state_dict = {name: (t.to(dtype) if t.is_floating_point() else t) for name, t in _read_safetensors(path, device)}
+        model.load_state_dict(state_dict, strict=True, assign=True)
+        return model.eval().requires_grad_(False)

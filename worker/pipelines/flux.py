@@ -1,0 +1,193 @@
+"""FLUX.1 text-to-image: CLIP pooled + T5 sequence prompt, our FLUX DiT on packed 2x2 latents,
+a flow-matching Euler sampler with resolution-dependent shift per request, AutoencoderKL.
+
+FLUX.1-dev is guidance-distilled: the guidance scale is an input of the transformer (embedded
+like a timestep), not classifier-free guidance, so every request is one transformer row. The
+reference is diffusers' FluxPipeline with true CFG off (true_cfg_scale 1, the default).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffserve.v1 import generation_pb2 as pb
+
+from .. import loading
+from ..models.flux import FluxTransformer
+from ..samplers import SamplerFactory
+from .base import RequestState
+from .stages import initial_noise, to_uint8_frames
+
+T5_LENGTH = 512  # FluxPipeline's max_sequence_length default (and maximum)
+DEFAULT_SIZE = 1024
+
+
+def calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> float:
+    """mu of the dynamic (resolution-dependent) timestep shift: linear in the number of image
+    tokens, base_shift at base_seq_len and max_shift at max_seq_len (FLUX's rule)."""
+    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
+    intercept = base_shift - slope * base_seq_len
+    return image_seq_len * slope + intercept
+
+
+def pack_latents(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, H/2 * W/2, 4C): each 2x2 patch becomes one token, channels (c, dy, dx)."""
+    b, c, h, w = latents.shape
+    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # (B, H/2, W/2, C, 2, 2)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, H/2 * W/2, 4C) -> (B, C, H, W); the inverse of pack_latents for latent size (h, w)."""
+    b, _, c4 = tokens.shape
+    x = tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # (B, C, H/2, 2, W/2, 2)
+    return x.reshape(b, c4 // 4, h, w)
+
+
+def image_ids(h2: int, w2: int, device: torch.device) -> torch.Tensor:
+    """RoPE ids of the packed tokens, (h2 * w2, 3): (0, row, column) in row-major token order."""
+    ids = torch.zeros(h2, w2, 3, device=device)
+    ids[..., 1] = torch.arange(h2, device=device)[:, None]
+    ids[..., 2] = torch.arange(w2, device=device)[None, :]
+    return ids.reshape(h2 * w2, 3)
+
+
+class FluxPipeline:
+    """Serves a diffusers-layout FluxPipeline checkpoint (model_index `_class_name` FluxPipeline)."""
+
+    family = "flux.1"
+    task = "text-to-image"
+
+    def __init__(self, root: Path, name: str, device: torch.device, dtype: torch.dtype):
+        index = loading.read_model_index(root)
+        self.device, self.dtype = device, dtype
+        self.clip_tokenizer = loading.load_tokenizer(root, "tokenizer")
+        self.clip = loading.load_component(root, index, "text_encoder", dtype, device)
+        self.t5_tokenizer = loading.load_tokenizer(root, "tokenizer_2")
+        self.t5 = loading.load_component(root, index, "text_encoder_2", dtype, device)
+        self.transformer = FluxTransformer.from_pretrained(root / "transformer", dtype, device).eval()
+        # The VAE decodes in float32 (diffusers would use the pipeline dtype): one decode per image, better output.
+        self.vae = loading.load_component(root, index, "vae", torch.float32, device)
+        self.samplers = SamplerFactory.from_dir(root / "scheduler")
+
+        self.clip_length = int(getattr(self.clip_tokenizer, "model_max_length", 77) or 77)
+        if self.clip_length > 10_000:  # tokenizers without a configured length report a huge sentinel
+            self.clip_length = 77
+        vae_config = self.vae.config
+        self.vae_scale = 2 ** (len(vae_config.block_out_channels) - 1)  # 8 for FLUX
+        self.scaling_factor = float(vae_config.scaling_factor)
+        self.shift_factor = float(getattr(vae_config, "shift_factor", None) or 0.0)
+        self.latent_channels = self.transformer.config.in_channels // 4  # packed channels are 4x the VAE's
+        self.guidance_embeds = self.transformer.config.guidance_embeds
+        self.card = self._card(name)
+
+    # -----------------------------------------------------------------------------------------
+    # Model card: defaults and limits
+    # -----------------------------------------------------------------------------------------
+
+    def _shift_config(self) -> tuple[int, int, float, float]:
+        c = self.samplers.config
+        return (int(c.get("base_image_seq_len", 256)), int(c.get("max_image_seq_len", 4096)),
+                float(c.get("base_shift", 0.5)), float(c.get("max_shift", 1.15)))
+
+    def _card(self, name: str) -> pb.Model:
+        # With dynamic shifting the effective shift depends on the image size; report it at the default size.
+        if self.samplers.config.get("use_dynamic_shifting", False):
+            tokens = (DEFAULT_SIZE // (self.vae_scale * 2)) ** 2
+            flow_shift = math.exp(calculate_shift(tokens, *self._shift_config()))
+        else:
+            flow_shift = self.samplers.flow_shift
+        # FLUX.1-dev: 28 steps, embedded guidance 3.5. Without a guidance embedder (FLUX.1-schnell): 4 steps.
+        steps, guidance = (28, 3.5) if self.guidance_embeds else (4, 0.0)
+        return pb.Model(
+            name=name,
+            family=self.family,
+            task=self.task,
+            defaults=pb.ModelDefaults(
+                height=DEFAULT_SIZE, width=DEFAULT_SIZE, num_frames=1, num_inference_steps=steps,
+                guidance_scale=guidance, fps=16, negative_prompt="", sampler=self.samplers.class_name,
+                flow_shift=flow_shift,
+            ),
+            limits=pb.ModelLimits(
+                size_multiple=self.vae_scale * 2,  # VAE factor x 2x2 packing
+                max_height=2048, max_width=2048, max_pixels=2048 * 2048,
+                frame_step=1, max_num_frames=1, max_num_inference_steps=1000,
+                prompt_required=True, image_required=False, max_images=0,
+            ),
+        )
+
+    # -----------------------------------------------------------------------------------------
+    # Stages
+    # -----------------------------------------------------------------------------------------
+
+    def admit(self, request_id: str, params: pb.GenerationParams) -> RequestState:
+        return RequestState(request_id=request_id, params=params)
+
+    @torch.no_grad()
+    def encode(self, state: RequestState) -> None:
+        """cond: T5 states (1, 512, J), padded to the fixed length and unmasked as in FluxPipeline, so
+        every request has the same text length and rows batch without masks; extras["pooled"]:
+        CLIP pooled embedding (1, P). The negative prompt is not used (true CFG is off)."""
+        prompt = [state.params.prompt]
+        clip_ids = self.clip_tokenizer(
+            prompt, padding="max_length", max_length=self.clip_length, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+        pooled = self.clip(clip_ids, output_hidden_states=False).pooler_output  # (1, P)
+        t5_ids = self.t5_tokenizer(
+            prompt, padding="max_length", max_length=T5_LENGTH, truncation=True, return_tensors="pt"
+        ).input_ids.to(self.device)
+        text = self.t5(t5_ids, output_hidden_states=False)[0]  # (1, 512, J)
+        state.cond = text.to(self.dtype)
+        state.uncond = None
+        state.extras["pooled"] = pooled.to(self.dtype)
+
+    def prepare(self, state: RequestState) -> None:
+        p = state.params
+        h = 2 * (p.height // (self.vae_scale * 2))  # latent rows, even
+        w = 2 * (p.width // (self.vae_scale * 2))
+        noise = initial_noise((1, self.latent_channels, h, w), p.seed, self.device)  # the seed contract: unpacked
+        state.latents = pack_latents(noise)  # float32 (1, N, 4C), N = h/2 * w/2
+        state.extras["latent_hw"] = (h, w)
+
+        steps = p.num_inference_steps
+        kwargs = {"mu": calculate_shift(state.latents.shape[1], *self._shift_config())}
+        if not self.samplers.config.get("use_flow_sigmas", False):
+            kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
+        state.sampler = self.samplers.new(steps, self.device, **kwargs)
+        state.timesteps = state.sampler.timesteps
+        state.step = 0
+
+    @torch.no_grad()
+    def denoise_step(self, states: list[RequestState]) -> int:
+        """One step for every state, one transformer forward per latent size (the scheduler sends
+        one size per command). Each row carries its own timestep, guidance and prompt."""
+        groups: dict[tuple[int, int], list[RequestState]] = {}
+        for s in states:
+            groups.setdefault(s.extras["latent_hw"], []).append(s)
+        for (h, w), group in groups.items():
+            x = torch.cat([s.latents for s in group]).to(self.dtype)  # (B, N, 4C)
+            t = torch.stack([s.timesteps[s.step] for s in group]).float() / 1000  # (B,)
+            guidance = None
+            if self.guidance_embeds:
+                guidance = torch.tensor([s.params.guidance_scale for s in group], dtype=torch.float32, device=self.device)
+            context = torch.cat([s.cond for s in group])  # (B, 512, J)
+            pooled = torch.cat([s.extras["pooled"] for s in group])  # (B, P)
+            txt_ids = torch.zeros(context.shape[1], 3, device=self.device)
+            pred = self.transformer(x, t, context, pooled, image_ids(h // 2, w // 2, self.device), txt_ids, guidance)
+            for i, s in enumerate(group):
+                # float32 prediction keeps the latents float32 through the Euler update.
+                s.latents = s.sampler.step(pred[i : i + 1].float(), s.timesteps[s.step], s.latents, return_dict=False)[0]
+                s.step += 1
+        return len(states)
+
+    @torch.no_grad()
+    def decode(self, state: RequestState) -> np.ndarray:
+        h, w = state.extras["latent_hw"]
+        latents = unpack_latents(state.latents, h, w).to(self.vae.dtype)  # (1, C, H/8, W/8)
+        latents = latents / self.scaling_factor + self.shift_factor
+        image = self.vae.decode(latents, return_dict=False)[0]  # (1, 3, H, W) in [-1, 1]
+        return to_uint8_frames(image[:, :, None])  # (1, H, W, 3)

@@ -1,0 +1,312 @@
+"""Qwen-Image (text-to-image) and Qwen-Image-Edit (image + instruction -> image).
+
+Both: a Qwen2.5-VL prompt encoder (chat template, template prefix dropped), our Qwen-Image MMDiT on
+packed 2x2 latents, a FlowMatchEuler sampler per request with the dynamic shift `mu` of the
+latent sequence length, true CFG with the norm rescale, and the Qwen-Image VAE.
+Edit also runs the input image through the VL encoder (image tokens in the prompt) and through
+the VAE, whose packed latents follow the noise latents in the DiT's image sequence.
+
+`guidance_scale` of a request is the reference pipelines' `true_cfg_scale` (they have a separate
+`guidance_scale` only for guidance-distilled variants, which we do not serve). As the scheduler
+always fills `negative_prompt` (card default " "), CFG runs exactly when the scale is > 1, which
+is the reference's rule with a negative prompt given.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from diffserve.v1 import generation_pb2 as pb
+
+from .. import loading
+from ..models.qwen_image import QwenImageTransformer
+from ..samplers import SamplerFactory
+from .base import RequestState
+from .stages import initial_noise, to_uint8_frames
+
+MAX_TEXT_TOKENS = 1024  # the reference's tokenizer_max_length / max_sequence_length
+EDIT_TARGET_AREA = 1024 * 1024  # Edit resizes the input image to about this many pixels
+
+
+def calculate_shift(seq_len: int, config: dict) -> float:
+    """The sampler's dynamic shift `mu`, linear in the latent sequence length (as the reference)."""
+    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
+    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
+    slope = (max_shift - base_shift) / (max_len - base_len)
+    return seq_len * slope + (base_shift - slope * base_len)
+
+
+def pack(latents: torch.Tensor) -> torch.Tensor:
+    """(B, C, 1, H, W) or (B, 1, C, H, W) latents -> (B, H/2 * W/2, C * 4) tokens of 2x2 patches."""
+    b, h, w = latents.shape[0], latents.shape[-2], latents.shape[-1]
+    c = latents.shape[1] * latents.shape[2]
+    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """(B, H/2 * W/2, C * 4) -> (B, C, 1, H, W), H and W in latent pixels."""
+    b, _, cp = tokens.shape
+    x = tokens.reshape(b, h // 2, w // 2, cp // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, cp // 4, 1, h, w)
+
+
+def edit_image_size(width: int, height: int) -> tuple[int, int]:
+    """The reference's `calculate_dimensions`: ~1024^2 pixels at the input's aspect ratio, multiples of 32."""
+    ratio = width / height
+    w = math.sqrt(EDIT_TARGET_AREA * ratio)
+    h = w / ratio
+    return round(w / 32) * 32, round(h / 32) * 32
+
+
+class _QwenImageBase:
+    family = "qwen-image"
+    task = ""
+    template = ""
+    template_drop = 0  # tokens of the template before the user's text (prompt_template_encode_start_idx)
+
+    def __init__(self, root: Path, name: str, device: torch.device, dtype: torch.dtype):
+        index = loading.read_model_index(root)
+        self.device, self.dtype = device, dtype
+        self.text_encoder = loading.load_component(root, index, "text_encoder", dtype, device)
+        self.transformer = QwenImageTransformer.from_pretrained(root / "transformer", dtype, device)
+        # The VAE runs in float32 (decoding in bf16 bands, as with Wan's VAE of the same design).
+        self.vae = loading.load_component(root, index, "vae", torch.float32, device)
+        self.samplers = SamplerFactory.from_dir(root / "scheduler")
+        vae_config = self.vae.config
+        self.vae_scale = 2 ** len(vae_config.temperal_downsample)
+        self.latent_channels = vae_config.z_dim
+        stats = dict(dtype=torch.float32, device=device)
+        self._latents_mean = torch.tensor(vae_config.latents_mean, **stats).view(1, -1, 1, 1, 1)
+        self._latents_std = torch.tensor(vae_config.latents_std, **stats).view(1, -1, 1, 1, 1)
+        self.card = self._card(name)
+
+    # ---- card ---------------------------------------------------------------------------------
+
+    def _card(self, name: str) -> pb.Model:
+        needs_image = self.task == "image-edit"
+        return pb.Model(
+            name=name,
+            family=self.family,
+            task=self.task,
+            defaults=pb.ModelDefaults(
+                # Qwen-Image: the reference's default size (default_sample_size 128 x VAE factor 8).
+                # Edit: 0 = derived on the worker from the input image, as the reference does.
+                height=0 if needs_image else 1024, width=0 if needs_image else 1024, num_frames=1, num_inference_steps=50,
+                guidance_scale=4.0,  # = the reference's true_cfg_scale
+                fps=16, negative_prompt=" ",
+                sampler=self.samplers.class_name, flow_shift=self.samplers.flow_shift,
+            ),
+            limits=pb.ModelLimits(
+                size_multiple=self.vae_scale * self.transformer.config.patch_size,
+                max_height=2048, max_width=2048, max_pixels=2048 * 2048,
+                frame_step=1, max_num_frames=1, max_num_inference_steps=1000,
+                prompt_required=True, image_required=needs_image, max_images=1 if needs_image else 0,
+            ),
+        )
+
+    # ---- stages -------------------------------------------------------------------------------
+
+    def admit(self, request_id: str, params: pb.GenerationParams) -> RequestState:
+        if params.num_frames != 1:
+            raise ValueError(f"{self.family} makes images: num_frames must be 1 (got {params.num_frames})")
+        return RequestState(request_id=request_id, params=params)
+
+    @torch.no_grad()
+    def _hidden_states(self, inputs) -> torch.Tensor:
+        """Last hidden states of the VL model at the prompt's tokens, template prefix dropped: (1, S, D)."""
+        inputs = {k: v.to(self.device) for k, v in inputs.items()}
+        out = self.text_encoder(**inputs, output_hidden_states=True)
+        hidden = out.hidden_states[-1][0][inputs["attention_mask"][0].bool()]  # (tokens, D)
+        return hidden[self.template_drop :][None].to(self.dtype)
+
+    def _encode_prompt(self, state: RequestState, text: str) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode(self, state: RequestState) -> None:
+        state.cond = self._encode_prompt(state, state.params.prompt)
+        state.uncond = self._encode_prompt(state, state.params.negative_prompt) if state.do_cfg else None
+
+    def prepare(self, state: RequestState) -> None:
+        p = state.params
+        h, w = p.height // self.vae_scale, p.width // self.vae_scale  # latent pixels
+        noise = initial_noise((1, 1, self.latent_channels, h, w), p.seed, self.device)  # the reference's draw
+        state.latents = pack(noise)  # (1, L, C * 4) float32
+        steps = p.num_inference_steps
+        sigmas = np.linspace(1.0, 1 / steps, steps)
+        mu = calculate_shift(state.latents.shape[1], self.samplers.config)
+        state.sampler = self.samplers.new(steps, self.device, sigmas=sigmas, mu=mu)
+        state.timesteps = state.sampler.timesteps
+        state.step = 0
+        patch = self.transformer.config.patch_size
+        state.extras["image_shapes"] = [(1, h // patch, w // patch)] + state.extras.get("condition_shapes", [])
+
+    @torch.no_grad()
+    def denoise_step(self, states: list[RequestState]) -> int:
+        """One step for all `states`: one DiT forward per group of equal image-token layout (always one
+        group for Qwen-Image), with cond/uncond rows of different text lengths padded and masked."""
+        groups: dict[tuple, list[RequestState]] = {}
+        for s in states:
+            groups.setdefault(tuple(s.extras["image_shapes"]), []).append(s)
+        rows = 0
+        for shapes, group in groups.items():
+            rows += self._denoise_group(group, list(shapes))
+        return rows
+
+    def _denoise_group(self, states: list[RequestState], image_shapes: list) -> int:
+        latents, timesteps, texts = [], [], []
+        for s in states:
+            x = s.latents
+            if "image_latents" in s.extras:
+                x = torch.cat([x, s.extras["image_latents"]], dim=1)  # (1, L + L_img, Cp)
+            n = 2 if s.do_cfg else 1
+            latents += [x] * n
+            timesteps += [s.timesteps[s.step]] * n
+            texts += [s.cond, s.uncond] if s.do_cfg else [s.cond]
+
+        lengths = [t.shape[1] for t in texts]
+        longest = max(lengths)
+        text = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, longest - t.shape[1])) for t in texts])  # (R, S, D)
+        mask = None
+        if min(lengths) < longest:
+            mask = torch.arange(longest, device=self.device)[None, :] < torch.tensor(lengths, device=self.device)[:, None]
+        t = torch.stack(timesteps).to(self.dtype) / 1000  # (R,) in [0, 1], cast as the reference casts them
+        pred = self.transformer(torch.cat(latents).to(self.dtype), t, text.to(self.dtype), mask, image_shapes)
+
+        row = 0
+        for s in states:
+            n_tokens = s.latents.shape[1]
+            cond = pred[row : row + 1, :n_tokens].float()
+            if s.do_cfg:
+                uncond = pred[row + 1 : row + 2, :n_tokens].float()
+                combined = uncond + s.params.guidance_scale * (cond - uncond)
+                # Rescale each token's prediction to the conditional prediction's norm.
+                noise = combined * (cond.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
+                row += 2
+            else:
+                noise = cond
+                row += 1
+            s.latents = s.sampler.step(noise, s.timesteps[s.step], s.latents, return_dict=False)[0]
+            s.step += 1
+        return row
+
+    @torch.no_grad()
+    def decode(self, state: RequestState) -> np.ndarray:
+        p = state.params
+        latents = unpack(state.latents.float(), p.height // self.vae_scale, p.width // self.vae_scale)  # (1, C, 1, H, W)
+        latents = latents / (1.0 / self._latents_std) + self._latents_mean  # undo the latent normalisation
+        image = self.vae.decode(latents, return_dict=False)[0]  # (1, 3, 1, H, W) in [-1, 1]
+        return to_uint8_frames(image)
+
+
+class QwenImagePipeline(_QwenImageBase):
+    """Serves a diffusers-layout QwenImagePipeline checkpoint (Qwen/Qwen-Image)."""
+
+    task = "text-to-image"
+    template = (
+        "<|im_start|>system\nDescribe the image by detailing the color, shape, size, texture, quantity, text, "
+        "spatial relationships of the objects and background:<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    template_drop = 34
+
+    def __init__(self, root: Path, name: str, device: torch.device, dtype: torch.dtype):
+        self.tokenizer = loading.load_tokenizer(root)
+        super().__init__(root, name, device, dtype)
+
+    def _encode_prompt(self, state: RequestState, text: str) -> torch.Tensor:
+        tokens = self.tokenizer(
+            [self.template.format(text)], max_length=MAX_TEXT_TOKENS + self.template_drop,
+            padding=True, truncation=True, return_tensors="pt",
+        )
+        inputs = {"input_ids": tokens.input_ids, "attention_mask": tokens.attention_mask}
+        return self._hidden_states(inputs)[:, :MAX_TEXT_TOKENS]
+
+
+class QwenImageEditPipeline(_QwenImageBase):
+    """Serves a diffusers-layout QwenImageEditPipeline checkpoint (Qwen/Qwen-Image-Edit).
+
+    The input image is resized to ~1024^2 pixels at its own aspect ratio (the reference's rule);
+    an unset output height / width (0: the card's default) is derived from the input image's
+    aspect ratio at ~1024^2 pixels, rounded down to the size multiple, as the reference does.
+    """
+
+    task = "image-edit"
+    template = (
+        "<|im_start|>system\nDescribe the key features of the input image (color, shape, size, texture, objects, "
+        "background), then explain how the user's text instruction should alter or modify the image. Generate a new "
+        "image that meets the user's requirements while maintaining consistency with the original input where "
+        "appropriate.<|im_end|>\n<|im_start|>user\n<|vision_start|><|image_pad|><|vision_end|>{}<|im_end|>\n"
+        "<|im_start|>assistant\n"
+    )
+    template_drop = 64
+
+    def __init__(self, root: Path, name: str, device: torch.device, dtype: torch.dtype):
+        from diffusers.image_processor import VaeImageProcessor
+        from transformers import AutoImageProcessor, AutoTokenizer
+
+        # The processor/ folder's parts, used as transformers' Qwen2VLProcessor uses them (see
+        # _encode_prompt): that class also wants a video processor, which needs torchvision.
+        self.tokenizer = AutoTokenizer.from_pretrained(root / "processor")
+        self.vl_image_processor = AutoImageProcessor.from_pretrained(root / "processor")
+        super().__init__(root, name, device, dtype)
+        self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale * 2)
+
+    def admit(self, request_id: str, params: pb.GenerationParams) -> RequestState:
+        if len(params.images) != 1 or not params.images[0].data:
+            raise ValueError("Qwen-Image-Edit takes exactly one input image (params.images[0].data)")
+        if not params.height or not params.width:
+            from PIL import Image
+
+            resolved = pb.GenerationParams()
+            resolved.CopyFrom(params)
+            width, height = edit_image_size(*Image.open(io.BytesIO(params.images[0].data)).size)
+            multiple = self.vae_scale * 2
+            resolved.width = resolved.width or width // multiple * multiple
+            resolved.height = resolved.height or height // multiple * multiple
+            params = resolved
+        return super().admit(request_id, params)
+
+    def encode(self, state: RequestState) -> None:
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(state.params.images[0].data)).convert("RGB")
+        width, height = edit_image_size(*image.size)
+        image = self.image_processor.resize(image, height, width)  # PIL, as the VL encoder sees it
+        state.extras["prompt_image"] = image
+        super().encode(state)
+        self._encode_image_latents(state, image, height, width)
+        del state.extras["prompt_image"], state.extras["vision_inputs"]
+
+    def _encode_prompt(self, state: RequestState, text: str) -> torch.Tensor:
+        vision = state.extras.get("vision_inputs")
+        if vision is None:  # pixel patches and their (t, h, w) grid, shared by the prompt and the negative
+            vision = self.vl_image_processor(images=[state.extras["prompt_image"]], return_tensors="pt")
+            state.extras["vision_inputs"] = vision
+        # As Qwen2VLProcessor: the image placeholder becomes one token per merged patch.
+        image_token = "<|image_pad|>"
+        n_image_tokens = int(vision["image_grid_thw"][0].prod()) // self.vl_image_processor.merge_size**2
+        prompt = self.template.format(text).replace(image_token, image_token * n_image_tokens)
+        tokens = self.tokenizer([prompt], padding=True, return_tensors="pt")
+        return self._hidden_states(
+            {
+                "input_ids": tokens.input_ids,
+                "attention_mask": tokens.attention_mask,
+                "pixel_values": vision["pixel_values"],
+                "image_grid_thw": vision["image_grid_thw"],
+            }
+        )
+
+    @torch.no_grad()
+    def _encode_image_latents(self, state: RequestState, image, height: int, width: int) -> None:
+        pixels = self.image_processor.preprocess(image, height, width).unsqueeze(2)  # (1, 3, 1, H, W) in [-1, 1]
+        latents = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist.mode()  # (1, C, 1, h, w)
+        latents = (latents - self._latents_mean) / self._latents_std
+        state.extras["image_latents"] = pack(latents)  # (1, L_img, C * 4)
+        patch = self.transformer.config.patch_size
+        state.extras["condition_shapes"] = [(1, height // self.vae_scale // patch, width // self.vae_scale // patch)]
