@@ -67,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--fps", type=int)
     g.add_argument("--num-inference-steps", type=int)
     g.add_argument("--guidance-scale", type=float)
+    g.add_argument("--guidance-scale-2", type=float, help="low-noise expert's guidance (Wan2.2 A14B)")
     g.add_argument("--seed", type=seed_type, help="0 to 2**64-1 (default: random, reported)")
     g.add_argument("--image-path", action="append", default=[], metavar="PATH_OR_URL",
                    help="conditioning image (image-to-video, editing): a local file (sent as bytes) or an http(s) URL the server fetches; repeatable")
@@ -180,7 +181,7 @@ def run_job(client: Client, args: argparse.Namespace) -> int:
     params = make_params(
         args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
         num_frames=args.num_frames, fps=args.fps, num_inference_steps=args.num_inference_steps,
-        guidance_scale=args.guidance_scale, seed=args.seed, output_format=args.output_format,
+        guidance_scale=args.guidance_scale, guidance_scale_2=args.guidance_scale_2, seed=args.seed, output_format=args.output_format,
         model=args.model_name or "", images=[image_arg(p) for p in args.image_path],
     )
     bar = None

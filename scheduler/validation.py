@@ -29,6 +29,8 @@ def resolve_params(params: pb.GenerationParams, model: pb.Model) -> pb.Generatio
     for name in ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps"):
         if not out.HasField(name):
             setattr(out, name, getattr(d, name))
+    if not out.HasField("guidance_scale_2") and d.guidance_scale_2 > 0:
+        out.guidance_scale_2 = d.guidance_scale_2
     if not out.HasField("seed"):
         out.seed = secrets.randbits(63)
     if out.output_format == pb.OUTPUT_FORMAT_UNSPECIFIED:
@@ -63,6 +65,8 @@ def resolve_params(params: pb.GenerationParams, model: pb.Model) -> pb.Generatio
         bad.append(("params.num_inference_steps", f"must be between 1 and {lim.max_num_inference_steps} (got {steps})"))
     if not math.isfinite(out.guidance_scale) or out.guidance_scale < 0:
         bad.append(("params.guidance_scale", "must be a finite number >= 0"))
+    if out.HasField("guidance_scale_2") and (not math.isfinite(out.guidance_scale_2) or out.guidance_scale_2 < 0):
+        bad.append(("params.guidance_scale_2", "must be a finite number >= 0"))
     if not 1 <= out.fps <= MAX_FPS:
         bad.append(("params.fps", f"must be between 1 and {MAX_FPS} (got {out.fps})"))
     if lim.image_required and not out.images:

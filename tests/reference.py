@@ -17,12 +17,12 @@ def wan_pipeline(path: str):
 
 
 def wan_reference(path: Path, *, prompt: str, negative_prompt: str = "", height: int, width: int, num_frames: int,
-                  steps: int, guidance: float, seed: int) -> np.ndarray:
+                  steps: int, guidance: float, seed: int, guidance_2: float | None = None) -> np.ndarray:
     """uint8 (F, H, W, 3) from diffusers.WanPipeline with a CPU generator seeded with `seed`."""
     pipe = wan_pipeline(str(path))
     out = pipe(
         prompt=prompt, negative_prompt=negative_prompt, height=height, width=width, num_frames=num_frames,
-        num_inference_steps=steps, guidance_scale=guidance, generator=torch.Generator("cpu").manual_seed(seed),
+        num_inference_steps=steps, guidance_scale=guidance, guidance_scale_2=guidance_2, generator=torch.Generator("cpu").manual_seed(seed),
         output_type="np",
     ).frames[0]
     return (out * 255).round().astype(np.uint8)

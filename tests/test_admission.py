@@ -10,6 +10,16 @@ from diffserve.client import DiffserveError
 from diffserve.v1 import generation_pb2 as pb
 from jobs_util import LONG_JOB, final_event, npy_output
 
+def tiny_png() -> bytes:
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
 VALID = dict(prompt="a cat", height=32, width=32, num_frames=1, num_inference_steps=2, output_format="npy")
 
 BAD = [
@@ -28,7 +38,7 @@ BAD = [
     (dict(guidance_scale=-1.0), "params.guidance_scale"),
     (dict(fps=0), "params.fps"),
     (dict(num_frames=5, output_format="png"), "params.output_format"),
-    (dict(images=[b"\x89PNG"]), "params.images"),
+    (dict(images=[tiny_png()]), "params.images"),  # a valid image, but the T2V model takes none
 ]
 
 

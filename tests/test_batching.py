@@ -15,17 +15,23 @@ JOBS = [
 COMMON = dict(height=32, width=32, num_frames=5, output_format="npy")
 
 
-def settled_status(server):
-    """Worker counters arrive with heartbeats: wait until they show no resident job."""
-    wait_for(lambda: resident_jobs(server) == 0, what="the worker to report no resident jobs")
-    return server.worker_status()[0]
+def settled_status(server, rows: int):
+    """Worker counters arrive with heartbeats (1 s apart): wait until they show `rows` transformer
+    rows run and no resident job, so a heartbeat from before the jobs cannot be taken for after."""
+
+    def settled():
+        (status,) = server.worker_status()
+        return status if status.resident_jobs == 0 and status.denoise_rows >= rows else None
+
+    return wait_for(settled, what=f"the worker to report {rows} rows and no resident jobs")
 
 
 def test_concurrent_jobs_equal_solo_and_share_steps(tiny_wan, start_server):
     server = start_server(tiny_wan, "--max-batch-size", "4")
     client = server.client
     solo = [npy_output(client, client.submit(**COMMON, **job).id) for job in JOBS]
-    before = settled_status(server)
+    rows = 2 * 8 + 2 * 5 + 6  # CFG jobs run two rows a step, the third one
+    before = settled_status(server, rows)
 
     first = client.submit(**COMMON, **JOBS[0])
     wait_step(client, first.id, 2)  # the others join while the first is at step >= 2
@@ -38,11 +44,11 @@ def test_concurrent_jobs_equal_solo_and_share_steps(tiny_wan, start_server):
         assert max_level_diff(ours, alone) <= 2
     assert all(max(sizes) >= 2 for sizes in batched), batched
     assert len(batched[0]) == 8 and len(batched[1]) == 5 and len(batched[2]) == 6
-    after = settled_status(server)
+    after = settled_status(server, 2 * rows)
     assert after.batched_step_commands > before.batched_step_commands
     # Fewer step commands than steps: steps were shared.
     assert after.step_commands - before.step_commands < 8 + 5 + 6
-    assert after.denoise_rows - before.denoise_rows == 2 * 8 + 2 * 5 + 6  # CFG jobs run two rows, the third one
+    assert after.denoise_rows - before.denoise_rows == rows
 
 
 def test_max_batch_size_one_never_batches(tiny_wan, start_server):
@@ -52,5 +58,5 @@ def test_max_batch_size_one_never_batches(tiny_wan, start_server):
     for job in jobs:
         sizes = [e.step_completed.batch_jobs for e in client.events(job.id) if e.WhichOneof("event") == "step_completed"]
         assert sizes and set(sizes) == {1}
-    status = settled_status(server)
+    status = settled_status(server, 2 * 8 + 2 * 5 + 6)
     assert status.batched_step_commands == 0 and status.step_commands == 8 + 5 + 6

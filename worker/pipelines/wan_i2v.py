@@ -226,10 +226,11 @@ class WanI2VPipeline:
         row = 0
         for s in states:
             if s.do_cfg:
-                # Wan2.2 A14B has guidance_scale_2 for the low-noise expert; it defaults to guidance_scale,
-                # the only scale a request carries.
+                # Wan2.2 A14B: guidance_scale_2 for the low-noise expert when set, else guidance_scale.
+                low_noise = self._expert(s.timesteps[s.step]) == 1 and s.params.HasField("guidance_scale_2")
+                scale = s.params.guidance_scale_2 if low_noise else s.params.guidance_scale
                 cond, uncond = pred[row : row + 1], pred[row + 1 : row + 2]
-                noise = uncond + s.params.guidance_scale * (cond - uncond)
+                noise = uncond + scale * (cond - uncond)
                 row += 2
             else:
                 noise = pred[row : row + 1]

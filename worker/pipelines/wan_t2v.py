@@ -1,4 +1,15 @@
-"""Wan2.1 text-to-video: UMT5 prompt encoder, our Wan DiT, a flow sampler per request, Wan VAE."""
+"""Wan text-to-video: UMT5 prompt encoder, our Wan DiT, a flow sampler per request, Wan VAE.
+
+One class serves every diffusers `WanPipeline` checkpoint; model_index.json says which variant:
+
+- Wan2.1 T2V (1.3B / 14B): one transformer.
+- Wan2.2 T2V-A14B: two experts and `boundary_ratio`. `transformer` denoises the high-noise steps
+  (t >= boundary_ratio * num_train_timesteps), `transformer_2` the rest, with guidance_scale and
+  guidance_scale_2 (diffusers: guidance_scale_2 defaults to guidance_scale). In a batched step the
+  requests on each side of the boundary run through their own expert.
+- Wan2.2 TI2V-5B, text only: `expand_timesteps=True` (diffusers feeds one timestep per video
+  token, all equal to t when no image is given) and the Wan2.2 VAE (48 latent channels, 16x).
+"""
 
 from __future__ import annotations
 
@@ -13,15 +24,59 @@ from .. import loading
 from ..models.wan import WanTransformer
 from ..samplers import SamplerFactory
 from .base import RequestState
-from .stages import T5PromptEncoder, cfg_denoise_step, initial_noise, to_uint8_frames
+from .stages import T5PromptEncoder, initial_noise, to_uint8_frames
 
 TEXT_LENGTH = 512  # UMT5 tokens; the DiT's cross-attention context length
+
+# Card defaults per variant: (height, width, num_frames, steps, guidance_scale, fps).
+# Wan2.1: diffusers WanPipeline's call defaults. Wan2.2: the Wan2.2 model cards / generate.py
+# configs (also FastVideo's Wan2_2_T2V_A14B_SamplingParam and Wan2_2_TI2V_5B_SamplingParam):
+# A14B 1280x720, 81 frames, 40 steps, guidance 4.0 high-noise / 3.0 low-noise, 16 fps;
+# TI2V-5B 1280x704, 121 frames, 50 steps, guidance 5.0, 24 fps.
+GUIDANCE_2 = {"wan2.2-a14b": 3.0}  # low-noise expert's guidance (Wan2.2 model card)
+DEFAULTS = {
+    "wan2.1": (480, 832, 81, 50, 5.0, 16),
+    "wan2.2-a14b": (720, 1280, 81, 40, 4.0, 16),
+    "wan2.2-ti2v": (704, 1280, 121, 50, 5.0, 24),
+}
+
+
+def _has_component(index: dict, name: str) -> bool:
+    entry = index.get(name)
+    return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
+
+
+@torch.no_grad()
+def guided_denoise_step(model, states: list[RequestState], guidance_of, dtype: torch.dtype) -> int:
+    """One step for several requests through one model in one forward; returns the rows run.
+
+    Like stages.cfg_denoise_step, with the guidance scale chosen per request (`guidance_of(state)`),
+    which Wan2.2's low-noise expert needs (guidance_scale_2).
+    """
+    latents, timesteps, contexts = [], [], []
+    for s in states:
+        rows = 2 if s.do_cfg else 1
+        latents += [s.latents] * rows
+        timesteps += [s.timesteps[s.step]] * rows
+        contexts += [s.cond, s.uncond] if s.do_cfg else [s.cond]
+    pred = model(torch.cat(latents).to(dtype), torch.stack(timesteps), torch.cat(contexts))  # (rows, C, F, H, W)
+    row = 0
+    for s in states:
+        if s.do_cfg:
+            cond, uncond = pred[row : row + 1], pred[row + 1 : row + 2]
+            flow = uncond + guidance_of(s) * (cond - uncond)
+            row += 2
+        else:
+            flow = pred[row : row + 1]
+            row += 1
+        s.latents = s.sampler.step(flow, s.timesteps[s.step], s.latents, return_dict=False)[0]
+        s.step += 1
+    return row
 
 
 class WanT2VPipeline:
     """Serves a diffusers-layout WanPipeline checkpoint (model_index `_class_name` WanPipeline)."""
 
-    family = "wan2.1"
     task = "text-to-video"
 
     def __init__(self, root: Path, name: str, device: torch.device, dtype: torch.dtype):
@@ -34,10 +89,29 @@ class WanT2VPipeline:
             device,
             dtype,
         )
-        self.transformer = WanTransformer.from_pretrained(root / "transformer", dtype, device).eval()
+        # Experts, highest noise first. Wan2.1 / TI2V: one. Wan2.2 A14B: transformer, transformer_2.
+        self.boundary_ratio = index.get("boundary_ratio")
+        names = [n for n in ("transformer", "transformer_2") if _has_component(index, n)]
+        if not names:
+            raise loading.CheckpointError(f"{root}: model_index.json names no transformer")
+        if self.boundary_ratio is None:
+            names = names[:1]
+        self.experts = [self._load_transformer(root / n) for n in names]
+        self.transformer = self.experts[0]
+        self.expand_timesteps = bool(index.get("expand_timesteps", False))
+        if len(self.experts) == 2:
+            self.variant = "wan2.2-a14b"
+        elif self.expand_timesteps:
+            self.variant = "wan2.2-ti2v"
+        else:
+            self.variant = "wan2.1"
+        self.family = "wan2.2" if self.variant.startswith("wan2.2") else "wan2.1"
+
         # The Wan VAE runs in float32, as its model card recommends: bf16 decoding shows banding.
         self.vae = loading.load_component(root, index, "vae", torch.float32, device)
         self.samplers = SamplerFactory.from_dir(root / "scheduler")
+        num_train = int(self.samplers.config.get("num_train_timesteps", 1000))
+        self.boundary_timestep = None if self.boundary_ratio is None else float(self.boundary_ratio) * num_train
         vae_config = self.vae.config
         self.scale_spatial = int(getattr(vae_config, "scale_factor_spatial", 8))
         self.scale_temporal = int(getattr(vae_config, "scale_factor_temporal", 4))
@@ -47,15 +121,20 @@ class WanT2VPipeline:
         self._latents_mean, self._latents_inv_std = mean.to(device), inv_std.to(device)
         self.card = self._card(name)
 
+    def _load_transformer(self, folder: Path) -> WanTransformer:
+        return WanTransformer.from_pretrained(folder, self.dtype, self.device).eval()
+
     def _card(self, name: str) -> pb.Model:
         patch = self.transformer.config.patch_size
+        height, width, frames, steps, guidance, fps = DEFAULTS[self.variant]
         return pb.Model(
             name=name,
             family=self.family,
             task=self.task,
             defaults=pb.ModelDefaults(
-                height=480, width=832, num_frames=81, num_inference_steps=50, guidance_scale=5.0, fps=16,
-                negative_prompt="", sampler=self.samplers.class_name, flow_shift=self.samplers.flow_shift,
+                height=height, width=width, num_frames=frames, num_inference_steps=steps, guidance_scale=guidance,
+                fps=fps, negative_prompt="", sampler=self.samplers.class_name, flow_shift=self.samplers.flow_shift,
+                guidance_scale_2=GUIDANCE_2.get(self.variant, 0.0),
             ),
             limits=pb.ModelLimits(
                 size_multiple=self.scale_spatial * max(patch[1], patch[2]),
@@ -88,8 +167,32 @@ class WanT2VPipeline:
         state.timesteps = state.sampler.timesteps
         state.step = 0
 
+    # -- denoising ------------------------------------------------------------------------------
+
+    def expert_of(self, state: RequestState) -> int:
+        """0: `transformer` (Wan2.1, TI2V, Wan2.2 high noise); 1: `transformer_2` (Wan2.2 low noise)."""
+        if self.boundary_timestep is None or len(self.experts) == 1:
+            return 0
+        return 0 if float(state.timesteps[state.step]) >= self.boundary_timestep else 1
+
+    def guidance_of(self, state: RequestState) -> float:
+        """The request's guidance at its current step: guidance_scale_2 for the low-noise expert
+        when set, else guidance_scale (diffusers' default for guidance_scale_2)."""
+        p = state.params
+        if self.expert_of(state) == 1 and p.HasField("guidance_scale_2"):
+            return p.guidance_scale_2
+        return p.guidance_scale
+
     def denoise_step(self, states: list[RequestState]) -> int:
-        return cfg_denoise_step(self.transformer, states, self.dtype)
+        # TI2V (expand_timesteps): diffusers passes a (B, L) timestep whose entries all equal t for
+        # text-only requests; our DiT's (B,) path computes the same modulation once per sample.
+        groups: dict[int, list[RequestState]] = {}
+        for s in states:
+            groups.setdefault(self.expert_of(s), []).append(s)
+        rows = 0
+        for expert, group in sorted(groups.items()):
+            rows += guided_denoise_step(self.experts[expert], group, self.guidance_of, self.dtype)
+        return rows
 
     @torch.no_grad()
     def decode(self, state: RequestState) -> np.ndarray:

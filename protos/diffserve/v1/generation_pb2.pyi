@@ -63,7 +63,7 @@ SERVING_STATE_SERVING: ServingState
 SERVING_STATE_NOT_SERVING: ServingState
 
 class GenerationParams(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale", "seed", "fps", "output_format", "images")
+    __slots__ = ("model", "prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale", "seed", "fps", "output_format", "images", "guidance_scale_2")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -76,6 +76,7 @@ class GenerationParams(_message.Message):
     FPS_FIELD_NUMBER: _ClassVar[int]
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -88,7 +89,8 @@ class GenerationParams(_message.Message):
     fps: int
     output_format: OutputFormat
     images: _containers.RepeatedCompositeFieldContainer[ImageInput]
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., fps: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ...) -> None: ...
+    guidance_scale_2: float
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., fps: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., guidance_scale_2: _Optional[float] = ...) -> None: ...
 
 class ImageInput(_message.Message):
     __slots__ = ("data", "path", "url")
@@ -299,7 +301,7 @@ class Model(_message.Message):
     def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., task: _Optional[str] = ..., defaults: _Optional[_Union[ModelDefaults, _Mapping]] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., state: _Optional[_Union[ServingState, str]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...
 
 class ModelDefaults(_message.Message):
-    __slots__ = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps", "negative_prompt", "sampler", "flow_shift")
+    __slots__ = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps", "negative_prompt", "sampler", "flow_shift", "guidance_scale_2")
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     WIDTH_FIELD_NUMBER: _ClassVar[int]
     NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
@@ -309,6 +311,7 @@ class ModelDefaults(_message.Message):
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     SAMPLER_FIELD_NUMBER: _ClassVar[int]
     FLOW_SHIFT_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
     height: int
     width: int
     num_frames: int
@@ -318,7 +321,8 @@ class ModelDefaults(_message.Message):
     negative_prompt: str
     sampler: str
     flow_shift: float
-    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., fps: _Optional[int] = ..., negative_prompt: _Optional[str] = ..., sampler: _Optional[str] = ..., flow_shift: _Optional[float] = ...) -> None: ...
+    guidance_scale_2: float
+    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., fps: _Optional[int] = ..., negative_prompt: _Optional[str] = ..., sampler: _Optional[str] = ..., flow_shift: _Optional[float] = ..., guidance_scale_2: _Optional[float] = ...) -> None: ...
 
 class ModelLimits(_message.Message):
     __slots__ = ("size_multiple", "max_height", "max_width", "max_pixels", "frame_step", "max_num_frames", "max_num_inference_steps", "prompt_required", "image_required", "max_images")
