@@ -109,6 +109,18 @@ def test_ti2v_matches_diffusers(tiny_ti2v, start_server):
         assert max_level_diff(npy_output(client, i), alone) <= 2
     assert all(max(s) >= 2 for s in sizes), sizes
 
+    # The same WanPipeline checkpoint with an input image: text + image to video, as diffusers'
+    # WanImageToVideoPipeline runs it (expand_timesteps: the image's latent frame stays known).
+    assert model.task == "text-image-to-video" and not model.limits.image_required and model.limits.max_images == 1
+    from test_wan_i2v_parity import i2v_reference, make_png
+
+    png = make_png()
+    ours = run(client, images=[png], **params)
+    ref = i2v_reference(tiny_ti2v, png, prompt=PROMPT, negative_prompt=NEGATIVE, height=64, width=64, num_frames=5,
+                        steps=4, guidance=5.0, seed=99)
+    assert ours.std() > 1 and max_level_diff(ours, ref) <= 2
+    assert max_level_diff(ours, run(client, **params)) > 2, "the image must change the output"
+
 
 def test_a14b_batched_step_runs_each_expert_on_its_rows(tiny_a14b):
     """In-process: one denoise_step over requests on both sides of the boundary equals their solo steps."""

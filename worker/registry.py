@@ -13,6 +13,12 @@ import torch
 
 from .loading import CheckpointError, read_model_index
 
+# Checkpoints whose _class_name alone does not say which pipeline serves them:
+# (class name, model_index.json key that must be true) -> target.
+REFINED = {
+    ("WanPipeline", "expand_timesteps"): "wan_i2v:WanI2VPipeline",  # Wan2.2 TI2V-5B: text or text + image
+}
+
 PIPELINES = {
     "WanPipeline": "wan_t2v:WanT2VPipeline",
     "HunyuanVideoPipeline": "hunyuan_video:HunyuanVideoT2VPipeline",
@@ -25,8 +31,10 @@ PIPELINES = {
 
 
 def load_pipeline(root: Path, name: str, device: torch.device, dtype: torch.dtype):
-    class_name = read_model_index(root).get("_class_name", "")
-    target = PIPELINES.get(class_name)
+    index = read_model_index(root)
+    class_name = index.get("_class_name", "")
+    target = next((t for (cls, key), t in REFINED.items() if cls == class_name and index.get(key)), None)
+    target = target or PIPELINES.get(class_name)
     if target is None:
         raise CheckpointError(f"{root}: pipeline class {class_name!r} is not served; supported: {sorted(PIPELINES)}")
     module_name, _, cls_name = target.partition(":")

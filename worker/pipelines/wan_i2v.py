@@ -38,6 +38,9 @@ def _has_component(index: dict, name: str) -> bool:
     return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
 
 
+# Wan2.2 TI2V-5B card defaults (model card / generate.py): (height, width, frames, steps, guidance, fps).
+TI2V_DEFAULTS = (704, 1280, 121, 50, 5.0, 24)
+
 def decode_image(data: bytes) -> Image.Image:
     """Encoded bytes (PNG, JPEG, WebP) -> RGB PIL image."""
     image = Image.open(io.BytesIO(data))
@@ -78,6 +81,11 @@ class WanI2VPipeline:
         first = next(m for m in self.experts if m is not None)
         self.patch_size = first.config.patch_size
         self.expand_timesteps = bool(index.get("expand_timesteps") or False)
+        # Wan2.2 TI2V-5B ships as a WanPipeline: text-only requests are served too (no image: every
+        # latent frame is denoised at timestep t, which is WanPipeline's expand_timesteps path).
+        self.image_optional = self.expand_timesteps and index.get("_class_name") == "WanPipeline"
+        if self.image_optional:
+            self.task = "text-image-to-video"
         self.samplers = SamplerFactory.from_dir(root / "scheduler")
         boundary_ratio = index.get("boundary_ratio")
         num_train = self.samplers.config.get("num_train_timesteps", 1000)
@@ -109,19 +117,22 @@ class WanI2VPipeline:
         patch = self.patch_size
         # Wan2.2 TI2V-5B generates 24 fps video; the 14B I2V models 16 fps.
         fps = 24 if self.expand_timesteps else 16
+        height, width, frames, steps, guidance = 480, 832, 81, 50, 5.0  # WanImageToVideoPipeline's call defaults
+        if self.image_optional:
+            height, width, frames, steps, guidance, fps = TI2V_DEFAULTS
         return pb.Model(
             name=name,
             family=self.family,
             task=self.task,
             defaults=pb.ModelDefaults(
-                height=480, width=832, num_frames=81, num_inference_steps=50, guidance_scale=5.0, fps=fps,
+                height=height, width=width, num_frames=frames, num_inference_steps=steps, guidance_scale=guidance, fps=fps,
                 negative_prompt="", sampler=self.samplers.class_name, flow_shift=self.samplers.flow_shift,
             ),
             limits=pb.ModelLimits(
                 size_multiple=self.scale_spatial * max(patch[1], patch[2]),
                 max_height=2048, max_width=2048, max_pixels=1920 * 1088,
                 frame_step=self.scale_temporal, max_num_frames=257, max_num_inference_steps=1000,
-                prompt_required=True, image_required=True, max_images=1,
+                prompt_required=True, image_required=not self.image_optional, max_images=1,
             ),
         )
 
@@ -130,9 +141,12 @@ class WanI2VPipeline:
     # -----------------------------------------------------------------------------------------
 
     def admit(self, request_id: str, params: pb.GenerationParams) -> RequestState:
+        state = RequestState(request_id=request_id, params=params)
+        if not params.images and self.image_optional:
+            state.extras["image"] = None  # text-to-video
+            return state
         if len(params.images) != 1 or not params.images[0].data:
             raise ValueError("image-to-video needs exactly one input image (params.images[0].data)")
-        state = RequestState(request_id=request_id, params=params)
         state.extras["image"] = decode_image(params.images[0].data)  # fails early on undecodable bytes
         return state
 
@@ -156,6 +170,14 @@ class WanI2VPipeline:
         lat_h, lat_w = p.height // self.scale_spatial, p.width // self.scale_spatial
         # 1. The noise: the first (and only) draw from the request's generator.
         state.latents = initial_noise((1, self.z_dim, lat_f, lat_h, lat_w), p.seed, self.device)
+
+        if state.extras["image"] is None:  # TI2V text-only: nothing known, every frame denoised
+            state.extras["mask"] = torch.ones(1, 1, lat_f, lat_h, lat_w, device=self.device)
+            state.extras["condition"] = torch.zeros_like(state.latents[:, :, :1])
+            state.sampler = self.samplers.new(p.num_inference_steps, self.device)
+            state.timesteps = state.sampler.timesteps
+            state.step = 0
+            return
 
         # 2. The conditioning video: the image as frame 0 (then black frames unless expand_timesteps),
         #    VAE-encoded (distribution mode, no random draw) and normalised.
