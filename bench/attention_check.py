@@ -30,7 +30,7 @@ def main() -> None:
             ms = time_ms(lambda: attn.run_backend(name, q, k, v), warmup=3, repeat=10)
             rows.append(dict(shape=shape_name, backend=name, ms=round(ms, 2), tflops=round(flops / ms / 1e9, 0),
                              rel_err=f"{rel_err(out, ref):.2e}", card=card()))
-        del q, k, v, ref
+        q = k = v = ref = None  # free before the next shape
         torch.cuda.empty_cache()
     write_json("attention.json", rows)
     print_table(rows, ["shape", "backend", "ms", "tflops", "rel_err", "card"])

@@ -54,7 +54,7 @@ def bench_wan(name: str, cfg: dict, latent_shape: tuple, shape_label: str, compi
         diffusers_ms = time_ms(lambda: ref_model(hidden_states=x, timestep=t, encoder_hidden_states=ctx, return_dict=False))
         ref_model.float()
         fp32 = ref_model(hidden_states=x.float(), timestep=t, encoder_hidden_states=ctx.float(), return_dict=False)[0]
-        del ref_model
+        ref_model = None  # free its memory before timing ours
         torch.cuda.empty_cache()
         diffusers_err = rel_err(ref_out, fp32)
         for backend in attn.available(x.device, x.dtype, cfg["attention_head_dim"]):

@@ -6,7 +6,6 @@ committed generated code differs from what this script produces.
 
 from __future__ import annotations
 
-import os
 import sys
 import tempfile
 from pathlib import Path

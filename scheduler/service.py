@@ -6,7 +6,6 @@ import asyncio
 import logging
 import time
 
-import grpc
 
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.v1 import generation_pb2_grpc as pb_grpc

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import threading
 
-from jobs_util import npy_output, resident_jobs, wait_for, wait_step
+from jobs_util import npy_output, wait_for, wait_step
 from reference import max_level_diff
 
 JOBS = [

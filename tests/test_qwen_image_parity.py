@@ -5,7 +5,6 @@ share denoising steps and still equal their solo outputs."""
 from __future__ import annotations
 
 import io
-import threading
 from functools import lru_cache
 
 import numpy as np

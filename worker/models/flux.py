@@ -17,15 +17,14 @@ Cin packed latent channels (64 for FLUX.1), J text-encoder width (T5), P pooled 
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
 from diffserve.kernels.attention import attention
+from diffserve.worker.models.checkpoint import load_module, read_config
 from diffserve.worker.models.layers import FeedForward, TimestepEmbedding, apply_rotary, modulate, timestep_embedding
 
 TIME_FREQ_DIM = 256  # width of the sinusoidal timestep / guidance embedding
@@ -370,30 +369,6 @@ class FluxTransformer(nn.Module):
         weights are allocated once, directly on `device`, floating ones cast to `dtype` (diffusers
         keeps no FLUX module in float32). Returns the model in eval mode with gradients off.
         """
-        path = Path(path)
-        cfg = FluxConfig.from_dict(json.loads((path / "config.json").read_text()))
-        with torch.device("meta"):
-            model = cls(cfg)
-        state_dict = {}
-        for name, tensor in _read_safetensors(path, device):
-            state_dict[name] = tensor.to(dtype) if tensor.is_floating_point() else tensor
-        model.load_state_dict(state_dict, strict=True, assign=True)
-        return model.eval().requires_grad_(False)
+        cfg = FluxConfig.from_dict(read_config(path))
+        return load_module(lambda: cls(cfg), path, dtype, device)
 
-
-def _read_safetensors(folder: Path, device: torch.device | str):
-    """Yield (name, tensor) from diffusion_pytorch_model.safetensors or its sharded index."""
-    single = folder / "diffusion_pytorch_model.safetensors"
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    if single.exists():
-        files = [single]
-    elif index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [folder / shard for shard in sorted(set(weight_map.values()))]
-    else:
-        raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors[.index.json] in {folder}")
-    device = str(torch.device(device))
-    for file in files:
-        with safe_open(str(file), framework="pt", device=device) as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)

@@ -20,7 +20,6 @@ Shape legend: B batch, C latent channels, F/H/W latent frames/height/width, L vi
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -29,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from diffserve.kernels.attention import attention
+from diffserve.worker.models.checkpoint import load_module, read_config
 from diffserve.worker.models.layers import (
     FeedForward,
     TimestepEmbedding,
@@ -37,7 +37,6 @@ from diffserve.worker.models.layers import (
     rotary_tables,
     timestep_embedding,
 )
-from diffserve.worker.models.wan import _read_safetensors
 
 TIMESTEP_DIM = 256  # sinusoid width of every timestep / guidance embedding
 
@@ -469,10 +468,5 @@ class HunyuanVideoTransformer(nn.Module):
         """Load the `transformer/` folder of a diffusers HunyuanVideo pipeline: built on the meta device,
         checkpoint tensors assigned in place (floating ones cast to `dtype`; diffusers keeps none of
         this model in float32). Returns the model in eval mode with gradients off."""
-        path = Path(path)
-        cfg = HunyuanVideoConfig.from_dict(json.loads((path / "config.json").read_text()))
-        with torch.device("meta"):
-            model = cls(cfg)
-        state_dict = {name: (t.to(dtype) if t.is_floating_point() else t) for name, t in _read_safetensors(path, device)}
-        model.load_state_dict(state_dict, strict=True, assign=True)
-        return model.eval().requires_grad_(False)
+        cfg = HunyuanVideoConfig.from_dict(read_config(path))
+        return load_module(lambda: cls(cfg), path, dtype, device)

@@ -17,7 +17,6 @@ Cp packed channels (latent channels x 2 x 2).
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
@@ -27,8 +26,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from diffserve.kernels.attention import attention
+from diffserve.worker.models.checkpoint import load_module, read_config
 from diffserve.worker.models.layers import FeedForward, TimestepEmbedding, apply_rotary, modulate
-from diffserve.worker.models.wan import _read_safetensors
 
 # (frames, height, width) of one image's token grid, in packed (2x2) latent units.
 ImageShape = tuple[int, int, int]
@@ -332,10 +331,5 @@ class QwenImageTransformer(nn.Module):
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype, device: torch.device | str) -> QwenImageTransformer:
         """Load the `transformer/` folder of a diffusers Qwen-Image pipeline (all floating weights in `dtype`,
         as diffusers does: the model keeps no module in float32)."""
-        path = Path(path)
-        cfg = QwenImageConfig.from_dict(json.loads((path / "config.json").read_text()))
-        with torch.device("meta"):
-            model = cls(cfg)
-        state_dict = {name: (t.to(dtype) if t.is_floating_point() else t) for name, t in _read_safetensors(path, device)}
-        model.load_state_dict(state_dict, strict=True, assign=True)
-        return model.eval().requires_grad_(False)
+        cfg = QwenImageConfig.from_dict(read_config(path))
+        return load_module(lambda: cls(cfg), path, dtype, device)

@@ -12,16 +12,15 @@ Shape legend: B batch, C latent channels, F/H/W latent frames/height/width, L vi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn as nn
-from safetensors import safe_open
 
 from diffserve.kernels.attention import attention
+from diffserve.worker.models.checkpoint import load_module, read_config
 from diffserve.worker.models.layers import (
     FeedForward,
     FP32LayerNorm,
@@ -349,7 +348,7 @@ class WanTransformer(nn.Module):
     # -----------------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, path: str | Path, dtype: torch.dtype, device: torch.device | str) -> WanTransformer:
+    def from_pretrained(cls, path: str | Path, dtype: torch.dtype, device: torch.device | str, ignore: tuple[str, ...] = ()) -> WanTransformer:
         """Load the `transformer/` folder of a diffusers Wan pipeline.
 
         The model is built on the meta device and the checkpoint tensors are assigned in place
@@ -357,37 +356,8 @@ class WanTransformer(nn.Module):
         KEEP_IN_FP32 stay float32, everything else floating becomes `dtype`. Returns the model
         in eval mode with gradients off.
         """
-        path = Path(path)
-        cfg = WanConfig.from_dict(json.loads((path / "config.json").read_text()))
-        with torch.device("meta"):
-            model = cls(cfg)
-
-        state_dict = {}
-        for name, tensor in _read_safetensors(path, device):
-            if any(part in IGNORED_CHECKPOINT_KEYS for part in name.split(".")):
-                continue
-            if tensor.is_floating_point():
-                keep_fp32 = any(part in KEEP_IN_FP32 for part in name.split("."))
-                tensor = tensor.to(torch.float32 if keep_fp32 else dtype)
-            state_dict[name] = tensor
-        model.load_state_dict(state_dict, strict=True, assign=True)
+        cfg = WanConfig.from_dict(read_config(path))
+        model = load_module(lambda: cls(cfg), path, dtype, device, KEEP_IN_FP32, IGNORED_CHECKPOINT_KEYS + tuple(ignore))
         model.rope.reset_tables(device)  # non-persistent buffers are still on meta
-        return model.eval().requires_grad_(False)
+        return model
 
-
-def _read_safetensors(folder: Path, device: torch.device | str):
-    """Yield (name, tensor) from diffusion_pytorch_model.safetensors or its sharded index."""
-    single = folder / "diffusion_pytorch_model.safetensors"
-    index = folder / "diffusion_pytorch_model.safetensors.index.json"
-    if single.exists():
-        files = [single]
-    elif index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        files = [folder / shard for shard in sorted(set(weight_map.values()))]
-    else:
-        raise FileNotFoundError(f"no diffusion_pytorch_model.safetensors[.index.json] in {folder}")
-    device = str(torch.device(device))
-    for file in files:
-        with safe_open(str(file), framework="pt", device=device) as f:
-            for name in f.keys():
-                yield name, f.get_tensor(name)

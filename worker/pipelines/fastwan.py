@@ -7,14 +7,13 @@ the DMD rule does not use). See docs/fastwan.md for the sources and the decision
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 
 from diffserve.v1 import generation_pb2 as pb
 
-from ..models.wan import IGNORED_CHECKPOINT_KEYS, KEEP_IN_FP32, WanConfig, WanTransformer, _read_safetensors
+from ..models.wan import WanTransformer
 from ..samplers.dmd import FASTWAN_DMD_SHIFT, FASTWAN_DMD_STEPS, DMDSampler
 from .base import RequestState
 from .wan_t2v import WanT2VPipeline
@@ -22,26 +21,6 @@ from .wan_t2v import WanT2VPipeline
 # FastVideo trains FastWan2.1 with Video Sparse Attention; its checkpoints carry the VSA gate of the
 # compressed-attention branch. We run dense attention (no VSA kernel), so those weights are unused.
 VSA_ONLY_KEYS = ("to_gate_compress",)
-
-
-def load_dense_wan_transformer(folder: Path, dtype: torch.dtype, device: torch.device) -> WanTransformer:
-    """WanTransformer.from_pretrained, except that VSA-only tensors are skipped; every other tensor
-    must match the model exactly (strict load)."""
-    cfg = WanConfig.from_dict(json.loads((folder / "config.json").read_text()))
-    with torch.device("meta"):
-        model = WanTransformer(cfg)
-    skip = set(IGNORED_CHECKPOINT_KEYS) | set(VSA_ONLY_KEYS)
-    state_dict = {}
-    for name, tensor in _read_safetensors(folder, device):
-        parts = name.split(".")
-        if any(part in skip for part in parts):
-            continue
-        if tensor.is_floating_point():
-            tensor = tensor.to(torch.float32 if any(part in KEEP_IN_FP32 for part in parts) else dtype)
-        state_dict[name] = tensor
-    model.load_state_dict(state_dict, strict=True, assign=True)
-    model.rope.reset_tables(device)
-    return model.eval().requires_grad_(False)
 
 
 class FastWanPipeline(WanT2VPipeline):
@@ -53,7 +32,8 @@ class FastWanPipeline(WanT2VPipeline):
     dmd_shift = FASTWAN_DMD_SHIFT
 
     def _load_transformer(self, folder: Path) -> WanTransformer:
-        return load_dense_wan_transformer(folder, self.dtype, self.device)
+        # Every tensor but the VSA-only ones must match the model exactly (strict load).
+        return WanTransformer.from_pretrained(folder, self.dtype, self.device, ignore=VSA_ONLY_KEYS)
 
     def _card(self, name: str) -> pb.Model:
         card = super()._card(name)
