@@ -28,6 +28,12 @@ class RequestState:
     def do_cfg(self) -> bool:
         return self.params.guidance_scale > 1.0
 
+    def start_sampling(self, sampler) -> None:
+        """Takes a fresh sampler (timesteps set) and restarts the step count."""
+        self.sampler = sampler
+        self.timesteps = sampler.timesteps
+        self.step = 0
+
 
 class Pipeline(Protocol):
     """A model served by a worker, split into the stages the scheduler drives one command at a time."""

@@ -76,9 +76,7 @@ class FastWanPipeline(WanT2VPipeline):
         state.latents = noise.permute(0, 2, 1, 3, 4).contiguous().to(self.device)  # (B, C, F, H, W)
         # Fewer steps than listed: the first k listed timesteps (the last one returns x0).
         steps = self.dmd_steps[: p.num_inference_steps]
-        state.sampler = DMDSampler(steps, generator, self.device, shift=self.dmd_shift)
-        state.timesteps = state.sampler.timesteps
-        state.step = 0
+        state.start_sampling(DMDSampler(steps, generator, self.device, shift=self.dmd_shift))
 
     @torch.no_grad()
     def denoise_step(self, states: list[RequestState]) -> int:

@@ -157,9 +157,7 @@ class FluxPipeline:
         kwargs = {"mu": calculate_shift(state.latents.shape[1], *self._shift_config())}
         if not self.samplers.config.get("use_flow_sigmas", False):
             kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
-        state.sampler = self.samplers.new(steps, self.device, **kwargs)
-        state.timesteps = state.sampler.timesteps
-        state.step = 0
+        state.start_sampling(self.samplers.new(steps, self.device, **kwargs))
 
     @torch.no_grad()
     def denoise_step(self, states: list[RequestState]) -> int:

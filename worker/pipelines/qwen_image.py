@@ -140,9 +140,7 @@ class _QwenImageBase:
         steps = p.num_inference_steps
         sigmas = np.linspace(1.0, 1 / steps, steps)
         mu = calculate_shift(state.latents.shape[1], self.samplers.config)
-        state.sampler = self.samplers.new(steps, self.device, sigmas=sigmas, mu=mu)
-        state.timesteps = state.sampler.timesteps
-        state.step = 0
+        state.start_sampling(self.samplers.new(steps, self.device, sigmas=sigmas, mu=mu))
         patch = self.transformer.config.patch_size
         state.extras["image_shapes"] = [(1, h // patch, w // patch)] + state.extras.get("condition_shapes", [])
 

@@ -174,9 +174,7 @@ class WanI2VPipeline:
         if state.extras["image"] is None:  # TI2V text-only: nothing known, every frame denoised
             state.extras["mask"] = torch.ones(1, 1, lat_f, lat_h, lat_w, device=self.device)
             state.extras["condition"] = torch.zeros_like(state.latents[:, :, :1])
-            state.sampler = self.samplers.new(p.num_inference_steps, self.device)
-            state.timesteps = state.sampler.timesteps
-            state.step = 0
+            state.start_sampling(self.samplers.new(p.num_inference_steps, self.device))
             return
 
         # 2. The conditioning video: the image as frame 0 (then black frames unless expand_timesteps),
@@ -199,9 +197,7 @@ class WanI2VPipeline:
             mask[:, :, 0] = 1
             state.extras["condition"] = torch.cat([mask, latent], dim=1)  # (1, 4 + z, F, h, w)
 
-        state.sampler = self.samplers.new(p.num_inference_steps, self.device)
-        state.timesteps = state.sampler.timesteps
-        state.step = 0
+        state.start_sampling(self.samplers.new(p.num_inference_steps, self.device))
 
     def _expert(self, t: torch.Tensor) -> int:
         return 0 if self.boundary is None or bool(t >= self.boundary) else 1

@@ -163,9 +163,7 @@ class WanT2VPipeline:
             p.width // self.scale_spatial,
         )
         state.latents = initial_noise(shape, p.seed, self.device)
-        state.sampler = self.samplers.new(p.num_inference_steps, self.device)
-        state.timesteps = state.sampler.timesteps
-        state.step = 0
+        state.start_sampling(self.samplers.new(p.num_inference_steps, self.device))
 
     # -- denoising ------------------------------------------------------------------------------
 
