@@ -37,6 +37,9 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), bfloat16, float16, float32")
     p.add_argument("--attention-backend", default="auto", help="auto (fastest exact one available), fa3, flash-attn, cudnn, sdpa")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT (GPU; see bench/NOTES.md)")
+    p.add_argument("--warmup", action="store_true", help="warm up before serving (the first request is not the slow one)")
+    p.add_argument("--warmup-shape", action="append", default=[], metavar="HxWxF", help="shape bucket to warm up (repeatable)")
     p.add_argument("--max-batch-size", type=int, default=4, help="most jobs sharing one denoising step (default 4)")
     p.add_argument("--max-resident", type=int, default=8, help="most jobs a worker holds at once (default 8)")
     p.add_argument("--worker-log-level", default="INFO", help="log level of the worker process")
@@ -48,6 +51,9 @@ def worker_args(args: argparse.Namespace) -> list[str]:
            "--log-level", args.worker_log_level]
     if args.model_name:
         out += ["--model-name", args.model_name]
+    out += ["--compile"] * args.compile + ["--warmup"] * args.warmup
+    for shape in args.warmup_shape:
+        out += ["--warmup-shape", shape]
     return out
 
 

@@ -11,6 +11,9 @@ PyTorch SDPA (the CPU / CI path, and the reference the others are checked agains
 | `cudnn`      | CUDA, bf16/fp16                          | SDPA pinned to the cuDNN kernel        |
 | `sdpa`       | anything                                 | PyTorch picks its kernel               |
 
+Auto order for long sequences (>= LONG_SEQUENCE keys) is the table's; shorter calls on CUDA go
+to `sdpa`, which measured faster there.
+
 `configure(name)` (the worker's `--attention-backend`) forces one; a forced backend that cannot
 run a call is an error, not a silent fallback. Layout everywhere: (batch, seq, heads, head_dim).
 """
@@ -22,7 +25,6 @@ import logging
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -103,8 +105,14 @@ BACKENDS: dict[str, Backend] = {
     )
 }
 AUTO_ORDER = ("fa3", "flash-attn", "cudnn", "sdpa")
+# Below this many keys torch's own SDPA pick beat FA3 on an H100 (FLUX 1024², 4.6k tokens: 0.46 vs
+# 0.54 ms; Wan 480p, 32.8k tokens: FA3 9.5 vs 11.4 ms; bench/NOTES.md), so short calls go to sdpa.
+LONG_SEQUENCE = 8192
 
 _forced: str | None = None
+# (device, dtype, head_dim, long) -> (name, fn). A plain dict, not functools.lru_cache, so that
+# torch.compile traces the lookup instead of breaking the graph at every attention call.
+_choices: dict[tuple, tuple[str, AttentionFn]] = {}
 
 
 def configure(name: str = "auto") -> None:
@@ -113,28 +121,40 @@ def configure(name: str = "auto") -> None:
     if name != "auto" and name not in BACKENDS:
         raise ValueError(f"unknown attention backend {name!r}; one of auto, {', '.join(BACKENDS)}")
     _forced = None if name == "auto" else name
-    _choose.cache_clear()
+    _choices.clear()
 
 
-@lru_cache(maxsize=None)
+_LOADED: dict[str, AttentionFn | None] = {}
+
+
 def _loaded(name: str) -> AttentionFn | None:
-    return BACKENDS[name].load()
+    if name not in _LOADED:
+        _LOADED[name] = BACKENDS[name].load()
+    return _LOADED[name]
 
 
-@lru_cache(maxsize=64)
-def _choose(device: torch.device, dtype: torch.dtype, head_dim: int) -> tuple[str, AttentionFn]:
-    candidates = (_forced,) if _forced else AUTO_ORDER
+def _choose(device: torch.device, dtype: torch.dtype, head_dim: int, keys: int) -> tuple[str, AttentionFn]:
+    key = (device, dtype, head_dim, keys >= LONG_SEQUENCE)
+    choice = _choices.get(key)
+    if choice is None:
+        choice = _choices[key] = _pick(device, dtype, head_dim, keys >= LONG_SEQUENCE)
+    return choice
+
+
+def _pick(device: torch.device, dtype: torch.dtype, head_dim: int, long: bool) -> tuple[str, AttentionFn]:
+    candidates = (_forced,) if _forced else (AUTO_ORDER if long or device.type != "cuda" else ("sdpa",))
     for name in candidates:
         backend = BACKENDS[name]
         if backend.supports(device, dtype, head_dim) and (fn := _loaded(name)) is not None:
-            log.info("attention backend %s for %s %s head_dim %d", name, device, str(dtype).removeprefix("torch."), head_dim)
+            log.info("attention backend %s for %s %s head_dim %d, %s sequences", name, device, str(dtype).removeprefix("torch."),
+                     head_dim, "long" if long else "short")
             return name, fn
     raise RuntimeError(f"attention backend {_forced!r} cannot run on {device} {dtype} head_dim {head_dim} (or is not installed)")
 
 
 def backend_for(q: torch.Tensor) -> str:
     """The backend `attention` uses for tensors like q."""
-    return _choose(q.device, q.dtype, q.shape[-1])[0]
+    return _choose(q.device, q.dtype, q.shape[-1], q.shape[1])[0]
 
 
 def available(device: torch.device, dtype: torch.dtype, head_dim: int) -> list[str]:
@@ -153,7 +173,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch
         mask = key_mask[:, None, None, :].to(torch.bool)  # (B, 1, 1, Lk)
         out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask)
         return out.transpose(1, 2)
-    return _choose(q.device, q.dtype, q.shape[-1])[1](q, k, v)
+    return _choose(q.device, q.dtype, q.shape[-1], k.shape[1])[1](q, k, v)
 
 
 def run_backend(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

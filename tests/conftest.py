@@ -97,6 +97,6 @@ def start_server(tmp_path):
 @pytest.fixture(scope="module")
 def wan_server(tiny_wan, tmp_path_factory):
     """One server shared by a test module (jobs are independent)."""
-    server = ServerProcess(tiny_wan, tmp_path_factory.mktemp("server"), "--max-batch-size", "4")
+    server = ServerProcess(tiny_wan, tmp_path_factory.mktemp("server"), "--max-batch-size", "4", "--warmup-shape", "32x32x1")
     yield server
     server.stop()

@@ -42,3 +42,16 @@ def test_forced_backend():
     finally:
         attn.configure("auto")
     assert attn.backend_for(q) == "sdpa"
+
+
+def test_dispatch_does_not_break_a_compiled_graph():
+    """torch.compile traces through the dispatch (no graph break per attention call)."""
+    import torch._dynamo
+
+    def two_calls(q, k, v):
+        return attn.attention(attn.attention(q, k, v), k, v) * 2
+
+    q, k, v = (torch.randn(1, 16, 2, 8) for _ in range(3))
+    attn.attention(q, k, v)  # choose outside the traced region first, as a warmed-up worker has
+    explanation = torch._dynamo.explain(two_calls)(q, k, v)
+    assert explanation.graph_break_count == 0, explanation.break_reasons

@@ -28,6 +28,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), bfloat16, float16, float32")
     p.add_argument("--attention-backend", default="auto", help="auto, fa3, flash-attn, cudnn, sdpa (see kernels/attention.py)")
+    p.add_argument("--compile", action="store_true", help="torch.compile the DiT (pays off on GPU; see bench/NOTES.md)")
+    p.add_argument("--warmup", action="store_true", help="run a two-step request per shape before serving")
+    p.add_argument("--warmup-shape", action="append", default=[], metavar="HxWxF",
+                   help="shape bucket to warm up (repeatable; default: the model's default size)")
     p.add_argument("--max-batch-size", type=int, default=4, help="most requests in one denoising step")
     p.add_argument("--max-resident", type=int, default=8, help="most requests whose state is kept at once")
     p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
@@ -62,6 +66,17 @@ def main(argv=None) -> int:
         logging.getLogger("diffserve.worker").error("cannot load the model: %s", exc)
         return EXIT_CANNOT_LOAD
     torch.set_grad_enabled(False)
+    from .warmup import compile_dits, parse_shape, warm_up
+
+    try:
+        shapes = [parse_shape(s) for s in args.warmup_shape]
+    except ValueError as exc:
+        logging.getLogger("diffserve.worker").error("%s", exc)
+        return EXIT_CANNOT_LOAD
+    if args.compile:
+        logging.getLogger("diffserve.worker").info("compiling %d transformer(s)", compile_dits(pipeline))
+    if args.warmup or shapes:
+        warm_up(pipeline, shapes or None)
     runtime = Runtime(pipeline)
     hello = wpb.Hello(
         protocol_version=wpb.PROTOCOL_VERSION_1,
