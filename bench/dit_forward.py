@@ -76,23 +76,98 @@ def bench_wan(name: str, cfg: dict, latent_shape: tuple, shape_label: str, compi
             torch.cuda.synchronize()
             compile_s = time.perf_counter() - started
             ms = time_ms(lambda: compiled(x, t, ctx))
-            rows.append(dict(model=name, shape=shape_label, card=card(), attention=f"{attn.backend_for(x.new_empty(1, 1, 1, cfg['attention_head_dim']))}+compile:{mode}",
+            rows.append(dict(model=name, shape=shape_label, card=card(), attention=f"auto+compile:{mode}",
                              diffserve_ms=round(ms, 1), diffusers_ms=round(diffusers_ms, 1), ratio=round(ms / diffusers_ms, 3),
                              tflops=round(flops / ms / 1e9), diffserve_err=f"{rel_err(out, fp32):.2e}",
                              diffusers_err=f"{diffusers_err:.2e}", compile_s=round(compile_s)))
     return rows
 
 
+FLUX_DEV = dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+                num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+                axes_dims_rope=(16, 56, 56))
+
+
+def bench_flux(compile_modes: list[str]) -> list[dict]:
+    """FLUX.1-dev at 1024²: 4,096 packed image tokens + 512 T5 tokens, guidance 3.5."""
+    import time
+
+    from diffusers import FluxTransformer2DModel
+
+    from diffserve.worker.models.flux import FluxTransformer
+
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            FluxTransformer2DModel(**FLUX_DEV).to(torch.bfloat16).save_pretrained(tmp)
+        torch.cuda.empty_cache()
+        ref_model = FluxTransformer2DModel.from_pretrained(tmp, torch_dtype=torch.bfloat16).cuda().eval()
+        ours = FluxTransformer.from_pretrained(tmp, torch.bfloat16, "cuda").eval()
+    g = torch.Generator("cuda").manual_seed(1)
+    x = torch.randn(1, 4096, 64, device="cuda", generator=g).to(torch.bfloat16)
+    ctx = torch.randn(1, 512, 4096, device="cuda", generator=g).to(torch.bfloat16)
+    pooled = torch.randn(1, 768, device="cuda", generator=g).to(torch.bfloat16)
+    t = torch.tensor([0.5], device="cuda")
+    guidance = torch.tensor([3.5], device="cuda")
+    rows_i, cols_i = torch.meshgrid(torch.arange(64, device="cuda"), torch.arange(64, device="cuda"), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows_i), rows_i, cols_i], -1).reshape(4096, 3).float()  # (0, row, col)
+    txt_ids = torch.zeros(512, 3, device="cuda")
+    tokens = 4096 + 512
+    block_params = sum(p.numel() for n, p in ours.named_parameters() if "blocks" in n)
+    flops = 2 * block_params * tokens + 4 * tokens * tokens * 3072 * (19 + 38)
+
+    def diffusers_call():
+        return ref_model(hidden_states=x, encoder_hidden_states=ctx, pooled_projections=pooled, timestep=t,
+                         img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+
+    def ours_call():
+        return ours(x, t, ctx, pooled, img_ids, txt_ids, guidance)
+
+    with torch.no_grad():
+        ref_out = diffusers_call()
+        diffusers_ms = time_ms(diffusers_call)
+        variants = [("auto", ours_call)]
+        for mode in compile_modes:
+            compiled = torch.compile(ours, mode=None if mode == "default" else mode)
+            variants.append((f"auto+compile:{mode}", lambda c=compiled: c(x, t, ctx, pooled, img_ids, txt_ids, guidance)))
+        results = []
+        for label, fn in variants:
+            started = time.perf_counter()
+            out = fn()
+            torch.cuda.synchronize()
+            first_s = time.perf_counter() - started
+            torch.cuda.reset_peak_memory_stats()
+            ms = time_ms(fn)
+            results.append((label, ms, out, first_s, torch.cuda.max_memory_allocated() / 2**30))
+        # float32 reference last: 12B parameters in fp32 do not fit beside two bf16 copies on 80 GB.
+        ours = variants = compiled = None
+        torch.cuda.empty_cache()
+        ref_model.float()
+        fp32 = ref_model(hidden_states=x.float(), encoder_hidden_states=ctx.float(), pooled_projections=pooled.float(),
+                         timestep=t, img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
+        diffusers_err = rel_err(ref_out, fp32)
+        for label, ms, out, first_s, peak in results:
+            rows.append(dict(model="flux.1-dev", shape="1024x1024", card=card(), attention=label, diffserve_ms=round(ms, 1),
+                             diffusers_ms=round(diffusers_ms, 1), ratio=round(ms / diffusers_ms, 3), tflops=round(flops / ms / 1e9),
+                             diffserve_err=f"{rel_err(out, fp32):.2e}", diffusers_err=f"{diffusers_err:.2e}",
+                             peak_gib=round(peak, 1), compile_s=round(first_s) if "compile" in label else ""))
+    return rows
+
+
 def main() -> None:
     p = argparse.ArgumentParser()
-    p.add_argument("--models", default=",".join(MODELS))
+    p.add_argument("--models", default=",".join([*MODELS, "flux.1-dev"]))
     p.add_argument("--compile", default="", help="comma-separated torch.compile modes to time as well (default, max-autotune-no-cudagraphs)")
     args = p.parse_args()
     rows = []
+    modes = [m for m in args.compile.split(",") if m]
+    columns = ["model", "shape", "attention", "diffserve_ms", "diffusers_ms", "ratio", "tflops", "diffserve_err",
+               "diffusers_err", "peak_gib", "compile_s", "card"]
     for name in args.models.split(","):
-        rows += bench_wan(name, *MODELS[name], [m for m in args.compile.split(",") if m])
-    write_json("dit_forward.json", rows)
-    print_table(rows, ["model", "shape", "attention", "diffserve_ms", "diffusers_ms", "ratio", "tflops", "diffserve_err", "diffusers_err", "peak_gib", "compile_s", "card"])
+        rows += bench_flux(modes) if name == "flux.1-dev" else bench_wan(name, *MODELS[name], modes)
+        write_json("dit_forward.json", rows)  # after each model, so a later failure keeps these
+        print_table(rows, columns)
 
 
 if __name__ == "__main__":
