@@ -40,6 +40,8 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT (GPU; see bench/NOTES.md)")
     p.add_argument("--warmup", action="store_true", help="warm up before serving (the first request is not the slow one)")
     p.add_argument("--warmup-shape", action="append", default=[], metavar="HxWxF", help="shape bucket to warm up (repeatable)")
+    p.add_argument("--num-gpus", type=int, default=1, help="processes (GPUs) in the worker group (default 1)")
+    p.add_argument("--enable-cfg-parallel", action="store_true", help="with --num-gpus 2: conditional and unconditional rows on separate GPUs")
     p.add_argument("--max-batch-size", type=int, default=4, help="most jobs sharing one denoising step (default 4)")
     p.add_argument("--max-resident", type=int, default=8, help="most jobs a worker holds at once (default 8)")
     p.add_argument("--worker-log-level", default="INFO", help="log level of the worker process")
@@ -52,6 +54,7 @@ def worker_args(args: argparse.Namespace) -> list[str]:
     if args.model_name:
         out += ["--model-name", args.model_name]
     out += ["--compile"] * args.compile + ["--warmup"] * args.warmup
+    out += ["--num-gpus", str(args.num_gpus)] + ["--enable-cfg-parallel"] * args.enable_cfg_parallel
     for shape in args.warmup_shape:
         out += ["--warmup-shape", shape]
     return out
@@ -114,7 +117,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from diffserve.scheduler.server import ServerConfig, run
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s scheduler %(levelname)s %(name)s: %(message)s")
-    specs = [LocalWorkerSpec("local-0", worker_args(args))] if args.model_path else []
+    if args.num_gpus < 1:
+        print("error: --num-gpus must be >= 1", file=sys.stderr)
+        return 2
+    # The layout itself is checked by the worker (it knows the model); an impossible one stops serve.
+    specs = [LocalWorkerSpec("local-0", worker_args(args), world_size=args.num_gpus)] if args.model_path else []
     config = ServerConfig(
         host=args.host, port=args.port, worker_bind=args.worker_bind, output_dir=args.output_dir,
         engine=EngineConfig(max_queue=args.max_queue, max_batch_size=args.max_batch_size, heartbeat_timeout_s=args.heartbeat_timeout),

@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -25,6 +26,7 @@ class LocalWorkerSpec:
     worker_id: str
     args: list[str]  # extra command-line arguments for `python -m diffserve.worker`
     env: dict[str, str] = field(default_factory=dict)
+    world_size: int = 1  # processes in the worker group; rank 0 registers as worker_id
 
 
 class LocalWorkers:
@@ -37,14 +39,22 @@ class LocalWorkers:
         self.restart = restart
         self.on_fatal = on_fatal  # on_fatal(reason): a worker cannot start at all (bad model path...)
         self._started_at: dict[str, float] = {}
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, list[subprocess.Popen]] = {}  # worker id -> its group's processes, rank order
         self._stopping = False
 
     def _start(self, spec: LocalWorkerSpec) -> None:
         cmd = [sys.executable, "-m", "diffserve.worker", "--scheduler", self.address, "--worker-id", spec.worker_id,
                "--parent-pid", str(os.getpid()), *spec.args]
-        log.info("starting worker %s: %s", spec.worker_id, " ".join(cmd))
-        self.procs[spec.worker_id] = subprocess.Popen(cmd, env={**os.environ, **spec.env})
+        group = []
+        if spec.world_size > 1:
+            with socket.socket() as s:  # a free port for the group's torch.distributed rendezvous
+                s.bind(("127.0.0.1", 0))
+                init = f"tcp://127.0.0.1:{s.getsockname()[1]}"
+        for rank in range(spec.world_size):
+            rank_cmd = cmd + (["--rank", str(rank), "--dist-init", init] if spec.world_size > 1 else [])
+            log.info("starting worker %s rank %d: %s", spec.worker_id, rank, " ".join(rank_cmd))
+            group.append(subprocess.Popen(rank_cmd, env={**os.environ, **spec.env}))
+        self.procs[spec.worker_id] = group
         self._started_at[spec.worker_id] = time.monotonic()
 
     async def run(self) -> None:
@@ -54,12 +64,20 @@ class LocalWorkers:
         while not self._stopping:
             await asyncio.sleep(0.25)
             for spec in self.specs:
-                proc = self.procs.get(spec.worker_id)
-                if proc is None or proc.poll() is None or self._stopping:
+                group = self.procs.get(spec.worker_id)
+                exited = [p for p in group or [] if p.poll() is not None]
+                if not exited or self._stopping:
                     continue
+                proc = exited[0]
                 reason = f"worker process {proc.pid} exited with code {proc.returncode}"
                 if proc.returncode < 0:
                     reason += f" ({signal.Signals(-proc.returncode).name})"
+                if len(group) > 1:  # one rank gone: the group cannot go on
+                    reason += f" (rank {group.index(proc)} of {len(group)}; the group was stopped)"
+                    for other in group:
+                        if other.poll() is None:
+                            other.kill()
+                            other.wait()
                 del self.procs[spec.worker_id]
                 self.on_exit(spec.worker_id, reason)
                 if proc.returncode == EXIT_CANNOT_LOAD:
@@ -79,15 +97,15 @@ class LocalWorkers:
         if not self._stopping and spec.worker_id not in self.procs:
             self._start(spec)
 
-    def pids(self) -> dict[str, int]:
-        return {wid: p.pid for wid, p in self.procs.items()}
+    def pids(self) -> dict[str, list[int]]:
+        return {wid: [p.pid for p in group] for wid, group in self.procs.items()}
 
     async def stop(self, grace_s: float = 3.0, timeout_s: float = 10.0) -> None:
         """Waits for the workers (registered ones were told to shut down), then terminates those
         still running (e.g. still loading their model), and kills those that hang."""
         self._stopping = True
         loop = asyncio.get_running_loop()
-        for proc in list(self.procs.values()):
+        for proc in [p for group in list(self.procs.values()) for p in group]:
             for action, wait_s in ((None, grace_s), (proc.terminate, timeout_s), (proc.kill, None)):
                 if action is not None:
                     log.warning("worker %d still running; %s", proc.pid, action.__name__)

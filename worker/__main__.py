@@ -34,6 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="shape bucket to warm up (repeatable; default: the model's default size)")
     p.add_argument("--max-batch-size", type=int, default=4, help="most requests in one denoising step")
     p.add_argument("--max-resident", type=int, default=8, help="most requests whose state is kept at once")
+    p.add_argument("--num-gpus", type=int, default=1, help="processes in this worker group (one per GPU)")
+    p.add_argument("--enable-cfg-parallel", action="store_true", help="split CFG's conditional / unconditional rows over 2 ranks")
+    p.add_argument("--rank", type=int, default=0, help="this process's rank in the group (rank 0 talks to the scheduler)")
+    p.add_argument("--dist-init", default="", help="torch.distributed init method, e.g. tcp://127.0.0.1:29500")
     p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
@@ -56,16 +60,34 @@ def main(argv=None) -> int:
     from diffserve.kernels import attention
 
     attention.configure(args.attention_backend)
+    from .parallel import ParallelDims, ParallelState
+
+    log = logging.getLogger("diffserve.worker")
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    dims = ParallelDims.auto(args.num_gpus, args.enable_cfg_parallel)
+    if problems := dims.problems(args.num_gpus):
+        log.error("impossible parallel layout: %s", "; ".join(problems))
+        return EXIT_CANNOT_LOAD
     try:
         root = loading.resolve_model_path(args.model_path)
         device = loading.pick_device(args.device)
+        if device.type == "cuda" and dims.world_size > 1:
+            device = torch.device("cuda", args.rank)
+            torch.cuda.set_device(device)
         dtype = loading.pick_dtype(args.dtype, device)
         pipeline = load_pipeline(root, args.model_name or model_name_for(args.model_path), device, dtype)
     except (loading.CheckpointError, ValueError) as exc:
         logging.getLogger("diffserve.worker").error("cannot load the model: %s", exc)
         return EXIT_CANNOT_LOAD
     torch.set_grad_enabled(False)
+    parallel = ParallelState.single()
+    if dims.world_size > 1:
+        if not getattr(pipeline, "supports_cfg_parallel", False):
+            log.error("%s does not support CFG-parallel yet; run it with --num-gpus 1", type(pipeline).__name__)
+            return EXIT_CANNOT_LOAD
+        parallel = ParallelState.init(dims, args.rank, args.dist_init, device)
+        pipeline.parallel = parallel
+        log.info("rank %d of %d, layout %s", args.rank, dims.world_size, dims)
     from .warmup import compile_dits, parse_shape, warm_up
 
     try:
@@ -77,14 +99,17 @@ def main(argv=None) -> int:
         logging.getLogger("diffserve.worker").info("compiling %d transformer(s)", compile_dits(pipeline))
     if args.warmup or shapes:
         warm_up(pipeline, shapes or None)
-    runtime = Runtime(pipeline)
+    runtime = Runtime(pipeline, parallel)
+    if args.rank != 0:
+        runtime.serve(None)  # follows rank 0's commands until Shutdown
+        return 0
     hello = wpb.Hello(
         protocol_version=wpb.PROTOCOL_VERSION_1,
         description=f"{platform.node()} pid {os.getpid()} {device} {str(dtype).removeprefix('torch.')}",
         model=pipeline.card,
         max_batch_size=args.max_batch_size,
         max_resident=args.max_resident,
-        world_size=1,
+        world_size=dims.world_size,
     )
     conn = SchedulerConnection(args.scheduler, worker_id, hello, runtime.status, args.parent_pid or None)
     conn.start()

@@ -18,6 +18,7 @@ from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.v1 import worker_pb2 as wpb
 
 from .connection import SchedulerConnection
+from .parallel import ParallelState
 from .pipelines.base import Pipeline, RequestState
 
 log = logging.getLogger(__name__)
@@ -34,11 +35,13 @@ def error_status(exc: BaseException) -> status_pb2.Status:
 class Runtime:
     """Owns the resident request states and the counters the heartbeat reports."""
 
-    def __init__(self, pipeline: Pipeline):
+    def __init__(self, pipeline: Pipeline, parallel: ParallelState | None = None):
         self.pipeline = pipeline
+        self.parallel = parallel or ParallelState.single()
         self.states: dict[str, RequestState] = {}
         self.admit_errors: dict[str, status_pb2.Status] = {}
         self.counters = pb.WorkerStatus()
+        self.group_broken = False
 
     def status(self) -> pb.WorkerStatus:
         status = pb.WorkerStatus()
@@ -46,10 +49,17 @@ class Runtime:
         status.resident_jobs = len(self.states)
         return status
 
-    def serve(self, conn: SchedulerConnection) -> None:
-        """Runs commands until Shutdown."""
+    def serve(self, conn: SchedulerConnection | None) -> None:
+        """Runs commands until Shutdown. Rank 0 takes them from the scheduler connection and
+        broadcasts each to the other ranks, which pass conn=None and only follow."""
+        parallel = self.parallel
         while True:
-            command = conn.commands.get()
+            if conn is not None:
+                command = conn.commands.get()
+                if parallel.distributed:
+                    parallel.broadcast_bytes(command.SerializeToString())
+            else:
+                command = wpb.Command.FromString(parallel.broadcast_bytes(None))
             kind = command.WhichOneof("body")
             if kind == "shutdown":
                 log.info("shutdown requested")
@@ -62,8 +72,13 @@ class Runtime:
                 started = time.perf_counter()
                 results, frames = self.run_stage(command.run_stage) if kind == "run_stage" else self.denoise(command.denoise_step)
                 elapsed_ms = (time.perf_counter() - started) * 1e3
-                result = wpb.Result(command_id=command.id, elapsed_ms=elapsed_ms, requests=results)
-                conn.send(wpb.WorkerMessage(result=result), frames)
+                if conn is not None:
+                    result = wpb.Result(command_id=command.id, elapsed_ms=elapsed_ms, requests=results)
+                    conn.send(wpb.WorkerMessage(result=result), frames)
+                if self.group_broken:
+                    log.error("leaving: the worker group is broken")
+                    time.sleep(1.0)  # let the I/O thread send the result
+                    raise SystemExit(1)
 
     def admit(self, admit: wpb.Admit) -> None:
         try:
@@ -96,6 +111,8 @@ class Runtime:
                 self.pipeline.encode(state)
             elif cmd.stage == pb.STAGE_PREPARE:
                 self.pipeline.prepare(state)
+            elif cmd.stage == pb.STAGE_DECODE and self.parallel.rank != 0:
+                pass  # only rank 0 decodes and answers
             elif cmd.stage == pb.STAGE_DECODE:
                 video = np.ascontiguousarray(self.pipeline.decode(state), dtype=np.uint8)
                 result.frames.CopyFrom(wpb.Tensor(dtype="uint8", shape=video.shape, frame=0))
@@ -128,8 +145,14 @@ class Runtime:
                 self.counters.denoise_rows += rows
             except Exception as exc:
                 log.error("denoising step failed for %d requests:\n%s", len(runnable), traceback.format_exc())
+                status = error_status(exc)
+                if self.parallel.distributed and isinstance(exc, RuntimeError) and not isinstance(exc, torch.OutOfMemoryError):
+                    # A failed collective leaves the group unusable: answer, then exit so the
+                    # launcher restarts the whole group.
+                    status.message = f"the worker group lost a rank during the step ({exc})"
+                    self.group_broken = True
                 for state in runnable:
-                    results[state.request_id].status.CopyFrom(error_status(exc))
+                    results[state.request_id].status.CopyFrom(status)
         return list(results.values()), []
 
 

@@ -66,34 +66,32 @@ ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
 @torch.no_grad()
-def cfg_denoise_step(model: ModelFn, states: list[RequestState], dtype: torch.dtype) -> int:
+def cfg_denoise_step(model: ModelFn, states: list[RequestState], dtype: torch.dtype, guidance_of=None) -> int:
     """One denoising step for several requests in one forward; returns the number of rows.
 
     Each request contributes a conditional row and, with CFG, an unconditional row at its own
-    timestep. The guided prediction and the sampler update are per request, so a request's
-    result does not depend on what it was batched with.
+    timestep. The guided prediction (scale `guidance_of(state)`, default its guidance_scale) and
+    the sampler update are per request, so a request's result does not depend on what it was
+    batched with. `model` may be row-parallel (worker/parallel.py): it sees all rows either way.
     """
     latents, timesteps, contexts = [], [], []
     for s in states:
-        t = s.timesteps[s.step]
         rows = 2 if s.do_cfg else 1
         latents += [s.latents] * rows
-        timesteps += [t] * rows
+        timesteps += [s.timesteps[s.step]] * rows
         contexts += [s.cond, s.uncond] if s.do_cfg else [s.cond]
-    x = torch.cat(latents).to(dtype)  # (rows, C, F, H, W)
-    t = torch.stack(timesteps)  # (rows,)
-    ctx = torch.cat(contexts)  # (rows, L, D)
-    pred = model(x, t, ctx)
+    pred = model(torch.cat(latents).to(dtype), torch.stack(timesteps), torch.cat(contexts))  # (rows, C, F, H, W)
     row = 0
     for s in states:
         if s.do_cfg:
             cond, uncond = pred[row : row + 1], pred[row + 1 : row + 2]
-            noise = uncond + s.params.guidance_scale * (cond - uncond)
+            scale = guidance_of(s) if guidance_of is not None else s.params.guidance_scale
+            flow = uncond + scale * (cond - uncond)
             row += 2
         else:
-            noise = pred[row : row + 1]
+            flow = pred[row : row + 1]
             row += 1
-        s.latents = s.sampler.step(noise, s.timesteps[s.step], s.latents, return_dict=False)[0]
+        s.latents = s.sampler.step(flow, s.timesteps[s.step], s.latents, return_dict=False)[0]
         s.step += 1
     return row
 

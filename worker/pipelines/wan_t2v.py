@@ -22,9 +22,10 @@ from diffserve.v1 import generation_pb2 as pb
 
 from .. import loading
 from ..models.wan import WanTransformer
+from ..parallel import ParallelState
 from ..samplers import SamplerFactory
 from .base import RequestState
-from .stages import T5PromptEncoder, initial_noise, to_uint8_frames
+from .stages import T5PromptEncoder, cfg_denoise_step, initial_noise, to_uint8_frames
 
 TEXT_LENGTH = 512  # UMT5 tokens; the DiT's cross-attention context length
 
@@ -46,36 +47,11 @@ def _has_component(index: dict, name: str) -> bool:
     return isinstance(entry, list) and len(entry) == 2 and entry[1] is not None
 
 
-@torch.no_grad()
-def guided_denoise_step(model, states: list[RequestState], guidance_of, dtype: torch.dtype) -> int:
-    """One step for several requests through one model in one forward; returns the rows run.
-
-    Like stages.cfg_denoise_step, with the guidance scale chosen per request (`guidance_of(state)`),
-    which Wan2.2's low-noise expert needs (guidance_scale_2).
-    """
-    latents, timesteps, contexts = [], [], []
-    for s in states:
-        rows = 2 if s.do_cfg else 1
-        latents += [s.latents] * rows
-        timesteps += [s.timesteps[s.step]] * rows
-        contexts += [s.cond, s.uncond] if s.do_cfg else [s.cond]
-    pred = model(torch.cat(latents).to(dtype), torch.stack(timesteps), torch.cat(contexts))  # (rows, C, F, H, W)
-    row = 0
-    for s in states:
-        if s.do_cfg:
-            cond, uncond = pred[row : row + 1], pred[row + 1 : row + 2]
-            flow = uncond + guidance_of(s) * (cond - uncond)
-            row += 2
-        else:
-            flow = pred[row : row + 1]
-            row += 1
-        s.latents = s.sampler.step(flow, s.timesteps[s.step], s.latents, return_dict=False)[0]
-        s.step += 1
-    return row
-
-
 class WanT2VPipeline:
     """Serves a diffusers-layout WanPipeline checkpoint (model_index `_class_name` WanPipeline)."""
+
+    supports_cfg_parallel = True
+    parallel = ParallelState.single()  # the worker sets the group's state
 
     task = "text-to-video"
 
@@ -181,6 +157,10 @@ class WanT2VPipeline:
             return p.guidance_scale_2
         return p.guidance_scale
 
+    def forward_of(self, expert: int):
+        """The expert's forward, split over the cfg ranks when the worker group has them."""
+        return self.parallel.row_parallel(self.experts[expert])
+
     def denoise_step(self, states: list[RequestState]) -> int:
         # TI2V (expand_timesteps): diffusers passes a (B, L) timestep whose entries all equal t for
         # text-only requests; our DiT's (B,) path computes the same modulation once per sample.
@@ -189,7 +169,7 @@ class WanT2VPipeline:
             groups.setdefault(self.expert_of(s), []).append(s)
         rows = 0
         for expert, group in sorted(groups.items()):
-            rows += guided_denoise_step(self.experts[expert], group, self.guidance_of, self.dtype)
+            rows += cfg_denoise_step(self.forward_of(expert), group, self.dtype, self.guidance_of)
         return rows
 
     @torch.no_grad()
