@@ -42,6 +42,7 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup-shape", action="append", default=[], metavar="HxWxF", help="shape bucket to warm up (repeatable)")
     p.add_argument("--num-gpus", type=int, default=1, help="processes (GPUs) in the worker group (default 1)")
     p.add_argument("--enable-cfg-parallel", action="store_true", help="with --num-gpus 2: conditional and unconditional rows on separate GPUs")
+    p.add_argument("--ulysses-degree", type=int, default=0, help="Ulysses sequence-parallel degree (default: what --num-gpus leaves after CFG)")
     p.add_argument("--max-batch-size", type=int, default=4, help="most jobs sharing one denoising step (default 4)")
     p.add_argument("--max-resident", type=int, default=8, help="most jobs a worker holds at once (default 8)")
     p.add_argument("--worker-log-level", default="INFO", help="log level of the worker process")
@@ -54,7 +55,8 @@ def worker_args(args: argparse.Namespace) -> list[str]:
     if args.model_name:
         out += ["--model-name", args.model_name]
     out += ["--compile"] * args.compile + ["--warmup"] * args.warmup
-    out += ["--num-gpus", str(args.num_gpus)] + ["--enable-cfg-parallel"] * args.enable_cfg_parallel
+    out += ["--num-gpus", str(args.num_gpus), "--ulysses-degree", str(args.ulysses_degree)]
+    out += ["--enable-cfg-parallel"] * args.enable_cfg_parallel
     for shape in args.warmup_shape:
         out += ["--warmup-shape", shape]
     return out

@@ -36,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-resident", type=int, default=8, help="most requests whose state is kept at once")
     p.add_argument("--num-gpus", type=int, default=1, help="processes in this worker group (one per GPU)")
     p.add_argument("--enable-cfg-parallel", action="store_true", help="split CFG's conditional / unconditional rows over 2 ranks")
+    p.add_argument("--ulysses-degree", type=int, default=0, help="Ulysses sequence-parallel degree (default: what --num-gpus leaves after CFG)")
     p.add_argument("--rank", type=int, default=0, help="this process's rank in the group (rank 0 talks to the scheduler)")
     p.add_argument("--dist-init", default="", help="torch.distributed init method, e.g. tcp://127.0.0.1:29500")
     p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
@@ -64,7 +65,7 @@ def main(argv=None) -> int:
 
     log = logging.getLogger("diffserve.worker")
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    dims = ParallelDims.auto(args.num_gpus, args.enable_cfg_parallel)
+    dims = ParallelDims.auto(args.num_gpus, args.enable_cfg_parallel, args.ulysses_degree)
     if problems := dims.problems(args.num_gpus):
         log.error("impossible parallel layout: %s", "; ".join(problems))
         return EXIT_CANNOT_LOAD
@@ -87,6 +88,14 @@ def main(argv=None) -> int:
             return EXIT_CANNOT_LOAD
         parallel = ParallelState.init(dims, args.rank, args.dist_init, device)
         pipeline.parallel = parallel
+        if parallel.sequence is not None:
+            from .warmup import dits
+
+            for model in dits(pipeline):
+                if problems := dims.head_problems(model.config.num_attention_heads):
+                    log.error("impossible parallel layout: %s", "; ".join(problems))
+                    return EXIT_CANNOT_LOAD
+                model.sequence_parallel = parallel.sequence
         log.info("rank %d of %d, layout %s", args.rank, dims.world_size, dims)
     from .warmup import compile_dits, parse_shape, warm_up
 

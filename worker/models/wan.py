@@ -219,8 +219,11 @@ class WanAttention(nn.Module):
         context: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         context_image: torch.Tensor | None = None,
+        sequence=None,
+        length: int = 0,
     ) -> torch.Tensor:
-        # x: (B, L, D); context: (B, S, D) or None; context_image: (B, S_img, D) or None
+        # x: (B, L, D); context: (B, S, D) or None; context_image: (B, S_img, D) or None.
+        # sequence (Ulysses, self-attention only): x is this rank's token shard of a `length`-token sequence.
         source = x if context is None else context
         q = self._heads(self.norm_q(self.to_q(x)))  # (B, L, Hd, Dh)
         k = self._heads(self.norm_k(self.to_k(source)))  # (B, S, Hd, Dh)
@@ -229,7 +232,10 @@ class WanAttention(nn.Module):
             q = apply_rotary(q, *rope)
             k = apply_rotary(k, *rope)
 
-        out = attention(q, k, v).flatten(2, 3).type_as(q)  # (B, L, D)
+        if sequence is not None and context is None:
+            out = sequence.attention(attention, q, k, v, length).flatten(2, 3).type_as(q)  # (B, L/u, D)
+        else:
+            out = attention(q, k, v).flatten(2, 3).type_as(q)  # (B, L, D)
         if context_image is not None and self.add_k_proj is not None:
             k_img = self._heads(self.norm_added_k(self.add_k_proj(context_image)))  # (B, S_img, Hd, Dh)
             v_img = self._heads(self.add_v_proj(context_image))
@@ -258,6 +264,8 @@ class WanBlock(nn.Module):
         modulation: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         context_image: torch.Tensor | None = None,
+        sequence=None,
+        length: int = 0,
     ) -> torch.Tensor:
         # x: (B, L, D); modulation: (B, T, 6, D) with T = 1 or L; the six parts are float32 (B, T, D).
         mods = (self.scale_shift_table + modulation.float()).unbind(2)
@@ -265,7 +273,7 @@ class WanBlock(nn.Module):
 
         # 1. Self-attention (modulation and residual in float32).
         h = modulate(self.norm1(x.float()), shift_sa, scale_sa).type_as(x)
-        x = (x.float() + self.attn1(h, rope=rope) * gate_sa).type_as(x)
+        x = (x.float() + self.attn1(h, rope=rope, sequence=sequence, length=length) * gate_sa).type_as(x)
 
         # 2. Cross-attention to the prompt (and image), no modulation.
         h = self.norm2(x.float()).type_as(x)
@@ -303,6 +311,8 @@ class WanTransformer(nn.Module):
         self.norm_out = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, out_channels * math.prod(cfg.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
+        # Ulysses group (worker/parallel.py SequenceParallel) when the worker group shards tokens.
+        self.sequence_parallel = None
 
     def forward(
         self,
@@ -330,8 +340,15 @@ class WanTransformer(nn.Module):
         t = timestep if timestep.ndim == 2 else timestep[:, None]  # (B, T)
         temb, modulation, text, image = self.condition_embedder(t, context, context_image)  # text: (B, S, D)
 
+        sp, length = self.sequence_parallel, x.shape[1]
+        if sp is not None:  # shard tokens once; rope and per-token modulation follow the tokens
+            x, rope = sp.shard(x), tuple(sp.shard(r) for r in rope)
+            if modulation.shape[1] > 1:
+                modulation = sp.shard(modulation)
         for block in self.blocks:
-            x = block(x, text, modulation, rope, image)
+            x = block(x, text, modulation, rope, image, sp, length)
+        if sp is not None:
+            x = sp.gather(x, length)  # (B, L, D)
 
         # Output head: AdaLN (float32) then linear to patch pixels.
         shift, scale = (self.scale_shift_table + temb.unsqueeze(2)).unbind(2)  # (B, T, D) each

@@ -1,5 +1,6 @@
-"""CFG-parallel worker groups (gloo on CPU): the output equals the single-process run; impossible
-layouts are refused at start with the conflicting numbers."""
+"""Parallel worker groups (gloo on CPU): CFG-parallel, Ulysses, and both together equal the
+single-process run (also with a token count that needs padding); impossible layouts are refused
+at start with the conflicting numbers."""
 
 from __future__ import annotations
 
@@ -34,6 +35,23 @@ def test_cfg2_equals_single_process(tiny_wan, start_server, wan_server):
         assert max_level_diff(ours, ref) <= 2 and max_level_diff(both, ref) <= 2
 
 
+UNEVEN = dict(prompt="a boat on the lake", negative_prompt="", height=48, width=48, num_frames=1,
+              num_inference_steps=3, guidance_scale=5.0, seed=5, output_format="npy")  # 3x3 = 9 tokens
+
+
+@pytest.mark.parametrize("flags", [
+    ("--num-gpus", "2", "--ulysses-degree", "2"),
+    ("--num-gpus", "4", "--ulysses-degree", "2", "--enable-cfg-parallel"),
+], ids=["ulysses2", "cfg2-ulysses2"])
+def test_ulysses_equals_single_process(tiny_wan, start_server, wan_server, flags):
+    single = [npy_output(wan_server.client, wan_server.client.submit(**job).id) for job in (JOBS[0], UNEVEN)]
+    group = start_server(tiny_wan, *flags)
+    assert len(group.worker_pids()) == int(flags[1])
+    for job, ref in zip((JOBS[0], UNEVEN), single):
+        ours = npy_output(group.client, group.client.submit(**job).id)
+        assert ours.std() > 1 and max_level_diff(ours, ref) <= 2
+
+
 def test_killing_one_rank_fails_the_job_and_stops_the_group(tiny_wan, start_server):
     import os
     import signal
@@ -54,7 +72,7 @@ def test_killing_one_rank_fails_the_job_and_stops_the_group(tiny_wan, start_serv
 @pytest.mark.parametrize("dims,world,words", [
     (ParallelDims(cfg=2), 4, ["= 2", "--num-gpus is 4"]),
     (ParallelDims(cfg=3), 3, ["at most 2"]),
-    (ParallelDims(ulysses=2), 2, ["ulysses", "not implemented"]),
+    (ParallelDims(ring=2), 2, ["ring", "not implemented"]),
 ])
 def test_bad_layouts_named(dims, world, words):
     message = "; ".join(dims.problems(world))
@@ -65,4 +83,4 @@ def test_impossible_layout_refused_at_start(tiny_wan, tmp_path):
     done = subprocess.run([sys.executable, "-m", "diffserve.client.cli", "serve", "--model-path", str(tiny_wan), "--port", "0",
                            "--num-gpus", "3", "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
-    assert "impossible parallel layout" in done.stderr and "not implemented" in done.stderr
+    assert "impossible parallel layout" in done.stderr and "heads do not divide by ulysses 3" in done.stderr
