@@ -41,8 +41,10 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--warmup", action="store_true", help="warm up before serving (the first request is not the slow one)")
     p.add_argument("--warmup-shape", action="append", default=[], metavar="HxWxF", help="shape bucket to warm up (repeatable)")
     p.add_argument("--num-gpus", type=int, default=1, help="processes (GPUs) in the worker group (default 1)")
-    p.add_argument("--enable-cfg-parallel", action="store_true", help="with --num-gpus 2: conditional and unconditional rows on separate GPUs")
-    p.add_argument("--ulysses-degree", type=int, default=0, help="Ulysses sequence-parallel degree (default: what --num-gpus leaves after CFG)")
+    p.add_argument("--enable-cfg-parallel", action="store_true", help="conditional and unconditional rows on separate halves of the group")
+    p.add_argument("--ulysses-degree", type=int, default=0, help="Ulysses sequence-parallel degree (default: chosen from --num-gpus)")
+    p.add_argument("--ring-degree", type=int, default=0, help="Ring sequence-parallel degree (default: chosen from --num-gpus)")
+    p.add_argument("--tp-size", type=int, default=0, help="tensor-parallel degree (default 1)")
     p.add_argument("--max-batch-size", type=int, default=4, help="most jobs sharing one denoising step (default 4)")
     p.add_argument("--max-resident", type=int, default=8, help="most jobs a worker holds at once (default 8)")
     p.add_argument("--worker-log-level", default="INFO", help="log level of the worker process")
@@ -55,7 +57,8 @@ def worker_args(args: argparse.Namespace) -> list[str]:
     if args.model_name:
         out += ["--model-name", args.model_name]
     out += ["--compile"] * args.compile + ["--warmup"] * args.warmup
-    out += ["--num-gpus", str(args.num_gpus), "--ulysses-degree", str(args.ulysses_degree)]
+    out += ["--num-gpus", str(args.num_gpus), "--ulysses-degree", str(args.ulysses_degree), "--ring-degree", str(args.ring_degree),
+            "--tp-size", str(args.tp_size)]
     out += ["--enable-cfg-parallel"] * args.enable_cfg_parallel
     for shape in args.warmup_shape:
         out += ["--warmup-shape", shape]

@@ -182,3 +182,49 @@ def run_backend(name: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) ->
     if fn is None or not BACKENDS[name].supports(q.device, q.dtype, q.shape[-1]):
         raise RuntimeError(f"attention backend {name} cannot run here")
     return fn(q, k, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Attention with its log-sum-exp (Ring attention merges partial results by it)
+# ---------------------------------------------------------------------------------------------
+
+
+def attention_lse(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Like `attention`, also returning each row's log-sum-exp of the scaled scores.
+
+    q: (B, Lq, H, D), k/v: (B, Lk, H, D) -> out (B, Lq, H, D) in q's dtype, lse (B, Lq, H) float32.
+    Rows whose keys are all masked get out 0 and lse -inf. On CUDA half precision without a mask:
+    FA3 when loaded (it returns the log-sum-exp), else PyTorch's memory-efficient kernel; anything
+    else (CPU, masks) runs the float32 math below in query chunks.
+    """
+    if key_mask is None and q.is_cuda and q.dtype in (torch.bfloat16, torch.float16):
+        if _forced in (None, "fa3") and _hopper_bf16(q.device, q.dtype, q.shape[-1]) and _loaded("fa3") is not None:
+            return _fa3_lse(q, k, v)
+        out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), None, True)[:2]
+        return out.transpose(1, 2), lse[..., : q.shape[1]].transpose(1, 2).float()
+    return _math_lse(q, k, v, key_mask)
+
+
+def _fa3_lse(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    fa3 = importlib.import_module("fa3_fwd_interface")
+    out, lse = fa3.flash_attn_func(q, k, v, return_attn_probs=True)[:2]  # lse: (B, H, Lq)
+    return out, lse.transpose(1, 2).float()
+
+
+def _math_lse(q, k, v, key_mask, chunk: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = q.shape[-1] ** -0.5
+    kt = k.float().permute(0, 2, 3, 1)  # (B, H, D, Lk)
+    vt = v.float().transpose(1, 2)  # (B, H, Lk, D)
+    outs, lses = [], []
+    for start in range(0, q.shape[1], chunk):
+        scores = torch.matmul(q[:, start : start + chunk].float().transpose(1, 2), kt) * scale  # (B, H, c, Lk)
+        if key_mask is not None:
+            scores = scores.masked_fill(~key_mask.bool()[:, None, None, :], float("-inf"))
+        lse = torch.logsumexp(scores, dim=-1)  # (B, H, c)
+        probs = torch.exp(scores - lse[..., None]).nan_to_num(0.0)  # all-masked rows: 0
+        outs.append(torch.matmul(probs, vt).transpose(1, 2))  # (B, c, H, D)
+        lses.append(lse.transpose(1, 2))  # (B, c, H)
+    return torch.cat(outs, dim=1).to(q.dtype), torch.cat(lses, dim=1)

@@ -72,7 +72,7 @@ def test_killing_one_rank_fails_the_job_and_stops_the_group(tiny_wan, start_serv
 @pytest.mark.parametrize("dims,world,words", [
     (ParallelDims(cfg=2), 4, ["= 2", "--num-gpus is 4"]),
     (ParallelDims(cfg=3), 3, ["at most 2"]),
-    (ParallelDims(ring=2), 2, ["ring", "not implemented"]),
+    (ParallelDims(ulysses=2, ring=2), 2, ["ulysses 2 × ring 2", "= 4", "--num-gpus is 2"]),
 ])
 def test_bad_layouts_named(dims, world, words):
     message = "; ".join(dims.problems(world))
@@ -81,6 +81,6 @@ def test_bad_layouts_named(dims, world, words):
 
 def test_impossible_layout_refused_at_start(tiny_wan, tmp_path):
     done = subprocess.run([sys.executable, "-m", "diffserve.client.cli", "serve", "--model-path", str(tiny_wan), "--port", "0",
-                           "--num-gpus", "3", "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+                           "--num-gpus", "3", "--ulysses-degree", "3", "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "impossible parallel layout" in done.stderr and "heads do not divide by ulysses 3" in done.stderr

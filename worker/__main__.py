@@ -36,12 +36,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-resident", type=int, default=8, help="most requests whose state is kept at once")
     p.add_argument("--num-gpus", type=int, default=1, help="processes in this worker group (one per GPU)")
     p.add_argument("--enable-cfg-parallel", action="store_true", help="split CFG's conditional / unconditional rows over 2 ranks")
-    p.add_argument("--ulysses-degree", type=int, default=0, help="Ulysses sequence-parallel degree (default: what --num-gpus leaves after CFG)")
+    p.add_argument("--ulysses-degree", type=int, default=0, help="Ulysses sequence-parallel degree (default: chosen from --num-gpus)")
+    p.add_argument("--ring-degree", type=int, default=0, help="Ring sequence-parallel degree (default: chosen from --num-gpus)")
+    p.add_argument("--tp-size", type=int, default=0, help="tensor-parallel degree (default 1)")
     p.add_argument("--rank", type=int, default=0, help="this process's rank in the group (rank 0 talks to the scheduler)")
     p.add_argument("--dist-init", default="", help="torch.distributed init method, e.g. tcp://127.0.0.1:29500")
     p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
     p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
+
+
+def choose_layout(args: argparse.Namespace, pipeline):
+    from .parallel import plan_layout
+    from .warmup import dits
+
+    return plan_layout(args.num_gpus, dits(pipeline), cfg_capable=getattr(pipeline, "supports_cfg_parallel", False),
+                       uses_cfg=pipeline.card.defaults.guidance_scale > 1, enable_cfg_parallel=args.enable_cfg_parallel,
+                       ulysses=args.ulysses_degree, ring=args.ring_degree, tp=args.tp_size)
 
 
 def model_name_for(path: str) -> str:
@@ -61,18 +72,17 @@ def main(argv=None) -> int:
     from diffserve.kernels import attention
 
     attention.configure(args.attention_backend)
-    from .parallel import ParallelDims, ParallelState
+    from .parallel import ParallelState
 
     log = logging.getLogger("diffserve.worker")
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
-    dims = ParallelDims.auto(args.num_gpus, args.enable_cfg_parallel, args.ulysses_degree)
-    if problems := dims.problems(args.num_gpus):
-        log.error("impossible parallel layout: %s", "; ".join(problems))
+    if args.num_gpus < 1:
+        log.error("impossible parallel layout: --num-gpus must be >= 1 (got %d)", args.num_gpus)
         return EXIT_CANNOT_LOAD
     try:
         root = loading.resolve_model_path(args.model_path)
         device = loading.pick_device(args.device)
-        if device.type == "cuda" and dims.world_size > 1:
+        if device.type == "cuda" and args.num_gpus > 1:
             device = torch.device("cuda", args.rank)
             torch.cuda.set_device(device)
         dtype = loading.pick_dtype(args.dtype, device)
@@ -81,24 +91,21 @@ def main(argv=None) -> int:
         logging.getLogger("diffserve.worker").error("cannot load the model: %s", exc)
         return EXIT_CANNOT_LOAD
     torch.set_grad_enabled(False)
+    from .warmup import compile_dits, dits, parse_shape, warm_up
+
     parallel = ParallelState.single()
-    if dims.world_size > 1:
-        if not getattr(pipeline, "supports_cfg_parallel", False):
-            log.error("%s does not support CFG-parallel yet; run it with --num-gpus 1", type(pipeline).__name__)
+    if args.num_gpus > 1:
+        dims, problems = choose_layout(args, pipeline)
+        if problems:
+            log.error("impossible parallel layout: %s", "; ".join(problems))
             return EXIT_CANNOT_LOAD
         parallel = ParallelState.init(dims, args.rank, args.dist_init, device)
         pipeline.parallel = parallel
         if parallel.sequence is not None:
-            from .warmup import dits
-
             for model in dits(pipeline):
-                if problems := dims.head_problems(model.config.num_attention_heads):
-                    log.error("impossible parallel layout: %s", "; ".join(problems))
-                    return EXIT_CANNOT_LOAD
                 model.sequence_parallel = parallel.sequence
-        log.info("rank %d of %d, layout %s", args.rank, dims.world_size, dims)
-    from .warmup import compile_dits, parse_shape, warm_up
-
+        if args.rank == 0:
+            log.info("parallel layout: %s (%d ranks)", dims, dims.world_size)
     try:
         shapes = [parse_shape(s) for s in args.warmup_shape]
     except ValueError as exc:

@@ -7,10 +7,14 @@ conflict; `ParallelState` holds this process's rank and process groups and is pa
 broadcast to the other ranks (as protobuf bytes in a uint8 tensor, never pickle), so all ranks
 run the same stages in lockstep.
 
-Implemented today: the cfg axis (row parallelism: the transformer rows of a step — conditional
-and unconditional rows of CFG requests — are split across the cfg ranks and gathered once per
-step) and Ulysses sequence parallelism for Wan DiTs. Ring and tensor parallel are refused at
-start until they exist.
+The cfg axis is row parallelism: the transformer rows of a step (conditional and unconditional
+rows of CFG requests) are split across the cfg ranks and gathered once per step. The ulysses and
+ring axes shard one sample's tokens (worker/sequence_parallel.py). Tensor parallel is refused at
+start until it exists.
+
+Rank layout: rank = ((c · R + r) · U + u) · T + t — tp innermost (its all-reduces are the most
+frequent, so its ranks are neighbouring GPUs), then ulysses, then ring, cfg outermost. Within a
+sequence group the rank order r · U + u is the order of the token shards.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
+
+from .sequence_parallel import SequenceParallel
 
 
 @dataclass(frozen=True)
@@ -46,9 +52,8 @@ class ParallelDims:
                        f"but --num-gpus is {world_size}")
         if self.cfg > 2:
             out.append(f"cfg degree {self.cfg}: CFG has two halves (conditional, unconditional), so at most 2")
-        unbuilt = [n for n in ("ring", "tp") if getattr(self, n) > 1]
-        if unbuilt:
-            out.append(f"{', '.join(unbuilt)} parallelism is not implemented yet; use --enable-cfg-parallel and --ulysses-degree")
+        if self.tp > 1:
+            out.append("tensor parallelism is not implemented yet; use --enable-cfg-parallel, --ulysses-degree and --ring-degree")
         return out
 
     def head_problems(self, heads: int) -> list[str]:
@@ -57,12 +62,42 @@ class ParallelDims:
         return []
 
     @classmethod
-    def auto(cls, num_gpus: int, enable_cfg_parallel: bool = True, ulysses: int = 0) -> "ParallelDims":
-        """CFG first (when allowed), then Ulysses for the rest (or the given Ulysses degree)."""
-        if ulysses:
-            return cls(cfg=max(1, num_gpus // ulysses) if enable_cfg_parallel else 1, ulysses=ulysses)
-        cfg = 2 if enable_cfg_parallel and num_gpus % 2 == 0 else 1
-        return cls(cfg=cfg, ulysses=num_gpus // cfg)
+    def auto(cls, num_gpus: int, enable_cfg_parallel: bool = True, ulysses: int = 0, ring: int = 0, tp: int = 0,
+             heads: int | None = None) -> "ParallelDims":
+        """Fills the degrees not given: CFG first (when enabled and it divides), then Ulysses as far
+        as the heads allow (the largest divisor of what is left that divides `heads`), then Ring
+        for the rest. Given degrees are kept as they are (problems() reports conflicts)."""
+        tp = tp or 1
+        cfg = 2 if enable_cfg_parallel and num_gpus % (2 * tp) == 0 and num_gpus >= 2 * tp else 1
+        rest = max(1, num_gpus // (cfg * tp))
+        if ulysses and ring:
+            return cls(cfg=cfg, ulysses=ulysses, ring=ring, tp=tp)
+        if ring:
+            return cls(cfg=cfg, ulysses=max(1, rest // ring), ring=ring, tp=tp)
+        if not ulysses:
+            ulysses = max(d for d in range(1, rest + 1) if rest % d == 0 and (heads is None or (heads // tp) % d == 0))
+        return cls(cfg=cfg, ulysses=ulysses, ring=max(1, rest // ulysses), tp=tp)
+
+    def __str__(self) -> str:
+        return f"cfg {self.cfg} × ulysses {self.ulysses} × ring {self.ring} × tp {self.tp}"
+
+
+def plan_layout(num_gpus: int, models: list, *, cfg_capable: bool, uses_cfg: bool, enable_cfg_parallel: bool = False,
+                ulysses: int = 0, ring: int = 0, tp: int = 0) -> tuple[ParallelDims, list[str]]:
+    """The layout for a pipeline's DiTs `models` on `num_gpus` ranks, and why it cannot run (empty
+    when it can). With only num_gpus given, CFG-parallel comes first when the pipeline does CFG."""
+    explicit = enable_cfg_parallel or ulysses or ring or tp
+    heads = [m.config.num_attention_heads for m in models]
+    dims = ParallelDims.auto(num_gpus, enable_cfg_parallel or (not explicit and cfg_capable and uses_cfg),
+                             ulysses, ring, tp, heads=math.gcd(*heads) if heads else None)
+    problems = dims.problems(num_gpus)
+    for h in sorted(set(heads)):
+        problems += dims.head_problems(h)
+    if dims.cfg > 1 and not cfg_capable:
+        problems.append("this model's pipeline has no CFG-parallel path; drop --enable-cfg-parallel")
+    if (dims.ulysses > 1 or dims.ring > 1) and not all(hasattr(m, "sequence_parallel") for m in models):
+        problems.append("this model's transformer has no sequence-parallel path; use --ulysses-degree 1 --ring-degree 1")
+    return dims, problems
 
 
 @dataclass
@@ -74,7 +109,9 @@ class ParallelState:
     control: object = None  # gloo group over all ranks: command broadcast, also on GPU
     cfg_group: object = None
     cfg_rank: int = 0
-    sequence: SequenceParallel | None = None  # the Ulysses group, when ulysses > 1
+    sequence: SequenceParallel | None = None  # the ulysses × ring group, when it has more than one rank
+    tp_group: object = None
+    tp_rank: int = 0
     _gathers: int = field(default=0, repr=False)
 
     @property
@@ -91,25 +128,36 @@ class ParallelState:
 
     @classmethod
     def init(cls, dims: ParallelDims, rank: int, init_method: str, device: torch.device) -> "ParallelState":
-        """Joins the group (NCCL on GPU, gloo on CPU) and builds the per-axis groups.
-        Rank = ((cfg_index × ulysses + u) × ring + r) × tp + t."""
+        """Joins the group (NCCL on GPU, gloo on CPU) and builds the per-axis groups (layout in the
+        module docstring). Every rank creates every group, in the same order, as torch requires."""
         backend = "nccl" if device.type == "cuda" else "gloo"
         dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=dims.world_size)
         control = dist.new_group(backend="gloo") if backend != "gloo" else dist.group.WORLD
-        inner = dims.world_size // dims.cfg  # ranks per cfg half
-        cfg_group = None
-        for offset in range(inner):
-            ranks = [offset + i * inner for i in range(dims.cfg)]
-            group = dist.new_group(ranks)  # every rank must create every group, in the same order
-            if rank in ranks:
-                cfg_group = group
+        c, r, u, t = dims.cfg, dims.ring, dims.ulysses, dims.tp
+
+        def rank_of(ci: int, ri: int, ui: int, ti: int) -> int:
+            return ((ci * r + ri) * u + ui) * t + ti
+
+        def mine(groups: list[list[int]]):
+            """Creates all the groups; returns (group, ranks) of the one holding this rank."""
+            found = (None, [])
+            for ranks in groups:
+                group = dist.new_group(ranks) if len(ranks) > 1 else None
+                if rank in ranks:
+                    found = (group, ranks)
+            return found
+
+        cfg_group, _ = mine([[rank_of(ci, ri, ui, ti) for ci in range(c)] for ri in range(r) for ui in range(u) for ti in range(t)])
+        seq_group, seq_ranks = mine([[rank_of(ci, ri, ui, ti) for ri in range(r) for ui in range(u)] for ci in range(c) for ti in range(t)])
+        uly_group, uly_ranks = mine([[rank_of(ci, ri, ui, ti) for ui in range(u)] for ci in range(c) for ri in range(r) for ti in range(t)])
+        ring_group, ring_ranks = mine([[rank_of(ci, ri, ui, ti) for ri in range(r)] for ci in range(c) for ui in range(u) for ti in range(t)])
+        tp_group, tp_ranks = mine([[rank_of(ci, ri, ui, ti) for ti in range(t)] for ci in range(c) for ri in range(r) for ui in range(u)])
         sequence = None
-        for start in range(0, dims.world_size, dims.ulysses):  # ring = tp = 1: consecutive ranks
-            ranks = list(range(start, start + dims.ulysses))
-            group = dist.new_group(ranks) if dims.ulysses > 1 else None
-            if rank in ranks and group is not None:
-                sequence = SequenceParallel(group, dims.ulysses, rank - start)
-        return cls(dims, rank=rank, control=control, cfg_group=cfg_group, cfg_rank=rank // inner, sequence=sequence)
+        if len(seq_ranks) > 1:
+            sequence = SequenceParallel(seq_group, uly_group, ring_group, u, r, uly_ranks.index(rank), ring_ranks.index(rank),
+                                        tuple(ring_ranks))
+        return cls(dims, rank=rank, control=control, cfg_group=cfg_group, cfg_rank=rank // (r * u * t), sequence=sequence,
+                   tp_group=tp_group, tp_rank=tp_ranks.index(rank))
 
     # ---- command broadcast (rank 0 → all) ----
 
@@ -144,55 +192,3 @@ class ParallelState:
             return torch.cat(gathered)[:rows]
 
         return run
-
-
-@dataclass
-class SequenceParallel:
-    """Ulysses sequence parallelism inside one DiT forward: tokens are sharded over `size` ranks
-    once before the first block and gathered once after the last; self-attention swaps the shard
-    from tokens to heads (all-to-all), attends over the whole sequence, and swaps back. Token
-    counts that do not divide evenly are padded; padded keys are masked out."""
-
-    group: object
-    size: int
-    rank: int
-
-    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """This rank's contiguous share of `x` along `dim`, padded with zeros to equal shares."""
-        length = x.shape[dim]
-        share = math.ceil(length / self.size)
-        pad = share * self.size - length
-        if pad:
-            shape = list(x.shape)
-            shape[dim] = pad
-            x = torch.cat([x, x.new_zeros(shape)], dim=dim)
-        return x.narrow(dim, self.rank * share, share)
-
-    def gather(self, x: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
-        """Inverse of shard: every rank gets the full tensor (padding dropped)."""
-        parts = [torch.empty_like(x) for _ in range(self.size)]
-        dist.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=dim).narrow(dim, 0, length)
-
-    def _swap(self, x: torch.Tensor, to_heads: bool) -> torch.Tensor:
-        b, n, heads, d = x.shape
-        u = self.size
-        if to_heads:  # (B, L/u, H, D) -> (B, L, H/u, D)
-            send = x.reshape(b, n, u, heads // u, d).permute(2, 0, 1, 3, 4).contiguous()  # (u, B, L/u, H/u, D) by head group
-            recv = torch.empty_like(send)
-            dist.all_to_all_single(recv, send, group=self.group)  # dim 0 now: source rank = token block
-            return recv.permute(1, 0, 2, 3, 4).reshape(b, u * n, heads // u, d)
-        # (B, L, H/u, D) -> (B, L/u, H, D)
-        send = x.reshape(b, u, n // u, heads, d).permute(1, 0, 2, 3, 4).contiguous()  # (u, B, L/u, H/u, D) by token block
-        recv = torch.empty_like(send)
-        dist.all_to_all_single(recv, send, group=self.group)  # dim 0 now: source rank = head group
-        return recv.permute(1, 2, 0, 3, 4).reshape(b, n // u, u * heads, d)
-
-    def attention(self, attend, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, length: int) -> torch.Tensor:
-        """Self-attention over the full sequence of `length` tokens from token shards (B, L/u, H, D)."""
-        q, k, v = (self._swap(t, to_heads=True) for t in (q, k, v))  # (B, L_pad, H/u, D)
-        mask = None
-        if q.shape[1] != length:
-            mask = (torch.arange(q.shape[1], device=q.device) < length)[None].expand(q.shape[0], -1)  # (B, L_pad)
-        out = attend(q, k, v, key_mask=mask)
-        return self._swap(out.contiguous(), to_heads=False)

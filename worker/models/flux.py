@@ -193,9 +193,14 @@ class FluxAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         context: torch.Tensor | None = None,
+        sequence=None,
+        length: int = 0,
+        text_len: int = 0,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # joint: x image (B, N, D), context text (B, S, D) -> (image out, text out)
         # single: x = [text, image] (B, S + N, D) -> (B, S + N, D), not projected
+        # sequence (worker/sequence_parallel.py): the image part is this rank's shard of `length`
+        # tokens; the text part (the first `text_len` tokens) is whole on every rank.
         q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)  # (B, N, Hd, Dh)
         if self.joint:
             cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
@@ -203,10 +208,16 @@ class FluxAttention(nn.Module):
             q, k, v = torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
         q = apply_rotary(q, *rope)
         k = apply_rotary(k, *rope)
-        out = attention(q, k, v).flatten(2, 3).to(q.dtype)  # (B, S + N, D)
+        text_len = context.shape[1] if self.joint else text_len
+        if sequence is None:
+            out = attention(q, k, v)  # (B, S + N, Hd, Dh)
+        else:
+            s = text_len
+            image, text = sequence.attention(q[:, s:], k[:, s:], v[:, s:], length, text=(q[:, :s], k[:, :s], v[:, :s]))
+            out = torch.cat([text, image], dim=1)
+        out = out.flatten(2, 3).to(q.dtype)  # (B, S + N, D)
         if not self.joint:
             return out
-        text_len = context.shape[1]
         text_out, image_out = out[:, :text_len], out[:, text_len:]
         return self.to_out[0](image_out.contiguous()), self.to_add_out(text_out.contiguous())
 
@@ -236,16 +247,17 @@ class FluxDoubleBlock(nn.Module):
         self.ff_context = FeedForward(dim, inner_dim=4 * dim, approximate="tanh")
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]
+        self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+        sequence=None, length: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # x (B, N, D) image, context (B, S, D) text, temb (B, D)
+        # x (B, N, D) image (a token shard under sequence parallelism), context (B, S, D) text, temb (B, D)
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.norm1.modulations(temb)  # (B, 1, D) each
         c_shift_a, c_scale_a, c_gate_a, c_shift_f, c_scale_f, c_gate_f = self.norm1_context.modulations(temb)
 
         # 1. Joint attention over [text, image].
         h = modulate(self.norm1.norm(x), shift_a, scale_a)
         c = modulate(self.norm1_context.norm(context), c_shift_a, c_scale_a)
-        attn_x, attn_c = self.attn(h, rope, context=c)
+        attn_x, attn_c = self.attn(h, rope, context=c, sequence=sequence, length=length)
 
         # 2. Image stream: gated residuals.
         x = x + gate_a * attn_x
@@ -270,12 +282,13 @@ class FluxSingleBlock(nn.Module):
         self.proj_out = nn.Linear(dim + mlp_dim, dim)
         self.attn = FluxAttention(dim, heads, head_dim, joint=False)
 
-    def forward(self, xc: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        # xc = [text, image] (B, S + N, D)
+    def forward(self, xc: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+                sequence=None, length: int = 0, text_len: int = 0) -> torch.Tensor:
+        # xc = [text, image] (B, S + N, D); the image part a token shard under sequence parallelism
         shift, scale, gate = self.norm.modulations(temb)  # (B, 1, D) each
         h = modulate(self.norm.norm(xc), shift, scale)
         mlp = self.act_mlp(self.proj_mlp(h))  # (B, S + N, 4D)
-        attn = self.attn(h, rope)  # (B, S + N, D)
+        attn = self.attn(h, rope, sequence=sequence, length=length, text_len=text_len)  # (B, S + N, D)
         xc = xc + gate * self.proj_out(torch.cat([attn, mlp], dim=2))
         return _clip_fp16(xc)
 
@@ -310,6 +323,8 @@ class FluxTransformer(nn.Module):
         )
         self.norm_out = AdaNorm(dim, 2)
         self.proj_out = nn.Linear(dim, cfg.patch_size * cfg.patch_size * out_channels)
+        # sequence group (worker/sequence_parallel.py) when the worker group shards tokens.
+        self.sequence_parallel = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -342,20 +357,23 @@ class FluxTransformer(nn.Module):
 
         c = self.context_embedder(context)  # (B, S, D)
         rope = flux_rope(torch.cat([txt_ids, img_ids], dim=0), self.config.axes_dims_rope)  # (1, S + N, 1, Dh)
+        text_len, sp, length = c.shape[1], self.sequence_parallel, x.shape[1]
+        if sp is not None:  # shard the image tokens once (their rope with them); text stays whole
+            x = sp.shard(x)
+            rope = tuple(torch.cat([r[:, :text_len], sp.shard(r[:, text_len:])], dim=1) for r in rope)
 
         for block in self.transformer_blocks:
-            x, c = block(x, c, temb, rope)
+            x, c = block(x, c, temb, rope, sp, length)
 
-        text_len = c.shape[1]
         xc = torch.cat([c, x], dim=1)  # (B, S + N, D)
         for block in self.single_transformer_blocks:
-            xc = block(xc, temb, rope)
+            xc = block(xc, temb, rope, sp, length, text_len)
         x = xc[:, text_len:]
 
         # Output head: AdaLN (scale first, then shift) and linear to packed channels.
         scale, shift = self.norm_out.modulations(temb)
-        x = modulate(self.norm_out.norm(x), shift, scale)
-        return self.proj_out(x)  # (B, N, Cout)
+        x = self.proj_out(modulate(self.norm_out.norm(x), shift, scale))  # (B, N, Cout)
+        return x if sp is None else sp.gather(x, length)
 
     # -----------------------------------------------------------------------------------------
     # Loading

@@ -205,8 +205,9 @@ class JointAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # diffusers' `to_out.0` (to_out.1 is dropout)
         self.to_add_out = nn.Linear(dim, dim)
 
-    def forward(self, img, txt, img_rope, txt_rope, key_mask):
-        # img: (B, L, D), txt: (B, S, D); key_mask: (B, S + L) bool or None
+    def forward(self, img, txt, img_rope, txt_rope, text_mask, sequence=None, length=0):
+        # img: (B, L, D), txt: (B, S, D); text_mask: (B, S) bool (False at padding) or None.
+        # sequence (worker/sequence_parallel.py): img is this rank's shard of `length` tokens.
         def heads(x):
             return x.unflatten(-1, (self.heads, -1))  # (B, N, Hd, Dh)
 
@@ -217,6 +218,13 @@ class JointAttention(nn.Module):
         txt_k = apply_rotary(self.norm_added_k(heads(self.add_k_proj(txt))), *txt_rope)
         txt_v = heads(self.add_v_proj(txt))
 
+        if sequence is not None:
+            img_out, txt_out = sequence.attention(img_q, img_k, img_v, length, text=(txt_q, txt_k, txt_v), text_mask=text_mask)
+            img_out, txt_out = img_out.flatten(2, 3).to(img_q.dtype), txt_out.flatten(2, 3).to(img_q.dtype)
+            return self.to_out[0](img_out), self.to_add_out(txt_out)
+        key_mask = None
+        if text_mask is not None:
+            key_mask = torch.cat([text_mask.bool(), text_mask.new_ones(img.shape[:2], dtype=torch.bool)], dim=1)  # (B, S + L)
         q = torch.cat([txt_q, img_q], dim=1)  # (B, S + L, Hd, Dh)
         k = torch.cat([txt_k, img_k], dim=1)
         v = torch.cat([txt_v, img_v], dim=1)
@@ -237,7 +245,7 @@ class QwenImageBlock(nn.Module):
         self.img_mlp = FeedForward(dim, 4 * dim, approximate="tanh")
         self.txt_mlp = FeedForward(dim, 4 * dim, approximate="tanh")
 
-    def forward(self, img, txt, temb, img_rope, txt_rope, key_mask):
+    def forward(self, img, txt, temb, img_rope, txt_rope, text_mask, sequence=None, length=0):
         # img: (B, L, D), txt: (B, S, D), temb: (B, D)
         img_mod = self.img_mod(temb)[:, None].chunk(6, dim=-1)  # 6 x (B, 1, D): shift, scale, gate, x2
         txt_mod = self.txt_mod(temb)[:, None].chunk(6, dim=-1)
@@ -247,7 +255,9 @@ class QwenImageBlock(nn.Module):
             modulate(layer_norm(txt, self.eps), txt_mod[0], txt_mod[1]),
             img_rope,
             txt_rope,
-            key_mask,
+            text_mask,
+            sequence,
+            length,
         )
         img = img + img_mod[2] * img_attn
         txt = txt + txt_mod[2] * txt_attn
@@ -299,6 +309,8 @@ class QwenImageTransformer(nn.Module):
         )
         self.norm_out = AdaNormOut(dim)
         self.proj_out = nn.Linear(dim, cfg.patch_size * cfg.patch_size * out_channels)
+        # sequence group (worker/sequence_parallel.py) when the worker group shards tokens.
+        self.sequence_parallel = None
 
     def forward(
         self,
@@ -318,14 +330,15 @@ class QwenImageTransformer(nn.Module):
         txt = self.txt_in(self.txt_norm(text))  # (B, S, D)
 
         img_rope, txt_rope = rope_tables(self.config.axes_dims_rope, image_shapes, txt.shape[1], x.device)
-        key_mask = None
-        if text_mask is not None:
-            key_mask = torch.cat([text_mask.bool(), text_mask.new_ones(x.shape[:2], dtype=torch.bool)], dim=1)  # (B, S + L)
+        sp, length = self.sequence_parallel, x.shape[1]
+        if sp is not None:  # shard the image tokens once (their rope with them); text stays whole
+            x, img_rope = sp.shard(x), tuple(sp.shard(r) for r in img_rope)
 
         for block in self.transformer_blocks:
-            x, txt = block(x, txt, temb, img_rope, txt_rope, key_mask)
+            x, txt = block(x, txt, temb, img_rope, txt_rope, text_mask, sp, length)
 
-        return self.proj_out(self.norm_out(x, temb))
+        x = self.proj_out(self.norm_out(x, temb))  # (B, L, patch^2 * out_channels)
+        return x if sp is None else sp.gather(x, length)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype, device: torch.device | str) -> QwenImageTransformer:

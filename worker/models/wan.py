@@ -223,7 +223,7 @@ class WanAttention(nn.Module):
         length: int = 0,
     ) -> torch.Tensor:
         # x: (B, L, D); context: (B, S, D) or None; context_image: (B, S_img, D) or None.
-        # sequence (Ulysses, self-attention only): x is this rank's token shard of a `length`-token sequence.
+        # sequence (Ulysses/Ring, self-attention only): x is this rank's token shard of a `length`-token sequence.
         source = x if context is None else context
         q = self._heads(self.norm_q(self.to_q(x)))  # (B, L, Hd, Dh)
         k = self._heads(self.norm_k(self.to_k(source)))  # (B, S, Hd, Dh)
@@ -233,7 +233,7 @@ class WanAttention(nn.Module):
             k = apply_rotary(k, *rope)
 
         if sequence is not None and context is None:
-            out = sequence.attention(attention, q, k, v, length).flatten(2, 3).type_as(q)  # (B, L/u, D)
+            out = sequence.attention(q, k, v, length)[0].flatten(2, 3).type_as(q)  # (B, L/(U·R), D)
         else:
             out = attention(q, k, v).flatten(2, 3).type_as(q)  # (B, L, D)
         if context_image is not None and self.add_k_proj is not None:
@@ -311,7 +311,7 @@ class WanTransformer(nn.Module):
         self.norm_out = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, out_channels * math.prod(cfg.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
-        # Ulysses group (worker/parallel.py SequenceParallel) when the worker group shards tokens.
+        # sequence group (worker/sequence_parallel.py) when the worker group shards tokens.
         self.sequence_parallel = None
 
     def forward(

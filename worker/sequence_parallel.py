@@ -1,0 +1,181 @@
+"""Sequence parallelism inside one DiT forward: Ulysses (all-to-all over heads) and Ring (K/V passed
+around with a log-sum-exp merge), alone or combined (USP).
+
+The DiT shards its image/video tokens over the U × R ranks of the sequence group once before the
+first block (`shard`) and gathers them once after the last (`gather`); everything per-token in
+between runs on the shard. Only self-attention needs the whole sequence:
+
+1. Ulysses: an all-to-all inside the ulysses group swaps the shard from tokens to heads: each rank
+   goes from (B, L/(U·R), H, D) to (B, L/R, H/U, D) — the R-th block of the sequence, H/U heads.
+   The sequence index of a rank is r·U + u, so the U shards of one ring block are consecutive.
+2. Ring: the R ranks of the ring group each hold one block of keys/values; they pass them around
+   R - 1 times; every block's partial attention is merged with the running result by its
+   log-sum-exp (exact online softmax).
+3. Ulysses swaps back from heads to tokens.
+
+Joint-attention models (FLUX, Qwen-Image, HunyuanVideo) pass their text tokens' q/k/v whole on
+every rank: the text is attended as one more key block (each rank takes its own heads of it) and
+the text's output is gathered over the ulysses heads so every rank has it whole. Token counts that
+do not divide by U·R are padded at the end; padded keys are cut off before attending (they only
+ever sit at the end of the sequence), padded queries give rows the gather drops.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ..kernels.attention import attention, attention_lse
+
+Text = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class SequenceParallel:
+    """This rank's place in the sequence group (ulysses × ring ranks sharing one sample's tokens)."""
+
+    group: object  # all U × R ranks; group rank = sequence index = ring_rank * ulysses + ulysses_rank
+    ulysses_group: object
+    ring_group: object
+    ulysses: int
+    ring: int
+    ulysses_rank: int
+    ring_rank: int
+    ring_peers: tuple[int, ...] = ()  # global ranks of the ring group, in ring order
+
+    @property
+    def size(self) -> int:
+        return self.ulysses * self.ring
+
+    @property
+    def rank(self) -> int:
+        return self.ring_rank * self.ulysses + self.ulysses_rank
+
+    # ---- shard / gather (once per forward) ----
+
+    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's contiguous share of `x` along `dim`, padded with zeros to equal shares."""
+        length = x.shape[dim]
+        share = math.ceil(length / self.size)
+        pad = share * self.size - length
+        if pad:
+            shape = list(x.shape)
+            shape[dim] = pad
+            x = torch.cat([x, x.new_zeros(shape)], dim=dim)
+        return x.narrow(dim, self.rank * share, share)
+
+    def gather(self, x: torch.Tensor, length: int, dim: int = 1) -> torch.Tensor:
+        """Inverse of shard: every rank gets the full tensor (padding dropped)."""
+        parts = [torch.empty_like(x) for _ in range(self.size)]
+        dist.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=dim).narrow(dim, 0, length)
+
+    # ---- attention ----
+
+    def attention(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        length: int,
+        text: Text | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Self-attention over the whole `length`-token sequence from this rank's token shards.
+
+        q, k, v: (B, L/(U·R), H, D) shards; text: optional whole (q, k, v) of the text tokens,
+        (B, S, H, D) each, attended jointly with the sequence; text_mask: optional bool (B, S),
+        False for padding text keys. Returns (output shard (B, L/(U·R), H, D), text output
+        (B, S, H, D) or None).
+        """
+        heads = q.shape[2]
+        if self.ulysses > 1:
+            q, k, v = (self._to_heads(t) for t in (q, k, v))  # (B, L/R, H/U, D)
+            if text is not None:
+                h = heads // self.ulysses
+                text = tuple(t[:, :, self.ulysses_rank * h : (self.ulysses_rank + 1) * h] for t in text)
+        block = k.shape[1]  # tokens per ring block (padded)
+        text_len = text[0].shape[1] if text is not None else 0
+        if text is not None:
+            q = torch.cat([text[0], q], dim=1)
+        if self.ring == 1:
+            valid = min(length, block)
+            k, v = k[:, :valid], v[:, :valid]
+            mask = None
+            if text is not None:
+                k, v = torch.cat([text[1], k], dim=1), torch.cat([text[2], v], dim=1)
+                if text_mask is not None:
+                    mask = torch.cat([text_mask.bool(), text_mask.new_ones(text_mask.shape[0], valid, dtype=torch.bool)], dim=1)
+            out = attention(q, k, v, key_mask=mask)
+        else:
+            out = self._ring(q, k, v, length, block, text, text_mask)
+        text_out, out = out[:, :text_len], out[:, text_len:]
+        if self.ulysses > 1:
+            out = self._to_tokens(out.contiguous())
+            if text is not None:
+                parts = [torch.empty_like(text_out) for _ in range(self.ulysses)]
+                dist.all_gather(parts, text_out.contiguous(), group=self.ulysses_group)
+                text_out = torch.cat(parts, dim=2)  # (B, S, H, D)
+        return out, (text_out if text is not None else None)
+
+    def _ring(self, q, k, v, length, block, text, text_mask) -> torch.Tensor:
+        """Ring attention of q against every ring rank's K/V block (and the text block)."""
+        out = lse = None
+        if text is not None:
+            out, lse = attention_lse(q, text[1], text[2], key_mask=text_mask)
+            out = out.float()
+        n = self.ring
+        nxt, prv = self.ring_peers[(self.ring_rank + 1) % n], self.ring_peers[(self.ring_rank - 1) % n]
+        kv = torch.stack([k, v]).contiguous()  # one buffer to pass: (2, B, L/R, H', D)
+        for step in range(n):
+            pending = None
+            if step < n - 1:  # start passing our current block on while we attend to it
+                incoming = torch.empty_like(kv)
+                ops = [dist.P2POp(dist.isend, kv, nxt, self.ring_group), dist.P2POp(dist.irecv, incoming, prv, self.ring_group)]
+                pending = dist.batch_isend_irecv(ops)
+            source = (self.ring_rank - step) % n  # whose block we hold now
+            valid = max(0, min(block, length - source * block))  # padded keys sit at the end of the sequence
+            if valid:
+                part, part_lse = attention_lse(q, kv[0, :, :valid], kv[1, :, :valid])
+                out, lse = (part.float(), part_lse) if out is None else merge(out, lse, part, part_lse)
+            if pending is not None:
+                for work in pending:
+                    work.wait()
+                kv = incoming
+        return out.to(q.dtype)
+
+    # ---- Ulysses all-to-all ----
+
+    def _to_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, n, H, D) token shard -> (B, U·n, H/U, D): the U consecutive shards, our head group."""
+        b, n, heads, d = x.shape
+        u = self.ulysses
+        send = x.reshape(b, n, u, heads // u, d).permute(2, 0, 1, 3, 4).contiguous()  # by destination head group
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.ulysses_group)  # dim 0 now: source = token shard
+        return recv.permute(1, 0, 2, 3, 4).reshape(b, u * n, heads // u, d)
+
+    def _to_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverse of _to_heads: (B, U·n, H/U, D) -> (B, n, H, D)."""
+        b, length, heads, d = x.shape
+        u = self.ulysses
+        send = x.reshape(b, u, length // u, heads, d).permute(1, 0, 2, 3, 4).contiguous()  # by destination token shard
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.ulysses_group)  # dim 0 now: source = head group
+        return recv.permute(1, 2, 0, 3, 4).reshape(b, length // u, u * heads, d)
+
+
+def merge(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combines two softmax-attention results over disjoint key sets into the result over both.
+
+    out: (B, L, H, D) float32 running result, part: (B, L, H, D) any dtype; lse/part_lse: (B, L, H)
+    float32 log-sum-exp of each row's scores. Rows that saw no key yet (lse -inf) take the other
+    side's result. Returns the float32 result and its log-sum-exp.
+    """
+    new = torch.logaddexp(lse, part_lse)
+    a = torch.exp(lse - new).nan_to_num(0.0)[..., None]  # -inf - -inf = nan: weight 0
+    b = torch.exp(part_lse - new).nan_to_num(0.0)[..., None]
+    return out * a + part.float() * b, new
