@@ -25,7 +25,15 @@ import torch.nn as nn
 
 from diffserve.kernels.attention import attention
 from diffserve.worker.models.checkpoint import load_module, read_config
-from diffserve.worker.models.layers import FeedForward, TimestepEmbedding, apply_rotary, modulate, timestep_embedding
+from diffserve.kernels.activation import gelu_tanh
+from diffserve.worker.models.layers import (
+    FeedForward,
+    TimestepEmbedding,
+    gated_residual,
+    norm_modulate,
+    qk_norm_rope,
+    timestep_embedding,
+)
 
 TIME_FREQ_DIM = 256  # width of the sinusoidal timestep / guidance embedding
 
@@ -185,8 +193,8 @@ class FluxAttention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(-1, (self.heads, -1))  # (B, L, D) -> (B, L, Hd, Dh)
 
-    def _qkv(self, x: torch.Tensor, to_q, to_k, to_v, norm_q, norm_k):
-        return norm_q(self._heads(to_q(x))), norm_k(self._heads(to_k(x))), self._heads(to_v(x))
+    def _qkv(self, x: torch.Tensor, to_q, to_k, to_v, norm_q, norm_k, rope):
+        return qk_norm_rope(self._heads(to_q(x)), norm_q, rope), qk_norm_rope(self._heads(to_k(x)), norm_k, rope), self._heads(to_v(x))
 
     def forward(
         self,
@@ -201,14 +209,15 @@ class FluxAttention(nn.Module):
         # single: x = [text, image] (B, S + N, D) -> (B, S + N, D), not projected
         # sequence (worker/sequence_parallel.py): the image part is this rank's shard of `length`
         # tokens; the text part (the first `text_len` tokens) is whole on every rank.
-        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)  # (B, N, Hd, Dh)
-        if self.joint:
-            cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
-                                   self.norm_added_q, self.norm_added_k)  # (B, S, Hd, Dh)
-            q, k, v = torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
-        q = apply_rotary(q, *rope)
-        k = apply_rotary(k, *rope)
+        # rope tables are laid out [text, image] like the sequence
         text_len = context.shape[1] if self.joint else text_len
+        image_rope = tuple(r[:, text_len:] for r in rope) if self.joint else rope
+        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, image_rope)  # (B, N, Hd, Dh)
+        if self.joint:
+            text_rope = tuple(r[:, :text_len] for r in rope)
+            cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
+                                   self.norm_added_q, self.norm_added_k, text_rope)  # (B, S, Hd, Dh)
+            q, k, v = torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
         if sequence is None:
             out = attention(q, k, v)  # (B, S + N, Hd, Dh)
         else:
@@ -255,17 +264,17 @@ class FluxDoubleBlock(nn.Module):
         c_shift_a, c_scale_a, c_gate_a, c_shift_f, c_scale_f, c_gate_f = self.norm1_context.modulations(temb)
 
         # 1. Joint attention over [text, image].
-        h = modulate(self.norm1.norm(x), shift_a, scale_a)
-        c = modulate(self.norm1_context.norm(context), c_shift_a, c_scale_a)
+        h = norm_modulate(x, shift_a, scale_a, self.norm1.norm)
+        c = norm_modulate(context, c_shift_a, c_scale_a, self.norm1_context.norm)
         attn_x, attn_c = self.attn(h, rope, context=c, sequence=sequence, length=length)
 
         # 2. Image stream: gated residuals.
-        x = x + gate_a * attn_x
-        x = x + gate_f * self.ff(modulate(self.norm2(x), shift_f, scale_f))
+        x = gated_residual(x, attn_x, gate_a)
+        x = gated_residual(x, self.ff(norm_modulate(x, shift_f, scale_f, self.norm2)), gate_f)
 
         # 3. Text stream: the same with its own weights.
-        context = context + c_gate_a * attn_c
-        context = context + c_gate_f * self.ff_context(modulate(self.norm2_context(context), c_shift_f, c_scale_f))
+        context = gated_residual(context, attn_c, c_gate_a)
+        context = gated_residual(context, self.ff_context(norm_modulate(context, c_shift_f, c_scale_f, self.norm2_context)), c_gate_f)
         return _clip_fp16(x), _clip_fp16(context)
 
 
@@ -278,7 +287,6 @@ class FluxSingleBlock(nn.Module):
         mlp_dim = int(dim * mlp_ratio)
         self.norm = AdaNorm(dim, 3)
         self.proj_mlp = nn.Linear(dim, mlp_dim)
-        self.act_mlp = nn.GELU(approximate="tanh")
         self.proj_out = nn.Linear(dim + mlp_dim, dim)
         self.attn = FluxAttention(dim, heads, head_dim, joint=False)
 
@@ -286,10 +294,10 @@ class FluxSingleBlock(nn.Module):
                 sequence=None, length: int = 0, text_len: int = 0) -> torch.Tensor:
         # xc = [text, image] (B, S + N, D); the image part a token shard under sequence parallelism
         shift, scale, gate = self.norm.modulations(temb)  # (B, 1, D) each
-        h = modulate(self.norm.norm(xc), shift, scale)
-        mlp = self.act_mlp(self.proj_mlp(h))  # (B, S + N, 4D)
+        h = norm_modulate(xc, shift, scale, self.norm.norm)
+        mlp = gelu_tanh(self.proj_mlp(h))  # (B, S + N, 4D)
         attn = self.attn(h, rope, sequence=sequence, length=length, text_len=text_len)  # (B, S + N, D)
-        xc = xc + gate * self.proj_out(torch.cat([attn, mlp], dim=2))
+        xc = gated_residual(xc, self.proj_out(torch.cat([attn, mlp], dim=2)), gate)
         return _clip_fp16(xc)
 
 
@@ -372,7 +380,7 @@ class FluxTransformer(nn.Module):
 
         # Output head: AdaLN (scale first, then shift) and linear to packed channels.
         scale, shift = self.norm_out.modulations(temb)
-        x = self.proj_out(modulate(self.norm_out.norm(x), shift, scale))  # (B, N, Cout)
+        x = self.proj_out(norm_modulate(x, shift, scale, self.norm_out.norm))  # (B, N, Cout)
         return x if sp is None else sp.gather(x, length)
 
     # -----------------------------------------------------------------------------------------

@@ -5,6 +5,10 @@ Module and parameter names follow diffusers' (`linear_1`, `net.0.proj`, ...) on
 purpose: the diffusers safetensors checkpoints then load into our modules with
 `load_state_dict(strict=True)` and no key renaming.
 
+The memory-bound pieces (norms with their AdaLN modulation, gated residuals, q/k norm with RoPE,
+GELU, the timestep embedding) run through diffserve.kernels' fused ops: Triton kernels on CUDA,
+their torch references (the math written out) on CPU and under torch.compile.
+
 Shape legend used in the comments: B batch, L sequence (tokens), H heads,
 D head dim (or channels where there are no heads), N any number of leading dims.
 """
@@ -17,26 +21,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from diffserve.kernels.activation import gelu_tanh
+from diffserve.kernels.norm import layer_norm, rms_norm
+from diffserve.kernels.residual import gated_residual  # noqa: F401  (x + y * gate for the models)
+from diffserve.kernels.rope import apply_rotary, rms_norm_rope  # noqa: F401  (apply_rotary for the models)
+from diffserve.kernels.timestep import timestep_embedding  # noqa: F401  (for the models)
+
 # ---------------------------------------------------------------------------------------------
 # Timestep conditioning
 # ---------------------------------------------------------------------------------------------
-
-
-def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps, laid out [cos | sin].
-
-    Same numbers as diffusers' `Timesteps(dim, flip_sin_to_cos=True, downscale_freq_shift=0)`:
-    frequency i is exp(-ln(max_period) * i / (dim // 2)) for i in [0, dim // 2).
-    Works on any shape: timesteps (N...) -> (N..., dim), always float32.
-    """
-    half = dim // 2
-    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=timesteps.device)
-    freqs = torch.exp(exponent / half)  # (half,)
-    angles = timesteps.float()[..., None] * freqs  # (N..., half)
-    emb = torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)  # (N..., 2 * half)
-    if dim % 2 == 1:
-        emb = F.pad(emb, (0, 1))  # odd dims get a zero last channel
-    return emb
 
 
 class TimestepEmbedding(nn.Module):
@@ -68,8 +61,31 @@ class TextProjection(nn.Module):
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """AdaLN modulation. x (B, L, D); shift/scale broadcastable, e.g. (B, 1, D) or (B, L, D)."""
+    """AdaLN modulation. x (B, L, D); shift/scale broadcastable, e.g. (B, 1, D) or (B, L, D).
+    After a norm, `norm_modulate` does both in one pass."""
     return x * (1 + scale) + shift
+
+
+def norm_modulate(
+    x: torch.Tensor,
+    shift: torch.Tensor,
+    scale: torch.Tensor,
+    norm: nn.LayerNorm | nn.RMSNorm | None = None,
+    eps: float = 1e-6,
+) -> torch.Tensor:
+    """`modulate(norm(x), shift, scale)` in one pass, float32 inside, x's dtype out.
+
+    x (B, L, D); shift/scale broadcastable, e.g. (B, 1, D) or (B, L, D). `norm` is an nn.LayerNorm
+    (FP32LayerNorm included) or nn.RMSNorm over D whose eps and affine parameters are used; without
+    one it is a LayerNorm with no affine parameters and `eps`.
+    """
+    if isinstance(norm, nn.RMSNorm):
+        eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+        return rms_norm(x, norm.weight, eps, shift=shift, scale=scale)
+    if norm is not None:
+        assert isinstance(norm, nn.LayerNorm) and norm.normalized_shape == x.shape[-1:], norm
+        return layer_norm(x, norm.weight, norm.bias, norm.eps, shift=shift, scale=scale)
+    return layer_norm(x, eps=eps, shift=shift, scale=scale)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,9 +97,8 @@ class FP32LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 whatever the input dtype; the result is cast back to it."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        return F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps).to(x.dtype)
+        assert len(self.normalized_shape) == 1, "normalizes the last dim only"
+        return layer_norm(x, self.weight, self.bias, self.eps)
 
 
 class _LinearGELU(nn.Module):
@@ -95,6 +110,8 @@ class _LinearGELU(nn.Module):
         self.approximate = approximate
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.approximate == "tanh":
+            return gelu_tanh(self.proj(x))
         return F.gelu(self.proj(x), approximate=self.approximate)
 
 
@@ -145,15 +162,18 @@ def rotary_tables(
     return cos, sin
 
 
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved channel pairs of x by the angles in the tables.
+def qk_norm_rope(x: torch.Tensor, norm: nn.Module, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
+    """RMS q/k norm then RoPE (`apply_rotary`) in one pass, float32 inside, x's dtype out.
 
-    x: (B, L, H, D); cos/sin: repeat-interleaved tables broadcastable to x, e.g. (1, L, 1, D).
-    The rotation is done in the tables' dtype (float32) and the result cast back to x's dtype.
+    x: (B, L, H, D); norm: an RMSNorm (nn.RMSNorm, or a module with `weight` and `eps` as diffusers'
+    RMSNorm) over D (per head: FLUX, Qwen-Image, HunyuanVideo) or over H * D (across heads: Wan);
+    rope: (cos, sin) tables as `apply_rotary` takes them, or None for the norm alone.
     """
-    x_even, x_odd = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, L, H, D/2) each
-    cos = cos[..., 0::2]  # both entries of a pair are equal: keep one, (..., D/2)
-    sin = sin[..., 1::2]
-    out_even = x_even * cos - x_odd * sin
-    out_odd = x_even * sin + x_odd * cos
-    return torch.stack([out_even, out_odd], dim=-1).flatten(-2).to(x.dtype)  # (B, L, H, D)
+    if getattr(norm, "spans_ranks", False):  # tensor parallel: its RMS is all-reduced (worker/tensor_parallel.py)
+        x = norm(x.flatten(-2)).unflatten(-1, x.shape[-2:])
+        return apply_rotary(x, *rope) if rope is not None else x
+    weight = norm.weight
+    eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
+    dim = weight.numel() if weight is not None else math.prod(norm.normalized_shape)
+    cos, sin = rope if rope is not None else (None, None)
+    return rms_norm_rope(x, weight, eps, cos, sin, across_heads=dim != x.shape[-1])

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from diffserve.kernels.attention import attention
 from diffserve.worker.models.checkpoint import load_module, read_config
-from diffserve.worker.models.layers import FeedForward, TimestepEmbedding, apply_rotary, modulate
+from diffserve.worker.models.layers import FeedForward, TimestepEmbedding, gated_residual, norm_modulate, qk_norm_rope
 
 # (frames, height, width) of one image's token grid, in packed (2x2) latent units.
 ImageShape = tuple[int, int, int]
@@ -151,11 +151,6 @@ class RMSNorm(nn.Module):
         return x * self.weight
 
 
-def layer_norm(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """LayerNorm without affine parameters, in x's dtype (diffusers uses plain nn.LayerNorm here)."""
-    return F.layer_norm(x, x.shape[-1:], eps=eps)
-
-
 def qwen_timestep_embedding(timestep: torch.Tensor, dim: int = TIME_PROJ_DIM, scale: float = 1000.0) -> torch.Tensor:
     """Sinusoidal [cos | sin] embedding of timesteps in [0, 1] scaled by 1000: (B,) -> (B, dim) float32.
 
@@ -211,11 +206,11 @@ class JointAttention(nn.Module):
         def heads(x):
             return x.unflatten(-1, (self.heads, -1))  # (B, N, Hd, Dh)
 
-        img_q = apply_rotary(self.norm_q(heads(self.to_q(img))), *img_rope)
-        img_k = apply_rotary(self.norm_k(heads(self.to_k(img))), *img_rope)
+        img_q = qk_norm_rope(heads(self.to_q(img)), self.norm_q, img_rope)
+        img_k = qk_norm_rope(heads(self.to_k(img)), self.norm_k, img_rope)
         img_v = heads(self.to_v(img))
-        txt_q = apply_rotary(self.norm_added_q(heads(self.add_q_proj(txt))), *txt_rope)
-        txt_k = apply_rotary(self.norm_added_k(heads(self.add_k_proj(txt))), *txt_rope)
+        txt_q = qk_norm_rope(heads(self.add_q_proj(txt)), self.norm_added_q, txt_rope)
+        txt_k = qk_norm_rope(heads(self.add_k_proj(txt)), self.norm_added_k, txt_rope)
         txt_v = heads(self.add_v_proj(txt))
 
         if sequence is not None:
@@ -251,19 +246,19 @@ class QwenImageBlock(nn.Module):
         txt_mod = self.txt_mod(temb)[:, None].chunk(6, dim=-1)
 
         img_attn, txt_attn = self.attn(
-            modulate(layer_norm(img, self.eps), img_mod[0], img_mod[1]),
-            modulate(layer_norm(txt, self.eps), txt_mod[0], txt_mod[1]),
+            norm_modulate(img, img_mod[0], img_mod[1], eps=self.eps),
+            norm_modulate(txt, txt_mod[0], txt_mod[1], eps=self.eps),
             img_rope,
             txt_rope,
             text_mask,
             sequence,
             length,
         )
-        img = img + img_mod[2] * img_attn
-        txt = txt + txt_mod[2] * txt_attn
+        img = gated_residual(img, img_attn, img_mod[2])
+        txt = gated_residual(txt, txt_attn, txt_mod[2])
 
-        img = img + img_mod[5] * self.img_mlp(modulate(layer_norm(img, self.eps), img_mod[3], img_mod[4]))
-        txt = txt + txt_mod[5] * self.txt_mlp(modulate(layer_norm(txt, self.eps), txt_mod[3], txt_mod[4]))
+        img = gated_residual(img, self.img_mlp(norm_modulate(img, img_mod[3], img_mod[4], eps=self.eps)), img_mod[5])
+        txt = gated_residual(txt, self.txt_mlp(norm_modulate(txt, txt_mod[3], txt_mod[4], eps=self.eps)), txt_mod[5])
         if txt.dtype == torch.float16:
             txt, img = txt.clip(-65504, 65504), img.clip(-65504, 65504)
         return img, txt
@@ -279,7 +274,7 @@ class AdaNormOut(nn.Module):
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         scale, shift = self.linear(F.silu(temb).to(x.dtype)).chunk(2, dim=-1)  # (B, D) each
-        return layer_norm(x, self.eps) * (1 + scale[:, None]) + shift[:, None]
+        return norm_modulate(x, shift[:, None], scale[:, None], eps=self.eps)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,8 +26,9 @@ from diffserve.worker.models.layers import (
     FP32LayerNorm,
     TextProjection,
     TimestepEmbedding,
-    apply_rotary,
-    modulate,
+    gated_residual,
+    norm_modulate,
+    qk_norm_rope,
     rotary_tables,
     timestep_embedding,
 )
@@ -225,19 +226,16 @@ class WanAttention(nn.Module):
         # x: (B, L, D); context: (B, S, D) or None; context_image: (B, S_img, D) or None.
         # sequence (Ulysses/Ring, self-attention only): x is this rank's token shard of a `length`-token sequence.
         source = x if context is None else context
-        q = self._heads(self.norm_q(self.to_q(x)))  # (B, L, Hd, Dh)
-        k = self._heads(self.norm_k(self.to_k(source)))  # (B, S, Hd, Dh)
+        q = qk_norm_rope(self._heads(self.to_q(x)), self.norm_q, rope)  # (B, L, Hd, Dh), rope on self-attention only
+        k = qk_norm_rope(self._heads(self.to_k(source)), self.norm_k, rope)  # (B, S, Hd, Dh)
         v = self._heads(self.to_v(source))  # (B, S, Hd, Dh)
-        if rope is not None:
-            q = apply_rotary(q, *rope)
-            k = apply_rotary(k, *rope)
 
         if sequence is not None and context is None:
             out = sequence.attention(q, k, v, length)[0].flatten(2, 3).type_as(q)  # (B, L/(U·R), D)
         else:
             out = attention(q, k, v).flatten(2, 3).type_as(q)  # (B, L, D)
         if context_image is not None and self.add_k_proj is not None:
-            k_img = self._heads(self.norm_added_k(self.add_k_proj(context_image)))  # (B, S_img, Hd, Dh)
+            k_img = qk_norm_rope(self._heads(self.add_k_proj(context_image)), self.norm_added_k, None)  # (B, S_img, Hd, Dh)
             v_img = self._heads(self.add_v_proj(context_image))
             out = out + attention(q, k_img, v_img).flatten(2, 3).type_as(q)
         return self.to_out[0](out)
@@ -272,16 +270,16 @@ class WanBlock(nn.Module):
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mods
 
         # 1. Self-attention (modulation and residual in float32).
-        h = modulate(self.norm1(x.float()), shift_sa, scale_sa).type_as(x)
-        x = (x.float() + self.attn1(h, rope=rope, sequence=sequence, length=length) * gate_sa).type_as(x)
+        h = norm_modulate(x, shift_sa, scale_sa, self.norm1)
+        x = gated_residual(x, self.attn1(h, rope=rope, sequence=sequence, length=length), gate_sa)
 
         # 2. Cross-attention to the prompt (and image), no modulation.
-        h = self.norm2(x.float()).type_as(x)
+        h = self.norm2(x)  # FP32LayerNorm (float32 inside) or Identity
         x = x + self.attn2(h, context=context, context_image=context_image)
 
         # 3. Feed-forward.
-        h = modulate(self.norm3(x.float()), shift_ff, scale_ff).type_as(x)
-        x = (x.float() + self.ffn(h).float() * gate_ff).type_as(x)
+        h = norm_modulate(x, shift_ff, scale_ff, self.norm3)
+        x = gated_residual(x, self.ffn(h), gate_ff)
         return x
 
 
@@ -352,7 +350,7 @@ class WanTransformer(nn.Module):
 
         # Output head: AdaLN (float32) then linear to patch pixels.
         shift, scale = (self.scale_shift_table + temb.unsqueeze(2)).unbind(2)  # (B, T, D) each
-        x = modulate(self.norm_out(x.float()), shift, scale).type_as(x)
+        x = norm_modulate(x, shift, scale, self.norm_out)
         x = self.proj_out(x)  # (B, L, pt * ph * pw * C_out)
 
         # Unpatchify: (B, F', H', W', pt, ph, pw, C) -> (B, C, F'pt, H'ph, W'pw).
