@@ -5,15 +5,24 @@ from __future__ import annotations
 import json
 import os
 import statistics
+import time
 from pathlib import Path
 
 import torch
 
 
-def time_ms(fn, warmup: int = 2, repeat: int = 5) -> float:
-    """Median wall time of fn() on the current CUDA stream, in ms."""
+def time_ms(fn, warmup: int = 2, repeat: int = 5, cuda: bool = True) -> float:
+    """Median time of fn() in ms: CUDA events on the current stream, or (cuda=False, CPU runs of
+    the --tiny checks) wall time."""
     for _ in range(warmup):
         fn()
+    if not cuda:
+        times = []
+        for _ in range(repeat):
+            started = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - started) * 1e3)
+        return statistics.median(times)
     torch.cuda.synchronize()
     times = []
     for _ in range(repeat):
@@ -32,13 +41,21 @@ def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def card() -> str:
+    if not torch.cuda.is_available():
+        return "cpu"
     return torch.cuda.get_device_name().replace("NVIDIA ", "").replace(" ", "-")
 
 
-def write_json(name: str, rows: list[dict]) -> None:
-    out = Path(os.environ.get("OUT", "bench/results"))
-    out.mkdir(parents=True, exist_ok=True)
-    (out / name).write_text(json.dumps(rows, indent=1))
+def results_name(suffix: str = "") -> str:
+    """`<date>-<card>[-suffix].json`, the name results are written under."""
+    return f"{time.strftime('%Y-%m-%d')}-{card()}{'-' + suffix if suffix else ''}.json"
+
+
+def write_json(name: str, rows: list[dict], out: str | None = None) -> Path:
+    folder = Path(out or os.environ.get("OUT", "bench/results"))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(json.dumps(rows, indent=1))
+    return folder / name
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

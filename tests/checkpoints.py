@@ -113,26 +113,48 @@ def _build_tokenizer():
 
 def build_tiny_wan(path: str | Path) -> Path:
     """Write a tiny random Wan2.1 T2V pipeline (diffusers layout) to `path` and return it."""
+    return build_wan(path)
+
+
+def build_wan(
+    path: str | Path,
+    *,
+    transformer: dict = TINY_WAN_TRANSFORMER,
+    vae: dict = TINY_WAN_VAE,
+    umt5: dict = TINY_UMT5,
+    vocab_size: int | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> Path:
+    """Write a random Wan2.1 T2V pipeline with these configs (default: the tiny one) to `path`.
+
+    bench/end_to_end.py passes the full-size configs (Wan2.1-T2V-1.3B DiT, UMT5-XXL, the default
+    AutoencoderKLWan) with device="cuda" and dtype=torch.bfloat16: modules are initialised on
+    `device`; the text encoder is saved in `dtype`, the transformer and VAE in float32 (as the
+    Wan2.1 diffusers checkpoints ship them). `vocab_size` (default: the tiny vocabulary's size)
+    may exceed the tokenizer's vocabulary.
+    """
     from diffusers import AutoencoderKLWan, UniPCMultistepScheduler, WanPipeline, WanTransformer3DModel
     from transformers import UMT5Config, UMT5EncoderModel
 
     path = Path(path)
     tokenizer = _build_tokenizer()
 
-    torch.manual_seed(0)
-    transformer = WanTransformer3DModel(**TINY_WAN_TRANSFORMER)
-    torch.manual_seed(0)
-    vae = AutoencoderKLWan(**TINY_WAN_VAE)
-    torch.manual_seed(0)
-    text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=len(TINY_VOCAB), **TINY_UMT5)).eval()
+    with torch.device(device):
+        torch.manual_seed(0)
+        transformer_model = WanTransformer3DModel(**transformer)
+        torch.manual_seed(0)
+        vae_model = AutoencoderKLWan(**vae)
+        torch.manual_seed(0)
+        text_encoder = UMT5EncoderModel(UMT5Config(vocab_size=vocab_size or len(TINY_VOCAB), **umt5)).to(dtype).eval()
     scheduler = UniPCMultistepScheduler(**WAN_SCHEDULER)
 
     pipe = WanPipeline(
         tokenizer=tokenizer,
-        text_encoder=text_encoder,
-        vae=vae,
+        text_encoder=text_encoder.cpu(),  # saved from host memory
+        vae=vae_model.cpu(),
         scheduler=scheduler,
-        transformer=transformer,
+        transformer=transformer_model.cpu(),
     )
     pipe.save_pretrained(path, safe_serialization=True)
     return path

@@ -1,0 +1,176 @@
+"""One Wan2.1-T2V-1.3B job through the real service: 480x832x81, 50 steps, CFG (guidance 5.0).
+
+    python bench/end_to_end.py [--compile] [--checkpoint DIR]     (GPU; writes $OUT/<date>-<card>-end_to_end.json)
+    python bench/end_to_end.py --tiny                               (CPU: tiny checkpoint, 32x32x5, 2 steps)
+
+Writes a full-size Wan2.1-T2V-1.3B checkpoint with random weights (tests/checkpoints.py's build_wan
+with the real configs: the 1.3B DiT, UMT5-XXL in bf16, the default Wan VAE, the UniPC flow scheduler;
+~17 GB, built on the GPU) unless --checkpoint names one, starts `diffserve serve` on it (warm-up at
+the job's shape first, so the timed job is not the cold one), runs the job with the gRPC client and
+reports the stages from the job's event times (scheduler clock): encode, prepare, denoise, decode,
+save, and their total.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import card, print_table, results_name, write_json
+from dit_forward import WAN_13B, wan_flops
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "tests"))
+
+# google/umt5-xxl's encoder (Wan2.1's text encoder).
+UMT5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_decoder_layers=24, num_heads=64,
+                relative_attention_num_buckets=32, relative_attention_max_distance=128, feed_forward_proj="gated-gelu",
+                dense_act_fn="gelu_new", dropout_rate=0.0, layer_norm_epsilon=1e-6, pad_token_id=0, eos_token_id=1,
+                decoder_start_token_id=0, tie_word_embeddings=False)
+UMT5_VOCAB = 256384
+
+# 20 words of the test tokenizer's vocabulary + </s>: 21 tokens.
+PROMPT = "a cat and a dog playing in the snow at sunset , cinematic slow motion shot of a red car"
+
+
+def build_checkpoint(path: Path, tiny: bool) -> Path:
+    from checkpoints import build_tiny_wan, build_wan
+
+    if tiny:
+        return build_tiny_wan(path)
+    path = build_wan(path, transformer=WAN_13B, vae={}, umt5=UMT5_XXL, vocab_size=UMT5_VOCAB, device="cuda", dtype=torch.bfloat16)
+    torch.cuda.empty_cache()
+    return path
+
+
+class Server:
+    """`diffserve serve` on a free port with its local worker (as tests/conftest.py starts one)."""
+
+    def __init__(self, model_path: Path, workdir: Path, extra: list[str], startup_timeout_s: float):
+        from diffserve.client import Client, DiffserveError
+
+        ready = workdir / "port"
+        cmd = [sys.executable, "-m", "diffserve.client.cli", "serve", "--model-path", str(model_path), "--port", "0",
+               "--output-dir", str(workdir / "outputs"), "--ready-file", str(ready), "--log-level", "WARNING",
+               "--max-batch-size", "1", "--no-restart-workers", *extra]
+        self.proc = subprocess.Popen(cmd)
+        deadline = time.monotonic() + startup_timeout_s
+        while not ready.exists():
+            self._check(deadline)
+            time.sleep(0.1)
+        self.client = Client(f"127.0.0.1:{ready.read_text()}")
+        while True:  # the worker loads the model (and warms up) before the server says SERVING
+            try:
+                if self.client.health() == "SERVING":
+                    return
+            except DiffserveError:
+                pass
+            self._check(deadline)
+            time.sleep(0.5)
+
+    def _check(self, deadline: float) -> None:
+        if self.proc.poll() is not None:
+            raise SystemExit(f"error: the server exited with code {self.proc.returncode}")
+        if time.monotonic() > deadline:
+            self.stop()
+            raise SystemExit("error: the server did not start in time")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def run_job(client, height: int, width: int, frames: int, steps: int, guidance: float) -> dict:
+    """Runs one job; returns the stage durations (s) from its event times and the steps' worker times."""
+    from diffserve.client import make_params
+    from diffserve.v1 import generation_pb2 as pb
+
+    params = make_params(PROMPT, height=height, width=width, num_frames=frames, num_inference_steps=steps,
+                         guidance_scale=guidance, seed=0, output_format="npy")
+    stage_start, step_ms, end, failure = {}, [], None, None
+    started = time.perf_counter()
+    for event in client.generate(params=params):
+        t = event.time.ToNanoseconds() / 1e9
+        kind = event.WhichOneof("event")
+        if kind == "stage_started":
+            stage_start.setdefault(pb.Stage.Name(event.stage_started.stage).removeprefix("STAGE_").lower(), t)
+        elif kind == "step_completed":
+            step_ms.append(event.step_completed.step_ms)
+        elif kind == "completed":
+            end = t
+        elif kind in ("failed", "cancelled"):
+            failure = getattr(event, kind).status.message
+    wall = time.perf_counter() - started
+    if end is None:
+        raise SystemExit(f"error: the job did not complete: {failure}")
+    order = ["encode", "prepare", "denoise", "decode", "save"]
+    marks = [stage_start[s] for s in order] + [end]
+    stages = {s: marks[i + 1] - marks[i] for i, s in enumerate(order)}
+    return dict(stages=stages, total=end - marks[0], wall=wall, steps=len(step_ms), step_ms=statistics.median(step_ms))
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--compile", action="store_true", help="worker --compile (torch.compile of the DiT)")
+    p.add_argument("--no-warmup", action="store_true", help="do not warm the worker up at the job's shape first")
+    p.add_argument("--checkpoint", default="", help="use this Wan2.1 folder instead of writing a random one")
+    p.add_argument("--steps", type=int, default=0, help="denoising steps (default 50; --tiny: 2)")
+    p.add_argument("--tiny", action="store_true", help="tiny checkpoint on the CPU, 32x32x5, 2 steps (checks the script)")
+    p.add_argument("--out", default="", help="folder for the JSON (default $OUT, else bench/results; --tiny: a temporary folder)")
+    args = p.parse_args(argv)
+    height, width, frames = (32, 32, 5) if args.tiny else (480, 832, 81)
+    steps = args.steps or (2 if args.tiny else 50)
+    guidance = 5.0
+    out = args.out or os.environ.get("OUT") or (tempfile.mkdtemp(prefix="end-to-end-tiny-") if args.tiny else None)
+
+    with tempfile.TemporaryDirectory(prefix="diffserve-e2e-") as tmp:
+        tmp = Path(tmp)
+        started = time.perf_counter()
+        ckpt = Path(args.checkpoint) if args.checkpoint else build_checkpoint(tmp / "wan-1.3b-random", args.tiny)
+        print(f"checkpoint {ckpt}: {time.perf_counter() - started:.0f} s", flush=True)
+        extra = ["--compile"] * args.compile
+        if not args.no_warmup:
+            extra += ["--warmup-shape", f"{height}x{width}x{frames}"]
+        started = time.perf_counter()
+        server = Server(ckpt, tmp, extra, startup_timeout_s=120 if args.tiny else 480)
+        startup_s = time.perf_counter() - started
+        print(f"server ready (load{' + warm-up' if not args.no_warmup else ''}{' + compile' if args.compile else ''}): {startup_s:.0f} s", flush=True)
+        try:
+            result = run_job(server.client, height, width, frames, steps, guidance)
+        finally:
+            server.client.close()
+            server.stop()
+
+    device_card = "cpu" if args.tiny else card()
+    dit_flop = 2 * steps * wan_flops(WAN_13B, dict(latent=(16, (frames - 1) // 4 + 1, height // 8, width // 8), text=512))
+    stages = result["stages"]
+    row = dict(
+        model=f"wan-{'tiny' if args.tiny else '1.3b'}-e2e-{steps}step", shape=f"{height}x{width}x{frames}", card=device_card,
+        version="compiled" if args.compile else "eager", diffserve_ms=round(result["total"] * 1e3), diffusers_ms=None, ratio=None,
+        tflops=None if args.tiny else round(dit_flop / stages["denoise"] / 1e12),  # DiT FLOPs (2 CFG rows per step) over denoise time
+        **{f"{s}_ms": round(v * 1e3) for s, v in stages.items()},
+        step_ms_median=round(result["step_ms"], 1), steps=result["steps"], guidance=guidance, client_wall_ms=round(result["wall"] * 1e3),
+        startup_s=round(startup_s), warmup=not args.no_warmup,
+    )
+    path = write_json(results_name("end_to_end"), [row], out)
+    print_table([row], ["model", "shape", "version", "diffserve_ms", "encode_ms", "prepare_ms", "denoise_ms", "decode_ms",
+                        "save_ms", "step_ms_median", "tflops", "client_wall_ms", "card"])
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
