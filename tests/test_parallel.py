@@ -1,6 +1,7 @@
-"""Parallel worker groups (gloo on CPU): CFG-parallel, Ulysses, and both together equal the
-single-process run (also with a token count that needs padding); impossible layouts are refused
-at start with the conflicting numbers."""
+"""Parallel worker groups through the real service (gloo on CPU): every layout of Wan2.1, FLUX.1
+and Qwen-Image gives the single-process output (decoded frames within 2 uint8 levels), with
+batched requests and token counts that need padding; a lost rank fails the job; impossible
+layouts are refused at start with the conflicting numbers."""
 
 from __future__ import annotations
 
@@ -22,34 +23,107 @@ JOBS = [
 ]
 
 
-def test_cfg2_equals_single_process(tiny_wan, start_server, wan_server):
-    single = [npy_output(wan_server.client, wan_server.client.submit(**job).id) for job in JOBS]
-    group = start_server(tiny_wan, "--num-gpus", "2", "--enable-cfg-parallel")
-    assert len(group.worker_pids()) == 2
-    parallel = [npy_output(group.client, group.client.submit(**job).id) for job in JOBS]
-    # Two concurrent jobs in one step: rows of both split over the ranks.
-    ids = [group.client.submit(**job).id for job in JOBS]
-    batched = [npy_output(group.client, i) for i in ids]
-    for ours, ref, both in zip(parallel, single, batched):
-        assert ours.std() > 1
-        assert max_level_diff(ours, ref) <= 2 and max_level_diff(both, ref) <= 2
-
-
 UNEVEN = dict(prompt="a boat on the lake", negative_prompt="", height=48, width=48, num_frames=1,
-              num_inference_steps=3, guidance_scale=5.0, seed=5, output_format="npy")  # 3x3 = 9 tokens
+              num_inference_steps=3, guidance_scale=5.0, seed=5, output_format="npy")  # 3x3 = 9 tokens: padded on 2 and 4 ranks
+WAN_LAYOUTS = {
+    "cfg2": ("--num-gpus", "2", "--enable-cfg-parallel"),
+    "ulysses2": ("--num-gpus", "2", "--ulysses-degree", "2"),
+    "ring2": ("--num-gpus", "2", "--ring-degree", "2"),
+    "ulysses2-ring2": ("--num-gpus", "4", "--ulysses-degree", "2", "--ring-degree", "2"),
+    "cfg2-ulysses2": ("--num-gpus", "4", "--ulysses-degree", "2", "--enable-cfg-parallel"),
+}
 
 
-@pytest.mark.parametrize("flags", [
-    ("--num-gpus", "2", "--ulysses-degree", "2"),
-    ("--num-gpus", "4", "--ulysses-degree", "2", "--enable-cfg-parallel"),
-], ids=["ulysses2", "cfg2-ulysses2"])
-def test_ulysses_equals_single_process(tiny_wan, start_server, wan_server, flags):
-    single = [npy_output(wan_server.client, wan_server.client.submit(**job).id) for job in (JOBS[0], UNEVEN)]
+@pytest.fixture(scope="module")
+def wan_single(wan_server):
+    """Single-process outputs of JOBS + UNEVEN, and of JOBS submitted together (one batched step)."""
+    return [npy_output(wan_server.client, wan_server.client.submit(**job).id) for job in (*JOBS, UNEVEN)]
+
+
+def _run_all(client, jobs):
+    """Submits every job at once (they share steps), then collects the outputs."""
+    ids = [client.submit(**job).id for job in jobs]
+    return [npy_output(client, i) for i in ids]
+
+
+@pytest.mark.parametrize("layout", list(WAN_LAYOUTS))
+def test_wan_layout_equals_single_process(tiny_wan, start_server, wan_single, layout):
+    flags = WAN_LAYOUTS[layout]
     group = start_server(tiny_wan, *flags)
     assert len(group.worker_pids()) == int(flags[1])
-    for job, ref in zip((JOBS[0], UNEVEN), single):
-        ours = npy_output(group.client, group.client.submit(**job).id)
-        assert ours.std() > 1 and max_level_diff(ours, ref) <= 2
+    parallel = _run_all(group.client, (*JOBS, UNEVEN))  # batched rows, CFG and not, and a padded token count
+    for ours, ref in zip(parallel, wan_single):
+        assert ours.std() > 1
+        assert max_level_diff(ours, ref) <= 2, layout
+
+
+FLUX_JOBS = [dict(prompt="a cat in the snow", height=32, width=48, num_frames=1, num_inference_steps=3, seed=11,
+                  guidance_scale=3.5, output_format="npy"),  # 2x3 = 6 packed tokens: padded on 4 ranks
+             dict(prompt="a small dog on the beach at night", height=32, width=32, num_frames=1, num_inference_steps=2, seed=22,
+                  guidance_scale=5.0, output_format="npy")]
+FLUX_LAYOUTS = {
+    "cfg2": ("--num-gpus", "2", "--enable-cfg-parallel"),  # FLUX has no CFG: the axis splits batched requests' rows
+    "ulysses2": ("--num-gpus", "2", "--ulysses-degree", "2"),
+    "ring2": ("--num-gpus", "2", "--ring-degree", "2"),
+    "ulysses2-ring2": ("--num-gpus", "4", "--ulysses-degree", "2", "--ring-degree", "2"),
+}
+
+
+@pytest.fixture(scope="module")
+def tiny_flux(tmp_path_factory):
+    from tiny_flux import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("ckpt") / "tiny-flux")
+
+
+def _single_outputs(model_path, jobs, workdir):
+    from conftest import ServerProcess
+
+    server = ServerProcess(model_path, workdir)
+    try:
+        return _run_all(server.client, jobs)
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def flux_single(tiny_flux, tmp_path_factory):
+    return _single_outputs(tiny_flux, FLUX_JOBS, tmp_path_factory.mktemp("server"))
+
+
+@pytest.mark.parametrize("layout", list(FLUX_LAYOUTS))
+def test_flux_layout_equals_single_process(tiny_flux, start_server, flux_single, layout):
+    group = start_server(tiny_flux, *FLUX_LAYOUTS[layout])
+    for ours, ref in zip(_run_all(group.client, FLUX_JOBS), flux_single):
+        assert ours.std() > 1
+        assert max_level_diff(ours, ref) <= 2, layout
+
+
+QWEN_JOBS = [dict(prompt="a red bicycle leaning on a wall", negative_prompt="", height=32, width=48, num_frames=1,
+                  num_inference_steps=3, seed=3, guidance_scale=4.0, output_format="npy"),
+             dict(prompt="tea", height=32, width=48, num_frames=1, num_inference_steps=2, seed=4, guidance_scale=4.0,
+                  negative_prompt="a long negative prompt so the text rows differ in length", output_format="npy")]
+
+
+@pytest.fixture(scope="module")
+def tiny_qwen(tmp_path_factory):
+    from tiny_qwen_image import build_tiny_qwen_image
+
+    return build_tiny_qwen_image(tmp_path_factory.mktemp("ckpt") / "tiny-qwen-image")
+
+
+@pytest.fixture(scope="module")
+def qwen_single(tiny_qwen, tmp_path_factory):
+    return _single_outputs(tiny_qwen, QWEN_JOBS, tmp_path_factory.mktemp("server"))
+
+
+@pytest.mark.parametrize("layout", ["ulysses", "ring"])
+def test_qwen_image_layout_equals_single_process(tiny_qwen, start_server, qwen_single, layout):
+    group = start_server(tiny_qwen, "--num-gpus", "2", f"--{layout}-degree", "2")
+    # cond and uncond rows of different text lengths: padded text keys masked on every rank
+    for ours, ref in zip(_run_all(group.client, QWEN_JOBS), qwen_single):
+        assert ours.std() > 1
+        assert max_level_diff(ours, ref) <= 2, layout
 
 
 def test_killing_one_rank_fails_the_job_and_stops_the_group(tiny_wan, start_server):

@@ -51,7 +51,7 @@ def choose_layout(args: argparse.Namespace, pipeline):
     from .warmup import dits
 
     return plan_layout(args.num_gpus, dits(pipeline), cfg_capable=getattr(pipeline, "supports_cfg_parallel", False),
-                       uses_cfg=pipeline.card.defaults.guidance_scale > 1, enable_cfg_parallel=args.enable_cfg_parallel,
+                       uses_cfg=getattr(pipeline, "uses_cfg", True) and pipeline.card.defaults.guidance_scale > 1, enable_cfg_parallel=args.enable_cfg_parallel,
                        ulysses=args.ulysses_degree, ring=args.ring_degree, tp=args.tp_size)
 
 
@@ -100,6 +100,12 @@ def main(argv=None) -> int:
             log.error("impossible parallel layout: %s", "; ".join(problems))
             return EXIT_CANNOT_LOAD
         parallel = ParallelState.init(dims, args.rank, args.dist_init, device)
+        if dims.tp > 1:
+            from .tensor_parallel import shard_pipeline
+
+            summary = shard_pipeline(pipeline, parallel)
+            if args.rank == 0:
+                log.info("%s", summary)
         pipeline.parallel = parallel
         if parallel.sequence is not None:
             for model in dits(pipeline):
@@ -125,7 +131,7 @@ def main(argv=None) -> int:
         model=pipeline.card,
         max_batch_size=args.max_batch_size,
         max_resident=args.max_resident,
-        world_size=dims.world_size,
+        world_size=parallel.world_size,
     )
     conn = SchedulerConnection(args.scheduler, worker_id, hello, runtime.status, args.parent_pid or None)
     conn.start()

@@ -9,8 +9,8 @@ run the same stages in lockstep.
 
 The cfg axis is row parallelism: the transformer rows of a step (conditional and unconditional
 rows of CFG requests) are split across the cfg ranks and gathered once per step. The ulysses and
-ring axes shard one sample's tokens (worker/sequence_parallel.py). Tensor parallel is refused at
-start until it exists.
+ring axes shard one sample's tokens (worker/sequence_parallel.py). The tp axis splits heads and
+MLP widths of the DiTs and text encoders (worker/tensor_parallel.py).
 
 Rank layout: rank = ((c · R + r) · U + u) · T + t — tp innermost (its all-reduces are the most
 frequent, so its ranks are neighbouring GPUs), then ulysses, then ring, cfg outermost. Within a
@@ -52,8 +52,6 @@ class ParallelDims:
                        f"but --num-gpus is {world_size}")
         if self.cfg > 2:
             out.append(f"cfg degree {self.cfg}: CFG has two halves (conditional, unconditional), so at most 2")
-        if self.tp > 1:
-            out.append("tensor parallelism is not implemented yet; use --enable-cfg-parallel, --ulysses-degree and --ring-degree")
         return out
 
     def head_problems(self, heads: int) -> list[str]:
@@ -97,6 +95,10 @@ def plan_layout(num_gpus: int, models: list, *, cfg_capable: bool, uses_cfg: boo
         problems.append("this model's pipeline has no CFG-parallel path; drop --enable-cfg-parallel")
     if (dims.ulysses > 1 or dims.ring > 1) and not all(hasattr(m, "sequence_parallel") for m in models):
         problems.append("this model's transformer has no sequence-parallel path; use --ulysses-degree 1 --ring-degree 1")
+    if dims.tp > 1:
+        from .tensor_parallel import dit_problems
+
+        problems += dit_problems(models, dims.tp)
     return dims, problems
 
 
@@ -170,23 +172,44 @@ class ParallelState:
             dist.broadcast(buf, src=0, group=self.control)
         return bytes(buf.numpy())
 
+    # ---- VAE decode over the whole group ----
+
+    def vae_decode(self, vae, latents: torch.Tensor) -> torch.Tensor | None:
+        """`vae.decode(latents)`'s video. In a group every rank calls this: the decode is split over
+        all ranks by height (worker/parallel_vae.py, exact) and every rank gets the video; where it
+        cannot be split (not a Wan VAE, tiling on) rank 0 decodes alone and the others get None."""
+        if not self.distributed:
+            return vae.decode(latents, return_dict=False)[0]
+        from .parallel_vae import decode_parallel, decode_problems
+
+        if decode_problems(vae, latents):
+            return vae.decode(latents, return_dict=False)[0] if self.rank == 0 else None
+        return decode_parallel(vae, latents, None, self.rank, self.world_size)
+
     # ---- row parallelism over the cfg axis ----
 
-    def row_parallel(self, model):
-        """Wraps model(x, t, ctx) so each cfg rank runs an equal contiguous share of the rows and
-        all ranks get every row's output (one all-gather per step). With one CFG request the
-        conditional row runs on cfg rank 0 and the unconditional row on cfg rank 1."""
+    def row_parallel(self, model, batched: tuple[int, ...] = (0, 1, 2)):
+        """Wraps model(*args) so each cfg rank runs an equal contiguous share of the rows and all
+        ranks get every row's output (one all-gather per step). `batched` are the positions of the
+        arguments that have one row per batch row (None allowed); the others are shared. With one
+        CFG request the conditional row runs on cfg rank 0 and the unconditional row on cfg rank 1."""
         if self.dims.cfg == 1:
             return model
 
-        def run(x: torch.Tensor, t: torch.Tensor, ctx: torch.Tensor) -> torch.Tensor:
-            rows, n = x.shape[0], self.dims.cfg
+        def run(*args):
+            rows, n = args[batched[0]].shape[0], self.dims.cfg
             share = math.ceil(rows / n)
             pad = share * n - rows
-            if pad:  # repeat the last row so every rank runs the same count
-                x, t, ctx = (torch.cat([a, a[-1:].expand(pad, *a.shape[1:])]) for a in (x, t, ctx))
             lo = self.cfg_rank * share
-            out = model(x[lo : lo + share], t[lo : lo + share], ctx[lo : lo + share]).contiguous()
+            args = list(args)
+            for i in batched:
+                a = args[i]
+                if a is None:
+                    continue
+                if pad:  # repeat the last row so every rank runs the same count
+                    a = torch.cat([a, a[-1:].expand(pad, *a.shape[1:])])
+                args[i] = a[lo : lo + share]
+            out = model(*args).contiguous()
             gathered = [torch.empty_like(out) for _ in range(n)]
             dist.all_gather(gathered, out, group=self.cfg_group)
             return torch.cat(gathered)[:rows]

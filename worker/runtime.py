@@ -112,7 +112,8 @@ class Runtime:
             elif cmd.stage == pb.STAGE_PREPARE:
                 self.pipeline.prepare(state)
             elif cmd.stage == pb.STAGE_DECODE and self.parallel.rank != 0:
-                pass  # only rank 0 decodes and answers
+                if getattr(self.pipeline, "decodes_on_every_rank", False):
+                    self.pipeline.decode(state)  # its share of a parallel decode; rank 0 answers
             elif cmd.stage == pb.STAGE_DECODE:
                 video = np.ascontiguousarray(self.pipeline.decode(state), dtype=np.uint8)
                 result.frames.CopyFrom(wpb.Tensor(dtype="uint8", shape=video.shape, frame=0))

@@ -18,6 +18,7 @@ from diffserve.v1 import generation_pb2 as pb
 
 from .. import loading
 from ..models.flux import FluxTransformer
+from ..parallel import ParallelState
 from ..samplers import SamplerFactory
 from .base import RequestState
 from .stages import initial_noise, to_uint8_frames
@@ -60,6 +61,9 @@ class FluxPipeline:
     """Serves a diffusers-layout FluxPipeline checkpoint (model_index `_class_name` FluxPipeline)."""
 
     family = "flux.1"
+    supports_cfg_parallel = True  # the cfg axis splits a step's rows (requests batched together)
+    uses_cfg = False  # guidance is embedded (guidance-distilled): no unconditional rows
+    parallel = ParallelState.single()  # the worker sets the group's state
     task = "text-to-image"
 
     def __init__(self, root: Path, name: str, device: torch.device, dtype: torch.dtype):
@@ -175,7 +179,8 @@ class FluxPipeline:
             context = torch.cat([s.cond for s in group])  # (B, 512, J)
             pooled = torch.cat([s.extras["pooled"] for s in group])  # (B, P)
             txt_ids = torch.zeros(context.shape[1], 3, device=self.device)
-            pred = self.transformer(x, t, context, pooled, image_ids(h // 2, w // 2, self.device), txt_ids, guidance)
+            forward = self.parallel.row_parallel(self.transformer, batched=(0, 1, 2, 3, 6))  # rows split over the cfg axis
+            pred = forward(x, t, context, pooled, image_ids(h // 2, w // 2, self.device), txt_ids, guidance)
             for i, s in enumerate(group):
                 # float32 prediction keeps the latents float32 through the Euler update.
                 s.latents = s.sampler.step(pred[i : i + 1].float(), s.timesteps[s.step], s.latents, return_dict=False)[0]

@@ -25,6 +25,7 @@ from diffserve.v1 import generation_pb2 as pb
 
 from .. import loading
 from ..models.qwen_image import QwenImageTransformer
+from ..parallel import ParallelState
 from ..samplers import SamplerFactory
 from .base import RequestState
 from .stages import initial_noise, to_uint8_frames
@@ -66,6 +67,8 @@ def edit_image_size(width: int, height: int) -> tuple[int, int]:
 
 class _QwenImageBase:
     family = "qwen-image"
+    supports_cfg_parallel = True  # true CFG: conditional and unconditional rows on the two cfg halves
+    parallel = ParallelState.single()  # the worker sets the group's state
     task = ""
     template = ""
     template_drop = 0  # tokens of the template before the user's text (prompt_template_encode_start_idx)
@@ -174,7 +177,8 @@ class _QwenImageBase:
         if min(lengths) < longest:
             mask = torch.arange(longest, device=self.device)[None, :] < torch.tensor(lengths, device=self.device)[:, None]
         t = torch.stack(timesteps).to(self.dtype) / 1000  # (R,) in [0, 1], cast as the reference casts them
-        pred = self.transformer(torch.cat(latents).to(self.dtype), t, text.to(self.dtype), mask, image_shapes)
+        forward = self.parallel.row_parallel(self.transformer, batched=(0, 1, 2, 3))  # cond / uncond rows over the cfg axis
+        pred = forward(torch.cat(latents).to(self.dtype), t, text.to(self.dtype), mask, image_shapes)
 
         row = 0
         for s in states:

@@ -26,6 +26,7 @@ from diffserve.v1 import generation_pb2 as pb
 
 from .. import loading
 from ..models.wan import WanTransformer
+from ..parallel import ParallelState
 from ..samplers import SamplerFactory
 from .base import RequestState
 from .stages import T5PromptEncoder, initial_noise, to_uint8_frames
@@ -62,6 +63,8 @@ class WanI2VPipeline:
     """Serves a diffusers-layout WanImageToVideoPipeline checkpoint (Wan2.1 I2V, Wan2.2 I2V-A14B, Wan2.2 TI2V-5B)."""
 
     task = "image-to-video"
+    parallel = ParallelState.single()  # the worker sets the group's state
+    decodes_on_every_rank = True  # the VAE decode is split over the group (ParallelState.vae_decode)
 
     def __init__(self, root: Path, name: str, device: torch.device, dtype: torch.dtype):
         index = loading.read_model_index(root)
@@ -264,5 +267,5 @@ class WanI2VPipeline:
             mask = state.extras["mask"]
             latents = (1 - mask) * state.extras["condition"] + mask * latents
         latents = latents.to(self.vae.dtype) / self._latents_inv_std + self._latents_mean
-        video = self.vae.decode(latents, return_dict=False)[0]  # (1, 3, F, H, W) in [-1, 1]
-        return to_uint8_frames(video)
+        video = self.parallel.vae_decode(self.vae, latents)  # (1, 3, F, H, W) in [-1, 1]; None on followers
+        return None if video is None else to_uint8_frames(video)

@@ -52,6 +52,7 @@ class WanT2VPipeline:
 
     supports_cfg_parallel = True
     parallel = ParallelState.single()  # the worker sets the group's state
+    decodes_on_every_rank = True  # the VAE decode is split over the group (ParallelState.vae_decode)
 
     task = "text-to-video"
 
@@ -176,5 +177,5 @@ class WanT2VPipeline:
     def decode(self, state: RequestState) -> np.ndarray:
         latents = state.latents.to(self.vae.dtype)
         latents = latents / self._latents_inv_std + self._latents_mean  # undo the VAE's latent normalisation
-        video = self.vae.decode(latents, return_dict=False)[0]  # (1, 3, F, H, W) in [-1, 1]
-        return to_uint8_frames(video)
+        video = self.parallel.vae_decode(self.vae, latents)  # (1, 3, F, H, W) in [-1, 1]; None on followers
+        return None if video is None else to_uint8_frames(video)
