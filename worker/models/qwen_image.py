@@ -154,12 +154,12 @@ class RMSNorm(nn.Module):
 def qwen_timestep_embedding(timestep: torch.Tensor, dim: int = TIME_PROJ_DIM, scale: float = 1000.0) -> torch.Tensor:
     """Sinusoidal [cos | sin] embedding of timesteps in [0, 1] scaled by 1000: (B,) -> (B, dim) float32.
 
-    Like diffusers' Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0, scale=1000): the
-    frequencies are cast to the timestep's dtype and the scale multiplies the angles.
+    Like diffusers' Timesteps(flip_sin_to_cos=True, downscale_freq_shift=0, scale=1000): float32
+    frequencies times the (possibly bf16-rounded) timestep, then the scale multiplies the angles.
     """
     half = dim // 2
     exponent = -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=timestep.device) / half
-    freqs = torch.exp(exponent).to(timestep.dtype)
+    freqs = torch.exp(exponent)
     angles = scale * (timestep[:, None].float() * freqs[None, :])  # (B, half)
     return torch.cat([torch.cos(angles), torch.sin(angles)], dim=-1)
 
