@@ -8,8 +8,8 @@ A step is what the worker runs: Wan2.1-T2V-14B at 720x1280x81 with CFG is one fo
 layout runs in its own set of processes (one per GPU), every rank builds the same full-size model
 with synthetic weights (bench/synthetic.py), and the group runs the step as a worker group does:
 rows over the cfg axis (ParallelState.row_parallel), tokens over ulysses x ring, heads over tp.
-Rank 0 times it (CUDA events around a barrier-aligned step, median). Speedup = t(1 GPU, eager) / t(N);
-efficiency = speedup / N. --cuda-graph adds each layout replayed from a CUDA graph (per rank).
+Rank 0 times it (CUDA events around a barrier-aligned step, median). Speedup = t(1 GPU) / t(N);
+efficiency = speedup / N.
 """
 
 from __future__ import annotations
@@ -50,26 +50,7 @@ def _rows(inputs: dict, rows: int) -> dict:
     return {k: (torch.cat([v] * rows) if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == 1 else v) for k, v in inputs.items()}
 
 
-def _graphed(step, args):
-    """step(*args) captured once in a CUDA graph (collectives included); returns a replaying callable."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            step(*args)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = step(*args)
-
-    def replay(*_):
-        graph.replay()
-        return out
-
-    return replay
-
-
-def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, result_file: str, graph: bool = False) -> None:
+def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, result_file: str) -> None:
     from diffserve.worker.parallel import ParallelDims, ParallelState
 
     cuda = not tiny
@@ -93,8 +74,6 @@ def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, r
     batched = {"wan-14b": (0, 1, 2), "flux.1-dev": (0, 1, 2, 3, 6)}[name]
     step = state.row_parallel(lambda *a: fam.ours_call(model, _unpack(name, a)), batched=batched)
     args = _pack(name, inputs)
-    if graph:
-        step = _graphed(step, args)
 
     def once():
         if world > 1:
@@ -123,12 +102,12 @@ def _unpack(name: str, args: tuple) -> dict:
     return dict(zip(_ORDER[name], args))
 
 
-def run_layout(name: str, layout, tiny: bool, graph: bool = False) -> tuple[float, float, float]:
+def run_layout(name: str, layout, tiny: bool) -> tuple[float, float, float]:
     world = layout[0] * layout[1] * layout[2] * layout[3]
     with tempfile.TemporaryDirectory() as folder:
         result = os.path.join(folder, "result")
         port = 29500 + (os.getpid() % 1000) + world * 7 + sum(layout)
-        mp.spawn(_run_rank, args=(world, f"tcp://127.0.0.1:{port}", name, layout, tiny, result, graph), nprocs=world, join=True)
+        mp.spawn(_run_rank, args=(world, f"tcp://127.0.0.1:{port}", name, layout, tiny, result), nprocs=world, join=True)
         ms, peak, norm = (float(v) for v in Path(result).read_text().split())
     return ms, peak, norm
 
@@ -138,7 +117,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default="wan-14b,flux.1-dev")
     p.add_argument("--gpus", default="", help="comma-separated GPU counts to run besides 1 (default: 2 and 4 where present)")
     p.add_argument("--tiny", action="store_true", help="tiny configs on CPU processes over gloo (checks the script)")
-    p.add_argument("--cuda-graph", action="store_true", help="also time each layout's step replayed from a CUDA graph")
     args = p.parse_args(argv)
     available = 4 if args.tiny else torch.cuda.device_count()
     counts = [int(c) for c in args.gpus.split(",") if c] or [n for n in (2, 4) if n <= available]
@@ -152,17 +130,15 @@ def main(argv: list[str] | None = None) -> None:
             for layout in LAYOUTS[name].get(n, []):
                 if args.tiny and case.config["num_attention_heads"] % (layout[1] * layout[3]):
                     continue  # the tiny configs have 2 heads
-                for graph in (False, True) if args.cuda_graph and not args.tiny else (False,):
-                    started = time.perf_counter()
-                    ms, peak, norm = run_layout(name, layout, args.tiny, graph)
-                    base = base or (ms, norm)
-                    speedup = base[0] / ms
-                    rows.append(dict(model=name, shape=case.label, card=card(), gpus=n, layout=_label(layout) + (" +graph" if graph else ""),
-                                     step_ms=round(ms, 1), speedup=round(speedup, 3), efficiency=round(speedup / n, 3),
-                                     peak_gib=round(peak, 1), out_norm_rel=round(abs(norm - base[1]) / base[1], 5),
-                                     wall_s=round(time.perf_counter() - started)))
-                    print_table(rows[-1:], list(rows[-1]))
-                    sys.stdout.flush()
+                started = time.perf_counter()
+                ms, peak, norm = run_layout(name, layout, args.tiny)
+                base = base or (ms, norm)
+                speedup = base[0] / ms
+                rows.append(dict(model=name, shape=case.label, card=card(), gpus=n, layout=_label(layout), step_ms=round(ms, 1),
+                                 speedup=round(speedup, 3), efficiency=round(speedup / n, 3), peak_gib=round(peak, 1),
+                                 out_norm_rel=round(abs(norm - base[1]) / base[1], 5), wall_s=round(time.perf_counter() - started)))
+                print_table(rows[-1:], list(rows[-1]))
+                sys.stdout.flush()
         path = write_json(results_name("parallel"), rows, tempfile.mkdtemp() if args.tiny else None)
     print_table(rows, ["model", "shape", "gpus", "layout", "step_ms", "speedup", "efficiency", "peak_gib", "out_norm_rel"])
     print(f"wrote {path}")
