@@ -31,6 +31,7 @@ WAN_LAYOUTS = {
     "ring2": ("--num-gpus", "2", "--ring-degree", "2"),
     "ulysses2-ring2": ("--num-gpus", "4", "--ulysses-degree", "2", "--ring-degree", "2"),
     "cfg2-ulysses2": ("--num-gpus", "4", "--ulysses-degree", "2", "--enable-cfg-parallel"),
+    "tp2": ("--num-gpus", "2", "--tp-size", "2"),  # DiT heads/MLP and the UMT5 encoder sharded
 }
 
 
@@ -66,6 +67,7 @@ FLUX_LAYOUTS = {
     "ulysses2": ("--num-gpus", "2", "--ulysses-degree", "2"),
     "ring2": ("--num-gpus", "2", "--ring-degree", "2"),
     "ulysses2-ring2": ("--num-gpus", "4", "--ulysses-degree", "2", "--ring-degree", "2"),
+    "tp2": ("--num-gpus", "2", "--tp-size", "2"),  # DiT heads/MLP and the T5 encoder sharded
 }
 
 
