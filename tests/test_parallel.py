@@ -68,6 +68,7 @@ FLUX_LAYOUTS = {
     "ring2": ("--num-gpus", "2", "--ring-degree", "2"),
     "ulysses2-ring2": ("--num-gpus", "4", "--ulysses-degree", "2", "--ring-degree", "2"),
     "tp2": ("--num-gpus", "2", "--tp-size", "2"),  # DiT heads/MLP and the T5 encoder sharded
+    "cfg2-ulysses2": ("--num-gpus", "4", "--ulysses-degree", "2", "--enable-cfg-parallel"),
 }
 
 
@@ -128,14 +129,23 @@ def test_qwen_image_layout_equals_single_process(tiny_qwen, start_server, qwen_s
         assert max_level_diff(ours, ref) <= 2, layout
 
 
-def test_killing_one_rank_fails_the_job_and_stops_the_group(tiny_wan, start_server):
+def test_cancel_then_kill_one_rank(tiny_wan, start_server):
+    """In a group a cancel takes effect within a step and every rank frees the job; then losing a
+    follower rank fails the running job and stops the group."""
     import os
     import signal
 
-    from jobs_util import LONG_JOB, final_event, wait_step
+    from jobs_util import LONG_JOB, final_event, resident_jobs, wait_for, wait_step
 
     server = start_server(tiny_wan, "--num-gpus", "2", "--enable-cfg-parallel", "--no-restart-workers")
     job = server.client.submit(**LONG_JOB)
+    wait_step(server.client, job.id, 2)
+    at_cancel = server.client.get(job.id).step
+    server.client.cancel(job.id)
+    assert final_event(server.client, job.id).WhichOneof("event") == "cancelled"
+    assert server.client.get(job.id).step <= at_cancel + 1
+    wait_for(lambda: resident_jobs(server) == 0, what="the group to free the cancelled job")
+    job = server.client.submit(**LONG_JOB)  # the group still runs jobs (every rank dropped the cancelled one in step)
     wait_step(server.client, job.id, 2)
     os.kill(server.worker_pids()[1], signal.SIGKILL)  # a follower rank
     last = final_event(server.client, job.id)
