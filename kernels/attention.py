@@ -146,8 +146,9 @@ def _pick(device: torch.device, dtype: torch.dtype, head_dim: int, long: bool) -
     for name in candidates:
         backend = BACKENDS[name]
         if backend.supports(device, dtype, head_dim) and (fn := _loaded(name)) is not None:
-            log.info("attention backend %s for %s %s head_dim %d, %s sequences", name, device, str(dtype).removeprefix("torch."),
-                     head_dim, "long" if long else "short")
+            if not torch.compiler.is_compiling():  # a logging call would break a torch.compile graph
+                log.info("attention backend %s for %s %s head_dim %d, %s sequences", name, device, str(dtype).removeprefix("torch."),
+                         head_dim, "long" if long else "short")
             return name, fn
     raise RuntimeError(f"attention backend {_forced!r} cannot run on {device} {dtype} head_dim {head_dim} (or is not installed)")
 
