@@ -50,7 +50,7 @@ def _rows(inputs: dict, rows: int) -> dict:
     return {k: (torch.cat([v] * rows) if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == 1 else v) for k, v in inputs.items()}
 
 
-def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, result_file: str) -> None:
+def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, result_file: str, compile_mode: str = "") -> None:
     from diffserve.worker.parallel import ParallelDims, ParallelState
 
     cuda = not tiny
@@ -70,6 +70,8 @@ def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, r
 
             shard_dit(model, state)
         model.sequence_parallel = state.sequence
+    if compile_mode:  # the sharded forward compiles as one graph (tests/test_parallel_compile.py)
+        model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
     inputs = _rows(fam.inputs(case.config, case.shape, device, dtype), CFG_ROWS[name])
     batched = {"wan-14b": (0, 1, 2), "flux.1-dev": (0, 1, 2, 3, 6)}[name]
     step = state.row_parallel(lambda *a: fam.ours_call(model, _unpack(name, a)), batched=batched)
@@ -102,12 +104,12 @@ def _unpack(name: str, args: tuple) -> dict:
     return dict(zip(_ORDER[name], args))
 
 
-def run_layout(name: str, layout, tiny: bool) -> tuple[float, float, float]:
+def run_layout(name: str, layout, tiny: bool, compile_mode: str = "") -> tuple[float, float, float]:
     world = layout[0] * layout[1] * layout[2] * layout[3]
     with tempfile.TemporaryDirectory() as folder:
         result = os.path.join(folder, "result")
         port = 29500 + (os.getpid() % 1000) + world * 7 + sum(layout)
-        mp.spawn(_run_rank, args=(world, f"tcp://127.0.0.1:{port}", name, layout, tiny, result), nprocs=world, join=True)
+        mp.spawn(_run_rank, args=(world, f"tcp://127.0.0.1:{port}", name, layout, tiny, result, compile_mode), nprocs=world, join=True)
         ms, peak, norm = (float(v) for v in Path(result).read_text().split())
     return ms, peak, norm
 
@@ -117,6 +119,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--models", default="wan-14b,flux.1-dev")
     p.add_argument("--gpus", default="", help="comma-separated GPU counts to run besides 1 (default: 2 and 4 where present)")
     p.add_argument("--tiny", action="store_true", help="tiny configs on CPU processes over gloo (checks the script)")
+    p.add_argument("--compile", default="", help="torch.compile mode for every layout (e.g. default); empty: eager")
+    p.add_argument("--layouts", default="", help="only these layout labels, comma-separated (e.g. single,ulysses2)")
     args = p.parse_args(argv)
     available = 4 if args.tiny else torch.cuda.device_count()
     counts = [int(c) for c in args.gpus.split(",") if c] or [n for n in (2, 4) if n <= available]
@@ -128,13 +132,15 @@ def main(argv: list[str] | None = None) -> None:
         base = None
         for n in [1, *counts]:
             for layout in LAYOUTS[name].get(n, []):
+                if args.layouts and _label(layout) not in args.layouts.split(","):
+                    continue
                 if args.tiny and case.config["num_attention_heads"] % (layout[1] * layout[3]):
                     continue  # the tiny configs have 2 heads
                 started = time.perf_counter()
-                ms, peak, norm = run_layout(name, layout, args.tiny)
+                ms, peak, norm = run_layout(name, layout, args.tiny, args.compile)
                 base = base or (ms, norm)
                 speedup = base[0] / ms
-                rows.append(dict(model=name, shape=case.label, card=card(), gpus=n, layout=_label(layout), step_ms=round(ms, 1),
+                rows.append(dict(model=name, shape=case.label, card=card(), gpus=n, layout=_label(layout) + (f" +compile:{args.compile}" if args.compile else ""), step_ms=round(ms, 1),
                                  speedup=round(speedup, 3), efficiency=round(speedup / n, 3), peak_gib=round(peak, 1),
                                  out_norm_rel=round(abs(norm - base[1]) / base[1], 5), wall_s=round(time.perf_counter() - started)))
                 print_table(rows[-1:], list(rows[-1]))
