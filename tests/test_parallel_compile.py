@@ -1,5 +1,5 @@
 """torch.compile traces the sequence-parallel DiT forward (Ulysses all-to-all, text gathers) as one
-graph: no graph breaks on 2 gloo ranks for Wan, FLUX and Qwen-Image, so `--compile` keeps its
+graph: no graph breaks on 2 gloo ranks for Wan, FLUX, Qwen-Image and HunyuanVideo, so `--compile` keeps its
 fusion in a worker group. Counted with dynamo's explain (no inductor run; CPU, fast)."""
 
 from __future__ import annotations
@@ -13,13 +13,11 @@ def _explain(rank: int, world: int, init: str) -> None:
     import torch._dynamo as dynamo
 
     from diffserve.worker.parallel import ParallelDims, ParallelState
-    from test_sequence_parallel import _cases
+    from test_sequence_parallel import _cases, _hunyuan_case
 
     torch.set_grad_enabled(False)
     state = ParallelState.init(ParallelDims(ulysses=2), rank, init, torch.device("cpu"))
-    for name, model, args in _cases():
-        if name not in ("wan", "flux", "qwen"):
-            continue
+    for name, model, args in _cases() + [_hunyuan_case()]:
         model.sequence_parallel = state.sequence
         dynamo.reset()
         explained = dynamo.explain(model)(*args)

@@ -1,8 +1,9 @@
 """Sequence parallelism inside the DiT forward (gloo, CPU): Ulysses 2 × Ring 2 gives the
 single-process output for Wan (self-attention, cross-attention context whole), FLUX
-(joint attention, double and single stream) and Qwen-Image (joint attention with a padded,
-masked text row), with token counts that do not divide by the group (padding path). Plus the
-Ring merge and the layout planner on their own."""
+(joint attention, double and single stream), Qwen-Image (joint attention with a padded,
+masked text row) and HunyuanVideo (joint [video, text] attention, double and single stream, a
+row with a shorter text), with token counts that do not divide by the group (padding path).
+Plus the Ring merge and the layout planner on their own."""
 
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ FLUX = dict(patch_size=1, in_channels=8, num_layers=1, num_single_layers=2, atte
             joint_attention_dim=16, pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(2, 2, 4))
 QWEN = dict(patch_size=2, in_channels=8, out_channels=2, num_layers=2, attention_head_dim=8, num_attention_heads=HEADS,
             joint_attention_dim=16, axes_dims_rope=(2, 2, 4))
+HUNYUAN = dict(in_channels=4, out_channels=4, num_attention_heads=HEADS, attention_head_dim=8, num_layers=1, num_single_layers=2,
+               num_refiner_layers=1, mlp_ratio=2.0, patch_size=2, patch_size_t=1, guidance_embeds=True, text_embed_dim=16,
+               pooled_projection_dim=16, rope_axes_dim=(2, 2, 4))
 
 
 def _randomize(model: torch.nn.Module) -> torch.nn.Module:
@@ -54,13 +58,26 @@ def _cases():
     return [("wan", wan, wan_args), ("flux", flux, flux_args), ("qwen", qwen, qwen_args)]
 
 
+def _hunyuan_case():
+    """HunyuanVideo with 3·3·5 = 45 video tokens; the second row's text is 4 valid tokens then 3 of
+    (random) padding, so padded text keys must be masked. Apart from `_cases()`: it has no
+    tensor-parallel path (test_tensor_parallel.py runs every one of `_cases()` under tp)."""
+    from diffserve.worker.models.hunyuan_video import HunyuanVideoConfig, HunyuanVideoTransformer
+
+    g = torch.Generator().manual_seed(2)
+    model = _randomize(HunyuanVideoTransformer(HunyuanVideoConfig.from_dict(HUNYUAN)))
+    args = (torch.randn(2, 4, 3, 6, 10, generator=g), torch.tensor([900.0, 300.0]), torch.randn(2, 7, 16, generator=g),
+            [7, 4], torch.randn(2, 16, generator=g), torch.tensor([6000.0, 3500.0]))
+    return "hunyuan", model, args
+
+
 def _check_layout(rank: int, world: int, init: str, ulysses: int, ring: int) -> None:
     from diffserve.worker.parallel import ParallelState
 
     torch.set_grad_enabled(False)
     state = ParallelState.init(ParallelDims(ulysses=ulysses, ring=ring), rank, init, torch.device("cpu"))
     assert state.sequence is not None and state.sequence.size == world
-    for name, model, args in _cases():
+    for name, model, args in _cases() + [_hunyuan_case()]:
         single = model(*args)
         model.sequence_parallel = state.sequence
         ours = model(*args)
@@ -72,7 +89,7 @@ def _check_layout(rank: int, world: int, init: str, ulysses: int, ring: int) -> 
 
 def test_usp_equals_single_process():
     """Ulysses 2 x Ring 2 on 4 processes (ulysses alone and ring alone run through the service in
-    test_parallel.py for the same three families)."""
+    test_parallel.py for the same four families)."""
     run_group(_check_layout, 4, 2, 2)
 
 
@@ -114,6 +131,6 @@ def test_layout_problems_name_the_numbers():
     _, problems = plan_layout(4, [_Model(4)], cfg_capable=False, uses_cfg=True, enable_cfg_parallel=True)
     assert any("no CFG-parallel path" in p for p in problems)
     no_sp = _Model(4)
-    del no_sp.sequence_parallel  # a transformer without a sequence-parallel path (HunyuanVideo today)
+    del no_sp.sequence_parallel  # a transformer without a sequence-parallel path
     _, problems = plan_layout(2, [no_sp], cfg_capable=False, uses_cfg=False)
     assert any("no sequence-parallel path" in p for p in problems)

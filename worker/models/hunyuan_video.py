@@ -1,6 +1,6 @@
 """HunyuanVideo video diffusion transformer (our implementation of diffusers' HunyuanVideoTransformer3DModel).
 
-Reading order: config -> small pieces (RMS norm, RoPE, masked attention) -> conditioning (timestep +
+Reading order: config -> small pieces (RoPE, masked attention) -> conditioning (timestep +
 guidance + pooled CLIP; token refiner for the LLaMA states) -> dual-stream block -> single-stream
 block -> model -> loading. Parameter names and shapes are exactly diffusers' so its safetensors load
 with `load_state_dict(strict=True)`; the math (and where diffusers computes in float32: RMS norm,
@@ -12,6 +12,10 @@ sample exactly its valid keys: attention over [video tokens, first n_b text toke
 first n_b text tokens). That is the reference's mask, so a sample's output does not depend on how
 much padding its batch carries (batched equals solo), and `kernels.attention.attention` stays the
 only attention call. Padded text positions are never read by valid tokens and are dropped at the end.
+
+Sequence parallelism (worker/sequence_parallel.py, `sequence_parallel` set by the worker): the video
+tokens and their RoPE tables are sharded once after the patch embedding and gathered once after the
+output head; the text tokens stay whole on every rank and their padding becomes a key mask (B, S).
 
 Shape legend: B batch, C latent channels, F/H/W latent frames/height/width, L video tokens
 (F' * H' * W' after patchifying), S text tokens (padded), D model width, Hd heads, Dh head dim.
@@ -27,13 +31,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from diffserve.kernels.activation import gelu_tanh
 from diffserve.kernels.attention import attention
 from diffserve.worker.models.checkpoint import load_module, read_config
 from diffserve.worker.models.layers import (
     FeedForward,
     TimestepEmbedding,
-    apply_rotary,
-    modulate,
+    gated_residual,
+    norm_modulate,
+    qk_norm_rope,
     rotary_tables,
     timestep_embedding,
 )
@@ -84,23 +90,6 @@ class HunyuanVideoConfig:
 # ---------------------------------------------------------------------------------------------
 # Small pieces
 # ---------------------------------------------------------------------------------------------
-
-
-class RMSNorm(nn.Module):
-    """RMS norm as diffusers' `RMSNorm`: statistics in float32; with half-precision weights the
-    normalised values are cast to the weight dtype before scaling (key `weight`)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.eps)  # float32 from here
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return x * self.weight
 
 
 class PooledProjection(nn.Module):
@@ -299,43 +288,50 @@ class JointAttention(nn.Module):
         self.heads = heads
         head_dim = dim // heads
         self.to_q, self.to_k, self.to_v = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
-        self.norm_q, self.norm_k = RMSNorm(head_dim), RMSNorm(head_dim)
+        self.norm_q, self.norm_k = nn.RMSNorm(head_dim, eps=1e-6), nn.RMSNorm(head_dim, eps=1e-6)
         self.dual = dual
         if dual:
             self.add_q_proj, self.add_k_proj, self.add_v_proj = nn.Linear(dim, dim), nn.Linear(dim, dim), nn.Linear(dim, dim)
-            self.norm_added_q, self.norm_added_k = RMSNorm(head_dim), RMSNorm(head_dim)
+            self.norm_added_q, self.norm_added_k = nn.RMSNorm(head_dim, eps=1e-6), nn.RMSNorm(head_dim, eps=1e-6)
             self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
             self.to_add_out = nn.Linear(dim, dim)
 
-    def _qkv(self, x, to_q, to_k, to_v, norm_q, norm_k):
-        q = norm_q(_heads(to_q(x), self.heads))
-        k = norm_k(_heads(to_k(x), self.heads))
-        v = _heads(to_v(x), self.heads)
-        return q, k, v
-
     def forward(
         self,
-        video: torch.Tensor,
-        text: torch.Tensor,
+        x: torch.Tensor,
+        num_video: int,
         rope: tuple[torch.Tensor, torch.Tensor],
         key_lengths: Sequence[int],
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        # video (B, L, D), text (B, S, D) -> attention outputs for both
-        num_video = video.shape[1]
+        text_mask: torch.Tensor | None = None,
+        context: torch.Tensor | None = None,
+        sequence=None,
+        length: int = 0,
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        # dual: x video (B, L, D), context text (B, S, D) -> (video out, text out), each projected
+        # single: x = [video, text] (B, L + S, D) -> (B, L + S, D), not projected (the block's proj_out does it)
+        # key_lengths: row b attends to keys [0, key_lengths[b]) of [video, text]. sequence
+        # (worker/sequence_parallel.py): the video part is this rank's shard of `length` tokens, the
+        # text whole; text_mask (B, S) bool, False at padding (None when no row is padded).
+        n = num_video
+        q, k, v = (_heads(proj(x), self.heads) for proj in (self.to_q, self.to_k, self.to_v))
         if self.dual:
-            q, k, v = self._qkv(video, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
-            q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-            tq, tk, tv = self._qkv(text, self.add_q_proj, self.add_k_proj, self.add_v_proj, self.norm_added_q, self.norm_added_k)
+            tq, tk, tv = (_heads(proj(context), self.heads) for proj in (self.add_q_proj, self.add_k_proj, self.add_v_proj))
+            tq, tk = qk_norm_rope(tq, self.norm_added_q, None), qk_norm_rope(tk, self.norm_added_k, None)
+        else:  # one projection of [video, text]: q/k normed throughout, rotated on the video part only
+            tq, tk, tv = qk_norm_rope(q[:, n:], self.norm_q, None), qk_norm_rope(k[:, n:], self.norm_k, None), v[:, n:]
+            q, k, v = q[:, :n], k[:, :n], v[:, :n]
+        q, k = qk_norm_rope(q, self.norm_q, rope), qk_norm_rope(k, self.norm_k, rope)  # (B, L, Hd, Dh)
+
+        if sequence is None:
             q, k, v = torch.cat([q, tq], 1), torch.cat([k, tk], 1), torch.cat([v, tv], 1)
+            out = prefix_attention(q, k, v, key_lengths)  # (B, L + S, Hd, Dh)
         else:
-            q, k, v = self._qkv(torch.cat([video, text], 1), self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k)
-            q = torch.cat([apply_rotary(q[:, :num_video], *rope), q[:, num_video:]], 1)
-            k = torch.cat([apply_rotary(k[:, :num_video], *rope), k[:, num_video:]], 1)
-        out = prefix_attention(q, k, v, key_lengths).flatten(2, 3).to(q.dtype)  # (B, L + S, D)
-        video_out, text_out = out[:, :num_video], out[:, num_video:]
-        if self.dual:
-            video_out, text_out = self.to_out[0](video_out), self.to_add_out(text_out)
-        return video_out, text_out
+            video_out, text_out = sequence.attention(q, k, v, length, text=(tq, tk, tv), text_mask=text_mask)
+            out = torch.cat([video_out, text_out], 1)
+        out = out.flatten(2, 3).to(q.dtype)  # (B, L + S, D)
+        if not self.dual:
+            return out
+        return self.to_out[0](out[:, :n]), self.to_add_out(out[:, n:])
 
 
 class DualStreamBlock(nn.Module):
@@ -351,19 +347,20 @@ class DualStreamBlock(nn.Module):
         self.norm2_context = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff_context = FeedForward(dim, int(dim * mlp_ratio), approximate="tanh")
 
-    def forward(self, x, text, temb, rope, key_lengths):
-        # x (B, L, D), text (B, S, D), temb (B, D)
-        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb)
+    def forward(self, x, text, temb, rope, key_lengths, text_mask=None, sequence=None, length=0):
+        # x (B, L, D) video (a token shard under sequence parallelism), text (B, S, D), temb (B, D)
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb)  # (B, 1, D) each
         c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
 
-        attn, text_attn = self.attn(
-            modulate(self.norm1.norm(x), shift, scale), modulate(self.norm1_context.norm(text), c_shift, c_scale), rope, key_lengths
-        )
-        x = x + attn * gate
-        text = text + text_attn * c_gate
+        h = norm_modulate(x, shift, scale, self.norm1.norm)
+        c = norm_modulate(text, c_shift, c_scale, self.norm1_context.norm)
+        attn, text_attn = self.attn(h, x.shape[1], rope, key_lengths, text_mask, context=c, sequence=sequence, length=length)
+        x = gated_residual(x, attn, gate)
+        text = gated_residual(text, text_attn, c_gate)
 
-        x = x + gate_mlp * self.ff(modulate(self.norm2(x), shift_mlp, scale_mlp))
-        text = text + c_gate_mlp * self.ff_context(modulate(self.norm2_context(text), c_shift_mlp, c_scale_mlp))
+        x = gated_residual(x, self.ff(norm_modulate(x, shift_mlp, scale_mlp, self.norm2)), gate_mlp)
+        c = norm_modulate(text, c_shift_mlp, c_scale_mlp, self.norm2_context)
+        text = gated_residual(text, self.ff_context(c), c_gate_mlp)
         return x, text
 
 
@@ -378,15 +375,13 @@ class SingleStreamBlock(nn.Module):
         self.proj_mlp = nn.Linear(dim, mlp_dim)
         self.proj_out = nn.Linear(dim + mlp_dim, dim)
 
-    def forward(self, x, text, temb, rope, key_lengths):
-        num_video = x.shape[1]
-        residual = torch.cat([x, text], 1)  # (B, L + S, D)
-        shift, scale, gate = self.norm(temb)
-        h = modulate(self.norm.norm(residual), shift, scale)
-        mlp = F.gelu(self.proj_mlp(h), approximate="tanh")
-        attn, text_attn = self.attn(h[:, :num_video], h[:, num_video:], rope, key_lengths)
-        out = gate * self.proj_out(torch.cat([torch.cat([attn, text_attn], 1), mlp], dim=2)) + residual
-        return out[:, :num_video], out[:, num_video:]
+    def forward(self, xc, num_video, temb, rope, key_lengths, text_mask=None, sequence=None, length=0):
+        # xc = [video, text] (B, L + S, D), the first num_video tokens video (a shard under sequence parallelism)
+        shift, scale, gate = self.norm(temb)  # (B, 1, D) each
+        h = norm_modulate(xc, shift, scale, self.norm.norm)
+        mlp = gelu_tanh(self.proj_mlp(h))  # (B, L + S, mlp_dim)
+        attn = self.attn(h, num_video, rope, key_lengths, text_mask, sequence=sequence, length=length)  # (B, L + S, D)
+        return gated_residual(xc, self.proj_out(torch.cat([attn, mlp], dim=2)), gate)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -421,6 +416,8 @@ class HunyuanVideoTransformer(nn.Module):
         self.norm_out.linear = nn.Linear(dim, 2 * dim)  # (scale, shift) of the final AdaLN
         self.norm_out.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.proj_out = nn.Linear(dim, cfg.patch_size_t * cfg.patch_size**2 * (cfg.out_channels or cfg.in_channels))
+        # sequence group (worker/sequence_parallel.py) when the worker group shards tokens.
+        self.sequence_parallel = None
 
     def forward(
         self,
@@ -446,18 +443,29 @@ class HunyuanVideoTransformer(nn.Module):
         rope = rope_3d(grid, self.config.rope_axes_dim, self.config.rope_theta, latents.device)  # (1, L, 1, Dh) x2
         temb = self.time_text_embed(timestep, pooled, guidance)  # (B, D)
         x = self.x_embedder.proj(latents).flatten(2).transpose(1, 2)  # (B, L, D), tokens in (f, h, w) order
-        context = self.context_embedder(text, timestep, lengths)  # (B, S, D)
-        key_lengths = [x.shape[1] + n for n in lengths]  # row b attends to all video + its valid text
+        context = self.context_embedder(text, timestep, lengths)  # (B, S, D), whole on every rank
+        sp, length = self.sequence_parallel, x.shape[1]
+        key_lengths = [length + n for n in lengths]  # row b attends to all video + its valid text
+        text_mask = None
+        if sp is not None:  # shard the video tokens once (their rope with them); text padding as a key mask
+            x, rope = sp.shard(x), tuple(sp.shard(r) for r in rope)
+            s = context.shape[1]
+            if any(n < s for n in lengths):
+                text_mask = torch.arange(s, device=x.device)[None, :] < torch.tensor(lengths, device=x.device)[:, None]  # (B, S)
 
         for block in self.transformer_blocks:
-            x, context = block(x, context, temb, rope, key_lengths)
+            x, context = block(x, context, temb, rope, key_lengths, text_mask, sp, length)
+        num_video = x.shape[1]
+        xc = torch.cat([x, context], 1)  # (B, L + S, D)
         for block in self.single_transformer_blocks:
-            x, context = block(x, context, temb, rope, key_lengths)
+            xc = block(xc, num_video, temb, rope, key_lengths, text_mask, sp, length)
+        x = xc[:, :num_video]
 
         # Output head: AdaLN (note: scale before shift here) then linear to patch pixels.
         scale, shift = self.norm_out.linear(F.silu(temb).to(x.dtype)).unsqueeze(1).chunk(2, dim=-1)
-        x = modulate(self.norm_out.norm(x), shift, scale)
-        x = self.proj_out(x)  # (B, L, C_out * pt * p * p), channels before the patch dims
+        x = self.proj_out(norm_modulate(x, shift, scale, self.norm_out.norm))  # (B, L, C_out * pt * p * p), channels first
+        if sp is not None:
+            x = sp.gather(x, length)
 
         # Unpatchify: (B, F', H', W', C, pt, p, p) -> (B, C, F'pt, H'p, W'p).
         x = x.reshape(b, *grid, -1, pt, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)
