@@ -129,9 +129,9 @@ def test_qwen_image_layout_equals_single_process(tiny_qwen, start_server, qwen_s
         assert max_level_diff(ours, ref) <= 2, layout
 
 
-HUNYUAN_JOBS = [dict(prompt="a red cat walking on the beach at sunset", height=48, width=48, num_frames=9, num_inference_steps=4,
+HUNYUAN_JOBS = [dict(prompt="a red cat walking on the beach at sunset", height=48, width=48, num_frames=9, num_inference_steps=3,
                      seed=5, guidance_scale=6.0, output_format="npy"),  # 3x3x3 = 27 video tokens: padded on 2 ranks
-                dict(prompt="a dog", height=48, width=48, num_frames=9, num_inference_steps=3, seed=6, guidance_scale=4.0,
+                dict(prompt="a dog", height=48, width=48, num_frames=9, num_inference_steps=2, seed=6, guidance_scale=4.0,
                      output_format="npy")]
 
 
@@ -148,7 +148,7 @@ def hunyuan_single(tiny_hunyuan, tmp_path_factory):
     return _single_outputs(tiny_hunyuan, HUNYUAN_JOBS, tmp_path_factory.mktemp("server"))
 
 
-@pytest.mark.parametrize("layout", ["ulysses", "ring"])
+@pytest.mark.parametrize("layout", ["ring"])  # ulysses (and 2 x 2) at model level: test_sequence_parallel.py
 def test_hunyuan_video_layout_equals_single_process(tiny_hunyuan, start_server, hunyuan_single, layout):
     group = start_server(tiny_hunyuan, "--num-gpus", "2", f"--{layout}-degree", "2")
     # prompts of different lengths share steps: the shorter row's padded text keys are masked on every rank
