@@ -55,7 +55,11 @@ def _cases():
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, 4:] = False  # the second row's prompt is shorter: padded text keys masked
     qwen_args = (torch.randn(2, 15, 8, generator=g), torch.tensor([0.8, 0.2]), torch.randn(2, 6, 16, generator=g), mask, [(1, 5, 3)])
-    return [("wan", wan, wan_args), ("flux", flux, flux_args), ("qwen", qwen, qwen_args)]
+    # Qwen-Image-Edit: the input image's tokens follow the noise tokens (two image shapes, 15 + 12 tokens)
+    qwen_edit = _randomize(QwenImageTransformer(QwenImageConfig.from_dict(QWEN)))  # its own copy: tp shards in place
+    edit_args = (torch.randn(2, 27, 8, generator=g), torch.tensor([0.7, 0.3]), torch.randn(2, 6, 16, generator=g), mask,
+                 [(1, 5, 3), (1, 3, 4)])
+    return [("wan", wan, wan_args), ("flux", flux, flux_args), ("qwen", qwen, qwen_args), ("qwen-edit", qwen_edit, edit_args)]
 
 
 def _hunyuan_case():
