@@ -20,7 +20,7 @@ sequence group the rank order r · U + u is the order of the token shards.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -114,7 +114,6 @@ class ParallelState:
     sequence: SequenceParallel | None = None  # the ulysses × ring group, when it has more than one rank
     tp_group: object = None
     tp_rank: int = 0
-    _gathers: int = field(default=0, repr=False)
 
     @property
     def world_size(self) -> int:

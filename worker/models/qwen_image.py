@@ -200,8 +200,8 @@ class JointAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # diffusers' `to_out.0` (to_out.1 is dropout)
         self.to_add_out = nn.Linear(dim, dim)
 
-    def forward(self, img, txt, img_rope, txt_rope, text_mask, sequence=None, length=0):
-        # img: (B, L, D), txt: (B, S, D); text_mask: (B, S) bool (False at padding) or None.
+    def forward(self, img, txt, img_rope, txt_rope, key_mask, sequence=None, length=0):
+        # img: (B, L, D), txt: (B, S, D); key_mask: (B, S + L) bool (False at text padding) or None.
         # sequence (worker/sequence_parallel.py): img is this rank's shard of `length` tokens.
         def heads(x):
             return x.unflatten(-1, (self.heads, -1))  # (B, N, Hd, Dh)
@@ -214,12 +214,10 @@ class JointAttention(nn.Module):
         txt_v = heads(self.add_v_proj(txt))
 
         if sequence is not None:
+            text_mask = key_mask[:, : txt.shape[1]] if key_mask is not None else None
             img_out, txt_out = sequence.attention(img_q, img_k, img_v, length, text=(txt_q, txt_k, txt_v), text_mask=text_mask)
             img_out, txt_out = img_out.flatten(2, 3).to(img_q.dtype), txt_out.flatten(2, 3).to(img_q.dtype)
             return self.to_out[0](img_out), self.to_add_out(txt_out)
-        key_mask = None
-        if text_mask is not None:
-            key_mask = torch.cat([text_mask.bool(), text_mask.new_ones(img.shape[:2], dtype=torch.bool)], dim=1)  # (B, S + L)
         q = torch.cat([txt_q, img_q], dim=1)  # (B, S + L, Hd, Dh)
         k = torch.cat([txt_k, img_k], dim=1)
         v = torch.cat([txt_v, img_v], dim=1)
@@ -240,7 +238,7 @@ class QwenImageBlock(nn.Module):
         self.img_mlp = FeedForward(dim, 4 * dim, approximate="tanh")
         self.txt_mlp = FeedForward(dim, 4 * dim, approximate="tanh")
 
-    def forward(self, img, txt, temb, img_rope, txt_rope, text_mask, sequence=None, length=0):
+    def forward(self, img, txt, temb, img_rope, txt_rope, key_mask, sequence=None, length=0):
         # img: (B, L, D), txt: (B, S, D), temb: (B, D)
         img_mod = self.img_mod(temb)[:, None].chunk(6, dim=-1)  # 6 x (B, 1, D): shift, scale, gate, x2
         txt_mod = self.txt_mod(temb)[:, None].chunk(6, dim=-1)
@@ -250,7 +248,7 @@ class QwenImageBlock(nn.Module):
             norm_modulate(txt, txt_mod[0], txt_mod[1], eps=self.eps),
             img_rope,
             txt_rope,
-            text_mask,
+            key_mask,
             sequence,
             length,
         )
@@ -328,9 +326,12 @@ class QwenImageTransformer(nn.Module):
         sp, length = self.sequence_parallel, x.shape[1]
         if sp is not None:  # shard the image tokens once (their rope with them); text stays whole
             x, img_rope = sp.shard(x), tuple(sp.shard(r) for r in img_rope)
+        key_mask = None  # over this rank's keys [text, image tokens], built once for every block
+        if text_mask is not None:
+            key_mask = torch.cat([text_mask.bool(), text_mask.new_ones(x.shape[:2], dtype=torch.bool)], dim=1)  # (B, S + L)
 
         for block in self.transformer_blocks:
-            x, txt = block(x, txt, temb, img_rope, txt_rope, text_mask, sp, length)
+            x, txt = block(x, txt, temb, img_rope, txt_rope, key_mask, sp, length)
 
         x = self.proj_out(self.norm_out(x, temb))  # (B, L, patch^2 * out_channels)
         return x if sp is None else sp.gather(x, length)
