@@ -1,6 +1,6 @@
 """One denoising step on 1, 2, 4 ... GPUs in each parallel layout, against 1 GPU on the same machine.
 
-python bench/parallel_step.py [--models wan-14b,flux.1-dev] [--gpus 2]   (GPU; NCCL; writes $OUT/<date>-<card>-parallel.json)
+python bench/parallel_step.py [--models wan-14b,flux.1-dev] [--gpus 2]   (GPU; NCCL; writes $OUT/<date>-<card>-parallel-<models>.json)
 python bench/parallel_step.py --tiny                                  (CPU, gloo, tiny configs: checks the script)
 
 A step is what the worker runs: Wan2.1-T2V-14B at 720x1280x81 with CFG is one forward over two rows
@@ -15,6 +15,7 @@ efficiency = speedup / N.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -27,6 +28,7 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import card, print_table, results_name, time_ms, write_json  # noqa: E402
+from profiling import print_profile, profile_calls  # noqa: E402
 from dit_forward import CASES, tiny_cases  # noqa: E402
 from synthetic import our_model  # noqa: E402
 
@@ -50,7 +52,8 @@ def _rows(inputs: dict, rows: int) -> dict:
     return {k: (torch.cat([v] * rows) if torch.is_tensor(v) and v.ndim >= 1 and v.shape[0] == 1 else v) for k, v in inputs.items()}
 
 
-def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, result_file: str, compile_mode: str = "") -> None:
+def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, result_file: str, compile_mode: str = "",
+              profile: bool = False) -> None:
     from diffserve.worker.parallel import ParallelDims, ParallelState
 
     cuda = not tiny
@@ -84,10 +87,13 @@ def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, r
 
     out = once()
     slow = case.slow and not tiny
-    ms = time_ms(once, warmup=0 if slow else 1, repeat=2 if slow else 5, cuda=cuda)
+    # A slow (multi-second) step is timed once after the first: its spread is well under 1 %.
+    ms = time_ms(once, warmup=0 if slow else 1, repeat=1 if slow else 5, cuda=cuda)
+    result = dict(ms=ms, peak=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, norm=float(out.float().norm()))
+    if profile:  # every rank runs the calls; rank 0 records them
+        result["profile"] = profile_calls(once, calls=1 if slow else 3, active=rank == 0)
     if rank == 0:
-        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-        Path(result_file).write_text(f"{ms} {peak} {float(out.float().norm())}")
+        Path(result_file).write_text(json.dumps(result))
     if world > 1:
         dist.destroy_process_group()
 
@@ -104,14 +110,14 @@ def _unpack(name: str, args: tuple) -> dict:
     return dict(zip(_ORDER[name], args))
 
 
-def run_layout(name: str, layout, tiny: bool, compile_mode: str = "") -> tuple[float, float, float]:
+def run_layout(name: str, layout, tiny: bool, compile_mode: str = "", profile: bool = False) -> dict:
     world = layout[0] * layout[1] * layout[2] * layout[3]
     with tempfile.TemporaryDirectory() as folder:
         result = os.path.join(folder, "result")
         port = 29500 + (os.getpid() % 1000) + world * 7 + sum(layout)
-        mp.spawn(_run_rank, args=(world, f"tcp://127.0.0.1:{port}", name, layout, tiny, result, compile_mode), nprocs=world, join=True)
-        ms, peak, norm = (float(v) for v in Path(result).read_text().split())
-    return ms, peak, norm
+        mp.spawn(_run_rank, args=(world, f"tcp://127.0.0.1:{port}", name, layout, tiny, result, compile_mode, profile),
+                 nprocs=world, join=True)
+        return json.loads(Path(result).read_text())
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -121,10 +127,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiny", action="store_true", help="tiny configs on CPU processes over gloo (checks the script)")
     p.add_argument("--compile", default="", help="torch.compile mode for every layout (e.g. default); empty: eager")
     p.add_argument("--layouts", default="", help="only these layout labels, comma-separated (e.g. single,ulysses2)")
+    p.add_argument("--profile", action="store_true", help="also profile rank 0's step: GPU busy vs wall, kernel time by kind")
     args = p.parse_args(argv)
     available = 4 if args.tiny else torch.cuda.device_count()
     counts = [int(c) for c in args.gpus.split(",") if c] or [n for n in (2, 4) if n <= available]
     rows = []
+    out = tempfile.mkdtemp() if args.tiny else None
+    tag = "-".join(["parallel", *args.models.replace(".", "").split(","), *([f"compile-{args.compile}"] if args.compile else [])])
     for name in args.models.split(","):
         if name not in LAYOUTS:
             p.error(f"unknown model {name}; choose from {','.join(LAYOUTS)}")
@@ -137,15 +146,19 @@ def main(argv: list[str] | None = None) -> None:
                 if args.tiny and case.config["num_attention_heads"] % (layout[1] * layout[3]):
                     continue  # the tiny configs have 2 heads
                 started = time.perf_counter()
-                ms, peak, norm = run_layout(name, layout, args.tiny, args.compile)
+                result = run_layout(name, layout, args.tiny, args.compile, args.profile)
+                ms, peak, norm = result["ms"], result["peak"], result["norm"]
                 base = base or (ms, norm)
                 speedup = base[0] / ms
                 rows.append(dict(model=name, shape=case.label, card=card(), gpus=n, layout=_label(layout) + (f" +compile:{args.compile}" if args.compile else ""), step_ms=round(ms, 1),
                                  speedup=round(speedup, 3), efficiency=round(speedup / n, 3), peak_gib=round(peak, 1),
                                  out_norm_rel=round(abs(norm - base[1]) / base[1], 5), wall_s=round(time.perf_counter() - started)))
-                print_table(rows[-1:], list(rows[-1]))
+                if "profile" in result:
+                    rows[-1]["profile"] = result["profile"]
+                    print_profile(f"{name} {rows[-1]['layout']} (rank 0)", result["profile"])
+                print_table(rows[-1:], [k for k in rows[-1] if k != "profile"])
                 sys.stdout.flush()
-        path = write_json(results_name("parallel"), rows, tempfile.mkdtemp() if args.tiny else None)
+                path = write_json(results_name(tag), rows, out)  # after each layout: a time limit keeps the rows so far
     print_table(rows, ["model", "shape", "gpus", "layout", "step_ms", "speedup", "efficiency", "peak_gib", "out_norm_rel"])
     print(f"wrote {path}")
 
