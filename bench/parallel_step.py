@@ -80,16 +80,20 @@ def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, r
     step = state.row_parallel(lambda *a: fam.ours_call(model, _unpack(name, a)), batched=batched)
     args = _pack(name, inputs)
 
+    graphs = "reduce-overhead" in compile_mode  # CUDA graphs: each call a new step; outputs live until the next
+
     def once():
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
         if world > 1:
             dist.barrier(device_ids=[rank]) if cuda else dist.barrier()
         return step(*args)
 
-    out = once()
+    norm = float(once().float().norm())
     slow = case.slow and not tiny
     # A slow (multi-second) step is timed once after the first: its spread is well under 1 %.
     ms = time_ms(once, warmup=0 if slow else 1, repeat=1 if slow else 5, cuda=cuda)
-    result = dict(ms=ms, peak=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, norm=float(out.float().norm()))
+    result = dict(ms=ms, peak=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, norm=norm)
     if profile:  # every rank runs the calls; rank 0 records them
         result["profile"] = profile_calls(once, calls=1 if slow else 3, active=rank == 0)
     if rank == 0:
