@@ -59,6 +59,16 @@ def cases(s: dict, device: str) -> list[Case]:
     cos, sin = (tab[None, :, None].to(device) for tab in rotary_tables(dh, t))  # (1, L, 1, Dh) float32
     ff_base, ff_bias = rand(1, t, ffn, scale=2.0), rand(ffn, scale=0.1)
     steps = torch.rand(1, t, generator=gen, device=device) * 1000  # per-token timesteps
+    w_ff, b_ff = rand(ffn, d, scale=d ** -0.5), rand(ffn, scale=0.1)  # the MLP's first linear
+
+    def ff_args(dt):
+        return y_base.to(dt), w_ff.to(dt), b_ff.to(dt)
+
+    def epilogue(x, w, b):  # what linear_gelu_tanh runs on CUDA: bias + GELU in the GEMM's epilogue
+        return torch._addmm_activation(b, x.reshape(-1, x.shape[-1]), w.t(), use_gelu=True).view(*x.shape[:-1], w.shape[0])
+
+    def linear_then_gelu(x, w, b):
+        return activation.gelu_tanh_reference(torch.nn.functional.linear(x, w, b))
 
     def per_token(i):
         return mod_table.unbind(2)[i]  # a strided view, as the models slice it
@@ -99,6 +109,10 @@ def cases(s: dict, device: str) -> list[Case]:
              activation.gelu_tanh_triton, activation.gelu_tanh_reference, activation.gelu_tanh),
         Case("gelu_tanh + bias", lambda dt: (ff_base.to(dt), ff_bias.to(dt)),
              activation.gelu_tanh_triton, activation.gelu_tanh_reference, activation.gelu_tanh),
+        # The "triton" column of these two is the fused path: cuBLASLt's epilogue, or linear + our GELU kernel.
+        Case("linear+gelu_tanh epilogue", ff_args, epilogue, linear_then_gelu, activation.linear_gelu_tanh),
+        Case("linear, gelu_tanh kernel", ff_args, lambda x, w, b: activation.gelu_tanh_triton(torch.nn.functional.linear(x, w, b)),
+             linear_then_gelu, lambda x, w, b: activation.gelu_tanh(torch.nn.functional.linear(x, w, b))),
         Case("timestep_embedding (B,L)x256", lambda dt: (steps.to(dt),),
              lambda ts: timestep.timestep_embedding_triton(ts, 256),
              lambda ts: timestep.timestep_embedding_reference(ts, 256),
@@ -108,6 +122,8 @@ def cases(s: dict, device: str) -> list[Case]:
     # the per-head q/k norm is FLUX's. The tiny shape runs every case.
     wan_only = {"layer_norm+mod (B,L,D)", "gated_residual (B,L,D)", "rms_norm_rope across heads", "timestep_embedding (B,L)x256"}
     flux_only = {"rms_norm_rope per head"}
+    if device == "cpu":  # CPU's _addmm_activation applies the exact (erf) GELU: the epilogue is a CUDA path only
+        out = [c for c in out if "epilogue" not in c.op]
     if s is SHAPES["tiny"]:
         return out
     return [c for c in out if c.op not in (flux_only if s["wan"] else wan_only)]

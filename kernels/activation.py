@@ -4,6 +4,7 @@
 
 in float32, stored in x's dtype: torch's formula, constant for constant. The bias form is for
 a GEMM run without its bias (saves one read and write of the activation over `linear` + `gelu`).
+`linear_gelu_tanh` goes one step further on CUDA: the GEMM's epilogue applies bias and GELU.
 """
 
 from __future__ import annotations
@@ -80,3 +81,27 @@ def gelu_tanh(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor
     if use_triton(x, bias) and (bias is None or bias.shape == x.shape[-1:]):
         return gelu_tanh_triton(x, bias if bias is None else bias.contiguous())
     return gelu_tanh_reference(x, bias)
+
+
+def _epilogue_fits(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """cuBLASLt's GELU epilogue: CUDA half / bf16 GEMMs with a bias, not under autograd or torch.compile
+    (inductor fuses the reference itself)."""
+    if bias is None or not x.is_cuda or x.dtype not in (torch.bfloat16, torch.float16) or torch.compiler.is_compiling():
+        return False
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (x, weight, bias)):
+        return False
+    return x.numel() > x.shape[-1] and weight.dtype == bias.dtype == x.dtype
+
+
+def linear_gelu_tanh(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """gelu_tanh(x @ weight.T + bias), the first half of a GELU MLP. x: (N..., C_in); weight (C_out, C_in).
+
+    On CUDA (half / bf16, with a bias) one cuBLASLt GEMM applies bias and GELU(tanh) to the float32
+    accumulator in its epilogue and rounds once, so the (N, C_out) activation is written once instead
+    of written, read and written again. Elsewhere: `linear`, then `gelu_tanh`.
+    """
+    if _epilogue_fits(x, weight, bias):
+        x2 = x.reshape(-1, x.shape[-1])
+        out = torch._addmm_activation(bias, x2, weight.t(), use_gelu=True)
+        return out.view(*x.shape[:-1], weight.shape[0])
+    return gelu_tanh(F.linear(x, weight, bias))

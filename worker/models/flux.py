@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from diffserve.kernels.attention import attention
 from diffserve.worker.models.checkpoint import load_module, read_config
-from diffserve.kernels.activation import gelu_tanh
+from diffserve.kernels.activation import linear_gelu_tanh
 from diffserve.worker.models.layers import (
     FeedForward,
     TimestepEmbedding,
@@ -295,7 +295,7 @@ class FluxSingleBlock(nn.Module):
         # xc = [text, image] (B, S + N, D); the image part a token shard under sequence parallelism
         shift, scale, gate = self.norm.modulations(temb)  # (B, 1, D) each
         h = norm_modulate(xc, shift, scale, self.norm.norm)
-        mlp = gelu_tanh(self.proj_mlp(h))  # (B, S + N, 4D)
+        mlp = linear_gelu_tanh(h, self.proj_mlp.weight, self.proj_mlp.bias)  # (B, S + N, 4D)
         attn = self.attn(h, rope, sequence=sequence, length=length, text_len=text_len)  # (B, S + N, D)
         xc = gated_residual(xc, self.proj_out(torch.cat([attn, mlp], dim=2)), gate)
         return _clip_fp16(xc)

@@ -31,7 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffserve.kernels.activation import gelu_tanh
+from diffserve.kernels.activation import linear_gelu_tanh
 from diffserve.kernels.attention import attention
 from diffserve.worker.models.checkpoint import load_module, read_config
 from diffserve.worker.models.layers import (
@@ -379,7 +379,7 @@ class SingleStreamBlock(nn.Module):
         # xc = [video, text] (B, L + S, D), the first num_video tokens video (a shard under sequence parallelism)
         shift, scale, gate = self.norm(temb)  # (B, 1, D) each
         h = norm_modulate(xc, shift, scale, self.norm.norm)
-        mlp = gelu_tanh(self.proj_mlp(h))  # (B, L + S, mlp_dim)
+        mlp = linear_gelu_tanh(h, self.proj_mlp.weight, self.proj_mlp.bias)  # (B, L + S, mlp_dim)
         attn = self.attn(h, num_video, rope, key_lengths, text_mask, sequence=sequence, length=length)  # (B, L + S, D)
         return gated_residual(xc, self.proj_out(torch.cat([attn, mlp], dim=2)), gate)
 

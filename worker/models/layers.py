@@ -21,7 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffserve.kernels.activation import gelu_tanh
+from diffserve.kernels.activation import gelu_tanh, linear_gelu_tanh  # noqa: F401  (gelu_tanh for the models)
 from diffserve.kernels.norm import layer_norm, rms_norm
 from diffserve.kernels.residual import gated_residual  # noqa: F401  (x + y * gate for the models)
 from diffserve.kernels.rope import apply_rotary, rms_norm_rope  # noqa: F401  (apply_rotary for the models)
@@ -111,7 +111,7 @@ class _LinearGELU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.approximate == "tanh":
-            return gelu_tanh(self.proj(x))
+            return linear_gelu_tanh(x, self.proj.weight, self.proj.bias)
         return F.gelu(self.proj(x), approximate=self.approximate)
 
 
