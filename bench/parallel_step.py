@@ -74,6 +74,9 @@ def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, r
             shard_dit(model, state)
         model.sequence_parallel = state.sequence
     if compile_mode:  # the sharded forward compiles as one graph (tests/test_parallel_compile.py)
+        from diffserve.kernels import attention
+
+        attention.prepare(device, dtype, case.config["attention_head_dim"])  # else the second call recompiles
         model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
     inputs = _rows(fam.inputs(case.config, case.shape, device, dtype), CFG_ROWS[name])
     batched = {"wan-14b": (0, 1, 2), "flux.1-dev": (0, 1, 2, 3, 6)}[name]

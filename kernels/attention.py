@@ -141,6 +141,17 @@ def _choose(device: torch.device, dtype: torch.dtype, head_dim: int, keys: int) 
     return choice
 
 
+def prepare(device: torch.device | str, dtype: torch.dtype, head_dim: int) -> None:
+    """Chooses (and loads) the backend for this signature, short and long sequences, ahead of time.
+
+    Call it before torch.compile traces a model: the trace then only reads the dispatch caches. A
+    cache entry added during the first compiled call fails that graph's guards, and the second call
+    recompiles the whole model (minutes for FLUX on a GPU; `compile_dits` calls this).
+    """
+    for keys in (0, LONG_SEQUENCE):
+        _choose(torch.device(device), dtype, head_dim, keys)
+
+
 def _pick(device: torch.device, dtype: torch.dtype, head_dim: int, long: bool) -> tuple[str, AttentionFn]:
     candidates = (_forced,) if _forced else (AUTO_ORDER if long or device.type != "cuda" else ("sdpa",))
     for name in candidates:

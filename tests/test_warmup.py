@@ -31,6 +31,21 @@ def test_compiled_dit_same_output_and_warmup(tiny_wan):
     assert (run(pipeline) == before).all()
 
 
+def test_compiled_dit_does_not_recompile_on_its_second_step(tiny_wan):
+    """compile_dits resolves the attention backend first: filling the dispatch cache inside the first
+    compiled call would fail its guards and recompile the whole DiT on the next step."""
+    import torch._dynamo as dynamo
+
+    from diffserve.kernels import attention
+
+    pipeline = load_pipeline(tiny_wan, "tiny", torch.device("cpu"), torch.float32)
+    dynamo.reset()
+    attention.configure("auto")  # empties the dispatch cache, as in a fresh worker
+    compile_dits(pipeline, backend="eager")
+    with dynamo.config.patch(error_on_recompile=True):
+        run(pipeline)  # two steps, same shapes: the second must reuse the first one's graph
+
+
 def test_parse_shape():
     assert parse_shape("480x832x81") == (480, 832, 81) and parse_shape("1024x1024") == (1024, 1024, 1)
     with pytest.raises(ValueError):

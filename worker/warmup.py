@@ -14,6 +14,7 @@ import time
 import torch
 from torch import nn
 
+from diffserve.kernels import attention
 from diffserve.v1 import generation_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -34,8 +35,17 @@ def compile_dits(pipeline, backend: str = "inductor", mode: str | None = None) -
     """Compiles each DiT's forward in place; returns how many were compiled."""
     models = dits(pipeline)
     for model in models:
+        prepare_attention(model)
         model.forward = torch.compile(model.forward, backend=backend, mode=mode, dynamic=False)
     return len(models)
+
+
+def prepare_attention(model: nn.Module) -> None:
+    """Resolves the attention backend for the DiT's device, dtype and head size before it is traced
+    (kernels/attention.prepare: otherwise its second compiled call recompiles)."""
+    param = next((p for p in model.parameters() if p.dtype in (torch.bfloat16, torch.float16)), None)
+    param = param if param is not None else next(model.parameters())
+    attention.prepare(param.device, param.dtype, model.config.attention_head_dim)
 
 
 def parse_shape(text: str) -> tuple[int, int, int]:
