@@ -18,7 +18,8 @@ BUCKETS = (  # first match wins; names as CUDA reports them, lower-cased
     ("attention", ("flash", "fmha", "sdpa", "attention", "attn")),
     ("nccl", ("nccl",)),
     ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas", "sm90_", "sm80_")),
-    ("triton", ("triton", "_kernel")),
+    ("torch elementwise", ("at::native",)),  # torch's own kernels ("elementwise_kernel", "layer_norm_kernel", ...)
+    ("triton", ("triton", "_kernel")),  # inductor's triton_* and our kernels/*.py (_norm_kernel, ...)
     ("copy", ("memcpy", "memset", "copy", "cat", "transpose")),
 )
 

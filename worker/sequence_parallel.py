@@ -15,7 +15,9 @@ between runs on the shard. Only self-attention needs the whole sequence:
 
 Joint-attention models (FLUX, Qwen-Image, HunyuanVideo) pass their text tokens' q/k/v whole on
 every rank: the text is attended as one more key block (each rank takes its own heads of it) and
-the text's output is gathered over the ulysses heads so every rank has it whole. Token counts that
+the text's output rides back in the same all-to-all as the image output, so every rank has it whole.
+One all-to-all carries q, k and v; one carries the output back (few launches: FLUX's eager step
+was bound by the CPU launching kernels, bench/NOTES.md). Token counts that
 do not divide by U·R are padded at the end; padded keys are cut off before attending (they only
 ever sit at the end of the sequence), padded queries give rows the gather drops.
 """
@@ -91,41 +93,33 @@ class SequenceParallel:
         False for padding text keys. Returns (output shard (B, L/(U·R), H, D), text output
         (B, S, H, D) or None).
         """
-        heads = q.shape[2]
-        if self.ulysses > 1:
-            q, k, v = (self._to_heads(t) for t in (q, k, v))  # (B, L/R, H/U, D)
-            if text is not None:
-                h = heads // self.ulysses
-                text = tuple(t[:, :, self.ulysses_rank * h : (self.ulysses_rank + 1) * h] for t in text)
-        block = k.shape[1]  # tokens per ring block (padded)
         text_len = text[0].shape[1] if text is not None else 0
-        if text is not None:
-            q = torch.cat([text[0], q], dim=1)
+        if self.ulysses > 1:
+            q, k, v = self._to_heads(q, k, v, text).unbind(0)  # (B, S + L/R, H/U, D), text first
+        elif text is not None:
+            q, k, v = (torch.cat([t, x], dim=1) for t, x in zip(text, (q, k, v)))
+        block = k.shape[1] - text_len  # tokens per ring block (padded)
         if self.ring == 1:
             valid = min(length, block)
-            k, v = k[:, :valid], v[:, :valid]
+            k, v = k[:, : text_len + valid], v[:, : text_len + valid]  # padded keys sit at the end
             mask = None
-            if text is not None:
-                k, v = torch.cat([text[1], k], dim=1), torch.cat([text[2], v], dim=1)
-                if text_mask is not None:
-                    mask = torch.cat([text_mask.bool(), text_mask.new_ones(text_mask.shape[0], valid, dtype=torch.bool)], dim=1)
+            if text is not None and text_mask is not None:
+                mask = torch.cat([text_mask.bool(), text_mask.new_ones(text_mask.shape[0], valid, dtype=torch.bool)], dim=1)
             out = attention(q, k, v, key_mask=mask)
         else:
-            out = self._ring(q, k, v, length, block, text, text_mask)
-        text_out, out = out[:, :text_len], out[:, text_len:]
+            text_kv = (k[:, :text_len], v[:, :text_len]) if text is not None else None
+            out = self._ring(q, k[:, text_len:], v[:, text_len:], length, block, text_kv, text_mask)
         if self.ulysses > 1:
-            out = self._to_tokens(out.contiguous())
-            if text is not None:
-                parts = [torch.empty_like(text_out) for _ in range(self.ulysses)]
-                dist.all_gather(parts, text_out.contiguous(), group=self.ulysses_group)
-                text_out = torch.cat(parts, dim=2)  # (B, S, H, D)
+            out, text_out = self._to_tokens(out, text_len)
+        else:
+            text_out, out = out[:, :text_len], out[:, text_len:]
         return out, (text_out if text is not None else None)
 
-    def _ring(self, q, k, v, length, block, text, text_mask) -> torch.Tensor:
-        """Ring attention of q against every ring rank's K/V block (and the text block)."""
+    def _ring(self, q, k, v, length, block, text_kv, text_mask) -> torch.Tensor:
+        """Ring attention of q against every ring rank's K/V block (and the text's K/V)."""
         out = lse = None
-        if text is not None:
-            out, lse = attention_lse(q, text[1], text[2], key_mask=text_mask)
+        if text_kv is not None:
+            out, lse = attention_lse(q, *text_kv, key_mask=text_mask)
             out = out.float()
         n = self.ring
         nxt, prv = self.ring_peers[(self.ring_rank + 1) % n], self.ring_peers[(self.ring_rank - 1) % n]
@@ -149,23 +143,40 @@ class SequenceParallel:
 
     # ---- Ulysses all-to-all ----
 
-    def _to_heads(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, n, H, D) token shard -> (B, U·n, H/U, D): the U consecutive shards, our head group."""
-        b, n, heads, d = x.shape
-        u = self.ulysses
-        send = x.reshape(b, n, u, heads // u, d).permute(2, 0, 1, 3, 4).contiguous()  # by destination head group
+    def _to_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: Text | None) -> torch.Tensor:
+        """Token shards (B, n, H, D) of q, k, v -> (3, B, S + U·n, H/U, D): our head group of the U
+        consecutive shards, after the text's S tokens (whole on every rank: we take our heads of it).
+        One all-to-all carries q, k and v."""
+        b, n, heads, d = q.shape
+        u, hu = self.ulysses, heads // self.ulysses
+        # (U, 3, B, n, H/U, D) by destination head group, built by one stacking copy
+        send = torch.stack([t.reshape(b, n, u, hu, d).permute(2, 0, 1, 3, 4) for t in (q, k, v)], dim=1)
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.ulysses_group)  # dim 0 now: source = token shard
-        return recv.permute(1, 0, 2, 3, 4).reshape(b, u * n, heads // u, d)
+        s = text[0].shape[1] if text is not None else 0
+        out = q.new_empty(3, b, s + u * n, hu, d)
+        out[:, :, s:].view(3, b, u, n, hu, d).copy_(recv.permute(1, 2, 0, 3, 4, 5))
+        if text is not None:
+            lo = self.ulysses_rank * hu
+            out[:, :, :s].copy_(torch.stack([t[:, :, lo : lo + hu] for t in text]))
+        return out
 
-    def _to_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverse of _to_heads: (B, U·n, H/U, D) -> (B, n, H, D)."""
-        b, length, heads, d = x.shape
+    def _to_tokens(self, x: torch.Tensor, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Inverse of _to_heads for the attention output: (B, S + U·n, H/U, D) -> our token shard
+        (B, n, H, D) and the whole text output (B, S, H, D). The text (its rows for our heads) rides
+        along to every rank in the same all-to-all."""
+        b, total, hu, d = x.shape
         u = self.ulysses
-        send = x.reshape(b, u, length // u, heads, d).permute(1, 0, 2, 3, 4).contiguous()  # by destination token shard
+        n = (total - text_len) // u
+        send = x.new_empty(u, b, n + text_len, hu, d)  # by destination token shard
+        send[:, :, :n].copy_(x[:, text_len:].view(b, u, n, hu, d).transpose(0, 1))
+        if text_len:
+            send[:, :, n:].copy_(x[:, :text_len].unsqueeze(0).expand(u, -1, -1, -1, -1))
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.ulysses_group)  # dim 0 now: source = head group
-        return recv.permute(1, 2, 0, 3, 4).reshape(b, length // u, u * heads, d)
+        out = recv[:, :, :n].permute(1, 2, 0, 3, 4).reshape(b, n, u * hu, d)
+        text_out = recv[:, :, n:].permute(1, 2, 0, 3, 4).reshape(b, text_len, u * hu, d)
+        return out, text_out
 
 
 def merge(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
