@@ -64,8 +64,8 @@ def _cases():
 
 def _hunyuan_case():
     """HunyuanVideo with 3·3·5 = 45 video tokens; the second row's text is 4 valid tokens then 3 of
-    (random) padding, so padded text keys must be masked. Apart from `_cases()`: it has no
-    tensor-parallel path (test_tensor_parallel.py runs every one of `_cases()` under tp)."""
+    (random) padding, so padded text keys must be masked. Apart from `_cases()` (kept to the models
+    served through test_parallel.py's layouts); test_tensor_parallel.py runs it under tp too."""
     from diffserve.worker.models.hunyuan_video import HunyuanVideoConfig, HunyuanVideoTransformer
 
     g = torch.Generator().manual_seed(2)

@@ -1,4 +1,4 @@
-"""Tensor parallelism (gloo, CPU): Wan, FLUX and Qwen-Image DiTs split over tp 2 give the
+"""Tensor parallelism (gloo, CPU): Wan, FLUX, Qwen-Image and HunyuanVideo DiTs split over tp 2 give the
 single-process output, also combined with Ulysses 2 (4 ranks) and with CFG-parallel 2 (4 ranks,
 Wan). Text encoders split over tp 2 give their unsplit hidden states: T5 (ReLU MLP, shared
 relative bias), UMT5 (gated MLP, a bias table per layer), Qwen2.5-VL as our Qwen-Image checkpoints
@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from diffserve.worker.parallel import ParallelDims, plan_layout
 from dist_util import free_port, run_group
-from test_sequence_parallel import WAN, _cases, _Model, _randomize
+from test_sequence_parallel import WAN, _cases, _hunyuan_case, _Model, _randomize
 
 
 def _state(rank: int, init: str, **dims):
@@ -40,7 +40,7 @@ def _wan_i2v():
 def _check_dits(rank: int, state) -> None:
     from diffserve.worker.tensor_parallel import RowParallelLinear, shard_dit
 
-    for name, model, args in _cases() + [_wan_i2v()]:
+    for name, model, args in _cases() + [_wan_i2v(), _hunyuan_case()]:
         if state.dims.cfg > 1 and name != "wan":  # cfg: the (x, t, ctx) call of Wan T2V is enough
             continue
         single = model(*args)
@@ -76,7 +76,7 @@ def test_tensor_parallel_equals_single_process_tp2():
 
 
 def test_tensor_parallel_dits_with_ulysses_and_cfg():
-    """ulysses 2 × tp 2 (Wan, FLUX, Qwen-Image), then cfg 2 × tp 2 (Wan)."""
+    """ulysses 2 × tp 2 (Wan, FLUX, Qwen-Image, HunyuanVideo), then cfg 2 × tp 2 (Wan)."""
     run_group(_four_ranks, 4, f"tcp://127.0.0.1:{free_port()}")
 
 

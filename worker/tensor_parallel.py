@@ -12,7 +12,7 @@ Rank t holds heads [t·H/T, (t+1)·H/T) and hidden features [t·F/T, (t+1)·F/T)
 get `heads` (or `n_heads` / `num_heads`) divided by T, so they unflatten to their local heads;
 sequence parallelism then works on those local heads (Ulysses splits them further).
 
-`shard_dit` knows our Wan, FLUX and Qwen-Image DiTs; `shard_text_encoder` the transformers T5 /
+`shard_dit` knows our Wan, FLUX, Qwen-Image and HunyuanVideo DiTs; `shard_text_encoder` the transformers T5 /
 UMT5 encoders and Qwen2 / Qwen2.5-VL / Llama decoder layers (see its docstring for what stays
 whole). Parameters are replaced by copies of their slices, so the full weights are freed.
 """
@@ -159,10 +159,20 @@ def _shard_flux_single(block: nn.Module, tp: int, rank: int, group) -> None:
 
 def _dit_kinds():
     from .models.flux import FluxTransformer
+    from .models.hunyuan_video import HunyuanVideoTransformer
     from .models.qwen_image import QwenImageTransformer
     from .models.wan import WanTransformer
 
-    return WanTransformer, FluxTransformer, QwenImageTransformer
+    return WanTransformer, FluxTransformer, QwenImageTransformer, HunyuanVideoTransformer
+
+
+def _mlp_widths(model: nn.Module) -> set[int]:
+    wan, _, _, hunyuan = _dit_kinds()
+    if isinstance(model, wan):
+        return {model.config.ffn_dim}
+    if isinstance(model, hunyuan):  # the blocks' MLPs and the token refiner's (ratio 4)
+        return {int(model.config.inner_dim * model.config.mlp_ratio), 4 * model.config.inner_dim}
+    return {4 * model.config.inner_dim}
 
 
 def dit_problems(models: list[nn.Module], tp: int) -> list[str]:
@@ -170,30 +180,29 @@ def dit_problems(models: list[nn.Module], tp: int) -> list[str]:
     ParallelDims.head_problems; this checks the model kind and the MLP widths."""
     if tp == 1:
         return []
-    wan, flux, qwen = _dit_kinds()
     out = []
     for m in models:
-        if not isinstance(m, (wan, flux, qwen)):
+        if not isinstance(m, _dit_kinds()):
             out.append(f"{type(m).__name__} has no tensor-parallel path; use --tp-size 1")
             continue
-        widths = {m.config.ffn_dim} if isinstance(m, wan) else {4 * m.config.inner_dim}
-        out += [f"MLP width {w} does not divide by tp {tp}" for w in sorted(widths) if w % tp]
+        out += [f"MLP width {w} does not divide by tp {tp}" for w in sorted(_mlp_widths(m)) if w % tp]
     return out
 
 
 def shard_dit(model: nn.Module, state) -> nn.Module:
-    """Splits a Wan, FLUX or Qwen-Image DiT over `state.tp_group`, in place; returns it.
+    """Splits a Wan, FLUX, Qwen-Image or HunyuanVideo DiT over `state.tp_group`, in place; returns it.
 
     Sharded: every attention's Q/K/V (image and text streams, Wan I2V's image K/V) column-parallel
     by heads, its output projections row-parallel; every MLP (image and text streams) column /
-    row-parallel; FLUX single blocks' proj_mlp and the fused proj_out; Wan's q/k norms across
-    heads become ParallelRMSNorm. Replicated: patch/text/time embedders, modulation, norms over
-    the model width, the output head.
+    row-parallel; FLUX / HunyuanVideo single blocks' proj_mlp and the fused proj_out; HunyuanVideo's
+    token refiner blocks (attention and SiLU MLP); Wan's q/k norms across heads become
+    ParallelRMSNorm. Replicated: patch/text/time embedders, modulation, norms over the model width,
+    the output head.
     """
     tp, rank, group = _group_info(state)
     if tp == 1:
         return model
-    wan, flux, _ = _dit_kinds()
+    wan, flux, _, hunyuan = _dit_kinds()
     problems = dit_problems([model], tp)
     if problems:
         raise ValueError("; ".join(problems))
@@ -208,6 +217,16 @@ def shard_dit(model: nn.Module, state) -> nn.Module:
             _shard_feed_forward(block.ff, tp, rank, group)
             _shard_feed_forward(block.ff_context, tp, rank, group)
         for block in model.single_transformer_blocks:
+            _shard_flux_single(block, tp, rank, group)
+    elif isinstance(model, hunyuan):
+        for block in model.context_embedder.token_refiner.refiner_blocks:
+            _shard_attention(block.attn, tp, rank, group)
+            _shard_feed_forward(block.ff, tp, rank, group)
+        for block in model.transformer_blocks:
+            _shard_attention(block.attn, tp, rank, group)  # per-head q/k norms: local as they are
+            _shard_feed_forward(block.ff, tp, rank, group)
+            _shard_feed_forward(block.ff_context, tp, rank, group)
+        for block in model.single_transformer_blocks:  # same layout as FLUX's single blocks
             _shard_flux_single(block, tp, rank, group)
     else:
         for block in model.transformer_blocks:
