@@ -174,16 +174,20 @@ class ParallelState:
     # ---- VAE decode over the whole group ----
 
     def vae_decode(self, vae, latents: torch.Tensor) -> torch.Tensor | None:
-        """`vae.decode(latents)`'s video. In a group every rank calls this: the decode is split over
-        all ranks by height (worker/parallel_vae.py, exact) and every rank gets the video; where it
-        cannot be split (not a Wan VAE, tiling on) rank 0 decodes alone and the others get None."""
+        """`vae.decode(latents)`'s video. In a group every rank calls this and every rank gets the
+        video, decoded together: a Wan VAE split by height (worker/parallel_vae.py), a tiled VAE by
+        tiles (worker/parallel_tiles.py: HunyuanVideo), both exact. Where neither applies, rank 0
+        decodes alone and the others get None."""
         if not self.distributed:
             return vae.decode(latents, return_dict=False)[0]
+        from .parallel_tiles import decode_tiles_parallel, tiled_problems
         from .parallel_vae import decode_parallel, decode_problems
 
-        if decode_problems(vae, latents):
-            return vae.decode(latents, return_dict=False)[0] if self.rank == 0 else None
-        return decode_parallel(vae, latents, None, self.rank, self.world_size)
+        if not decode_problems(vae, latents):
+            return decode_parallel(vae, latents, None, self.rank, self.world_size)
+        if not tiled_problems(vae, latents):
+            return decode_tiles_parallel(vae, latents, None, self.rank, self.world_size)
+        return vae.decode(latents, return_dict=False)[0] if self.rank == 0 else None
 
     # ---- row parallelism over the cfg axis ----
 

@@ -19,6 +19,7 @@ from diffserve.v1 import generation_pb2 as pb
 
 from .. import loading
 from ..models.hunyuan_video import HunyuanVideoTransformer
+from ..parallel import ParallelState
 from ..samplers import SamplerFactory
 from .base import RequestState
 from .stages import initial_noise, to_uint8_frames
@@ -44,6 +45,8 @@ class HunyuanVideoT2VPipeline:
 
     family = "hunyuan-video"
     task = "text-to-video"
+    parallel = ParallelState.single()  # the worker sets the group's state
+    decodes_on_every_rank = True  # the tiled VAE decode is split over the group (ParallelState.vae_decode)
 
     def __init__(self, root: Path, name: str, device: torch.device, dtype: torch.dtype):
         index = loading.read_model_index(root)
@@ -144,5 +147,5 @@ class HunyuanVideoT2VPipeline:
     @torch.no_grad()
     def decode(self, state: RequestState) -> np.ndarray:
         latents = state.latents.to(self.vae.dtype) / self.scaling_factor
-        video = self.vae.decode(latents, return_dict=False)[0]  # (1, 3, F, H, W) in [-1, 1]
-        return to_uint8_frames(video)
+        video = self.parallel.vae_decode(self.vae, latents)  # (1, 3, F, H, W) in [-1, 1]; None on followers
+        return None if video is None else to_uint8_frames(video)
