@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 from diffserve.worker.parallel import ParallelDims, plan_layout
-from dist_util import free_port, run_group
+from dist_util import init_url, run_group
 from test_sequence_parallel import WAN, _cases, _hunyuan_case, _Model, _randomize
 
 
@@ -77,7 +77,7 @@ def test_tensor_parallel_equals_single_process_tp2():
 
 def test_tensor_parallel_dits_with_ulysses_and_cfg():
     """ulysses 2 × tp 2 (Wan, FLUX, Qwen-Image, HunyuanVideo), then cfg 2 × tp 2 (Wan)."""
-    run_group(_four_ranks, 4, f"tcp://127.0.0.1:{free_port()}")
+    run_group(_four_ranks, 4, init_url())
 
 
 def _randomized(model: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:
