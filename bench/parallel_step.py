@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> None:
     available = 4 if args.tiny else torch.cuda.device_count()
     counts = [int(c) for c in args.gpus.split(",") if c] or [n for n in (2, 4) if n <= available]
     rows = []
-    out = tempfile.mkdtemp() if args.tiny else None
+    out = (os.environ.get("OUT") or tempfile.mkdtemp()) if args.tiny else None
     tag = "-".join(["parallel", *args.models.replace(".", "").split(","), *([f"compile-{args.compile}"] if args.compile else [])])
     for name in args.models.split(","):
         if name not in LAYOUTS:

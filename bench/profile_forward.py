@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
                 model = variants = None
                 torch._dynamo.reset()
                 free_memory()
-        path = write_json(results_name("profile"), rows, tempfile.mkdtemp() if args.tiny else os.environ.get("OUT"))
+        path = write_json(results_name("profile"), rows, (os.environ.get("OUT") or tempfile.mkdtemp()) if args.tiny else None)
     print(f"\nwrote {path}")
 
 

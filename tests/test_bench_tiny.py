@@ -1,5 +1,5 @@
 """bench/dit_forward.py --tiny runs every benchmarked model end to end on the CPU (tiny configs), so
-the GPU benchmark does not rot between GPU sessions: both sides get equal inputs and weights
+the GPU benchmark does not rot between GPU sessions (parallel_step.py and profile_forward.py too): both sides get equal inputs and weights
 (float32 outputs agree with the float32 reference) and every row has the keys results need."""
 
 from __future__ import annotations
@@ -30,3 +30,22 @@ def test_dit_forward_tiny_runs_every_model(tmp_path):
         assert row["diffserve_ms"] > 0 and row["diffusers_ms"] > 0
         # float32 on both sides: the same weights and inputs give the reference's output to rounding.
         assert float(row["diffserve_err"]) < 1e-5 and float(row["diffusers_err"]) < 1e-5, row
+
+
+@pytest.mark.timeout(120)
+def test_parallel_step_and_profile_scripts_run_tiny(tmp_path):
+    """bench/parallel_step.py (2 gloo ranks, --profile) and bench/profile_forward.py on tiny FLUX: the
+    sharded step gives the single step's output, and the rows carry what bench/NOTES.md reports."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)}
+    for script, args in (("parallel_step.py", ["--models", "flux.1-dev", "--gpus", "2", "--layouts", "single,ulysses2", "--profile"]),
+                         ("profile_forward.py", ["--models", "flux.1-dev"])):
+        proc = subprocess.run([sys.executable, f"bench/{script}", "--tiny", *args], cwd=ROOT, env=env, capture_output=True,
+                              text=True, timeout=100)
+        assert proc.returncode == 0, f"{script}: {proc.stderr[-4000:]}"
+        assert "[profile]" in proc.stdout, script
+    (parallel,) = tmp_path.glob("*-cpu-parallel-flux1-dev.json")
+    rows = {r["layout"]: r for r in json.loads(parallel.read_text())}
+    assert set(rows) == {"single", "ulysses2"} and rows["ulysses2"]["out_norm_rel"] < 1e-4, rows
+    assert all(r["step_ms"] > 0 and r["profile"]["wall_ms"] > 0 for r in rows.values())
+    (profile,) = tmp_path.glob("*-cpu-profile.json")
+    assert {r["side"] for r in json.loads(profile.read_text())} == {"ours eager", "diffusers eager"}
