@@ -148,10 +148,10 @@ def hunyuan_single(tiny_hunyuan, tmp_path_factory):
     return _single_outputs(tiny_hunyuan, HUNYUAN_JOBS, tmp_path_factory.mktemp("server"))
 
 
-# ulysses (and 2 x 2, ulysses x tp) at model level: test_sequence_parallel.py, test_tensor_parallel.py
-@pytest.mark.parametrize("layout", ["--ring-degree", "--tp-size"])
+# ulysses, 2 x 2 and tp (DiT and Llama encoder) at model level: test_sequence_parallel.py, test_tensor_parallel.py
+@pytest.mark.parametrize("layout", ["--ring-degree"])
 def test_hunyuan_video_layout_equals_single_process(tiny_hunyuan, start_server, hunyuan_single, layout):
-    group = start_server(tiny_hunyuan, "--num-gpus", "2", layout, "2")  # tp: the DiT and the Llama text encoder
+    group = start_server(tiny_hunyuan, "--num-gpus", "2", layout, "2")
     # prompts of different lengths share steps: the shorter row's padded text keys are masked on every rank
     for ours, ref in zip(_run_all(group.client, HUNYUAN_JOBS), hunyuan_single):
         assert ours.std() > 1
