@@ -17,13 +17,12 @@ so they make the same calls in the same order.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-
 import torch
 import torch.distributed as dist
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .parallel_vae import swapped_forwards
 
 # VAEs whose decoder calls are independent of each other (no time cache between them)
 TILED_VAES = frozenset({"AutoencoderKLHunyuanVideo"})
@@ -46,19 +45,6 @@ def _output_shape(decoder: nn.Module, tile: torch.Tensor) -> tuple[int, ...]:
         return tuple(type(decoder).forward(decoder, mode.from_tensor(tile)).shape)
 
 
-@contextmanager
-def _decoder_as(decoder: nn.Module, forward: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    own = decoder.__dict__.get("forward")  # an instance-level forward, if any
-    decoder.forward = forward
-    try:
-        yield
-    finally:
-        if own is None:
-            del decoder.forward
-        else:
-            decoder.forward = own
-
-
 @torch.no_grad()
 def decode_tiles_parallel(vae: nn.Module, latents: torch.Tensor, group, rank: int, size: int) -> torch.Tensor:
     """`vae.decode(latents, return_dict=False)[0]` with its decoder calls spread over the `size` ranks
@@ -76,14 +62,14 @@ def decode_tiles_parallel(vae: nn.Module, latents: torch.Tensor, group, rank: in
     def compute_ours(tile: torch.Tensor) -> torch.Tensor:
         if len(tiles) % size == rank:
             tiles.append(run(decoder, tile))
-            return tiles[-1].clone()  # diffusers blends in place: keep our copy clean
-        key = tuple(tile.shape)
-        if key not in shapes:
-            shapes[key] = _output_shape(decoder, tile)
-        tiles.append(tile.new_zeros(shapes[key]))
-        return tiles[-1].clone()
+        else:
+            key = tuple(tile.shape)
+            if key not in shapes:
+                shapes[key] = _output_shape(decoder, tile)
+            tiles.append(tile.new_zeros(shapes[key]))
+        return tiles[-1].clone()  # diffusers blends in place: keep our copy clean
 
-    with _decoder_as(decoder, compute_ours):
+    with swapped_forwards([(decoder, compute_ours)]):
         vae.decode(latents, return_dict=False)
     for k, tile in enumerate(tiles):
         owner = k % size
@@ -96,7 +82,7 @@ def decode_tiles_parallel(vae: nn.Module, latents: torch.Tensor, group, rank: in
             raise RuntimeError("the second decode made more decoder calls than the first")
         return out
 
-    with _decoder_as(decoder, replay):
+    with swapped_forwards([(decoder, replay)]):
         video = vae.decode(latents, return_dict=False)[0]
     if next(calls, None) is not None:
         raise RuntimeError("the second decode made fewer decoder calls than the first")

@@ -181,12 +181,13 @@ def _bound(forward: Callable, module: nn.Module, band: _Band) -> Callable:
 
 
 @contextmanager
-def _band_aware(decoder: nn.Module, band: _Band) -> Iterator[None]:
-    """Swaps the decoder's height-coupled forwards for band-aware ones, restoring them on exit."""
+def swapped_forwards(swaps: list[tuple[nn.Module, Callable]]) -> Iterator[None]:
+    """Sets each module's forward to its callable for the duration, restoring what was there on exit
+    (an instance-level forward if the module had one, else the class's)."""
     saved = []
-    for module, forward in _swaps(decoder)[0]:
-        saved.append((module, module.__dict__.get("forward")))  # an instance-level forward, if any
-        module.forward = _bound(forward, module, band)
+    for module, forward in swaps:
+        saved.append((module, module.__dict__.get("forward")))
+        module.forward = forward
     try:
         yield
     finally:
@@ -195,6 +196,11 @@ def _band_aware(decoder: nn.Module, band: _Band) -> Iterator[None]:
                 del module.forward
             else:
                 module.forward = own
+
+
+def _band_aware(decoder: nn.Module, band: _Band):
+    """Swaps the decoder's height-coupled forwards for band-aware ones, restoring them on exit."""
+    return swapped_forwards([(module, _bound(forward, module, band)) for module, forward in _swaps(decoder)[0]])
 
 
 @torch.no_grad()

@@ -211,22 +211,16 @@ def shard_dit(model: nn.Module, state) -> nn.Module:
             _shard_attention(block.attn1, tp, rank, group, ("norm_q", "norm_k"))
             _shard_attention(block.attn2, tp, rank, group, ("norm_q", "norm_k", "norm_added_k"))
             _shard_feed_forward(block.ffn, tp, rank, group)
-    elif isinstance(model, flux):
+    elif isinstance(model, (flux, hunyuan)):  # HunyuanVideo: FLUX's dual / single block layout + a token refiner
+        if isinstance(model, hunyuan):
+            for block in model.context_embedder.token_refiner.refiner_blocks:
+                _shard_attention(block.attn, tp, rank, group)
+                _shard_feed_forward(block.ff, tp, rank, group)
         for block in model.transformer_blocks:
             _shard_attention(block.attn, tp, rank, group)  # per-head q/k norms: local as they are
             _shard_feed_forward(block.ff, tp, rank, group)
             _shard_feed_forward(block.ff_context, tp, rank, group)
         for block in model.single_transformer_blocks:
-            _shard_flux_single(block, tp, rank, group)
-    elif isinstance(model, hunyuan):
-        for block in model.context_embedder.token_refiner.refiner_blocks:
-            _shard_attention(block.attn, tp, rank, group)
-            _shard_feed_forward(block.ff, tp, rank, group)
-        for block in model.transformer_blocks:
-            _shard_attention(block.attn, tp, rank, group)  # per-head q/k norms: local as they are
-            _shard_feed_forward(block.ff, tp, rank, group)
-            _shard_feed_forward(block.ff_context, tp, rank, group)
-        for block in model.single_transformer_blocks:  # same layout as FLUX's single blocks
             _shard_flux_single(block, tp, rank, group)
     else:
         for block in model.transformer_blocks:
