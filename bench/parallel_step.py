@@ -53,7 +53,7 @@ def _rows(inputs: dict, rows: int) -> dict:
 
 
 def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, result_file: str, compile_mode: str = "",
-              profile: bool = False) -> None:
+              profile: bool = False, cuda_graphs: bool = False) -> None:
     from diffserve.worker.parallel import ParallelDims, ParallelState
 
     cuda = not tiny
@@ -92,11 +92,19 @@ def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, r
             dist.barrier(device_ids=[rank]) if cuda else dist.barrier()
         return step(*args)
 
-    norm = float(once().float().norm())
+    first = once()
+    norm = float(first.float().norm())
+    graph_err = None
+    if cuda_graphs:  # the graphed step must give the eager step's output
+        from diffserve.worker.cuda_graphs import GraphedForward
+
+        model.forward = GraphedForward(model.forward)
+        graphed = once()
+        graph_err = float((graphed.float() - first.float()).abs().max() / first.float().abs().max())
     slow = case.slow and not tiny
     # A slow (multi-second) step is timed once after the first: its spread is well under 1 %.
     ms = time_ms(once, warmup=0 if slow else 1, repeat=1 if slow else 5, cuda=cuda)
-    result = dict(ms=ms, peak=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, norm=norm)
+    result = dict(ms=ms, peak=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, norm=norm, graph_err=graph_err)
     if profile:  # every rank runs the calls; rank 0 records them
         result["profile"] = profile_calls(once, calls=1 if slow else 3, active=rank == 0)
     if rank == 0:
@@ -117,12 +125,12 @@ def _unpack(name: str, args: tuple) -> dict:
     return dict(zip(_ORDER[name], args))
 
 
-def run_layout(name: str, layout, tiny: bool, compile_mode: str = "", profile: bool = False) -> dict:
+def run_layout(name: str, layout, tiny: bool, compile_mode: str = "", profile: bool = False, cuda_graphs: bool = False) -> dict:
     world = layout[0] * layout[1] * layout[2] * layout[3]
     with tempfile.TemporaryDirectory() as folder:
         result = os.path.join(folder, "result")
         port = 29500 + (os.getpid() % 1000) + world * 7 + sum(layout)
-        mp.spawn(_run_rank, args=(world, f"tcp://127.0.0.1:{port}", name, layout, tiny, result, compile_mode, profile),
+        mp.spawn(_run_rank, args=(world, f"tcp://127.0.0.1:{port}", name, layout, tiny, result, compile_mode, profile, cuda_graphs),
                  nprocs=world, join=True)
         return json.loads(Path(result).read_text())
 
@@ -133,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--gpus", default="", help="comma-separated GPU counts to run besides 1 (default: 2 and 4 where present)")
     p.add_argument("--tiny", action="store_true", help="tiny configs on CPU processes over gloo (checks the script)")
     p.add_argument("--compile", default="", help="torch.compile mode for every layout (e.g. default); empty: eager")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the step from a CUDA graph (worker/cuda_graphs.py); checks it against eager")
     p.add_argument("--layouts", default="", help="only these layout labels, comma-separated (e.g. single,ulysses2)")
     p.add_argument("--profile", action="store_true", help="also profile rank 0's step: GPU busy vs wall, kernel time by kind")
     args = p.parse_args(argv)
@@ -140,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
     counts = [int(c) for c in args.gpus.split(",") if c] or [n for n in (2, 4) if n <= available]
     rows = []
     out = (os.environ.get("OUT") or tempfile.mkdtemp()) if args.tiny else None
-    tag = "-".join(["parallel", *args.models.replace(".", "").split(","), *([f"compile-{args.compile}"] if args.compile else [])])
+    tag = "-".join(["parallel", *args.models.replace(".", "").split(","), *([f"compile-{args.compile}"] if args.compile else []),
+                     *(["graphs"] if args.cuda_graphs else [])])
     for name in args.models.split(","):
         if name not in LAYOUTS:
             p.error(f"unknown model {name}; choose from {','.join(LAYOUTS)}")
@@ -153,20 +163,20 @@ def main(argv: list[str] | None = None) -> None:
                 if args.tiny and case.config["num_attention_heads"] % (layout[1] * layout[3]):
                     continue  # the tiny configs have 2 heads
                 started = time.perf_counter()
-                result = run_layout(name, layout, args.tiny, args.compile, args.profile)
+                result = run_layout(name, layout, args.tiny, args.compile, args.profile, args.cuda_graphs)
                 ms, peak, norm = result["ms"], result["peak"], result["norm"]
                 base = base or (ms, norm)
                 speedup = base[0] / ms
-                rows.append(dict(model=name, shape=case.label, card=card(), gpus=n, layout=_label(layout) + (f" +compile:{args.compile}" if args.compile else ""), step_ms=round(ms, 1),
+                rows.append(dict(model=name, shape=case.label, card=card(), gpus=n, layout=_label(layout) + (f" +compile:{args.compile}" if args.compile else "") + (" +graphs" if args.cuda_graphs else ""), step_ms=round(ms, 1),
                                  speedup=round(speedup, 3), efficiency=round(speedup / n, 3), peak_gib=round(peak, 1),
-                                 out_norm_rel=round(abs(norm - base[1]) / base[1], 5), wall_s=round(time.perf_counter() - started)))
+                                 out_norm_rel=round(abs(norm - base[1]) / base[1], 5), graph_err=result["graph_err"], wall_s=round(time.perf_counter() - started)))
                 if "profile" in result:
                     rows[-1]["profile"] = result["profile"]
                     print_profile(f"{name} {rows[-1]['layout']} (rank 0)", result["profile"])
                 print_table(rows[-1:], [k for k in rows[-1] if k != "profile"])
                 sys.stdout.flush()
                 path = write_json(results_name(tag), rows, out)  # after each layout: a time limit keeps the rows so far
-    print_table(rows, ["model", "shape", "gpus", "layout", "step_ms", "speedup", "efficiency", "peak_gib", "out_norm_rel"])
+    print_table(rows, ["model", "shape", "gpus", "layout", "step_ms", "speedup", "efficiency", "peak_gib", "out_norm_rel", "graph_err"])
     print(f"wrote {path}")
 
 

@@ -37,14 +37,14 @@ def test_parallel_step_and_profile_scripts_run_tiny(tmp_path):
     """bench/parallel_step.py (2 gloo ranks, --profile) and bench/profile_forward.py on tiny FLUX run
     and write the rows bench/NOTES.md reports (the sharded step's correctness: test_parallel.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)}
-    for script, args in (("parallel_step.py", ["--models", "flux.1-dev", "--gpus", "2", "--layouts", "ulysses2", "--profile"]),
+    for script, args in (("parallel_step.py", ["--models", "flux.1-dev", "--gpus", "2", "--layouts", "ulysses2", "--profile", "--cuda-graphs"]),
                          ("profile_forward.py", ["--models", "flux.1-dev"])):
         proc = subprocess.run([sys.executable, f"bench/{script}", "--tiny", *args], cwd=ROOT, env=env, capture_output=True,
                               text=True, timeout=100)
         assert proc.returncode == 0, f"{script}: {proc.stderr[-4000:]}"
         assert "[profile]" in proc.stdout, script
-    (parallel,) = tmp_path.glob("*-cpu-parallel-flux1-dev.json")
+    (parallel,) = tmp_path.glob("*-cpu-parallel-flux1-dev-graphs.json")
     (row,) = json.loads(parallel.read_text())
-    assert row["layout"] == "ulysses2" and row["gpus"] == 2 and row["step_ms"] > 0 and row["profile"]["wall_ms"] > 0, row
+    assert row["layout"] == "ulysses2 +graphs" and row["graph_err"] == 0 and row["gpus"] == 2 and row["step_ms"] > 0 and row["profile"]["wall_ms"] > 0, row
     (profile,) = tmp_path.glob("*-cpu-profile.json")
     assert {r["side"] for r in json.loads(profile.read_text())} == {"ours eager", "diffusers eager"}
