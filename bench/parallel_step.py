@@ -15,6 +15,7 @@ efficiency = speedup / N.
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
 import sys
@@ -53,10 +54,12 @@ def _rows(inputs: dict, rows: int) -> dict:
 
 
 def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, result_file: str, compile_mode: str = "",
-              profile: bool = False, cuda_graphs: bool = False) -> None:
+              profile: bool = False, cuda_graphs: bool = False, hang_s: float = 480) -> None:
     from diffserve.worker.parallel import ParallelDims, ParallelState
 
     cuda = not tiny
+    faulthandler.dump_traceback_later(hang_s, exit=True)  # a hung rank prints where it is and ends the call
+    mark = lambda what: print(f"[rank {rank}] {time.strftime('%X')} {what}", file=sys.stderr, flush=True)  # noqa: E731
     device = torch.device("cuda", rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
@@ -92,7 +95,9 @@ def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, r
             dist.barrier(device_ids=[rank]) if cuda else dist.barrier()
         return step(*args)
 
+    mark("model built")
     first = once()
+    mark("eager step done")
     norm = float(first.float().norm())
     graph_err = None
     if cuda_graphs:  # the graphed step must give the eager step's output
@@ -100,6 +105,7 @@ def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, r
 
         model.forward = GraphedForward(model.forward)
         graphed = once()
+        mark("graph captured and replayed")
         graph_err = float((graphed.float() - first.float()).abs().max() / first.float().abs().max())
     slow = case.slow and not tiny
     # A slow (multi-second) step is timed once after the first: its spread is well under 1 %.
@@ -107,9 +113,14 @@ def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, r
     result = dict(ms=ms, peak=torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0, norm=norm, graph_err=graph_err)
     if profile:  # every rank runs the calls; rank 0 records them
         result["profile"] = profile_calls(once, calls=1 if slow else 3, active=rank == 0)
+    mark("timed")
     if rank == 0:
         Path(result_file).write_text(json.dumps(result))
     if world > 1:
+        dist.barrier(device_ids=[rank]) if cuda else dist.barrier()
+        if cuda_graphs and cuda:  # destroying NCCL communicators that graphs captured hangs (pytorch#115388)
+            sys.stderr.flush()
+            os._exit(0)
         dist.destroy_process_group()
 
 
@@ -125,12 +136,13 @@ def _unpack(name: str, args: tuple) -> dict:
     return dict(zip(_ORDER[name], args))
 
 
-def run_layout(name: str, layout, tiny: bool, compile_mode: str = "", profile: bool = False, cuda_graphs: bool = False) -> dict:
+def run_layout(name: str, layout, tiny: bool, compile_mode: str = "", profile: bool = False, cuda_graphs: bool = False,
+               hang_s: float = 480) -> dict:
     world = layout[0] * layout[1] * layout[2] * layout[3]
     with tempfile.TemporaryDirectory() as folder:
         result = os.path.join(folder, "result")
         port = 29500 + (os.getpid() % 1000) + world * 7 + sum(layout)
-        mp.spawn(_run_rank, args=(world, f"tcp://127.0.0.1:{port}", name, layout, tiny, result, compile_mode, profile, cuda_graphs),
+        mp.spawn(_run_rank, args=(world, f"tcp://127.0.0.1:{port}", name, layout, tiny, result, compile_mode, profile, cuda_graphs, hang_s),
                  nprocs=world, join=True)
         return json.loads(Path(result).read_text())
 
@@ -142,6 +154,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--tiny", action="store_true", help="tiny configs on CPU processes over gloo (checks the script)")
     p.add_argument("--compile", default="", help="torch.compile mode for every layout (e.g. default); empty: eager")
     p.add_argument("--cuda-graphs", action="store_true", help="replay the step from a CUDA graph (worker/cuda_graphs.py); checks it against eager")
+    p.add_argument("--hang-s", type=float, default=480, help="a rank still running after this many seconds prints its stack and exits")
     p.add_argument("--layouts", default="", help="only these layout labels, comma-separated (e.g. single,ulysses2)")
     p.add_argument("--profile", action="store_true", help="also profile rank 0's step: GPU busy vs wall, kernel time by kind")
     args = p.parse_args(argv)
@@ -163,7 +176,7 @@ def main(argv: list[str] | None = None) -> None:
                 if args.tiny and case.config["num_attention_heads"] % (layout[1] * layout[3]):
                     continue  # the tiny configs have 2 heads
                 started = time.perf_counter()
-                result = run_layout(name, layout, args.tiny, args.compile, args.profile, args.cuda_graphs)
+                result = run_layout(name, layout, args.tiny, args.compile, args.profile, args.cuda_graphs, args.hang_s)
                 ms, peak, norm = result["ms"], result["peak"], result["norm"]
                 base = base or (ms, norm)
                 speedup = base[0] / ms
