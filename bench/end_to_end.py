@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shlex
 import signal
 import statistics
 import subprocess
@@ -129,6 +130,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--no-warmup", action="store_true", help="do not warm the worker up at the job's shape first")
     p.add_argument("--checkpoint", default="", help="use this Wan2.1 folder instead of writing a random one")
     p.add_argument("--num-gpus", type=int, default=1, help="serve --num-gpus (with 2: CFG-parallel, chosen automatically)")
+    p.add_argument("--serve-args", default="", help='more `diffserve serve` flags, e.g. "--ulysses-degree 2 --cuda-graphs"')
     p.add_argument("--steps", type=int, default=0, help="denoising steps (default 50; --tiny: 2)")
     p.add_argument("--tiny", action="store_true", help="tiny checkpoint on the CPU, 32x32x5, 2 steps (checks the script)")
     p.add_argument("--out", default="", help="folder for the JSON (default $OUT, else bench/results; --tiny: a temporary folder)")
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         ckpt = Path(args.checkpoint) if args.checkpoint else build_checkpoint(tmp / "wan-1.3b-random", args.tiny)
         print(f"checkpoint {ckpt}: {time.perf_counter() - started:.0f} s", flush=True)
-        extra = ["--compile"] * args.compile + ["--num-gpus", str(args.num_gpus)]
+        extra = ["--compile"] * args.compile + ["--num-gpus", str(args.num_gpus), *shlex.split(args.serve_args)]
         if not args.no_warmup:
             extra += ["--warmup-shape", f"{height}x{width}x{frames}"]
         started = time.perf_counter()
@@ -161,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     stages = result["stages"]
     row = dict(
         model=f"wan-{'tiny' if args.tiny else '1.3b'}-e2e-{steps}step", shape=f"{height}x{width}x{frames}", card=device_card,
-        version=("compiled" if args.compile else "eager") + (f", {args.num_gpus} GPUs" if args.num_gpus > 1 else ""), diffserve_ms=round(result["total"] * 1e3), diffusers_ms=None, ratio=None,
+        version=("compiled" if args.compile else "eager") + (f", {args.num_gpus} GPUs" if args.num_gpus > 1 else "") + (f", {args.serve_args}" if args.serve_args else ""), diffserve_ms=round(result["total"] * 1e3), diffusers_ms=None, ratio=None,
         tflops=None if args.tiny else round(dit_flop / stages["denoise"] / 1e12),  # DiT FLOPs (2 CFG rows per step) over denoise time
         **{f"{s}_ms": round(v * 1e3) for s, v in stages.items()},
         step_ms_median=round(result["step_ms"], 1), steps=result["steps"], guidance=guidance, client_wall_ms=round(result["wall"] * 1e3),

@@ -38,6 +38,7 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), bfloat16, float16, float32")
     p.add_argument("--attention-backend", default="auto", help="auto (fastest exact one available), fa3, flash-attn, cudnn, sdpa")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT (GPU; see bench/NOTES.md)")
+    p.add_argument("--cuda-graphs", action="store_true", help="replay the DiT forward from CUDA graphs, one per shape (GPU; docs/cli.md)")
     p.add_argument("--warmup", action="store_true", help="warm up before serving (the first request is not the slow one)")
     p.add_argument("--warmup-shape", action="append", default=[], metavar="HxWxF", help="shape bucket to warm up (repeatable)")
     p.add_argument("--num-gpus", type=int, default=1, help="processes (GPUs) in the worker group (default 1)")
@@ -56,7 +57,7 @@ def worker_args(args: argparse.Namespace) -> list[str]:
            "--log-level", args.worker_log_level]
     if args.model_name:
         out += ["--model-name", args.model_name]
-    out += ["--compile"] * args.compile + ["--warmup"] * args.warmup
+    out += ["--compile"] * args.compile + ["--cuda-graphs"] * args.cuda_graphs + ["--warmup"] * args.warmup
     out += ["--num-gpus", str(args.num_gpus), "--ulysses-degree", str(args.ulysses_degree), "--ring-degree", str(args.ring_degree),
             "--tp-size", str(args.tp_size)]
     out += ["--enable-cfg-parallel"] * args.enable_cfg_parallel

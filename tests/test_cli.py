@@ -23,7 +23,8 @@ def test_generate_png_and_mp4(tiny_wan, tmp_path):
     assert "denoising" in done.stderr and "3/3" in done.stderr
     assert Image.open(png).size == (48, 32)
 
-    done = diffserve("generate", *common, "--num-frames", "5", "--output-path", str(tmp_path / "videos"))
+    # --cuda-graphs reaches the worker, which runs eagerly on a CPU (graph capture itself: test_cuda_graphs.py)
+    done = diffserve("generate", *common, "--num-frames", "5", "--cuda-graphs", "--output-path", str(tmp_path / "videos"))
     assert done.returncode == 0, done.stderr
     (mp4,) = (tmp_path / "videos").glob("*.mp4")
     assert mp4.name == "a_red_fox_in_the_snow_9.mp4"

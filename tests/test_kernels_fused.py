@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffserve.kernels import activation, norm, residual, rope, timestep
+from diffserve.kernels import activation, merge, norm, residual, rope, timestep
 
 B, L, D = 2, 9, 48
 HEADS, HEAD_DIM = 3, 16
@@ -357,6 +357,19 @@ def _interpreter_checks() -> int:
                    rope.rms_norm_rope_reference(q, w_all, 1e-6, cos, sin, True))
         ok &= case(f"rms_norm across heads, no rope {tag}", rope.rms_norm_rope_triton(q, w_all, 1e-6, None, None, True),
                    rope.rms_norm_rope_reference(q, w_all, 1e-6, None, None, True))
+
+    # Ring attention's merge: in place, lse strided like FA3's (B, H, L) transposed; rows with no key
+    # yet on one side (-inf) and on both sides (stay 0, -inf).
+    for dtype in DTYPES:
+        g = torch.Generator().manual_seed(3)
+        out, part = torch.randn(B, l, HEADS, HEAD_DIM, generator=g), torch.randn(B, l, HEADS, HEAD_DIM, generator=g).to(dtype)
+        lse, part_lse = torch.randn(B, HEADS, l, generator=g).transpose(1, 2), torch.randn(B, l, HEADS, generator=g)
+        lse[0, 0, 0] = part_lse[0, 1, 1] = lse[1, 2, 2] = part_lse[1, 2, 2] = float("-inf")
+        ref_out, ref_lse = merge.merge_reference(out, lse, part, part_lse)
+        got_out, got_lse = merge.merge_triton(out.clone(), lse.clone(), part, part_lse)
+        tag = str(dtype).removeprefix("torch.")
+        ok &= case(f"ring merge out, part {tag}", got_out, ref_out)
+        ok &= case(f"ring merge lse, part {tag}", got_lse, ref_lse)
 
     for dtype in (torch.float32, torch.bfloat16, torch.int64):
         t = torch.tensor([[0.0, 1.0, 17.25], [500.0, 999.5, 3.0]]).to(dtype)

@@ -14,7 +14,7 @@ from dist_util import run_group
 
 from diffserve.kernels.attention import attention, attention_lse
 from diffserve.worker.parallel import ParallelDims, plan_layout
-from diffserve.worker.sequence_parallel import merge
+from diffserve.kernels.merge import merge
 
 HEADS = 4  # so that ulysses 2 (and tp 2 later) divide them
 WAN = dict(patch_size=(1, 2, 2), num_attention_heads=HEADS, attention_head_dim=8, in_channels=4, out_channels=4, text_dim=16,

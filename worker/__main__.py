@@ -29,6 +29,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), bfloat16, float16, float32")
     p.add_argument("--attention-backend", default="auto", help="auto, fa3, flash-attn, cudnn, sdpa (see kernels/attention.py)")
     p.add_argument("--compile", action="store_true", help="torch.compile the DiT (pays off on GPU; see bench/NOTES.md)")
+    p.add_argument("--cuda-graphs", action="store_true",
+                   help="replay the DiT forward from CUDA graphs captured per shape (GPU; see worker/cuda_graphs.py)")
     p.add_argument("--warmup", action="store_true", help="run a two-step request per shape before serving")
     p.add_argument("--warmup-shape", action="append", default=[], metavar="HxWxF",
                    help="shape bucket to warm up (repeatable; default: the model's default size)")
@@ -119,12 +121,19 @@ def main(argv=None) -> int:
         return EXIT_CANNOT_LOAD
     if args.compile:
         logging.getLogger("diffserve.worker").info("compiling %d transformer(s)", compile_dits(pipeline))
+    graphs = args.cuda_graphs and device.type == "cuda"
+    if args.cuda_graphs and not graphs:
+        log.warning("--cuda-graphs needs a CUDA device (this worker runs on %s); running eagerly", device)
+    elif graphs:
+        from .cuda_graphs import graph_dits
+
+        log.info("CUDA graphs for %d transformer(s), captured per shape on first use", graph_dits(pipeline))
     if args.warmup or shapes:
         warm_up(pipeline, shapes or None)
     runtime = Runtime(pipeline, parallel)
     if args.rank != 0:
         runtime.serve(None)  # follows rank 0's commands until Shutdown
-        return 0
+        return _exit(0, graphs and parallel.world_size > 1)
     hello = wpb.Hello(
         protocol_version=wpb.PROTOCOL_VERSION_1,
         description=f"{platform.node()} pid {os.getpid()} {device} {str(dtype).removeprefix('torch.')}",
@@ -141,7 +150,18 @@ def main(argv=None) -> int:
         pass
     finally:
         conn.stop()
-    return 0
+    return _exit(0, graphs and parallel.world_size > 1)
+
+
+def _exit(code: int, captured_collectives: bool) -> int:
+    """Ends the process. After CUDA graphs captured NCCL collectives, tearing the communicators
+    down at interpreter exit can hang (pytorch#115388), so such a rank leaves without it."""
+    if captured_collectives:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from ..kernels.attention import attention, attention_lse
+from ..kernels.merge import merge
 
 Text = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
@@ -85,13 +86,15 @@ class SequenceParallel:
         length: int,
         text: Text | None = None,
         text_mask: torch.Tensor | None = None,
+        text_first: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Self-attention over the whole `length`-token sequence from this rank's token shards.
 
         q, k, v: (B, L/(U·R), H, D) shards; text: optional whole (q, k, v) of the text tokens,
         (B, S, H, D) each, attended jointly with the sequence; text_mask: optional bool (B, S),
         False for padding text keys. Returns (output shard (B, L/(U·R), H, D), text output
-        (B, S, H, D) or None).
+        (B, S, H, D) or None); with text_first, (one (B, S + L/(U·R), H, D) tensor, text rows
+        first, None): what a single-stream block goes on with, without concatenating the two.
         """
         text_len = text[0].shape[1] if text is not None else 0
         if self.ulysses > 1:
@@ -110,9 +113,10 @@ class SequenceParallel:
             text_kv = (k[:, :text_len], v[:, :text_len]) if text is not None else None
             out = self._ring(q, k[:, text_len:], v[:, text_len:], length, block, text_kv, text_mask)
         if self.ulysses > 1:
-            out, text_out = self._to_tokens(out, text_len)
-        else:
-            text_out, out = out[:, :text_len], out[:, text_len:]
+            return self._to_tokens(out, text_len, text_first and text is not None)
+        if text_first and text is not None:
+            return out, None
+        text_out, out = out[:, :text_len], out[:, text_len:]
         return out, (text_out if text is not None else None)
 
     def _ring(self, q, k, v, length, block, text_kv, text_mask) -> torch.Tensor:
@@ -161,10 +165,11 @@ class SequenceParallel:
             out[:, :, :s].copy_(torch.stack([t[:, :, lo : lo + hu] for t in text]))
         return out
 
-    def _to_tokens(self, x: torch.Tensor, text_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _to_tokens(self, x: torch.Tensor, text_len: int, text_first: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Inverse of _to_heads for the attention output: (B, S + U·n, H/U, D) -> our token shard
-        (B, n, H, D) and the whole text output (B, S, H, D). The text (its rows for our heads) rides
-        along to every rank in the same all-to-all."""
+        (B, n, H, D) and the whole text output (B, S, H, D), or with text_first both in one
+        (B, S + n, H, D) tensor (text first, None). The text (its rows for our heads) rides along
+        to every rank in the same all-to-all."""
         b, total, hu, d = x.shape
         u = self.ulysses
         n = (total - text_len) // u
@@ -174,19 +179,12 @@ class SequenceParallel:
             send[:, :, n:].copy_(x[:, :text_len].unsqueeze(0).expand(u, -1, -1, -1, -1))
         recv = torch.empty_like(send)
         dist.all_to_all_single(recv, send, group=self.ulysses_group)  # dim 0 now: source = head group
+        if text_first:  # each part permuted straight into its place: no concatenation afterwards
+            joint = x.new_empty(b, text_len + n, u * hu, d)
+            joint[:, text_len:].view(b, n, u, hu, d).copy_(recv[:, :, :n].permute(1, 2, 0, 3, 4))
+            joint[:, :text_len].view(b, text_len, u, hu, d).copy_(recv[:, :, n:].permute(1, 2, 0, 3, 4))
+            return joint, None
         out = recv[:, :, :n].permute(1, 2, 0, 3, 4).reshape(b, n, u * hu, d)
         text_out = recv[:, :, n:].permute(1, 2, 0, 3, 4).reshape(b, text_len, u * hu, d)
         return out, text_out
 
-
-def merge(out: torch.Tensor, lse: torch.Tensor, part: torch.Tensor, part_lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Combines two softmax-attention results over disjoint key sets into the result over both.
-
-    out: (B, L, H, D) float32 running result, part: (B, L, H, D) any dtype; lse/part_lse: (B, L, H)
-    float32 log-sum-exp of each row's scores. Rows that saw no key yet (lse -inf) take the other
-    side's result. Returns the float32 result and its log-sum-exp.
-    """
-    new = torch.logaddexp(lse, part_lse)
-    a = torch.exp(lse - new).nan_to_num(0.0)[..., None]  # -inf - -inf = nan: weight 0
-    b = torch.exp(part_lse - new).nan_to_num(0.0)[..., None]
-    return out * a + part.float() * b, new

@@ -213,22 +213,22 @@ class FluxAttention(nn.Module):
         text_len = context.shape[1] if self.joint else text_len
         image_rope = tuple(r[:, text_len:] for r in rope) if self.joint else rope
         q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, image_rope)  # (B, N, Hd, Dh)
-        if self.joint:
-            text_rope = tuple(r[:, :text_len] for r in rope)
-            cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
-                                   self.norm_added_q, self.norm_added_k, text_rope)  # (B, S, Hd, Dh)
-            q, k, v = torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1)
-        if sequence is None:
-            out = attention(q, k, v)  # (B, S + N, Hd, Dh)
-        else:
-            s = text_len
-            image, text = sequence.attention(q[:, s:], k[:, s:], v[:, s:], length, text=(q[:, :s], k[:, :s], v[:, :s]))
-            out = torch.cat([text, image], dim=1)
-        out = out.flatten(2, 3).to(q.dtype)  # (B, S + N, D)
         if not self.joint:
-            return out
-        text_out, image_out = out[:, :text_len], out[:, text_len:]
-        return self.to_out[0](image_out.contiguous()), self.to_add_out(text_out.contiguous())
+            if sequence is None:
+                return attention(q, k, v).flatten(2, 3)  # (B, S + N, D)
+            s = text_len  # the sequence group hands back [text, image] in one tensor
+            out, _ = sequence.attention(q[:, s:], k[:, s:], v[:, s:], length, text=(q[:, :s], k[:, :s], v[:, :s]), text_first=True)
+            return out.flatten(2, 3)
+        text_rope = tuple(r[:, :text_len] for r in rope)
+        cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
+                               self.norm_added_q, self.norm_added_k, text_rope)  # (B, S, Hd, Dh)
+        if sequence is None:
+            out = attention(torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1))  # (B, S + N, Hd, Dh)
+            image_out, text_out = out[:, text_len:].flatten(2, 3).contiguous(), out[:, :text_len].flatten(2, 3).contiguous()
+        else:  # image and text stay apart: the sequence group takes and returns them separately
+            image_out, text_out = sequence.attention(q, k, v, length, text=(cq, ck, cv))
+            image_out, text_out = image_out.flatten(2, 3), text_out.flatten(2, 3)
+        return self.to_out[0](image_out), self.to_add_out(text_out)
 
 
 # ---------------------------------------------------------------------------------------------
