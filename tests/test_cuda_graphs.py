@@ -94,10 +94,10 @@ def test_recording_is_true_only_while_a_forward_is_recorded():
         return x + 1
 
     graphed = GraphedForward(forward, capture=Rerun)
-    graphed(torch.zeros(2))  # recorded, then replayed (Rerun replays by calling the forward again)
-    graphed(torch.zeros(2))  # replayed
+    graphed(torch.zeros(2))  # recorded
+    graphed(torch.zeros(2))  # replayed (Rerun calls the forward again, outside the recording)
     forward(torch.zeros(2))
-    assert seen == [True, False, False, False] and not recording()
+    assert seen == [True, False, False] and not recording()
 
 
 def test_cpu_tensors_run_eagerly_with_the_cuda_capture():
