@@ -81,15 +81,9 @@ def _check_layout(rank: int, world: int, init: str, ulysses: int, ring: int) -> 
     torch.set_grad_enabled(False)
     state = ParallelState.init(ParallelDims(ulysses=ulysses, ring=ring), rank, init, torch.device("cpu"))
     assert state.sequence is not None and state.sequence.size == world
-    cases = _cases() + [_hunyuan_case()]
-    # One-row batches again with the direct exchange (one collective per tensor, what a CUDA graph captures).
-    one_row = {"wan": (0, 1, 2), "flux": (0, 1, 2, 3, 6)}
-    direct = [(f"{name} one row, direct exchange", model, tuple(a[:1] if i in one_row[name] else a for i, a in enumerate(args)))
-              for name, model, args in cases if name in one_row]
-    for name, model, args in cases + direct:
+    for name, model, args in _cases() + [_hunyuan_case()]:
         single = model(*args)
         model.sequence_parallel = state.sequence
-        state.sequence.direct_exchange = "direct" in name
         ours = model(*args)
         model.sequence_parallel = None
         err = (ours - single).abs().max().item()

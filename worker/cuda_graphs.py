@@ -23,9 +23,7 @@ input signature and replays it:
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import threading
 from collections import OrderedDict
 from typing import Any, Callable
 
@@ -33,23 +31,6 @@ import torch
 from torch.utils import _pytree as pytree
 
 log = logging.getLogger(__name__)
-_state = threading.local()
-
-
-def recording() -> bool:
-    """Whether this thread is running a forward to record it (the warm-up call and the capture).
-    Code that has a launch-frugal and a copy-frugal variant picks the copy-frugal one then
-    (sequence_parallel's direct exchange): replaying a graph makes launches free."""
-    return getattr(_state, "recording", False)
-
-
-@contextlib.contextmanager
-def _recording():
-    _state.recording = True
-    try:
-        yield
-    finally:
-        _state.recording = False
 
 
 def _describe(leaf: Any) -> Any:
@@ -120,8 +101,7 @@ class GraphedForward:
         if self.pool is None and self.capture is CudaCapture:
             self.pool = torch.cuda.graph_pool_handle()
         try:
-            with _recording():  # warm-up and capture take the same path (the warm-up makes first use of its collectives)
-                graph = self.capture(self.forward, args, kwargs, self.pool)
+            graph = self.capture(self.forward, args, kwargs, self.pool)
         except RuntimeError as exc:  # e.g. "operation not permitted when stream is capturing"
             log.warning("cannot capture the forward in a CUDA graph (%s); running it eagerly for this shape", exc)
             self.eager.add(key)

@@ -32,11 +32,8 @@ import torch.distributed as dist
 
 from ..kernels.attention import attention, attention_lse
 from ..kernels.merge import merge
-from .cuda_graphs import recording
 
 Text = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
-# torch 2.13 renames all_gather_into_tensor (deprecated there); older torch has only the old name
-_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
 
 
 @dataclass
@@ -51,7 +48,6 @@ class SequenceParallel:
     ulysses_rank: int
     ring_rank: int
     ring_peers: tuple[int, ...] = ()  # global ranks of the ring group, in ring order
-    direct_exchange: bool = False  # always exchange one-row batches directly (tests; see _direct)
 
     @property
     def size(self) -> int:
@@ -151,36 +147,22 @@ class SequenceParallel:
 
     # ---- Ulysses all-to-all ----
 
-    def _direct(self, b: int) -> bool:
-        """Whether the exchange moves each tensor in its own collective, straight from and into the
-        buffers attention uses (one row, while a CUDA graph is recorded), rather than one
-        collective for all of them through packing copies. Graph replay makes the extra launches
-        free and the copies are what is left (bench/NOTES.md); eager, the launches cost more."""
-        return b == 1 and (self.direct_exchange or recording())
-
     def _to_heads(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: Text | None) -> torch.Tensor:
         """Token shards (B, n, H, D) of q, k, v -> (3, B, S + U·n, H/U, D): our head group of the U
         consecutive shards, after the text's S tokens (whole on every rank: we take our heads of it).
-        One all-to-all carries q, k and v (direct exchange: one each, received in place)."""
+        One all-to-all carries q, k and v."""
         b, n, heads, d = q.shape
         u, hu = self.ulysses, heads // self.ulysses
+        # (U, 3, B, n, H/U, D) by destination head group, built by one stacking copy
+        send = torch.stack([t.reshape(b, n, u, hu, d).permute(2, 0, 1, 3, 4) for t in (q, k, v)], dim=1)
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.ulysses_group)  # dim 0 now: source = token shard
         s = text[0].shape[1] if text is not None else 0
         out = q.new_empty(3, b, s + u * n, hu, d)
-        if self._direct(b):
-            # (3, U, B, n, H/U, D) by destination head group; each tensor lands in its place in `out`
-            send = torch.stack([t.reshape(b, n, u, hu, d).permute(2, 0, 1, 3, 4) for t in (q, k, v)])
-            for i in range(3):
-                dist.all_to_all_single(out[i, 0, s:], send[i], group=self.ulysses_group)
-        else:
-            # (U, 3, B, n, H/U, D) by destination head group, built by one stacking copy
-            send = torch.stack([t.reshape(b, n, u, hu, d).permute(2, 0, 1, 3, 4) for t in (q, k, v)], dim=1)
-            recv = torch.empty_like(send)
-            dist.all_to_all_single(recv, send, group=self.ulysses_group)  # dim 0 now: source = token shard
-            out[:, :, s:].view(3, b, u, n, hu, d).copy_(recv.permute(1, 2, 0, 3, 4, 5))
+        out[:, :, s:].view(3, b, u, n, hu, d).copy_(recv.permute(1, 2, 0, 3, 4, 5))
         if text is not None:
             lo = self.ulysses_rank * hu
-            for i, t in enumerate(text):
-                out[i, :, :s].copy_(t[:, :, lo : lo + hu])
+            out[:, :, :s].copy_(torch.stack([t[:, :, lo : lo + hu] for t in text]))
         return out
 
     def _to_tokens(self, x: torch.Tensor, text_len: int, text_first: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -191,27 +173,18 @@ class SequenceParallel:
         b, total, hu, d = x.shape
         u = self.ulysses
         n = (total - text_len) // u
-        if self._direct(b):  # our token block of every head group, and every rank's text heads
-            image = x.new_empty(u, b, n, hu, d)
-            dist.all_to_all_single(image, x[0, text_len:], group=self.ulysses_group)
-            text = x.new_empty(u * text_len, hu, d)
-            if text_len:
-                _all_gather_single(text, x[0, :text_len], group=self.ulysses_group)
-            text = text.view(u, b, text_len, hu, d)
-        else:
-            send = x.new_empty(u, b, n + text_len, hu, d)  # by destination token shard
-            send[:, :, :n].copy_(x[:, text_len:].view(b, u, n, hu, d).transpose(0, 1))
-            if text_len:
-                send[:, :, n:].copy_(x[:, :text_len].unsqueeze(0).expand(u, -1, -1, -1, -1))
-            recv = torch.empty_like(send)
-            dist.all_to_all_single(recv, send, group=self.ulysses_group)  # dim 0 now: source = head group
-            image, text = recv[:, :, :n], recv[:, :, n:]
+        send = x.new_empty(u, b, n + text_len, hu, d)  # by destination token shard
+        send[:, :, :n].copy_(x[:, text_len:].view(b, u, n, hu, d).transpose(0, 1))
+        if text_len:
+            send[:, :, n:].copy_(x[:, :text_len].unsqueeze(0).expand(u, -1, -1, -1, -1))
+        recv = torch.empty_like(send)
+        dist.all_to_all_single(recv, send, group=self.ulysses_group)  # dim 0 now: source = head group
         if text_first:  # each part permuted straight into its place: no concatenation afterwards
             joint = x.new_empty(b, text_len + n, u * hu, d)
-            joint[:, text_len:].view(b, n, u, hu, d).copy_(image.permute(1, 2, 0, 3, 4))
-            joint[:, :text_len].view(b, text_len, u, hu, d).copy_(text.permute(1, 2, 0, 3, 4))
+            joint[:, text_len:].view(b, n, u, hu, d).copy_(recv[:, :, :n].permute(1, 2, 0, 3, 4))
+            joint[:, :text_len].view(b, text_len, u, hu, d).copy_(recv[:, :, n:].permute(1, 2, 0, 3, 4))
             return joint, None
-        out = image.permute(1, 2, 0, 3, 4).reshape(b, n, u * hu, d)
-        text_out = text.permute(1, 2, 0, 3, 4).reshape(b, text_len, u * hu, d)
+        out = recv[:, :, :n].permute(1, 2, 0, 3, 4).reshape(b, n, u * hu, d)
+        text_out = recv[:, :, n:].permute(1, 2, 0, 3, 4).reshape(b, text_len, u * hu, d)
         return out, text_out
 
