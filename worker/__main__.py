@@ -131,9 +131,10 @@ def main(argv=None) -> int:
     if args.warmup or shapes:
         warm_up(pipeline, shapes or None)
     runtime = Runtime(pipeline, parallel)
+    captured_collectives = graphs and parallel.world_size > 1
     if args.rank != 0:
         runtime.serve(None)  # follows rank 0's commands until Shutdown
-        return _exit(0, graphs and parallel.world_size > 1)
+        return _exit(0, captured_collectives)
     hello = wpb.Hello(
         protocol_version=wpb.PROTOCOL_VERSION_1,
         description=f"{platform.node()} pid {os.getpid()} {device} {str(dtype).removeprefix('torch.')}",
@@ -150,7 +151,7 @@ def main(argv=None) -> int:
         pass
     finally:
         conn.stop()
-    return _exit(0, graphs and parallel.world_size > 1)
+    return _exit(0, captured_collectives)
 
 
 def _exit(code: int, captured_collectives: bool) -> int:
