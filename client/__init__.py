@@ -6,6 +6,6 @@ import os as _os
 # fork handlers are not needed for fork+exec and only log noise, so they are off unless set.
 _os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
-from .client import AsyncClient, Client, DiffserveError, is_terminal, make_params
+from diffserve.client.client import AsyncClient, Client, DiffserveError, is_terminal, make_params
 
 __all__ = ["AsyncClient", "Client", "DiffserveError", "is_terminal", "make_params"]

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from diffserve.v1 import generation_pb2 as pb
 
-from .client import Client, DiffserveError, make_params
+from diffserve.client.client import Client, DiffserveError, make_params
 
 EXTENSIONS = {pb.OUTPUT_FORMAT_PNG: ".png", pb.OUTPUT_FORMAT_MP4: ".mp4", pb.OUTPUT_FORMAT_NPY: ".npy"}
 

@@ -22,12 +22,12 @@ from google.rpc import status_pb2
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.v1 import worker_pb2 as wpb
 
-from . import errors
-from .artifacts import ArtifactStore
-from .jobs import Job, JobTable, Pending, now_timestamp
-from .policy import Plan, next_plan
-from .validation import resolve_params
-from .workers import PROTOCOL_VERSION, WorkerHandle, WorkerLink, tensor_to_numpy
+from diffserve.scheduler import errors
+from diffserve.scheduler.artifacts import ArtifactStore
+from diffserve.scheduler.jobs import Job, JobTable, Pending, now_timestamp
+from diffserve.scheduler.policy import Plan, next_plan
+from diffserve.scheduler.validation import resolve_params
+from diffserve.scheduler.workers import PROTOCOL_VERSION, WorkerHandle, WorkerLink, tensor_to_numpy
 
 log = logging.getLogger(__name__)
 

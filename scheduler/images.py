@@ -23,7 +23,7 @@ from urllib.parse import urljoin, urlsplit
 
 from diffserve.v1 import generation_pb2 as pb
 
-from .errors import invalid_argument
+from diffserve.scheduler.errors import invalid_argument
 
 CONTENT_TYPES = ("image/png", "image/jpeg", "image/webp", "image/bmp", "image/gif")
 MAX_REDIRECTS = 3

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 from diffserve.v1 import generation_pb2 as pb
 
-from .jobs import Job, Pending
+from diffserve.scheduler.jobs import Job, Pending
 
 STAGES = (pb.STAGE_ENCODE, pb.STAGE_PREPARE, pb.STAGE_DECODE)
 

@@ -16,13 +16,13 @@ from grpc_reflection.v1alpha import reflection
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.v1 import generation_pb2_grpc as pb_grpc
 
-from . import errors
-from .artifacts import ArtifactStore
-from .engine import Engine, EngineConfig
-from .images import ImagePolicy
-from .launcher import LocalWorkers, LocalWorkerSpec
-from .service import GenerationService
-from .workers import WorkerLink
+from diffserve.scheduler import errors
+from diffserve.scheduler.artifacts import ArtifactStore
+from diffserve.scheduler.engine import Engine, EngineConfig
+from diffserve.scheduler.images import ImagePolicy
+from diffserve.scheduler.launcher import LocalWorkers, LocalWorkerSpec
+from diffserve.scheduler.service import GenerationService
+from diffserve.scheduler.workers import WorkerLink
 
 log = logging.getLogger(__name__)
 

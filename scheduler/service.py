@@ -10,10 +10,10 @@ import time
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.v1 import generation_pb2_grpc as pb_grpc
 
-from . import errors
-from .engine import Engine
-from .images import ImagePolicy, resolve_images
-from .jobs import Job
+from diffserve.scheduler import errors
+from diffserve.scheduler.engine import Engine
+from diffserve.scheduler.images import ImagePolicy, resolve_images
+from diffserve.scheduler.jobs import Job
 
 log = logging.getLogger(__name__)
 

@@ -11,7 +11,7 @@ import secrets
 
 from diffserve.v1 import generation_pb2 as pb
 
-from .errors import invalid_argument
+from diffserve.scheduler.errors import invalid_argument
 
 MAX_PROMPT_CHARS = 20_000
 MAX_FPS = 120

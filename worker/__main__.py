@@ -49,8 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def choose_layout(args: argparse.Namespace, pipeline):
-    from .parallel import plan_layout
-    from .warmup import dits
+    from diffserve.worker.parallel import plan_layout
+    from diffserve.worker.warmup import dits
 
     return plan_layout(args.num_gpus, dits(pipeline), cfg_capable=getattr(pipeline, "supports_cfg_parallel", False),
                        uses_cfg=getattr(pipeline, "uses_cfg", True) and pipeline.card.defaults.guidance_scale > 1, enable_cfg_parallel=args.enable_cfg_parallel,
@@ -66,15 +66,15 @@ def main(argv=None) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
     import torch
 
-    from . import loading
-    from .connection import SchedulerConnection
-    from .registry import load_pipeline
-    from .runtime import Runtime
+    from diffserve.worker import loading
+    from diffserve.worker.connection import SchedulerConnection
+    from diffserve.worker.registry import load_pipeline
+    from diffserve.worker.runtime import Runtime
 
     from diffserve.kernels import attention
 
     attention.configure(args.attention_backend)
-    from .parallel import ParallelState
+    from diffserve.worker.parallel import ParallelState
 
     log = logging.getLogger("diffserve.worker")
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
         logging.getLogger("diffserve.worker").error("cannot load the model: %s", exc)
         return EXIT_CANNOT_LOAD
     torch.set_grad_enabled(False)
-    from .warmup import compile_dits, dits, parse_shape, warm_up
+    from diffserve.worker.warmup import compile_dits, dits, parse_shape, warm_up
 
     parallel = ParallelState.single()
     if args.num_gpus > 1:
@@ -103,7 +103,7 @@ def main(argv=None) -> int:
             return EXIT_CANNOT_LOAD
         parallel = ParallelState.init(dims, args.rank, args.dist_init, device)
         if dims.tp > 1:
-            from .tensor_parallel import shard_pipeline
+            from diffserve.worker.tensor_parallel import shard_pipeline
 
             summary = shard_pipeline(pipeline, parallel)
             if args.rank == 0:
@@ -125,7 +125,7 @@ def main(argv=None) -> int:
     if args.cuda_graphs and not graphs:
         log.warning("--cuda-graphs needs a CUDA device (this worker runs on %s); running eagerly", device)
     elif graphs:
-        from .cuda_graphs import graph_dits
+        from diffserve.worker.cuda_graphs import graph_dits
 
         log.info("CUDA graphs for %d transformer(s), captured per shape on first use", graph_dits(pipeline))
     if args.warmup or shapes:

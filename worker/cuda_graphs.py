@@ -113,7 +113,7 @@ class GraphedForward:
 
 def graph_dits(pipeline, max_graphs: int = 8) -> int:
     """Wraps each DiT's forward of a pipeline in a GraphedForward; returns how many."""
-    from .warmup import dits, prepare_attention
+    from diffserve.worker.warmup import dits, prepare_attention
 
     models = dits(pipeline)
     for model in models:

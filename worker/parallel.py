@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from .sequence_parallel import SequenceParallel
+from diffserve.worker.sequence_parallel import SequenceParallel
 
 
 @dataclass(frozen=True)
@@ -96,7 +96,7 @@ def plan_layout(num_gpus: int, models: list, *, cfg_capable: bool, uses_cfg: boo
     if (dims.ulysses > 1 or dims.ring > 1) and not all(hasattr(m, "sequence_parallel") for m in models):
         problems.append("this model's transformer has no sequence-parallel path; use --ulysses-degree 1 --ring-degree 1")
     if dims.tp > 1:
-        from .tensor_parallel import dit_problems
+        from diffserve.worker.tensor_parallel import dit_problems
 
         problems += dit_problems(models, dims.tp)
     return dims, problems
@@ -180,8 +180,8 @@ class ParallelState:
         decodes alone and the others get None."""
         if not self.distributed:
             return vae.decode(latents, return_dict=False)[0]
-        from .parallel_tiles import decode_tiles_parallel, tiled_problems
-        from .parallel_vae import decode_parallel, decode_problems
+        from diffserve.worker.parallel_tiles import decode_tiles_parallel, tiled_problems
+        from diffserve.worker.parallel_vae import decode_parallel, decode_problems
 
         if not decode_problems(vae, latents):
             return decode_parallel(vae, latents, None, self.rank, self.world_size)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from .loading import CheckpointError, read_model_index
+from diffserve.worker.loading import CheckpointError, read_model_index
 
 # Checkpoints whose _class_name alone does not say which pipeline serves them:
 # (class name, model_index.json key that must be true) -> target.

@@ -17,9 +17,9 @@ from google.rpc import code_pb2, status_pb2
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.v1 import worker_pb2 as wpb
 
-from .connection import SchedulerConnection
-from .parallel import ParallelState
-from .pipelines.base import Pipeline, RequestState
+from diffserve.worker.connection import SchedulerConnection
+from diffserve.worker.parallel import ParallelState
+from diffserve.worker.pipelines.base import Pipeline, RequestState
 
 log = logging.getLogger(__name__)
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from ..kernels.attention import attention, attention_lse
-from ..kernels.merge import merge
+from diffserve.kernels.attention import attention, attention_lse
+from diffserve.kernels.merge import merge
 
 Text = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 

@@ -158,10 +158,10 @@ def _shard_flux_single(block: nn.Module, tp: int, rank: int, group) -> None:
 
 
 def _dit_kinds():
-    from .models.flux import FluxTransformer
-    from .models.hunyuan_video import HunyuanVideoTransformer
-    from .models.qwen_image import QwenImageTransformer
-    from .models.wan import WanTransformer
+    from diffserve.worker.models.flux import FluxTransformer
+    from diffserve.worker.models.hunyuan_video import HunyuanVideoTransformer
+    from diffserve.worker.models.qwen_image import QwenImageTransformer
+    from diffserve.worker.models.wan import WanTransformer
 
     return WanTransformer, FluxTransformer, QwenImageTransformer, HunyuanVideoTransformer
 
@@ -347,7 +347,7 @@ def text_encoders(pipeline) -> list[nn.Module]:
 
 def shard_pipeline(pipeline, state) -> str:
     """Shards every DiT and every supported text encoder of a loaded pipeline; returns a summary to log."""
-    from .warmup import dits
+    from diffserve.worker.warmup import dits
 
     models = dits(pipeline)
     for model in models:

@@ -13,10 +13,10 @@ import torch
 
 from diffserve.v1 import generation_pb2 as pb
 
-from ..models.wan import WanTransformer
-from ..samplers.dmd import FASTWAN_DMD_SHIFT, FASTWAN_DMD_STEPS, DMDSampler
-from .base import RequestState
-from .wan_t2v import WanT2VPipeline
+from diffserve.worker.models.wan import WanTransformer
+from diffserve.worker.samplers.dmd import FASTWAN_DMD_SHIFT, FASTWAN_DMD_STEPS, DMDSampler
+from diffserve.worker.pipelines.base import RequestState
+from diffserve.worker.pipelines.wan_t2v import WanT2VPipeline
 
 # FastVideo trains FastWan2.1 with Video Sparse Attention; its checkpoints carry the VSA gate of the
 # compressed-attention branch. We run dense attention (no VSA kernel), so those weights are unused.

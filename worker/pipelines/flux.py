@@ -16,12 +16,12 @@ import torch
 
 from diffserve.v1 import generation_pb2 as pb
 
-from .. import loading
-from ..models.flux import FluxTransformer
-from ..parallel import ParallelState
-from ..samplers import SamplerFactory
-from .base import RequestState
-from .stages import initial_noise, to_uint8_frames
+from diffserve.worker import loading
+from diffserve.worker.models.flux import FluxTransformer
+from diffserve.worker.parallel import ParallelState
+from diffserve.worker.samplers import SamplerFactory
+from diffserve.worker.pipelines.base import RequestState
+from diffserve.worker.pipelines.stages import initial_noise, to_uint8_frames
 
 T5_LENGTH = 512  # FluxPipeline's max_sequence_length default (and maximum)
 DEFAULT_SIZE = 1024

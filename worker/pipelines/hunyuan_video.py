@@ -17,12 +17,12 @@ import torch
 
 from diffserve.v1 import generation_pb2 as pb
 
-from .. import loading
-from ..models.hunyuan_video import HunyuanVideoTransformer
-from ..parallel import ParallelState
-from ..samplers import SamplerFactory
-from .base import RequestState
-from .stages import initial_noise, to_uint8_frames
+from diffserve.worker import loading
+from diffserve.worker.models.hunyuan_video import HunyuanVideoTransformer
+from diffserve.worker.parallel import ParallelState
+from diffserve.worker.samplers import SamplerFactory
+from diffserve.worker.pipelines.base import RequestState
+from diffserve.worker.pipelines.stages import initial_noise, to_uint8_frames
 
 # diffusers' DEFAULT_PROMPT_TEMPLATE for HunyuanVideo (the text of the original release).
 PROMPT_TEMPLATE = (

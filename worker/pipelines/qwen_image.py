@@ -23,12 +23,12 @@ import torch
 
 from diffserve.v1 import generation_pb2 as pb
 
-from .. import loading
-from ..models.qwen_image import QwenImageTransformer
-from ..parallel import ParallelState
-from ..samplers import SamplerFactory
-from .base import RequestState
-from .stages import initial_noise, to_uint8_frames
+from diffserve.worker import loading
+from diffserve.worker.models.qwen_image import QwenImageTransformer
+from diffserve.worker.parallel import ParallelState
+from diffserve.worker.samplers import SamplerFactory
+from diffserve.worker.pipelines.base import RequestState
+from diffserve.worker.pipelines.stages import initial_noise, to_uint8_frames
 
 MAX_TEXT_TOKENS = 1024  # the reference's tokenizer_max_length / max_sequence_length
 EDIT_TARGET_AREA = 1024 * 1024  # Edit resizes the input image to about this many pixels

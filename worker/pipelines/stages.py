@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from .base import RequestState
+from diffserve.worker.pipelines.base import RequestState
 
 
 def clean_prompt(text: str) -> str:

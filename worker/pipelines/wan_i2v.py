@@ -24,12 +24,12 @@ from PIL import Image
 
 from diffserve.v1 import generation_pb2 as pb
 
-from .. import loading
-from ..models.wan import WanTransformer
-from ..parallel import ParallelState
-from ..samplers import SamplerFactory
-from .base import RequestState
-from .stages import T5PromptEncoder, initial_noise, to_uint8_frames
+from diffserve.worker import loading
+from diffserve.worker.models.wan import WanTransformer
+from diffserve.worker.parallel import ParallelState
+from diffserve.worker.samplers import SamplerFactory
+from diffserve.worker.pipelines.base import RequestState
+from diffserve.worker.pipelines.stages import T5PromptEncoder, initial_noise, to_uint8_frames
 
 TEXT_LENGTH = 512  # UMT5 tokens; the DiT's cross-attention context length
 
