@@ -7,7 +7,7 @@ A step is what the worker runs: Wan2.1-T2V-14B at 720x1280x81 with CFG is one fo
 (conditional, unconditional); FLUX.1-dev at 1024^2 (guidance-distilled, no CFG) one row. Each
 layout runs in its own set of processes (one per GPU), every rank builds the same full-size model
 with synthetic weights (bench/synthetic.py), and the group runs the step as a worker group does:
-rows over the cfg axis (ParallelState.row_parallel), tokens over ulysses x ring, heads over tp.
+rows over the cfg axis (parallel/cfg.py: split_rows), tokens over ulysses x ring, heads over tp.
 Rank 0 times it (CUDA events around a barrier-aligned step, median). Speedup = t(1 GPU) / t(N);
 efficiency = speedup / N.
 """
@@ -56,6 +56,7 @@ def _rows(inputs: dict, rows: int) -> dict:
 def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, result_file: str, compile_mode: str = "",
               profile: bool = False, cuda_graphs: bool = False, hang_s: float = 480) -> None:
     from diffserve.worker.parallel import ParallelDims, ParallelState
+    from diffserve.worker.parallel.cfg import split_rows
 
     cuda = not tiny
     faulthandler.dump_traceback_later(hang_s, exit=True)  # a hung rank prints where it is and ends the call
@@ -72,7 +73,7 @@ def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, r
     if world > 1:
         state = ParallelState.init(ParallelDims(*layout), rank, init, device)
         if state.dims.tp > 1:
-            from diffserve.worker.tensor_parallel import shard_dit
+            from diffserve.worker.parallel.tensor import shard_dit
 
             shard_dit(model, state)
         model.sequence_parallel = state.sequence
@@ -83,7 +84,7 @@ def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, r
         model = torch.compile(model, mode=None if compile_mode == "default" else compile_mode)
     inputs = _rows(fam.inputs(case.config, case.shape, device, dtype), CFG_ROWS[name])
     batched = {"wan-14b": (0, 1, 2), "flux.1-dev": (0, 1, 2, 3, 6)}[name]
-    step = state.row_parallel(lambda *a: fam.ours_call(model, _unpack(name, a)), batched=batched)
+    step = split_rows(state, lambda *a: fam.ours_call(model, _unpack(name, a)), batched=batched)
     args = _pack(name, inputs)
 
     graphs = "reduce-overhead" in compile_mode  # CUDA graphs: each call a new step; outputs live until the next

@@ -29,7 +29,7 @@ def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
     from diffusers import AutoencoderKLHunyuanVideo, AutoencoderKLWan
     from torch._subclasses.fake_tensor import FakeTensor
 
-    from diffserve.worker import parallel_tiles
+    from diffserve.worker.parallel import tiles as parallel_tiles
 
     try:
         from tests.checkpoints import TINY_WAN_VAE
@@ -80,7 +80,7 @@ def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
 def outputs() -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         init_file = os.path.join(tmp, "init")
-        mp.get_context("forkserver").set_forkserver_preload(["diffserve.worker.parallel_tiles", "diffusers"])
+        mp.get_context("forkserver").set_forkserver_preload(["diffserve.worker.parallel.tiles", "diffusers"])
         mp.start_processes(_rank_main, args=(init_file, tmp), nprocs=WORLD, join=True, start_method="forkserver")
         merged = {}
         for rank in range(WORLD):

@@ -57,7 +57,7 @@ def _latents(shape) -> torch.Tensor:
 def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
     """One rank: decodes every case it takes part in and saves its outputs (rank 0 also the references)."""
     import torch.distributed as dist
-    from diffserve.worker import parallel_vae
+    from diffserve.worker.parallel import vae as parallel_vae
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
@@ -97,7 +97,7 @@ def outputs() -> dict[str, torch.Tensor]:
         init_file = os.path.join(tmp, "init")
         # A fork server that imports diffusers once, instead of once per spawned rank. It never
         # runs torch ops itself, so forking from it is safe (unlike forking this process).
-        mp.get_context("forkserver").set_forkserver_preload(["diffserve.worker.parallel_vae"])
+        mp.get_context("forkserver").set_forkserver_preload(["diffserve.worker.parallel.vae"])
         mp.start_processes(_rank_main, args=(init_file, tmp), nprocs=WORLD, join=True, start_method="forkserver")
         merged = {}
         for rank in range(WORLD):

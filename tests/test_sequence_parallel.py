@@ -13,7 +13,8 @@ import torch
 from dist_util import run_group
 
 from diffserve.kernels.attention import attention, attention_lse
-from diffserve.worker.parallel import ParallelDims, plan_layout
+from diffserve.worker.parallel import ParallelDims
+from diffserve.worker.parallel.layout import plan_layout
 from diffserve.kernels.merge import merge
 
 HEADS = 4  # so that ulysses 2 (and tp 2 later) divide them

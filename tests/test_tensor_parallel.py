@@ -8,7 +8,8 @@ Plus the layout checks that refuse models without a tensor-parallel path."""
 from __future__ import annotations
 
 import torch
-from diffserve.worker.parallel import ParallelDims, plan_layout
+from diffserve.worker.parallel import ParallelDims
+from diffserve.worker.parallel.layout import plan_layout
 from dist_util import init_url, run_group
 from test_sequence_parallel import WAN, _cases, _hunyuan_case, _Model, _randomize
 
@@ -38,7 +39,8 @@ def _wan_i2v():
 
 
 def _check_dits(rank: int, state) -> None:
-    from diffserve.worker.tensor_parallel import RowParallelLinear, shard_dit
+    from diffserve.worker.parallel.cfg import split_rows
+    from diffserve.worker.parallel.tensor import RowParallelLinear, shard_dit
 
     for name, model, args in _cases() + [_wan_i2v(), _hunyuan_case()]:
         if state.dims.cfg > 1 and name != "wan":  # cfg: the (x, t, ctx) call of Wan T2V is enough
@@ -50,7 +52,7 @@ def _check_dits(rank: int, state) -> None:
         _assert_own_storage(model)
         assert any(isinstance(m, RowParallelLinear) for m in model.modules())
         model.sequence_parallel = state.sequence
-        ours = state.row_parallel(model)(*args)
+        ours = split_rows(state, model)(*args)
         err = (ours - single).abs().max().item()
         assert err < 1e-4, f"{name} {state.dims} rank {rank}: max error {err}"
         assert single.std() > 0.1
@@ -126,7 +128,7 @@ def _encoders():
 
 
 def _check_encoders(rank: int, state) -> None:
-    from diffserve.worker.tensor_parallel import shard_text_encoder
+    from diffserve.worker.parallel.tensor import shard_text_encoder
 
     for name, model, kwargs, expect in _encoders():
         single = model(**kwargs, output_hidden_states=True).hidden_states[-1]
@@ -142,7 +144,7 @@ def _check_encoders(rank: int, state) -> None:
 def test_pipeline_parts_found():
     from types import SimpleNamespace
 
-    from diffserve.worker.tensor_parallel import text_encoders
+    from diffserve.worker.parallel.tensor import text_encoders
     from diffserve.worker.warmup import dits
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 

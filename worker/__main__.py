@@ -49,12 +49,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def choose_layout(args: argparse.Namespace, pipeline):
-    from diffserve.worker.parallel import plan_layout
+    from diffserve.worker.parallel.layout import plan_for
     from diffserve.worker.warmup import dits
 
-    return plan_layout(args.num_gpus, dits(pipeline), cfg_capable=getattr(pipeline, "supports_cfg_parallel", False),
-                       uses_cfg=getattr(pipeline, "uses_cfg", True) and pipeline.card.defaults.guidance_scale > 1, enable_cfg_parallel=args.enable_cfg_parallel,
-                       ulysses=args.ulysses_degree, ring=args.ring_degree, tp=args.tp_size)
+    return plan_for(pipeline, dits(pipeline), args.num_gpus, enable_cfg_parallel=args.enable_cfg_parallel,
+                    ulysses=args.ulysses_degree, ring=args.ring_degree, tp=args.tp_size)
 
 
 def model_name_for(path: str) -> str:
@@ -103,7 +102,7 @@ def main(argv=None) -> int:
             return EXIT_CANNOT_LOAD
         parallel = ParallelState.init(dims, args.rank, args.dist_init, device)
         if dims.tp > 1:
-            from diffserve.worker.tensor_parallel import shard_pipeline
+            from diffserve.worker.parallel.tensor import shard_pipeline
 
             summary = shard_pipeline(pipeline, parallel)
             if args.rank == 0:

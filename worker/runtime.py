@@ -112,7 +112,7 @@ class Runtime:
             elif cmd.stage == pb.STAGE_PREPARE:
                 self.pipeline.prepare(state)
             elif cmd.stage == pb.STAGE_DECODE and self.parallel.rank != 0:
-                if getattr(self.pipeline, "decodes_on_every_rank", False):
+                if self.pipeline.capabilities.decodes_on_every_rank:
                     self.pipeline.decode(state)  # its share of a parallel decode; rank 0 answers
             elif cmd.stage == pb.STAGE_DECODE:
                 video = np.ascontiguousarray(self.pipeline.decode(state), dtype=np.uint8)

@@ -207,7 +207,7 @@ class FluxAttention(nn.Module):
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # joint: x image (B, N, D), context text (B, S, D) -> (image out, text out)
         # single: x = [text, image] (B, S + N, D) -> (B, S + N, D), not projected
-        # sequence (worker/sequence_parallel.py): the image part is this rank's shard of `length`
+        # sequence (worker/parallel/sequence.py): the image part is this rank's shard of `length`
         # tokens; the text part (the first `text_len` tokens) is whole on every rank.
         # rope tables are laid out [text, image] like the sequence
         text_len = context.shape[1] if self.joint else text_len
@@ -331,7 +331,7 @@ class FluxTransformer(nn.Module):
         )
         self.norm_out = AdaNorm(dim, 2)
         self.proj_out = nn.Linear(dim, cfg.patch_size * cfg.patch_size * out_channels)
-        # sequence group (worker/sequence_parallel.py) when the worker group shards tokens.
+        # sequence group (worker/parallel/sequence.py) when the worker group shards tokens.
         self.sequence_parallel = None
 
     @property

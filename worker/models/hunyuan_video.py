@@ -13,7 +13,7 @@ first n_b text tokens). That is the reference's mask, so a sample's output does 
 much padding its batch carries (batched equals solo), and `kernels.attention.attention` stays the
 only attention call. Padded text positions are never read by valid tokens and are dropped at the end.
 
-Sequence parallelism (worker/sequence_parallel.py, `sequence_parallel` set by the worker): the video
+Sequence parallelism (worker/parallel/sequence.py, `sequence_parallel` set by the worker): the video
 tokens and their RoPE tables are sharded once after the patch embedding and gathered once after the
 output head; the text tokens stay whole on every rank and their padding becomes a key mask (B, S).
 
@@ -310,7 +310,7 @@ class JointAttention(nn.Module):
         # dual: x video (B, L, D), context text (B, S, D) -> (video out, text out), each projected
         # single: x = [video, text] (B, L + S, D) -> (B, L + S, D), not projected (the block's proj_out does it)
         # key_lengths: row b attends to keys [0, key_lengths[b]) of [video, text]. sequence
-        # (worker/sequence_parallel.py): the video part is this rank's shard of `length` tokens, the
+        # (worker/parallel/sequence.py): the video part is this rank's shard of `length` tokens, the
         # text whole; text_mask (B, S) bool, False at padding (None when no row is padded).
         n = num_video
         q, k, v = (_heads(proj(x), self.heads) for proj in (self.to_q, self.to_k, self.to_v))
@@ -416,7 +416,7 @@ class HunyuanVideoTransformer(nn.Module):
         self.norm_out.linear = nn.Linear(dim, 2 * dim)  # (scale, shift) of the final AdaLN
         self.norm_out.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.proj_out = nn.Linear(dim, cfg.patch_size_t * cfg.patch_size**2 * (cfg.out_channels or cfg.in_channels))
-        # sequence group (worker/sequence_parallel.py) when the worker group shards tokens.
+        # sequence group (worker/parallel/sequence.py) when the worker group shards tokens.
         self.sequence_parallel = None
 
     def forward(

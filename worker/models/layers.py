@@ -169,7 +169,7 @@ def qk_norm_rope(x: torch.Tensor, norm: nn.Module, rope: tuple[torch.Tensor, tor
     RMSNorm) over D (per head: FLUX, Qwen-Image, HunyuanVideo) or over H * D (across heads: Wan);
     rope: (cos, sin) tables as `apply_rotary` takes them, or None for the norm alone.
     """
-    if getattr(norm, "spans_ranks", False):  # tensor parallel: its RMS is all-reduced (worker/tensor_parallel.py)
+    if getattr(norm, "spans_ranks", False):  # tensor parallel: its RMS is all-reduced (worker/parallel/tensor.py)
         x = norm(x.flatten(-2)).unflatten(-1, x.shape[-2:])
         return apply_rotary(x, *rope) if rope is not None else x
     weight = norm.weight

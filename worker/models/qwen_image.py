@@ -202,7 +202,7 @@ class JointAttention(nn.Module):
 
     def forward(self, img, txt, img_rope, txt_rope, key_mask, sequence=None, length=0):
         # img: (B, L, D), txt: (B, S, D); key_mask: (B, S + L) bool (False at text padding) or None.
-        # sequence (worker/sequence_parallel.py): img is this rank's shard of `length` tokens.
+        # sequence (worker/parallel/sequence.py): img is this rank's shard of `length` tokens.
         def heads(x):
             return x.unflatten(-1, (self.heads, -1))  # (B, N, Hd, Dh)
 
@@ -302,7 +302,7 @@ class QwenImageTransformer(nn.Module):
         )
         self.norm_out = AdaNormOut(dim)
         self.proj_out = nn.Linear(dim, cfg.patch_size * cfg.patch_size * out_channels)
-        # sequence group (worker/sequence_parallel.py) when the worker group shards tokens.
+        # sequence group (worker/parallel/sequence.py) when the worker group shards tokens.
         self.sequence_parallel = None
 
     def forward(

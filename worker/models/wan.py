@@ -309,7 +309,7 @@ class WanTransformer(nn.Module):
         self.norm_out = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, out_channels * math.prod(cfg.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
-        # sequence group (worker/sequence_parallel.py) when the worker group shards tokens.
+        # sequence group (worker/parallel/sequence.py) when the worker group shards tokens.
         self.sequence_parallel = None
 
     def forward(

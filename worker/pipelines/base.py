@@ -35,10 +35,21 @@ class RequestState:
         self.step = 0
 
 
+@dataclass(frozen=True)
+class Capabilities:
+    """What a pipeline can do inside a worker group; the layout planner and the runtime read it,
+    and a layout that needs what a pipeline lacks is refused at start."""
+
+    uses_cfg: bool  # requests may add an unconditional row (guidance > 1)
+    cfg_parallel: bool  # a step's rows may be split over the cfg axis
+    decodes_on_every_rank: bool = False  # every rank takes part in decode (split VAE); else rank 0 alone
+
+
 class Pipeline(Protocol):
     """A model served by a worker, split into the stages the scheduler drives one command at a time."""
 
     card: pb.Model
+    capabilities: Capabilities
 
     def admit(self, request_id: str, params: pb.GenerationParams) -> RequestState: ...
 

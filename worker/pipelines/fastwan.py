@@ -15,7 +15,7 @@ from diffserve.v1 import generation_pb2 as pb
 
 from diffserve.worker.models.wan import WanTransformer
 from diffserve.worker.samplers.dmd import FASTWAN_DMD_SHIFT, FASTWAN_DMD_STEPS, DMDSampler
-from diffserve.worker.pipelines.base import RequestState
+from diffserve.worker.pipelines.base import Capabilities, RequestState
 from diffserve.worker.pipelines.wan_t2v import WanT2VPipeline
 
 # FastVideo trains FastWan2.1 with Video Sparse Attention; its checkpoints carry the VSA gate of the
@@ -28,6 +28,8 @@ class FastWanPipeline(WanT2VPipeline):
     (Wan2.1 components) and FastWan2.2-TI2V-5B text-only (expand_timesteps, Wan2.2 VAE; its per-token
     timesteps all equal t without an image, so the DiT's per-sample path is used)."""
 
+    # DMD runs one row per request and calls the transformer directly: no CFG rows to split.
+    capabilities = Capabilities(uses_cfg=False, cfg_parallel=False, decodes_on_every_rank=True)
     dmd_steps = FASTWAN_DMD_STEPS
     dmd_shift = FASTWAN_DMD_SHIFT
 

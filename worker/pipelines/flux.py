@@ -18,9 +18,10 @@ from diffserve.v1 import generation_pb2 as pb
 
 from diffserve.worker import loading
 from diffserve.worker.models.flux import FluxTransformer
+from diffserve.worker.parallel.cfg import split_rows
 from diffserve.worker.parallel import ParallelState
 from diffserve.worker.samplers import SamplerFactory
-from diffserve.worker.pipelines.base import RequestState
+from diffserve.worker.pipelines.base import Capabilities, RequestState
 from diffserve.worker.pipelines.stages import initial_noise, to_uint8_frames
 
 T5_LENGTH = 512  # FluxPipeline's max_sequence_length default (and maximum)
@@ -61,8 +62,9 @@ class FluxPipeline:
     """Serves a diffusers-layout FluxPipeline checkpoint (model_index `_class_name` FluxPipeline)."""
 
     family = "flux.1"
-    supports_cfg_parallel = True  # the cfg axis splits a step's rows (requests batched together)
-    uses_cfg = False  # guidance is embedded (guidance-distilled): no unconditional rows
+    # Guidance is embedded (guidance-distilled): no unconditional rows; the cfg axis splits the
+    # rows of requests batched together.
+    capabilities = Capabilities(uses_cfg=False, cfg_parallel=True)
     parallel = ParallelState.single()  # the worker sets the group's state
     task = "text-to-image"
 
@@ -179,7 +181,7 @@ class FluxPipeline:
             context = torch.cat([s.cond for s in group])  # (B, 512, J)
             pooled = torch.cat([s.extras["pooled"] for s in group])  # (B, P)
             txt_ids = torch.zeros(context.shape[1], 3, device=self.device)
-            forward = self.parallel.row_parallel(self.transformer, batched=(0, 1, 2, 3, 6))  # rows split over the cfg axis
+            forward = split_rows(self.parallel, self.transformer, batched=(0, 1, 2, 3, 6))  # rows split over the cfg axis
             pred = forward(x, t, context, pooled, image_ids(h // 2, w // 2, self.device), txt_ids, guidance)
             for i, s in enumerate(group):
                 # float32 prediction keeps the latents float32 through the Euler update.

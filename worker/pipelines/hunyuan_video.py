@@ -19,9 +19,10 @@ from diffserve.v1 import generation_pb2 as pb
 
 from diffserve.worker import loading
 from diffserve.worker.models.hunyuan_video import HunyuanVideoTransformer
+from diffserve.worker.parallel.decode import decode_video
 from diffserve.worker.parallel import ParallelState
 from diffserve.worker.samplers import SamplerFactory
-from diffserve.worker.pipelines.base import RequestState
+from diffserve.worker.pipelines.base import Capabilities, RequestState
 from diffserve.worker.pipelines.stages import initial_noise, to_uint8_frames
 
 # diffusers' DEFAULT_PROMPT_TEMPLATE for HunyuanVideo (the text of the original release).
@@ -46,7 +47,7 @@ class HunyuanVideoT2VPipeline:
     family = "hunyuan-video"
     task = "text-to-video"
     parallel = ParallelState.single()  # the worker sets the group's state
-    decodes_on_every_rank = True  # the tiled VAE decode is split over the group (ParallelState.vae_decode)
+    capabilities = Capabilities(uses_cfg=False, cfg_parallel=False, decodes_on_every_rank=True)  # embedded guidance
 
     def __init__(self, root: Path, name: str, device: torch.device, dtype: torch.dtype):
         index = loading.read_model_index(root)
@@ -147,5 +148,5 @@ class HunyuanVideoT2VPipeline:
     @torch.no_grad()
     def decode(self, state: RequestState) -> np.ndarray:
         latents = state.latents.to(self.vae.dtype) / self.scaling_factor
-        video = self.parallel.vae_decode(self.vae, latents)  # (1, 3, F, H, W) in [-1, 1]; None on followers
+        video = decode_video(self.parallel, self.vae, latents)  # (1, 3, F, H, W) in [-1, 1]; None on followers
         return None if video is None else to_uint8_frames(video)

@@ -25,9 +25,10 @@ from diffserve.v1 import generation_pb2 as pb
 
 from diffserve.worker import loading
 from diffserve.worker.models.qwen_image import QwenImageTransformer
+from diffserve.worker.parallel.cfg import split_rows
 from diffserve.worker.parallel import ParallelState
 from diffserve.worker.samplers import SamplerFactory
-from diffserve.worker.pipelines.base import RequestState
+from diffserve.worker.pipelines.base import Capabilities, RequestState
 from diffserve.worker.pipelines.stages import initial_noise, to_uint8_frames
 
 MAX_TEXT_TOKENS = 1024  # the reference's tokenizer_max_length / max_sequence_length
@@ -67,7 +68,7 @@ def edit_image_size(width: int, height: int) -> tuple[int, int]:
 
 class _QwenImageBase:
     family = "qwen-image"
-    supports_cfg_parallel = True  # true CFG: conditional and unconditional rows on the two cfg halves
+    capabilities = Capabilities(uses_cfg=True, cfg_parallel=True)  # true CFG: cond / uncond rows on the two cfg halves
     parallel = ParallelState.single()  # the worker sets the group's state
     task = ""
     template = ""
@@ -177,7 +178,7 @@ class _QwenImageBase:
         if min(lengths) < longest:
             mask = torch.arange(longest, device=self.device)[None, :] < torch.tensor(lengths, device=self.device)[:, None]
         t = torch.stack(timesteps).to(self.dtype) / 1000  # (R,) in [0, 1], cast as the reference casts them
-        forward = self.parallel.row_parallel(self.transformer, batched=(0, 1, 2, 3))  # cond / uncond rows over the cfg axis
+        forward = split_rows(self.parallel, self.transformer, batched=(0, 1, 2, 3))  # cond / uncond rows over the cfg axis
         pred = forward(torch.cat(latents).to(self.dtype), t, text.to(self.dtype), mask, image_shapes)
 
         row = 0

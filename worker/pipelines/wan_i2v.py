@@ -26,9 +26,10 @@ from diffserve.v1 import generation_pb2 as pb
 
 from diffserve.worker import loading
 from diffserve.worker.models.wan import WanTransformer
+from diffserve.worker.parallel.decode import decode_video
 from diffserve.worker.parallel import ParallelState
 from diffserve.worker.samplers import SamplerFactory
-from diffserve.worker.pipelines.base import RequestState
+from diffserve.worker.pipelines.base import Capabilities, RequestState
 from diffserve.worker.pipelines.stages import T5PromptEncoder, initial_noise, to_uint8_frames
 
 TEXT_LENGTH = 512  # UMT5 tokens; the DiT's cross-attention context length
@@ -64,7 +65,7 @@ class WanI2VPipeline:
 
     task = "image-to-video"
     parallel = ParallelState.single()  # the worker sets the group's state
-    decodes_on_every_rank = True  # the VAE decode is split over the group (ParallelState.vae_decode)
+    capabilities = Capabilities(uses_cfg=True, cfg_parallel=False, decodes_on_every_rank=True)
 
     def __init__(self, root: Path, name: str, device: torch.device, dtype: torch.dtype):
         index = loading.read_model_index(root)
@@ -267,5 +268,5 @@ class WanI2VPipeline:
             mask = state.extras["mask"]
             latents = (1 - mask) * state.extras["condition"] + mask * latents
         latents = latents.to(self.vae.dtype) / self._latents_inv_std + self._latents_mean
-        video = self.parallel.vae_decode(self.vae, latents)  # (1, 3, F, H, W) in [-1, 1]; None on followers
+        video = decode_video(self.parallel, self.vae, latents)  # (1, 3, F, H, W) in [-1, 1]; None on followers
         return None if video is None else to_uint8_frames(video)

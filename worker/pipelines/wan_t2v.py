@@ -22,9 +22,11 @@ from diffserve.v1 import generation_pb2 as pb
 
 from diffserve.worker import loading
 from diffserve.worker.models.wan import WanTransformer
+from diffserve.worker.parallel.cfg import split_rows
+from diffserve.worker.parallel.decode import decode_video
 from diffserve.worker.parallel import ParallelState
 from diffserve.worker.samplers import SamplerFactory
-from diffserve.worker.pipelines.base import RequestState
+from diffserve.worker.pipelines.base import Capabilities, RequestState
 from diffserve.worker.pipelines.stages import T5PromptEncoder, cfg_denoise_step, initial_noise, to_uint8_frames
 
 TEXT_LENGTH = 512  # UMT5 tokens; the DiT's cross-attention context length
@@ -50,9 +52,8 @@ def _has_component(index: dict, name: str) -> bool:
 class WanT2VPipeline:
     """Serves a diffusers-layout WanPipeline checkpoint (model_index `_class_name` WanPipeline)."""
 
-    supports_cfg_parallel = True
+    capabilities = Capabilities(uses_cfg=True, cfg_parallel=True, decodes_on_every_rank=True)
     parallel = ParallelState.single()  # the worker sets the group's state
-    decodes_on_every_rank = True  # the VAE decode is split over the group (ParallelState.vae_decode)
 
     task = "text-to-video"
 
@@ -160,7 +161,7 @@ class WanT2VPipeline:
 
     def forward_of(self, expert: int):
         """The expert's forward, split over the cfg ranks when the worker group has them."""
-        return self.parallel.row_parallel(self.experts[expert])
+        return split_rows(self.parallel, self.experts[expert])
 
     def denoise_step(self, states: list[RequestState]) -> int:
         # TI2V (expand_timesteps): diffusers passes a (B, L) timestep whose entries all equal t for
@@ -177,5 +178,5 @@ class WanT2VPipeline:
     def decode(self, state: RequestState) -> np.ndarray:
         latents = state.latents.to(self.vae.dtype)
         latents = latents / self._latents_inv_std + self._latents_mean  # undo the VAE's latent normalisation
-        video = self.parallel.vae_decode(self.vae, latents)  # (1, 3, F, H, W) in [-1, 1]; None on followers
+        video = decode_video(self.parallel, self.vae, latents)  # (1, 3, F, H, W) in [-1, 1]; None on followers
         return None if video is None else to_uint8_frames(video)

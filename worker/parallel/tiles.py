@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch import nn
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from diffserve.worker.parallel_vae import swapped_forwards
+from diffserve.worker.parallel.vae import swapped_forwards
 
 # VAEs whose decoder calls are independent of each other (no time cache between them)
 TILED_VAES = frozenset({"AutoencoderKLHunyuanVideo"})

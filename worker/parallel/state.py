@@ -9,8 +9,8 @@ run the same stages in lockstep.
 
 The cfg axis is row parallelism: the transformer rows of a step (conditional and unconditional
 rows of CFG requests) are split across the cfg ranks and gathered once per step. The ulysses and
-ring axes shard one sample's tokens (worker/sequence_parallel.py). The tp axis splits heads and
-MLP widths of the DiTs and text encoders (worker/tensor_parallel.py).
+ring axes shard one sample's tokens (worker/parallel/sequence.py). The tp axis splits heads and
+MLP widths of the DiTs and text encoders (worker/parallel/tensor.py).
 
 Rank layout: rank = ((c · R + r) · U + u) · T + t — tp innermost (its all-reduces are the most
 frequent, so its ranks are neighbouring GPUs), then ulysses, then ring, cfg outermost. Within a
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from diffserve.worker.sequence_parallel import SequenceParallel
+from diffserve.worker.parallel.sequence import SequenceParallel
 
 
 @dataclass(frozen=True)
@@ -78,28 +78,6 @@ class ParallelDims:
 
     def __str__(self) -> str:
         return f"cfg {self.cfg} × ulysses {self.ulysses} × ring {self.ring} × tp {self.tp}"
-
-
-def plan_layout(num_gpus: int, models: list, *, cfg_capable: bool, uses_cfg: bool, enable_cfg_parallel: bool = False,
-                ulysses: int = 0, ring: int = 0, tp: int = 0) -> tuple[ParallelDims, list[str]]:
-    """The layout for a pipeline's DiTs `models` on `num_gpus` ranks, and why it cannot run (empty
-    when it can). With only num_gpus given, CFG-parallel comes first when the pipeline does CFG."""
-    explicit = enable_cfg_parallel or ulysses or ring or tp
-    heads = [m.config.num_attention_heads for m in models]
-    dims = ParallelDims.auto(num_gpus, enable_cfg_parallel or (not explicit and cfg_capable and uses_cfg),
-                             ulysses, ring, tp, heads=math.gcd(*heads) if heads else None)
-    problems = dims.problems(num_gpus)
-    for h in sorted(set(heads)):
-        problems += dims.head_problems(h)
-    if dims.cfg > 1 and not cfg_capable:
-        problems.append("this model's pipeline has no CFG-parallel path; drop --enable-cfg-parallel")
-    if (dims.ulysses > 1 or dims.ring > 1) and not all(hasattr(m, "sequence_parallel") for m in models):
-        problems.append("this model's transformer has no sequence-parallel path; use --ulysses-degree 1 --ring-degree 1")
-    if dims.tp > 1:
-        from diffserve.worker.tensor_parallel import dit_problems
-
-        problems += dit_problems(models, dims.tp)
-    return dims, problems
 
 
 @dataclass
@@ -170,51 +148,3 @@ class ParallelState:
         if int(size):
             dist.broadcast(buf, src=0, group=self.control)
         return bytes(buf.numpy())
-
-    # ---- VAE decode over the whole group ----
-
-    def vae_decode(self, vae, latents: torch.Tensor) -> torch.Tensor | None:
-        """`vae.decode(latents)`'s video. In a group every rank calls this and every rank gets the
-        video, decoded together: a Wan VAE split by height (worker/parallel_vae.py), a tiled VAE by
-        tiles (worker/parallel_tiles.py: HunyuanVideo), both exact. Where neither applies, rank 0
-        decodes alone and the others get None."""
-        if not self.distributed:
-            return vae.decode(latents, return_dict=False)[0]
-        from diffserve.worker.parallel_tiles import decode_tiles_parallel, tiled_problems
-        from diffserve.worker.parallel_vae import decode_parallel, decode_problems
-
-        if not decode_problems(vae, latents):
-            return decode_parallel(vae, latents, None, self.rank, self.world_size)
-        if not tiled_problems(vae, latents):
-            return decode_tiles_parallel(vae, latents, None, self.rank, self.world_size)
-        return vae.decode(latents, return_dict=False)[0] if self.rank == 0 else None
-
-    # ---- row parallelism over the cfg axis ----
-
-    def row_parallel(self, model, batched: tuple[int, ...] = (0, 1, 2)):
-        """Wraps model(*args) so each cfg rank runs an equal contiguous share of the rows and all
-        ranks get every row's output (one all-gather per step). `batched` are the positions of the
-        arguments that have one row per batch row (None allowed); the others are shared. With one
-        CFG request the conditional row runs on cfg rank 0 and the unconditional row on cfg rank 1."""
-        if self.dims.cfg == 1:
-            return model
-
-        def run(*args):
-            rows, n = args[batched[0]].shape[0], self.dims.cfg
-            share = math.ceil(rows / n)
-            pad = share * n - rows
-            lo = self.cfg_rank * share
-            args = list(args)
-            for i in batched:
-                a = args[i]
-                if a is None:
-                    continue
-                if pad:  # repeat the last row so every rank runs the same count
-                    a = torch.cat([a, a[-1:].expand(pad, *a.shape[1:])])
-                args[i] = a[lo : lo + share]
-            out = model(*args).contiguous()
-            gathered = [torch.empty_like(out) for _ in range(n)]
-            dist.all_gather(gathered, out, group=self.cfg_group)
-            return torch.cat(gathered)[:rows]
-
-        return run
