@@ -26,6 +26,7 @@ from diffserve.scheduler import errors
 from diffserve.scheduler.artifacts import ArtifactStore
 from diffserve.scheduler.jobs import Job, JobTable, Pending, now_timestamp
 from diffserve.scheduler.policy import Plan, next_plan
+from diffserve.scheduler.requests import worker_request
 from diffserve.scheduler.validation import resolve_params
 from diffserve.scheduler.workers import PROTOCOL_VERSION, WorkerHandle, WorkerLink, tensor_to_numpy
 
@@ -224,7 +225,8 @@ class Engine:
             job.worker_id = worker.id
             worker.jobs[job.id] = job
             # Awaited, not spawned: the worker must see Admit before the job's first stage command.
-            await self.link.send(worker.id, wpb.Command(admit=wpb.Admit(request_id=job.id, params=job.params)))
+            admit = wpb.Admit(request_id=job.id, params=job.params, request=worker_request(job.params, self.models[job.params.model]))
+            await self.link.send(worker.id, wpb.Command(admit=admit))
             admitted = True
         if admitted:
             self._announce_positions()

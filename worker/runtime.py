@@ -82,7 +82,9 @@ class Runtime:
 
     def admit(self, admit: wpb.Admit) -> None:
         try:
-            self.states[admit.request_id] = self.pipeline.admit(admit.request_id, admit.params)
+            state = self.pipeline.admit(admit.request_id, admit.params)
+            state.request = admit.request
+            self.states[admit.request_id] = state
         except Exception as exc:
             log.exception("admitting %s failed", admit.request_id)
             self.admit_errors[admit.request_id] = error_status(exc)

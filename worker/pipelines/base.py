@@ -8,6 +8,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from diffserve.v1 import generation_pb2 as pb
+from diffserve.worker.v1 import worker_pb2 as wpb
 
 
 @dataclass(eq=False)
@@ -16,6 +17,7 @@ class RequestState:
 
     request_id: str
     params: pb.GenerationParams
+    request: wpb.Request | None = None  # the resolved request (worker.v1): what pipelines compute with
     cond: Any = None  # text conditioning rows, (1, L, D)
     uncond: Any = None  # negative conditioning, None without CFG
     latents: Any = None  # float32 (1, C, F, H, W)

@@ -50,6 +50,7 @@ class FastWanPipeline(WanT2VPipeline):
             height, width, frames, fps = 448, 832, 61, 16
         card.defaults.height, card.defaults.width, card.defaults.num_frames, card.defaults.fps = height, width, frames, fps
         card.defaults.num_inference_steps, card.defaults.guidance_scale = len(self.dmd_steps), 1.0  # no CFG
+        card.guidance_kind = pb.GUIDANCE_KIND_NONE
         card.defaults.sampler, card.defaults.flow_shift = "DMD", self.dmd_shift
         card.limits.max_num_inference_steps = len(self.dmd_steps)
         return card

@@ -112,6 +112,7 @@ class FluxPipeline:
         return pb.Model(
             name=name,
             family=self.family,
+            guidance_kind=pb.GUIDANCE_KIND_EMBEDDED if self.guidance_embeds else pb.GUIDANCE_KIND_NONE,
             task=self.task,
             defaults=pb.ModelDefaults(
                 height=DEFAULT_SIZE, width=DEFAULT_SIZE, num_frames=1, num_inference_steps=steps,

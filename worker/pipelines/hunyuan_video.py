@@ -72,6 +72,7 @@ class HunyuanVideoT2VPipeline:
         return pb.Model(
             name=name,
             family=self.family,
+            guidance_kind=pb.GUIDANCE_KIND_EMBEDDED,
             task=self.task,
             defaults=pb.ModelDefaults(
                 height=720, width=1280, num_frames=129, num_inference_steps=50, guidance_scale=6.0, fps=24,

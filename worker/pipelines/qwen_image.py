@@ -97,6 +97,7 @@ class _QwenImageBase:
         return pb.Model(
             name=name,
             family=self.family,
+            guidance_kind=pb.GUIDANCE_KIND_CFG_NORM_RESCALE,
             task=self.task,
             defaults=pb.ModelDefaults(
                 # Qwen-Image: the reference's default size (default_sample_size 128 x VAE factor 8).

@@ -127,6 +127,7 @@ class WanI2VPipeline:
         return pb.Model(
             name=name,
             family=self.family,
+            guidance_kind=pb.GUIDANCE_KIND_CFG,
             task=self.task,
             defaults=pb.ModelDefaults(
                 height=height, width=width, num_frames=frames, num_inference_steps=steps, guidance_scale=guidance, fps=fps,

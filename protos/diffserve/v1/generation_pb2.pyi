@@ -42,6 +42,14 @@ class ServingState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SERVING_STATE_UNSPECIFIED: _ClassVar[ServingState]
     SERVING_STATE_SERVING: _ClassVar[ServingState]
     SERVING_STATE_NOT_SERVING: _ClassVar[ServingState]
+
+class GuidanceKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GUIDANCE_KIND_UNSPECIFIED: _ClassVar[GuidanceKind]
+    GUIDANCE_KIND_CFG: _ClassVar[GuidanceKind]
+    GUIDANCE_KIND_CFG_NORM_RESCALE: _ClassVar[GuidanceKind]
+    GUIDANCE_KIND_EMBEDDED: _ClassVar[GuidanceKind]
+    GUIDANCE_KIND_NONE: _ClassVar[GuidanceKind]
 OUTPUT_FORMAT_UNSPECIFIED: OutputFormat
 OUTPUT_FORMAT_PNG: OutputFormat
 OUTPUT_FORMAT_MP4: OutputFormat
@@ -61,6 +69,11 @@ STAGE_SAVE: Stage
 SERVING_STATE_UNSPECIFIED: ServingState
 SERVING_STATE_SERVING: ServingState
 SERVING_STATE_NOT_SERVING: ServingState
+GUIDANCE_KIND_UNSPECIFIED: GuidanceKind
+GUIDANCE_KIND_CFG: GuidanceKind
+GUIDANCE_KIND_CFG_NORM_RESCALE: GuidanceKind
+GUIDANCE_KIND_EMBEDDED: GuidanceKind
+GUIDANCE_KIND_NONE: GuidanceKind
 
 class GenerationParams(_message.Message):
     __slots__ = ("model", "prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale", "seed", "fps", "output_format", "images", "guidance_scale_2")
@@ -283,7 +296,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "family", "task", "defaults", "limits", "state", "workers")
+    __slots__ = ("name", "family", "task", "defaults", "limits", "state", "workers", "guidance_kind")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -291,6 +304,7 @@ class Model(_message.Message):
     LIMITS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     WORKERS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_KIND_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     task: str
@@ -298,7 +312,8 @@ class Model(_message.Message):
     limits: ModelLimits
     state: ServingState
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., task: _Optional[str] = ..., defaults: _Optional[_Union[ModelDefaults, _Mapping]] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., state: _Optional[_Union[ServingState, str]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ...) -> None: ...
+    guidance_kind: GuidanceKind
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., task: _Optional[str] = ..., defaults: _Optional[_Union[ModelDefaults, _Mapping]] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., state: _Optional[_Union[ServingState, str]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., guidance_kind: _Optional[_Union[GuidanceKind, str]] = ...) -> None: ...
 
 class ModelDefaults(_message.Message):
     __slots__ = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps", "negative_prompt", "sampler", "flow_shift", "guidance_scale_2")
