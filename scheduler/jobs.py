@@ -1,14 +1,13 @@
 """Jobs: one request's state on the scheduler, its event log, and the table that holds them all.
 
-A job moves QUEUED → RUNNING → SUCCEEDED | FAILED | CANCELLED. While RUNNING its `next_stage` says
-which command it needs next from its worker (ENCODE, PREPARE, DENOISE, DECODE, then SAVE on the
-scheduler). Every transition appends a JobEvent; subscribers replay the log and wait for more.
+A job's place in its life is one `Phase` (lifecycle.py), moved only by `Job.advance(event)`,
+which checks the move against lifecycle.TRANSITIONS and appends the public JobEvent it implies.
+Every transition a client sees is an event; subscribers replay the log and wait for more.
 """
 
 from __future__ import annotations
 
 import asyncio
-import enum
 import time
 import uuid
 from collections import OrderedDict
@@ -19,15 +18,7 @@ from google.rpc import status_pb2
 
 from diffserve.v1 import generation_pb2 as pb
 
-TERMINAL = (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
-
-
-class Pending(enum.Enum):
-    """Why a running job cannot take part in the next command."""
-
-    NONE = 0  # ready for its next stage
-    IN_FLIGHT = 1  # part of the command its worker is running
-    SAVING = 2  # artifact being written on the scheduler
+from diffserve.scheduler.lifecycle import Event, IllegalTransition, Phase, next_phase
 
 
 def now_timestamp() -> timestamp_pb2.Timestamp:
@@ -38,18 +29,20 @@ def now_timestamp() -> timestamp_pb2.Timestamp:
 
 @dataclass(eq=False)
 class Job:
-    """One generation request: its resolved parameters, progress, outcome and event log."""
+    """One generation request: its resolved parameters, phase, progress, outcome and event log.
+
+    Read any field; write the lifecycle fields (phase, step, worker_id, in_flight, cancel_status,
+    artifact, error, started, ended) only through `advance`."""
 
     params: pb.GenerationParams
     client_request_id: str = ""
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    state: int = pb.JOB_STATE_QUEUED
-    next_stage: int = pb.STAGE_ENCODE
-    step: int = 0
+    phase: Phase = Phase.QUEUED
+    step: int = 0  # denoising steps done
     deadline: float | None = None  # time.monotonic() after which the job is cancelled
-    worker_id: str | None = None
-    pending: Pending = Pending.NONE
-    cancel_status: status_pb2.Status | None = None  # set when a cancel waits for the step boundary
+    worker_id: str | None = None  # the worker holding its state, from ADMIT until it leaves it
+    in_flight: bool = False  # part of the command its worker is running
+    cancel_status: status_pb2.Status | None = None  # a cancel waiting for the step boundary
     artifact: pb.Artifact | None = None
     error: status_pb2.Status | None = None
     created: timestamp_pb2.Timestamp = field(default_factory=now_timestamp)
@@ -64,13 +57,89 @@ class Job:
         return self.params.num_inference_steps
 
     @property
+    def state(self) -> int:
+        """The public JobState (lifecycle.Phase.job_state)."""
+        return self.phase.job_state
+
+    @property
     def done(self) -> bool:
-        return self.state in TERMINAL
+        return self.phase.terminal
+
+    @property
+    def busy(self) -> bool:
+        """Inside a running command or being saved: a cancel waits for the step boundary."""
+        return self.in_flight or self.phase is Phase.SAVE
 
     @property
     def shape_key(self) -> tuple[int, int, int]:
         """Jobs with equal keys have equal latent shapes and can share a denoising step."""
         return (self.params.height, self.params.width, self.params.num_frames)
+
+    def advance(
+        self,
+        event: Event,
+        *,
+        worker_id: str | None = None,
+        status: status_pb2.Status | None = None,
+        artifact: pb.Artifact | None = None,
+        step_ms: float = 0.0,
+        batch_jobs: int = 0,
+    ) -> Phase:
+        """Applies one lifecycle event; returns the new phase. Raises IllegalTransition for an
+        event the phase does not allow (lifecycle.TRANSITIONS), leaving the job unchanged.
+
+        ADMIT takes the worker_id; STEP the step's time and batch size; SAVE's DONE the
+        artifact; CANCEL_LATER, CANCEL and FAIL the status (CANCEL defaults to the one that
+        CANCEL_LATER recorded)."""
+        target = next_phase(self.phase, event)
+        if event is Event.DISPATCH and self.in_flight:
+            raise IllegalTransition(f"job {self.id} is already in a command")
+        if event is Event.CANCEL_LATER and not self.busy:
+            raise IllegalTransition(f"job {self.id} is between commands: cancel it now")
+        if event in (Event.STEP, Event.DONE) and self.phase.on_worker and not self.in_flight:
+            raise IllegalTransition(f"{event.name} for job {self.id}, which is in no command")
+        if event is Event.DONE and self.phase is Phase.DENOISE and self.step < self.total_steps:
+            raise IllegalTransition(f"job {self.id} has {self.total_steps - self.step} steps left")
+
+        if event is Event.ADMIT:
+            self.worker_id = worker_id
+            self.started = now_timestamp()
+            self.admitted_at = time.monotonic()
+        elif event is Event.DISPATCH:
+            self.in_flight = True
+            if self.phase is not Phase.DENOISE or self.step == 0:
+                self.emit(stage_started=pb.StageStarted(stage=self.phase.stage))
+        elif event is Event.STEP:
+            self.in_flight = False
+            self.step += 1
+            self.emit(step_completed=pb.StepCompleted(step=self.step, total_steps=self.total_steps, step_ms=step_ms, batch_jobs=batch_jobs))
+            if self.step >= self.total_steps:
+                target = next_phase(Phase.DENOISE, Event.DONE)
+        elif event is Event.DONE:
+            self.in_flight = False
+            if target is Phase.SAVE:  # decoded: the worker holds nothing of the job any more
+                self.worker_id = None
+                self.emit(stage_started=pb.StageStarted(stage=pb.STAGE_SAVE))
+            elif target is Phase.SUCCEEDED:
+                self.artifact = artifact
+        elif event is Event.CANCEL_LATER:
+            self.cancel_status = status
+        self.phase = target
+        if target.terminal:
+            self._finish(status if status is not None or event is not Event.CANCEL else self.cancel_status)
+        return target
+
+    def _finish(self, error: status_pb2.Status | None) -> None:
+        self.error = error
+        self.ended = now_timestamp()
+        self.in_flight = False
+        self.worker_id = None
+        if self.phase is Phase.SUCCEEDED:
+            self.emit(completed=pb.Completed(artifact=self.artifact))
+        elif self.phase is Phase.FAILED:
+            self.emit(failed=pb.Failed(status=error))
+        else:
+            self.emit(cancelled=pb.Cancelled(status=error))
 
     def emit(self, **event) -> None:
         """Appends an event (one of JobEvent's oneof fields as a keyword) and wakes subscribers."""
@@ -88,25 +157,13 @@ class Job:
         except asyncio.TimeoutError:
             pass
 
-    def finish(self, state: int, error: status_pb2.Status | None = None) -> None:
-        self.state = state
-        self.error = error
-        self.ended = now_timestamp()
-        self.pending = Pending.NONE
-        if state == pb.JOB_STATE_SUCCEEDED:
-            self.emit(completed=pb.Completed(artifact=self.artifact))
-        elif state == pb.JOB_STATE_FAILED:
-            self.emit(failed=pb.Failed(status=error))
-        else:
-            self.emit(cancelled=pb.Cancelled(status=error))
-
     def to_proto(self, queue_position: int = 0) -> pb.Job:
         job = pb.Job(
             id=self.id,
             client_request_id=self.client_request_id,
-            state=self.state,
+            state=self.phase.job_state,
             params=self.params,
-            stage=self.next_stage if self.state == pb.JOB_STATE_RUNNING else pb.STAGE_UNSPECIFIED,
+            stage=self.phase.stage,
             step=self.step,
             total_steps=self.total_steps,
             queue_position=queue_position,
@@ -152,7 +209,3 @@ class JobTable:
         for job in finished[: max(0, len(finished) - self._max_finished)]:
             del self._jobs[job.id]
             self._by_client_id.pop(job.client_request_id, None)
-
-
-def monotonic() -> float:
-    return time.monotonic()

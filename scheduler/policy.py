@@ -11,28 +11,32 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from diffserve.v1 import generation_pb2 as pb
+from diffserve.scheduler.jobs import Job
+from diffserve.scheduler.lifecycle import Phase
 
-from diffserve.scheduler.jobs import Job, Pending
-
-STAGES = (pb.STAGE_ENCODE, pb.STAGE_PREPARE, pb.STAGE_DECODE)
+STAGES = (Phase.ENCODE, Phase.PREPARE, Phase.DECODE)
 
 
 @dataclass
 class Plan:
     """One command: a stage for one job, or a denoising step for several."""
 
-    stage: int
+    phase: Phase
     jobs: list[Job]
+
+    @property
+    def stage(self) -> int:
+        """The public diffserve.v1.Stage the command runs."""
+        return self.phase.stage
 
 
 def next_plan(jobs: Iterable[Job], max_batch: int) -> Plan | None:
-    ready = sorted((j for j in jobs if j.pending is Pending.NONE and not j.done), key=lambda j: j.admitted_at)
+    ready = sorted((j for j in jobs if j.phase.on_worker and not j.in_flight), key=lambda j: j.admitted_at)
     for job in ready:
-        if job.next_stage in STAGES:
-            return Plan(job.next_stage, [job])
-    denoising = [j for j in ready if j.next_stage == pb.STAGE_DENOISE]
+        if job.phase in STAGES:
+            return Plan(job.phase, [job])
+    denoising = [j for j in ready if j.phase is Phase.DENOISE]
     if not denoising:
         return None
     key = denoising[0].shape_key
-    return Plan(pb.STAGE_DENOISE, [j for j in denoising if j.shape_key == key][:max_batch])
+    return Plan(Phase.DENOISE, [j for j in denoising if j.shape_key == key][:max_batch])

@@ -51,7 +51,7 @@ class SchedulerServer:
         self.link = WorkerLink(config.worker_bind)
         self.engine = Engine(config.engine, self.link, ArtifactStore(config.output_dir))
         self.health = health.aio.HealthServicer()
-        self.engine.on_serving_change = self._on_serving_change
+        self.engine.watch_serving(self._on_serving_change)
         self.workers = LocalWorkers(self.link.address, config.local_workers, self.engine.worker_lost, config.restart_workers, self._fatal)
         self.exit_code = 0
         self.server = grpc.aio.server(options=[
@@ -78,7 +78,7 @@ class SchedulerServer:
 
     def _fatal(self, reason: str) -> None:
         """A local worker can never serve: stop rather than wait forever."""
-        if all(not w.alive for w in self.engine.workers.values()) and not self.workers.procs:
+        if not self.engine.any_worker_alive() and not self.workers.procs:
             log.error("stopping: %s", reason)
             self.exit_code = 3
             self.config.drain_timeout_s = 0
@@ -100,17 +100,11 @@ class SchedulerServer:
 
     async def stop(self) -> None:
         """Refuses new jobs, lets queued and running ones finish (up to drain_timeout_s), then exits."""
-        if self.engine.accepting is False:
+        if not self.engine.accepting:
             return
-        self.engine.accepting = False
+        self.engine.stop_accepting()
         log.info("draining: waiting up to %.0f s for running jobs", self.config.drain_timeout_s)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.config.drain_timeout_s
-        while self.engine.busy() and loop.time() < deadline:
-            await asyncio.sleep(0.2)
-        for job in self.engine.jobs:
-            if not job.done:
-                self.engine.cancel(job, errors.cancelled("the server shut down"))
+        await self.engine.drain(self.config.drain_timeout_s, errors.cancelled("the server shut down"))
         await self.health.enter_graceful_shutdown()
         await self.engine.shutdown_workers()
         await self.workers.stop()

@@ -31,13 +31,13 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         return await asyncio.get_running_loop().run_in_executor(None, resolve_images, params, self.image_policy)
 
     def _job(self, job_id: str) -> Job:
-        job = self.engine.jobs.get(job_id)
+        job = self.engine.get_job(job_id)
         if job is None:
             raise errors.not_found("job", job_id)
         return job
 
     def _proto(self, job: Job) -> pb.Job:
-        return job.to_proto(self.engine.queue_position(job))
+        return self.engine.job_proto(job)
 
     async def SubmitJob(self, request: pb.SubmitJobRequest, context) -> pb.SubmitJobResponse:
         try:
@@ -108,7 +108,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             await errors.abort(context, exc.status)
         artifact = job.artifact
         loop = asyncio.get_running_loop()
-        chunks = self.engine.artifacts.chunks(artifact)
+        chunks = self.engine.artifact_chunks(artifact)
         first = True
         while True:
             chunk = await loop.run_in_executor(None, next, chunks, None)

@@ -1,63 +1,19 @@
-"""The scheduler's side of the worker protocol: one ZeroMQ ROUTER socket, the registry of worker
-groups that said Hello, and their liveness.
+"""The scheduler's side of the worker protocol: one ZeroMQ ROUTER socket (registry.py holds the
+workers that said Hello).
 
-A worker is alive from its Hello until it misses heartbeats for `heartbeat_timeout_s` or its
-local process exits. Messages are protobuf frames plus raw tensor frames; never pickle.
+Messages are protobuf frames plus raw tensor frames; never pickle.
 """
 
 from __future__ import annotations
 
 import logging
-import time
-from dataclasses import dataclass, field
 
-import numpy as np
 import zmq
 import zmq.asyncio
 
-from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.v1 import worker_pb2 as wpb
 
 log = logging.getLogger(__name__)
-
-PROTOCOL_VERSION = wpb.PROTOCOL_VERSION_1
-
-
-@dataclass(eq=False)
-class WorkerHandle:
-    """What the scheduler knows of one worker group (its rank 0)."""
-
-    id: str  # ZeroMQ routing id
-    hello: wpb.Hello
-    alive: bool = True
-    last_seen: float = field(default_factory=time.monotonic)
-    in_flight: int = 0  # id of the compute command it is running, 0 when idle
-    status: pb.WorkerStatus = field(default_factory=pb.WorkerStatus)
-    jobs: dict = field(default_factory=dict)  # job id -> Job admitted to this worker
-
-    @property
-    def model(self) -> pb.Model:
-        return self.hello.model
-
-    @property
-    def idle(self) -> bool:
-        return self.alive and not self.in_flight
-
-    @property
-    def has_room(self) -> bool:
-        return self.alive and len(self.jobs) < self.hello.max_resident
-
-    def public_status(self) -> pb.WorkerStatus:
-        status = pb.WorkerStatus()
-        status.CopyFrom(self.status)
-        status.id = self.id
-        status.alive = self.alive
-        return status
-
-
-def tensor_to_numpy(tensor: wpb.Tensor, frames: list) -> np.ndarray:
-    buf = frames[tensor.frame]
-    return np.frombuffer(buf, dtype=np.dtype(tensor.dtype)).reshape(tuple(tensor.shape))
 
 
 class WorkerLink:

@@ -6,7 +6,8 @@ import asyncio
 
 import pytest
 
-from diffserve.scheduler.jobs import Job, Pending
+from diffserve.scheduler.jobs import Job
+from diffserve.scheduler.lifecycle import Phase
 from diffserve.scheduler.policy import next_plan
 from diffserve.v1 import generation_pb2 as pb
 
@@ -19,14 +20,14 @@ def event_loop_for_jobs():
     loop.close()
 
 
-def job(age: float, stage: int = pb.STAGE_DENOISE, height: int = 32, step: int = 0) -> Job:
+def job(age: float, phase: Phase = Phase.DENOISE, height: int = 32, step: int = 0) -> Job:
     j = Job(params=pb.GenerationParams(prompt="x", height=height, width=32, num_frames=1, num_inference_steps=10))
-    j.state, j.next_stage, j.admitted_at, j.step = pb.JOB_STATE_RUNNING, stage, age, step
+    j.phase, j.admitted_at, j.step = phase, age, step
     return j
 
 
 def test_stage_before_denoise():
-    a, b = job(1), job(2, stage=pb.STAGE_ENCODE)
+    a, b = job(1), job(2, phase=Phase.ENCODE)
     plan = next_plan([a, b], 4)
     assert plan.stage == pb.STAGE_ENCODE and plan.jobs == [b]
 
@@ -39,6 +40,6 @@ def test_same_shape_batched_across_steps_oldest_first():
 
 def test_in_flight_and_done_jobs_skipped():
     a, b = job(1), job(2)
-    a.pending = Pending.IN_FLIGHT
-    b.state = pb.JOB_STATE_CANCELLED
+    a.in_flight = True
+    b.phase = Phase.CANCELLED
     assert next_plan([a, b], 4) is None

@@ -2,7 +2,9 @@
 
 The compute loop never touches the socket: commands arrive on `commands` (a queue.Queue) and
 results leave through `send()`. Heartbeats go out from the I/O thread, so a worker deep in a
-long step still answers, and a dead worker is noticed by its silence alone.
+long step still answers, and a dead worker is noticed by its silence alone. `stop()` flushes:
+whatever was handed to `send()` before it goes out (bounded by FLUSH_LINGER_MS), so a worker
+that exits right after its last Result does not lose it.
 """
 
 from __future__ import annotations
@@ -22,10 +24,14 @@ from diffserve.worker.v1 import worker_pb2 as wpb
 log = logging.getLogger(__name__)
 
 HELLO_RETRY_S = 3.0
+FLUSH_LINGER_MS = 2000  # how long stop() waits for queued messages to reach the scheduler
 
 
 class SchedulerConnection:
-    """Registers with the scheduler (Hello → Welcome), keeps heartbeats going, moves messages."""
+    """Registers with the scheduler (Hello → Welcome), keeps heartbeats going, moves messages.
+
+    On Reregister (the scheduler does not know this worker) it puts a FreeAll on `commands`, so
+    the compute loop drops every request, and says Hello again."""
 
     def __init__(self, address: str, worker_id: str, hello: wpb.Hello, status: Callable[[], pb.WorkerStatus], parent_pid: int | None = None):
         self.address = address
@@ -42,8 +48,9 @@ class SchedulerConnection:
         self._thread.start()
 
     def stop(self) -> None:
+        """Sends what `send()` queued so far (up to FLUSH_LINGER_MS), then closes the socket."""
         self._stop.set()
-        self._thread.join(timeout=5)
+        self._thread.join(timeout=FLUSH_LINGER_MS / 1000 + 3)
 
     def send(self, message: wpb.WorkerMessage, frames: list = ()) -> None:
         """Queues a message and its raw tensor frames (bytes-like objects) for sending."""
@@ -53,7 +60,7 @@ class SchedulerConnection:
         ctx = zmq.Context()
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, self.worker_id.encode())
-        sock.setsockopt(zmq.LINGER, 2000)
+        sock.setsockopt(zmq.LINGER, FLUSH_LINGER_MS)
         sock.connect(self.address)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
@@ -72,12 +79,7 @@ class SchedulerConnection:
                     beat = wpb.Heartbeat(sequence=sequence, status=self.status())
                     sock.send(wpb.WorkerMessage(heartbeat=beat).SerializeToString())
                     last_beat = now
-                while True:
-                    try:
-                        frames = self._outgoing.get_nowait()
-                    except queue.Empty:
-                        break
-                    sock.send_multipart(frames, copy=False)
+                self._send_queued(sock)
                 if self.parent_pid and os.getppid() != self.parent_pid:
                     log.error("parent process %d is gone; shutting down", self.parent_pid)
                     self.commands.put(wpb.Command(shutdown=wpb.Shutdown()))
@@ -86,18 +88,31 @@ class SchedulerConnection:
                     continue
                 command = wpb.Command()
                 command.ParseFromString(sock.recv())
-                if command.WhichOneof("body") == "welcome":
-                    if command.welcome.worker_id:
-                        welcomed = True
-                        interval = command.welcome.heartbeat_interval_s or interval
-                        log.info("registered with the scheduler at %s as %s", self.address, self.worker_id)
-                    else:  # the scheduler does not know us (it restarted): register again, start clean
-                        welcomed = False
-                        last_hello = 0.0
-                        self.commands.put(wpb.Command(free=wpb.Free(request_ids=["*"])))
+                kind = command.WhichOneof("body")
+                if kind == "welcome":
+                    welcomed = True
+                    interval = command.welcome.heartbeat_interval_s or interval
+                    log.info("registered with the scheduler at %s as %s", self.address, self.worker_id)
+                    continue
+                if kind == "reregister":  # the scheduler does not know us (it restarted): start clean
+                    log.warning("the scheduler at %s does not know us: freeing all requests, registering again", self.address)
+                    welcomed = False
+                    last_hello = 0.0
+                    self.commands.put(wpb.Command(free_all=wpb.FreeAll()))
                     continue
                 self.commands.put(command)
         finally:
-            sock.close()
+            # Flush: the compute loop's last messages (e.g. the Result before a broken group
+            # exits) were queued before stop(); ZeroMQ's linger then bounds their delivery.
+            self._send_queued(sock)
+            sock.close(linger=FLUSH_LINGER_MS)
             ctx.term()
+
+    def _send_queued(self, sock: zmq.Socket) -> None:
+        while True:
+            try:
+                frames = self._outgoing.get_nowait()
+            except queue.Empty:
+                return
+            sock.send_multipart(frames, copy=False)
 

@@ -64,10 +64,13 @@ class Runtime:
             if kind == "shutdown":
                 log.info("shutdown requested")
                 return
+            self.free(command.finished_ids)  # vLLM's finished_req_ids: freed before the body runs
             if kind == "admit":
                 self.admit(command.admit)
             elif kind == "free":
                 self.free(command.free.request_ids)
+            elif kind == "free_all":
+                self.free(list(self.states) + list(self.admit_errors))
             elif kind in ("run_stage", "denoise_step"):
                 started = time.perf_counter()
                 results, frames = self.run_stage(command.run_stage) if kind == "run_stage" else self.denoise(command.denoise_step)
@@ -77,7 +80,8 @@ class Runtime:
                     conn.send(wpb.WorkerMessage(result=result), frames)
                 if self.group_broken:
                     log.error("leaving: the worker group is broken")
-                    time.sleep(1.0)  # let the I/O thread send the result
+                    if conn is not None:
+                        conn.stop()  # flushes the Result above before the process exits
                     raise SystemExit(1)
 
     def admit(self, admit: wpb.Admit) -> None:
@@ -90,8 +94,6 @@ class Runtime:
             self.admit_errors[admit.request_id] = error_status(exc)
 
     def free(self, request_ids) -> None:
-        if "*" in request_ids:
-            request_ids = list(self.states)
         for rid in request_ids:
             self.states.pop(rid, None)
             self.admit_errors.pop(rid, None)

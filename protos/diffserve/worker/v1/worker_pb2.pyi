@@ -27,7 +27,7 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., frame: _Optional[int] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("id", "welcome", "admit", "run_stage", "denoise_step", "free", "shutdown")
+    __slots__ = ("id", "welcome", "admit", "run_stage", "denoise_step", "free", "shutdown", "reregister", "free_all", "finished_ids")
     ID_FIELD_NUMBER: _ClassVar[int]
     WELCOME_FIELD_NUMBER: _ClassVar[int]
     ADMIT_FIELD_NUMBER: _ClassVar[int]
@@ -35,6 +35,9 @@ class Command(_message.Message):
     DENOISE_STEP_FIELD_NUMBER: _ClassVar[int]
     FREE_FIELD_NUMBER: _ClassVar[int]
     SHUTDOWN_FIELD_NUMBER: _ClassVar[int]
+    REREGISTER_FIELD_NUMBER: _ClassVar[int]
+    FREE_ALL_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_IDS_FIELD_NUMBER: _ClassVar[int]
     id: int
     welcome: Welcome
     admit: Admit
@@ -42,7 +45,10 @@ class Command(_message.Message):
     denoise_step: DenoiseStep
     free: Free
     shutdown: Shutdown
-    def __init__(self, id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., admit: _Optional[_Union[Admit, _Mapping]] = ..., run_stage: _Optional[_Union[RunStage, _Mapping]] = ..., denoise_step: _Optional[_Union[DenoiseStep, _Mapping]] = ..., free: _Optional[_Union[Free, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ...) -> None: ...
+    reregister: Reregister
+    free_all: FreeAll
+    finished_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, id: _Optional[int] = ..., welcome: _Optional[_Union[Welcome, _Mapping]] = ..., admit: _Optional[_Union[Admit, _Mapping]] = ..., run_stage: _Optional[_Union[RunStage, _Mapping]] = ..., denoise_step: _Optional[_Union[DenoiseStep, _Mapping]] = ..., free: _Optional[_Union[Free, _Mapping]] = ..., shutdown: _Optional[_Union[Shutdown, _Mapping]] = ..., reregister: _Optional[_Union[Reregister, _Mapping]] = ..., free_all: _Optional[_Union[FreeAll, _Mapping]] = ..., finished_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Welcome(_message.Message):
     __slots__ = ("worker_id", "heartbeat_interval_s")
@@ -113,6 +119,14 @@ class Free(_message.Message):
     REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     request_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class FreeAll(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Reregister(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
 
 class Shutdown(_message.Message):
     __slots__ = ()

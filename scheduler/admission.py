@@ -1,0 +1,102 @@
+"""Admission: validate a request, queue it (bounded), and place queued jobs on workers.
+
+Contract:
+- `submit(...)` returns (job, created): the existing job for a known client_request_id, else a
+  new QUEUED job. It raises errors.RequestError when the server stops accepting, the request is
+  invalid (BadRequest naming the field) or the queue is full (RESOURCE_EXHAUSTED + RetryInfo).
+- `place()` moves queued jobs, oldest first, to a worker with room (registry.place); each gets
+  ADMIT and its worker an `Admit`, sent before anything else of the job, so the worker knows
+  the request before its first stage. Jobs no worker can take stay queued, in order.
+- `withdraw(job, status)` cancels a queued job. Every change of the queue re-announces the
+  positions that changed (a `queued` event per job).
+Principals and quotas land here.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from typing import TYPE_CHECKING
+
+from google.rpc import status_pb2
+
+from diffserve.v1 import generation_pb2 as pb
+from diffserve.worker.v1 import worker_pb2 as wpb
+
+from diffserve.scheduler import errors
+from diffserve.scheduler.jobs import Job, JobTable
+from diffserve.scheduler.lifecycle import Event, Phase
+from diffserve.scheduler.registry import WorkerRegistry
+from diffserve.scheduler.requests import worker_request
+from diffserve.scheduler.validation import resolve_params
+
+if TYPE_CHECKING:  # the link is the only part that needs sockets; unit tests pass a fake
+    from diffserve.scheduler.workers import WorkerLink
+
+
+class Admission:
+    """Owns the queue of jobs not yet on a worker, and whether new jobs are accepted."""
+
+    def __init__(self, jobs: JobTable, registry: WorkerRegistry, link: WorkerLink, max_queue: int, retry_after_s: float):
+        self.jobs = jobs
+        self.registry = registry
+        self.link = link
+        self.max_queue = max_queue
+        self.retry_after_s = retry_after_s
+        self.accepting = True
+        self._queue: deque[Job] = deque()
+
+    def __len__(self) -> int:
+        return len(self._queue)
+
+    def submit(self, params: pb.GenerationParams, client_request_id: str = "", timeout_s: float | None = None) -> tuple[Job, bool]:
+        if client_request_id:
+            existing = self.jobs.by_client_id(client_request_id)
+            if existing is not None:
+                return existing, False
+        if not self.accepting:
+            raise errors.RequestError(errors.unavailable("the server is shutting down", "SHUTTING_DOWN"))
+        model = self.registry.model_for(params.model)
+        resolved = resolve_params(params, model)
+        if len(self._queue) >= self.max_queue:
+            raise errors.resource_exhausted(f"the queue is full ({self.max_queue} jobs waiting)", self.retry_after_s)
+        job = Job(params=resolved, client_request_id=client_request_id)
+        if timeout_s:
+            job.deadline = time.monotonic() + timeout_s
+        self.jobs.add(job)
+        self._queue.append(job)
+        job.emit(queued=pb.Queued(position=len(self._queue)))
+        return job, True
+
+    def position(self, job: Job) -> int:
+        """1-based place in the queue; 0 when the job is not queued."""
+        if job.phase is not Phase.QUEUED:
+            return 0
+        return self._queue.index(job) + 1
+
+    def withdraw(self, job: Job, status: status_pb2.Status) -> None:
+        self._queue.remove(job)
+        job.advance(Event.CANCEL, status=status)
+        self._announce_positions()
+
+    async def place(self) -> None:
+        admitted = False
+        for job in list(self._queue):
+            worker = self.registry.place(job)
+            if worker is None:
+                continue
+            self._queue.remove(job)
+            job.advance(Event.ADMIT, worker_id=worker.id)
+            worker.jobs[job.id] = job
+            # Awaited, not spawned: the worker must see Admit before the job's first stage command.
+            admit = wpb.Admit(request_id=job.id, params=job.params, request=worker_request(job.params, self.registry.model(job.params.model)))
+            await self.link.send(worker.id, wpb.Command(admit=admit))
+            admitted = True
+        if admitted:
+            self._announce_positions()
+
+    def _announce_positions(self) -> None:
+        for position, job in enumerate(self._queue, start=1):
+            last = job.events[-1] if job.events else None
+            if last is None or last.WhichOneof("event") != "queued" or last.queued.position != position:
+                job.emit(queued=pb.Queued(position=position))

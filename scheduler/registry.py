@@ -1,0 +1,148 @@
+"""The worker registry: which worker groups are registered, what they serve, and where a job goes.
+
+Contract:
+- `register(worker_id, hello)` adds a worker (`compatible` checks its protocol first) and
+  remembers its model card; `remove(worker_id)` drops it. A card outlives its workers, so a model whose workers are
+  all gone is still listed (NOT_SERVING) and still validates requests.
+- `place(job)` picks the live worker serving the job's model with room for one more resident
+  job, the least loaded first; None when there is none (the job stays queued).
+- `model_for(name)` resolves a request's model name (empty = the only one) or raises a
+  RequestError naming `params.model`.
+A worker is alive from its Hello until it misses heartbeats for `heartbeat_timeout_s`, its local
+process exits or a send to it fails. Pure state: no sockets, no job transitions. Replicas and
+routing by load land here.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+from diffserve.v1 import generation_pb2 as pb
+from diffserve.worker.v1 import worker_pb2 as wpb
+
+from diffserve.scheduler import errors
+from diffserve.scheduler.jobs import Job
+
+log = logging.getLogger(__name__)
+
+PROTOCOL_VERSION = wpb.PROTOCOL_VERSION_1
+
+
+@dataclass(eq=False)
+class WorkerHandle:
+    """What the scheduler knows of one worker group (its rank 0): the jobs resident on it, the
+    command it is running, and the ids it must still be told to free."""
+
+    id: str  # ZeroMQ routing id
+    hello: wpb.Hello
+    alive: bool = True
+    last_seen: float = field(default_factory=time.monotonic)
+    in_flight: int = 0  # id of the compute command it is running, 0 when idle
+    status: pb.WorkerStatus = field(default_factory=pb.WorkerStatus)
+    jobs: dict = field(default_factory=dict)  # job id -> Job admitted to this worker
+    finished: list[str] = field(default_factory=list)  # ids that left it; freed by its next command
+
+    @property
+    def model(self) -> pb.Model:
+        return self.hello.model
+
+    @property
+    def idle(self) -> bool:
+        return self.alive and not self.in_flight
+
+    @property
+    def has_room(self) -> bool:
+        return self.alive and len(self.jobs) < self.hello.max_resident
+
+    def release(self, job_id: str) -> None:
+        """The job left this worker: its state is freed with the next command (or a Free)."""
+        if self.jobs.pop(job_id, None) is not None:
+            self.finished.append(job_id)
+
+    def take_finished(self) -> list[str]:
+        finished, self.finished = self.finished, []
+        return finished
+
+    def public_status(self) -> pb.WorkerStatus:
+        status = pb.WorkerStatus()
+        status.CopyFrom(self.status)
+        status.id = self.id
+        status.alive = self.alive
+        return status
+
+
+
+class WorkerRegistry:
+    """Owns the registered workers (by ZeroMQ id) and the last model card seen per model name."""
+
+    def __init__(self) -> None:
+        self._workers: dict[str, WorkerHandle] = {}
+        self._models: dict[str, pb.Model] = {}  # last card seen per model name, kept while no worker serves it
+
+    def compatible(self, worker_id: str, hello: wpb.Hello) -> bool:
+        """False (and a log line) for a worker that speaks another protocol version: ignore it."""
+        if hello.protocol_version != PROTOCOL_VERSION:
+            log.error("worker %s speaks protocol %d, we speak %d: ignored", worker_id, hello.protocol_version, PROTOCOL_VERSION)
+            return False
+        return True
+
+    def register(self, worker_id: str, hello: wpb.Hello) -> WorkerHandle:
+        """Adds a compatible worker. The caller has removed an earlier registration under its id."""
+        worker = WorkerHandle(id=worker_id, hello=hello)
+        self._workers[worker_id] = worker
+        self._models[hello.model.name] = hello.model
+        log.info("worker %s registered: model %s (%s), world size %d", worker_id, hello.model.name, hello.description, hello.world_size)
+        return worker
+
+    def remove(self, worker_id: str) -> WorkerHandle | None:
+        worker = self._workers.pop(worker_id, None)
+        if worker is not None:
+            worker.alive = False
+        return worker
+
+    def get(self, worker_id: str | None) -> WorkerHandle | None:
+        return self._workers.get(worker_id) if worker_id else None
+
+    def __iter__(self):
+        return iter(list(self._workers.values()))
+
+    def idle(self) -> list[WorkerHandle]:
+        return [w for w in self._workers.values() if w.idle]
+
+    def any_alive(self) -> bool:
+        return any(w.alive for w in self._workers.values())
+
+    def place(self, job: Job) -> WorkerHandle | None:
+        candidates = [w for w in self._workers.values() if w.has_room and w.model.name == job.params.model]
+        return min(candidates, key=lambda w: len(w.jobs)) if candidates else None
+
+    def model(self, name: str) -> pb.Model:
+        """The card of a model seen before (the job's params.model is resolved already)."""
+        return self._models[name]
+
+    def model_for(self, name: str) -> pb.Model:
+        if not self._models:
+            raise errors.RequestError(errors.unavailable("no model is loaded yet; retry when health is SERVING", "NO_MODEL"))
+        if not name:
+            if len(self._models) == 1:
+                return next(iter(self._models.values()))
+            raise errors.invalid_argument([("params.model", f"required when several models are served: {sorted(self._models)}")])
+        if name not in self._models:
+            raise errors.invalid_argument([("params.model", f"unknown model {name!r}; served: {sorted(self._models)}")])
+        return self._models[name]
+
+    def list_models(self) -> list[pb.Model]:
+        out = []
+        for name, card in sorted(self._models.items()):
+            model = pb.Model()
+            model.CopyFrom(card)
+            live = [w for w in self._workers.values() if w.alive and w.model.name == name]
+            model.state = pb.SERVING_STATE_SERVING if live else pb.SERVING_STATE_NOT_SERVING
+            model.workers.extend(w.public_status() for w in self._workers.values() if w.model.name == name)
+            out.append(model)
+        return out
+
+    def serving(self) -> dict[str, bool]:
+        return {name: any(w.alive and w.model.name == name for w in self._workers.values()) for name in self._models}

@@ -1,0 +1,65 @@
+"""The step loop's dispatch half: policy → one command per idle worker, and its bookkeeping.
+
+Contract:
+- `dispatch(worker)` asks the policy for the worker's next plan and sends it as one command
+  (RunStage for a stage, DenoiseStep for a step), carrying in `finished_ids` every job that left
+  the worker since its last command. Each job of the plan gets DISPATCH. With no plan, pending
+  frees go out as one `Free` (see docs/decisions.md: the worker is idle, so no command would
+  carry them soon). Returns False when the worker's socket is gone.
+- `complete(worker, command_id)` returns the plan of a command whose Result arrived and marks
+  the worker idle; None for a command it does not know (stale: its worker was declared lost).
+- `forget(worker_id)` drops the commands of a lost worker, so their late Results are ignored.
+At most one compute command is in flight per worker.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from diffserve.worker.v1 import worker_pb2 as wpb
+
+from diffserve.scheduler.lifecycle import Event, Phase
+from diffserve.scheduler.policy import Plan, next_plan
+from diffserve.scheduler.registry import WorkerHandle
+
+if TYPE_CHECKING:  # the link is the only part that needs sockets; unit tests pass a fake
+    from diffserve.scheduler.workers import WorkerLink
+
+
+class StepLoop:
+    """Owns the commands in flight (command id → worker id and plan)."""
+
+    def __init__(self, link: WorkerLink, max_batch_size: int):
+        self.link = link
+        self.max_batch_size = max_batch_size
+        self._commands: dict[int, tuple[str, Plan]] = {}
+
+    async def dispatch(self, worker: WorkerHandle) -> bool:
+        plan = next_plan(worker.jobs.values(), min(self.max_batch_size, worker.hello.max_batch_size or 1))
+        finished = worker.take_finished()
+        if plan is None:
+            if finished:
+                return await self.link.send(worker.id, wpb.Command(free=wpb.Free(request_ids=finished)))
+            return True
+        command = wpb.Command(id=self.link.next_command_id(), finished_ids=finished)
+        if plan.phase is Phase.DENOISE:
+            command.denoise_step.entries.extend(wpb.StepEntry(request_id=j.id, step_index=j.step) for j in plan.jobs)
+        else:
+            command.run_stage.request_id = plan.jobs[0].id
+            command.run_stage.stage = plan.stage
+        for job in plan.jobs:
+            job.advance(Event.DISPATCH)
+        worker.in_flight = command.id
+        self._commands[command.id] = (worker.id, plan)
+        return await self.link.send(worker.id, command)
+
+    def complete(self, worker: WorkerHandle | None, command_id: int) -> Plan | None:
+        entry = self._commands.pop(command_id, None)
+        if entry is None or worker is None or entry[0] != worker.id:
+            return None
+        worker.in_flight = 0
+        return entry[1]
+
+    def forget(self, worker_id: str) -> None:
+        for command_id in [c for c, (w, _) in self._commands.items() if w == worker_id]:
+            del self._commands[command_id]
