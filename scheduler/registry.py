@@ -2,8 +2,8 @@
 
 Contract:
 - `register(worker_id, hello)` adds a worker (`compatible` checks its protocol first) and
-  remembers its model card; `remove(worker_id)` drops it. A card outlives its workers, so a model whose workers are
-  all gone is still listed (NOT_SERVING) and still validates requests.
+  remembers its model card; `remove(worker_id)` drops it. A card outlives its workers, so a
+  model whose workers are all gone is still listed (NOT_SERVING) and still validates requests.
 - `place(job)` picks the live worker serving the job's model with room for one more resident
   job, the least loaded first; None when there is none (the job stays queued).
 - `model_for(name)` resolves a request's model name (empty = the only one) or raises a
@@ -55,6 +55,10 @@ class WorkerHandle:
     @property
     def has_room(self) -> bool:
         return self.alive and len(self.jobs) < self.hello.max_resident
+
+    def admit(self, job) -> None:
+        """The job's state now lives on this worker (it was sent Admit)."""
+        self.jobs[job.id] = job
 
     def release(self, job_id: str) -> None:
         """The job left this worker: its state is freed with the next command (or a Free)."""
