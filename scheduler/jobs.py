@@ -126,7 +126,9 @@ class Job:
             self.cancel_status = status
         self.phase = target
         if target.terminal:
-            self._finish(status if status is not None or event is not Event.CANCEL else self.cancel_status)
+            if event is Event.CANCEL and status is None:  # the cancel that waited for the boundary
+                status = self.cancel_status
+            self._finish(status)
         return target
 
     def _finish(self, error: status_pb2.Status | None) -> None:
