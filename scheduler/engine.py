@@ -26,7 +26,8 @@ from diffserve.scheduler import errors
 from diffserve.scheduler.artifacts import ArtifactStore
 from diffserve.scheduler.jobs import Job, JobTable, Pending, now_timestamp
 from diffserve.scheduler.policy import Plan, next_plan
-from diffserve.scheduler.requests import worker_request
+from diffserve.scheduler.cards import public_model
+from diffserve.scheduler.requests import worker_request, worker_stage
 from diffserve.scheduler.validation import resolve_params
 from diffserve.scheduler.workers import PROTOCOL_VERSION, WorkerHandle, WorkerLink, tensor_to_numpy
 
@@ -164,8 +165,8 @@ class Engine:
         if worker_id in self.workers:
             self.worker_lost(worker_id, "the worker restarted")
         self.workers[worker_id] = WorkerHandle(id=worker_id, hello=hello)
-        self.models[hello.model.name] = hello.model
-        log.info("worker %s registered: model %s (%s), world size %d", worker_id, hello.model.name, hello.description, hello.world_size)
+        self.models[hello.card.name] = public_model(hello.card)
+        log.info("worker %s registered: model %s (%s), world size %d", worker_id, hello.card.name, hello.description, hello.world_size)
         welcome = wpb.Welcome(worker_id=worker_id, heartbeat_interval_s=self.config.heartbeat_interval_s)
         await self.link.send(worker_id, wpb.Command(welcome=welcome))
         self.on_serving_change(self.serving())
@@ -246,7 +247,7 @@ class Engine:
             command.denoise_step.entries.extend(wpb.StepEntry(request_id=j.id, step_index=j.step) for j in plan.jobs)
         else:
             command.run_stage.request_id = plan.jobs[0].id
-            command.run_stage.stage = plan.stage
+            command.run_stage.stage = worker_stage(plan.stage)
         for job in plan.jobs:
             job.pending = Pending.IN_FLIGHT
             if plan.stage != pb.STAGE_DENOISE or job.step == 0:

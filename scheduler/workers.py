@@ -20,7 +20,7 @@ from diffserve.worker.v1 import worker_pb2 as wpb
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = wpb.PROTOCOL_VERSION_1
+PROTOCOL_VERSION = wpb.PROTOCOL_VERSION_2
 
 
 @dataclass(eq=False)
@@ -36,8 +36,8 @@ class WorkerHandle:
     jobs: dict = field(default_factory=dict)  # job id -> Job admitted to this worker
 
     @property
-    def model(self) -> pb.Model:
-        return self.hello.model
+    def model(self) -> wpb.ModelCard:
+        return self.hello.card
 
     @property
     def idle(self) -> bool:
