@@ -107,3 +107,24 @@ def test_public_model_from_card():
     for kind in wpb.GuidanceKind.values():
         assert pb.GuidanceKind.Name(public_model(wpb.ModelCard(guidance_kind=kind)).guidance_kind) == wpb.GuidanceKind.Name(kind)
     assert public_model(wpb.ModelCard(name="old")).num_experts == 1  # a card that does not say has one expert
+
+
+def test_worker_card_round_trip():
+    """A pipeline's card (public type, still) → the worker's Hello card → the public card again."""
+    from diffserve.worker.card import model_card
+
+    class Pipeline:
+        card = pb.Model(name="wan", family="wan2.2", task="image-to-video", guidance_kind=pb.GUIDANCE_KIND_CFG,
+                        defaults=pb.ModelDefaults(height=480, width=832, num_frames=81, guidance_scale=5.0, sampler="UniPC"),
+                        limits=pb.ModelLimits(size_multiple=16, max_pixels=1920 * 1088, image_required=True, max_images=1))
+        experts = ["transformer", "transformer_2"]
+
+    card = model_card(Pipeline())
+    assert card.num_experts == 2
+    again = public_model(card)
+    again.num_experts = 0
+    assert again == Pipeline.card
+    Pipeline.experts = ["transformer", None]  # Wan I2V without transformer_2
+    assert model_card(Pipeline()).num_experts == 1
+    del Pipeline.experts  # every other family
+    assert model_card(Pipeline()).num_experts == 1
