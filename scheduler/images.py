@@ -15,6 +15,7 @@ from __future__ import annotations
 import http.client
 import io
 import ipaddress
+import math
 import socket
 import ssl
 from dataclasses import dataclass
@@ -141,6 +142,35 @@ def check_image(data: bytes, policy: ImagePolicy) -> None:
         raise
     except Exception as exc:
         raise ImageRefused(f"not a readable image: {exc}") from None
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of encoded image bytes, from the header alone; raises ImageRefused."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.size
+    except Exception as exc:
+        raise ImageRefused(f"not a readable image: {exc}") from None
+
+
+# Image editing (Qwen-Image-Edit): an unset output size is derived from the input image.
+EDIT_TARGET_AREA = 1024 * 1024
+
+
+def edit_output_size(width: int, height: int, multiple: int) -> tuple[int, int]:
+    """(width, height) of an edit's output for an input of width x height: about EDIT_TARGET_AREA
+    pixels at the input's aspect ratio in multiples of 32 (the reference's calculate_dimensions),
+    then rounded down to `multiple`. The same arithmetic as the worker's
+    worker/pipelines/qwen_image.edit_image_size (copied: the scheduler imports no worker code);
+    tests/test_request_unit.py checks that they agree."""
+    ratio = width / height
+    w = math.sqrt(EDIT_TARGET_AREA * ratio)
+    h = w / ratio
+    w, h = round(w / 32) * 32, round(h / 32) * 32
+    multiple = max(1, multiple)
+    return w // multiple * multiple, h // multiple * multiple
 
 
 def resolve_images(params: pb.GenerationParams, policy: ImagePolicy) -> pb.GenerationParams:

@@ -23,11 +23,12 @@ from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.v1 import worker_pb2 as wpb
 
 from diffserve.scheduler import errors
+from diffserve.scheduler.cards import public_model
 from diffserve.scheduler.jobs import Job
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = wpb.PROTOCOL_VERSION_1
+PROTOCOL_VERSION = wpb.PROTOCOL_VERSION_2
 
 
 @dataclass(eq=False)
@@ -45,8 +46,8 @@ class WorkerHandle:
     finished: list[str] = field(default_factory=list)  # ids that left it; freed by its next command
 
     @property
-    def model(self) -> pb.Model:
-        return self.hello.model
+    def model(self) -> wpb.ModelCard:
+        return self.hello.card
 
     @property
     def idle(self) -> bool:
@@ -96,8 +97,8 @@ class WorkerRegistry:
         """Adds a compatible worker. The caller has removed an earlier registration under its id."""
         worker = WorkerHandle(id=worker_id, hello=hello)
         self._workers[worker_id] = worker
-        self._models[hello.model.name] = hello.model
-        log.info("worker %s registered: model %s (%s), world size %d", worker_id, hello.model.name, hello.description, hello.world_size)
+        self._models[hello.card.name] = public_model(hello.card)
+        log.info("worker %s registered: model %s (%s), world size %d", worker_id, hello.card.name, hello.description, hello.world_size)
         return worker
 
     def remove(self, worker_id: str) -> WorkerHandle | None:

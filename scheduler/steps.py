@@ -21,6 +21,7 @@ from diffserve.worker.v1 import worker_pb2 as wpb
 from diffserve.scheduler.lifecycle import Event, Phase
 from diffserve.scheduler.policy import Plan, next_plan
 from diffserve.scheduler.registry import WorkerHandle
+from diffserve.scheduler.requests import worker_stage
 
 if TYPE_CHECKING:  # the link is the only part that needs sockets; unit tests pass a fake
     from diffserve.scheduler.workers import WorkerLink
@@ -46,7 +47,7 @@ class StepLoop:
             command.denoise_step.entries.extend(wpb.StepEntry(request_id=j.id, step_index=j.step) for j in plan.jobs)
         else:
             command.run_stage.request_id = plan.jobs[0].id
-            command.run_stage.stage = plan.stage
+            command.run_stage.stage = worker_stage(plan.stage)
         for job in plan.jobs:
             job.advance(Event.DISPATCH)
         worker.in_flight = command.id

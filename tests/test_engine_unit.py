@@ -19,12 +19,13 @@ from diffserve.scheduler.lifecycle import Phase
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.v1 import worker_pb2 as wpb
 
-MODEL = pb.Model(
+MODEL = wpb.ModelCard(
     name="m",
-    defaults=pb.ModelDefaults(height=32, width=32, num_frames=1, num_inference_steps=2, guidance_scale=5.0, fps=16),
-    limits=pb.ModelLimits(size_multiple=16, max_height=256, max_width=256, max_pixels=256 * 256, frame_step=4,
-                          max_num_frames=9, max_num_inference_steps=1000, prompt_required=True, max_images=0),
-    guidance_kind=pb.GUIDANCE_KIND_CFG,
+    defaults=wpb.ModelDefaults(height=32, width=32, num_frames=1, num_inference_steps=2, guidance_scale=5.0, fps=16),
+    limits=wpb.ModelLimits(size_multiple=16, max_height=256, max_width=256, max_pixels=256 * 256, frame_step=4,
+                           max_num_frames=9, max_num_inference_steps=1000, prompt_required=True, max_images=0),
+    guidance_kind=wpb.GUIDANCE_KIND_CFG,
+    num_experts=1,
 )
 PARAMS = pb.GenerationParams(prompt="x", num_inference_steps=2, output_format=pb.OUTPUT_FORMAT_NPY)
 
@@ -77,7 +78,7 @@ class Harness:
         await asyncio.gather(self.task, return_exceptions=True)
 
     async def register(self, worker_id: str = "w1") -> None:
-        hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_1, model=MODEL, max_batch_size=self.max_batch_size, max_resident=4, world_size=1)
+        hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2, card=MODEL, max_batch_size=self.max_batch_size, max_resident=4, world_size=1)
         await self.link.inbox.put((worker_id, wpb.WorkerMessage(hello=hello), []))
         await until(lambda: "welcome" in self.link.kinds(), "the Welcome")
 
@@ -91,7 +92,7 @@ class Harness:
         frames = []
         if command.HasField("run_stage"):
             entry = result.requests.add(request_id=command.run_stage.request_id)
-            if command.run_stage.stage == pb.STAGE_DECODE:
+            if command.run_stage.stage == wpb.WORKER_STAGE_DECODE:
                 video = np.zeros((1, 32, 32, 3), dtype=np.uint8)
                 entry.frames.CopyFrom(wpb.Tensor(dtype="uint8", shape=video.shape, frame=0))
                 frames.append(video.tobytes())
@@ -118,7 +119,7 @@ def test_a_job_runs_and_is_freed_when_its_worker_goes_idle(tmp_path):
             await until(lambda: job.done, "the job to finish")
             assert job.phase is Phase.SUCCEEDED and job.artifact.media_type == "application/x-npy"
             stages = [c.run_stage.stage if c.HasField("run_stage") else "step" for c in h.link.compute()]
-            assert stages == [pb.STAGE_ENCODE, pb.STAGE_PREPARE, "step", "step", pb.STAGE_DECODE]
+            assert stages == [wpb.WORKER_STAGE_ENCODE, wpb.WORKER_STAGE_PREPARE, "step", "step", wpb.WORKER_STAGE_DECODE]
             # Nothing else to run after DECODE: the free goes out as its own Free.
             await until(lambda: h.link.kinds()[-1] == "free", "the Free")
             assert list(h.link.sent[-1][1].free.request_ids) == [job.id]

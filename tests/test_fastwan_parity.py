@@ -83,14 +83,19 @@ def test_card(fastwan_server):
     assert model.limits.max_num_inference_steps == 3 and model.limits.size_multiple == 16
     with pytest.raises(DiffserveError):
         fastwan_server.client.submit(prompt="a cat", height=32, width=32, num_frames=1, num_inference_steps=4)
+    # The distilled model runs without CFG: a guidance it would ignore is refused, naming the field.
+    assert model.guidance_kind == pb.GUIDANCE_KIND_NONE
+    with pytest.raises(DiffserveError) as info:
+        fastwan_server.client.submit(prompt="a cat", height=32, width=32, num_frames=1, guidance_scale=5.0)
+    assert info.value.code.name == "INVALID_ARGUMENT"
+    assert [name for name, _ in info.value.field_violations] == ["params.guidance_scale"]
 
 
 @pytest.mark.parametrize("num_frames,steps", [(5, 3), (1, 2)])
 def test_matches_reference(fastwan_server, tiny_fastwan, num_frames, steps):
     prompt = "a red cat walking on the beach at sunset"
-    # guidance_scale is ignored: the distilled model runs without CFG.
     ours = run(fastwan_server.client, prompt=prompt, height=32, width=48, num_frames=num_frames,
-               num_inference_steps=steps, guidance_scale=5.0, seed=1234)
+               num_inference_steps=steps, seed=1234)
     ref = fastwan_reference(tiny_fastwan, prompt=prompt, height=32, width=48, num_frames=num_frames, steps=steps, seed=1234)
     assert ours.shape == (num_frames, 32, 48, 3)
     assert ours.std() > 1, "output is flat: the comparison would prove nothing"

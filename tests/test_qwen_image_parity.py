@@ -174,12 +174,14 @@ def test_edit_requires_an_image(edit_server):
 
 
 def test_edit_size_from_input_image_when_unset(edit_server):
-    """Unset height/width: the card's 0 defaults let the worker derive the size from the input
-    (~1024^2 pixels at its aspect ratio: 864x1216 for the 40x56 test image), as the reference does."""
+    """Unset height/width: the card's 0 defaults let the scheduler derive the size from the input
+    (~1024^2 pixels at its aspect ratio: 864x1216 for the 40x56 test image), as the reference does,
+    so the job shows its real size from the start (and batches with jobs of that size only)."""
     client = edit_server.client
     (model,) = client.list_models()
     assert (model.defaults.height, model.defaults.width) == (0, 0)
     job = client.submit(prompt="make the cat blue", images=[input_png()], num_inference_steps=1, seed=3, guidance_scale=1.0)
+    assert (job.params.width, job.params.height) == (864, 1216)
     job = client.wait(job.id)
     assert job.state == job_state_succeeded(), job.error
     assert (job.artifact.width, job.artifact.height) == (864, 1216)

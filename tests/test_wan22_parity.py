@@ -50,6 +50,7 @@ def test_a14b_matches_diffusers_and_batches_across_the_boundary(tiny_a14b, start
     assert (model.defaults.height, model.defaults.width, model.defaults.num_frames) == (720, 1280, 81)
     assert (model.defaults.num_inference_steps, model.defaults.guidance_scale, model.defaults.fps) == (40, 4.0, 16)
     assert model.defaults.guidance_scale_2 == 3.0  # the low-noise expert's own guidance
+    assert model.num_experts == 2  # so it takes guidance_scale_2
 
     # 4 steps at shift 3: timesteps 999, 900 (high-noise expert) then 750, 500 (low-noise expert).
     params = dict(prompt=PROMPT, negative_prompt=NEGATIVE, height=32, width=48, num_frames=5, num_inference_steps=4,

@@ -36,7 +36,7 @@ class Router:
 
 
 def connect(router: Router) -> SchedulerConnection:
-    hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_1, model=pb.Model(name="m"))
+    hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2, card=wpb.ModelCard(name="m"))
     conn = SchedulerConnection(router.address, "w1", hello, pb.WorkerStatus)
     conn.start()
     router.recv("hello")
@@ -50,7 +50,7 @@ def test_reregister_frees_everything_and_says_hello_again():
     conn = connect(router)
     try:
         router.send("w1", wpb.Command(reregister=wpb.Reregister()))
-        assert router.recv("hello").hello.model.name == "m"
+        assert router.recv("hello").hello.card.name == "m"
         assert conn.commands.get(timeout=5).HasField("free_all")
         router.send("w1", wpb.Command(id=7, finished_ids=["a"], denoise_step=wpb.DenoiseStep()))
         forwarded = conn.commands.get(timeout=5)

@@ -134,10 +134,12 @@ def main(argv=None) -> int:
     if args.rank != 0:
         runtime.serve(None)  # follows rank 0's commands until Shutdown
         return _exit(0, captured_collectives)
+    from diffserve.worker.card import model_card
+
     hello = wpb.Hello(
-        protocol_version=wpb.PROTOCOL_VERSION_1,
+        protocol_version=wpb.PROTOCOL_VERSION_2,
         description=f"{platform.node()} pid {os.getpid()} {device} {str(dtype).removeprefix('torch.')}",
-        model=pipeline.card,
+        card=model_card(pipeline),
         max_batch_size=args.max_batch_size,
         max_resident=args.max_resident,
         world_size=parallel.world_size,

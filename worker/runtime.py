@@ -111,23 +111,24 @@ class Runtime:
         frames: list = []
         try:
             state = self._state(cmd.request_id)
-            if cmd.stage == pb.STAGE_ENCODE:
+            if cmd.stage == wpb.WORKER_STAGE_ENCODE:
                 self.pipeline.encode(state)
-            elif cmd.stage == pb.STAGE_PREPARE:
+            elif cmd.stage == wpb.WORKER_STAGE_PREPARE:
                 self.pipeline.prepare(state)
-            elif cmd.stage == pb.STAGE_DECODE and self.parallel.rank != 0:
+            elif cmd.stage == wpb.WORKER_STAGE_DECODE and self.parallel.rank != 0:
                 if self.pipeline.capabilities.decodes_on_every_rank:
                     self.pipeline.decode(state)  # its share of a parallel decode; rank 0 answers
-            elif cmd.stage == pb.STAGE_DECODE:
+            elif cmd.stage == wpb.WORKER_STAGE_DECODE:
                 video = np.ascontiguousarray(self.pipeline.decode(state), dtype=np.uint8)
                 result.frames.CopyFrom(wpb.Tensor(dtype="uint8", shape=video.shape, frame=0))
                 frames.append(memoryview(video).cast("B"))
             else:
-                raise ValueError(f"stage {pb.Stage.Name(cmd.stage)} does not run on a worker")
+                raise ValueError(f"unknown stage {cmd.stage}")
         except _Refused as exc:
             result.status.CopyFrom(exc.status)
         except Exception as exc:
-            log.error("stage %s of %s failed:\n%s", pb.Stage.Name(cmd.stage), cmd.request_id, traceback.format_exc())
+            stage = wpb.WorkerStage.Name(cmd.stage) if cmd.stage in wpb.WorkerStage.values() else cmd.stage
+            log.error("stage %s of %s failed:\n%s", stage, cmd.request_id, traceback.format_exc())
             result.status.CopyFrom(error_status(exc))
         return [result], frames
 

@@ -13,8 +13,34 @@ class ProtocolVersion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     PROTOCOL_VERSION_UNSPECIFIED: _ClassVar[ProtocolVersion]
     PROTOCOL_VERSION_1: _ClassVar[ProtocolVersion]
+    PROTOCOL_VERSION_2: _ClassVar[ProtocolVersion]
+
+class WorkerStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    WORKER_STAGE_UNSPECIFIED: _ClassVar[WorkerStage]
+    WORKER_STAGE_ENCODE: _ClassVar[WorkerStage]
+    WORKER_STAGE_PREPARE: _ClassVar[WorkerStage]
+    WORKER_STAGE_DECODE: _ClassVar[WorkerStage]
+
+class GuidanceKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    GUIDANCE_KIND_UNSPECIFIED: _ClassVar[GuidanceKind]
+    GUIDANCE_KIND_CFG: _ClassVar[GuidanceKind]
+    GUIDANCE_KIND_CFG_NORM_RESCALE: _ClassVar[GuidanceKind]
+    GUIDANCE_KIND_EMBEDDED: _ClassVar[GuidanceKind]
+    GUIDANCE_KIND_NONE: _ClassVar[GuidanceKind]
 PROTOCOL_VERSION_UNSPECIFIED: ProtocolVersion
 PROTOCOL_VERSION_1: ProtocolVersion
+PROTOCOL_VERSION_2: ProtocolVersion
+WORKER_STAGE_UNSPECIFIED: WorkerStage
+WORKER_STAGE_ENCODE: WorkerStage
+WORKER_STAGE_PREPARE: WorkerStage
+WORKER_STAGE_DECODE: WorkerStage
+GUIDANCE_KIND_UNSPECIFIED: GuidanceKind
+GUIDANCE_KIND_CFG: GuidanceKind
+GUIDANCE_KIND_CFG_NORM_RESCALE: GuidanceKind
+GUIDANCE_KIND_EMBEDDED: GuidanceKind
+GUIDANCE_KIND_NONE: GuidanceKind
 
 class Tensor(_message.Message):
     __slots__ = ("dtype", "shape", "frame")
@@ -97,8 +123,8 @@ class RunStage(_message.Message):
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STAGE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    stage: _generation_pb2.Stage
-    def __init__(self, request_id: _Optional[str] = ..., stage: _Optional[_Union[_generation_pb2.Stage, str]] = ...) -> None: ...
+    stage: WorkerStage
+    def __init__(self, request_id: _Optional[str] = ..., stage: _Optional[_Union[WorkerStage, str]] = ...) -> None: ...
 
 class DenoiseStep(_message.Message):
     __slots__ = ("entries",)
@@ -143,20 +169,86 @@ class WorkerMessage(_message.Message):
     def __init__(self, hello: _Optional[_Union[Hello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "description", "model", "max_batch_size", "max_resident", "world_size")
+    __slots__ = ("protocol_version", "description", "card", "max_batch_size", "max_resident", "world_size")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
-    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CARD_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_RESIDENT_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
     protocol_version: ProtocolVersion
     description: str
-    model: _generation_pb2.Model
+    card: ModelCard
     max_batch_size: int
     max_resident: int
     world_size: int
-    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., description: _Optional[str] = ..., model: _Optional[_Union[_generation_pb2.Model, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., max_resident: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
+    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., description: _Optional[str] = ..., card: _Optional[_Union[ModelCard, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., max_resident: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
+
+class ModelCard(_message.Message):
+    __slots__ = ("name", "family", "task", "defaults", "limits", "guidance_kind", "num_experts")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    FAMILY_FIELD_NUMBER: _ClassVar[int]
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    DEFAULTS_FIELD_NUMBER: _ClassVar[int]
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_KIND_FIELD_NUMBER: _ClassVar[int]
+    NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    family: str
+    task: str
+    defaults: ModelDefaults
+    limits: ModelLimits
+    guidance_kind: GuidanceKind
+    num_experts: int
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., task: _Optional[str] = ..., defaults: _Optional[_Union[ModelDefaults, _Mapping]] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., guidance_kind: _Optional[_Union[GuidanceKind, str]] = ..., num_experts: _Optional[int] = ...) -> None: ...
+
+class ModelDefaults(_message.Message):
+    __slots__ = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps", "negative_prompt", "sampler", "flow_shift", "guidance_scale_2")
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    NUM_INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_FIELD_NUMBER: _ClassVar[int]
+    FPS_FIELD_NUMBER: _ClassVar[int]
+    NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    SAMPLER_FIELD_NUMBER: _ClassVar[int]
+    FLOW_SHIFT_FIELD_NUMBER: _ClassVar[int]
+    GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
+    height: int
+    width: int
+    num_frames: int
+    num_inference_steps: int
+    guidance_scale: float
+    fps: int
+    negative_prompt: str
+    sampler: str
+    flow_shift: float
+    guidance_scale_2: float
+    def __init__(self, height: _Optional[int] = ..., width: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., fps: _Optional[int] = ..., negative_prompt: _Optional[str] = ..., sampler: _Optional[str] = ..., flow_shift: _Optional[float] = ..., guidance_scale_2: _Optional[float] = ...) -> None: ...
+
+class ModelLimits(_message.Message):
+    __slots__ = ("size_multiple", "max_height", "max_width", "max_pixels", "frame_step", "max_num_frames", "max_num_inference_steps", "prompt_required", "image_required", "max_images")
+    SIZE_MULTIPLE_FIELD_NUMBER: _ClassVar[int]
+    MAX_HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    MAX_WIDTH_FIELD_NUMBER: _ClassVar[int]
+    MAX_PIXELS_FIELD_NUMBER: _ClassVar[int]
+    FRAME_STEP_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MAX_NUM_INFERENCE_STEPS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    MAX_IMAGES_FIELD_NUMBER: _ClassVar[int]
+    size_multiple: int
+    max_height: int
+    max_width: int
+    max_pixels: int
+    frame_step: int
+    max_num_frames: int
+    max_num_inference_steps: int
+    prompt_required: bool
+    image_required: bool
+    max_images: int
+    def __init__(self, size_multiple: _Optional[int] = ..., max_height: _Optional[int] = ..., max_width: _Optional[int] = ..., max_pixels: _Optional[int] = ..., frame_step: _Optional[int] = ..., max_num_frames: _Optional[int] = ..., max_num_inference_steps: _Optional[int] = ..., prompt_required: _Optional[bool] = ..., image_required: _Optional[bool] = ..., max_images: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
     __slots__ = ("sequence", "status")

@@ -1,0 +1,130 @@
+"""The worker's resolved request (scheduler/requests.py), the stage mapping of RunStage and the
+model card conversion (scheduler/cards.py). No torch, no sockets."""
+
+from __future__ import annotations
+
+import pytest
+
+from diffserve.scheduler.cards import public_model
+from diffserve.scheduler.requests import worker_request, worker_stage
+from diffserve.scheduler.validation import resolve_params
+from diffserve.v1 import generation_pb2 as pb
+from diffserve.worker.v1 import worker_pb2 as wpb
+
+LIMITS = pb.ModelLimits(size_multiple=16, max_height=2048, max_width=2048, max_pixels=1920 * 1088, frame_step=4,
+                        max_num_frames=257, max_num_inference_steps=1000, prompt_required=True, max_images=1)
+
+
+def model(kind, experts=1, guidance=5.0, guidance_2=0.0) -> pb.Model:
+    return pb.Model(
+        name="m", guidance_kind=kind, num_experts=experts, limits=LIMITS,
+        defaults=pb.ModelDefaults(height=480, width=832, num_frames=81, num_inference_steps=50, guidance_scale=guidance,
+                                  guidance_scale_2=guidance_2, fps=16, negative_prompt="neg"),
+    )
+
+
+def request(card: pb.Model, **fields) -> wpb.Request:
+    return worker_request(resolve_params(pb.GenerationParams(prompt="a cat", **fields), card), card)
+
+
+def test_every_field_resolved():
+    r = request(model(pb.GUIDANCE_KIND_CFG), seed=7, images=[pb.ImageInput(data=b"png bytes")])
+    assert (r.prompt, r.negative_prompt, r.height, r.width, r.num_frames, r.num_inference_steps, r.seed) == ("a cat", "neg", 480, 832, 81, 50, 7)
+    assert list(r.images) == [b"png bytes"] and r.embedded_guidance == 0
+
+
+@pytest.mark.parametrize("kind", [pb.GUIDANCE_KIND_CFG, pb.GUIDANCE_KIND_CFG_NORM_RESCALE])
+def test_cfg_scales_single_expert(kind):
+    assert list(request(model(kind)).cfg_scales) == [5.0]
+    assert list(request(model(kind), guidance_scale=7.5).cfg_scales) == [7.5]
+    # CFG runs only above 1: no unconditional row at <= 1.
+    assert list(request(model(kind), guidance_scale=1.0).cfg_scales) == []
+    assert list(request(model(kind), guidance_scale=0.0).cfg_scales) == []
+
+
+def test_cfg_scales_two_experts():
+    wan22 = model(pb.GUIDANCE_KIND_CFG, experts=2, guidance=4.0, guidance_2=3.0)
+    assert list(request(wan22).cfg_scales) == [4.0, 3.0]  # the card's guidance_scale_2
+    assert list(request(wan22, guidance_scale=5.0, guidance_scale_2=2.5).cfg_scales) == [5.0, 2.5]
+    assert list(request(wan22, guidance_scale=1.0).cfg_scales) == []
+    # No card default (Wan2.2 I2V-A14B): the low-noise expert takes guidance_scale, as in diffusers.
+    i2v = model(pb.GUIDANCE_KIND_CFG, experts=2, guidance=5.0)
+    assert list(request(i2v).cfg_scales) == [5.0, 5.0]
+    assert list(request(i2v, guidance_scale=6.0).cfg_scales) == [6.0, 6.0]
+
+
+def test_embedded_guidance_is_raw_and_adds_no_row():
+    flux = model(pb.GUIDANCE_KIND_EMBEDDED, guidance=3.5)
+    flux.defaults.negative_prompt = ""
+    r = request(flux)
+    assert r.embedded_guidance == pytest.approx(3.5) and list(r.cfg_scales) == []
+    assert request(flux, guidance_scale=6.0).embedded_guidance == pytest.approx(6.0)
+
+
+def test_no_guidance():
+    fastwan = model(pb.GUIDANCE_KIND_NONE, guidance=1.0)
+    fastwan.defaults.negative_prompt = ""
+    r = request(fastwan)
+    assert list(r.cfg_scales) == [] and r.embedded_guidance == 0
+
+
+def test_run_stage_stages():
+    assert worker_stage(pb.STAGE_ENCODE) == wpb.WORKER_STAGE_ENCODE
+    assert worker_stage(pb.STAGE_PREPARE) == wpb.WORKER_STAGE_PREPARE
+    assert worker_stage(pb.STAGE_DECODE) == wpb.WORKER_STAGE_DECODE
+    for stage in (pb.STAGE_DENOISE, pb.STAGE_SAVE, pb.STAGE_UNSPECIFIED):
+        with pytest.raises(ValueError):
+            worker_stage(stage)
+
+
+# ---- model cards ----
+
+@pytest.mark.parametrize("public,internal", [
+    (pb.ModelDefaults, wpb.ModelDefaults), (pb.ModelLimits, wpb.ModelLimits),
+])
+def test_card_twins_have_the_same_fields(public, internal):
+    fields = lambda t: {(f.name, f.number, f.type) for f in t.DESCRIPTOR.fields}  # noqa: E731
+    assert fields(public) == fields(internal)
+
+
+def test_guidance_kind_twins_have_the_same_values():
+    assert dict(pb.GuidanceKind.items()) == dict(wpb.GuidanceKind.items())
+
+
+def test_public_model_from_card():
+    card = wpb.ModelCard(
+        name="Wan2.2-T2V-A14B", family="wan2.2", task="text-to-video", guidance_kind=wpb.GUIDANCE_KIND_CFG, num_experts=2,
+        defaults=wpb.ModelDefaults(height=720, width=1280, num_frames=81, num_inference_steps=40, guidance_scale=4.0, fps=16,
+                                   negative_prompt="neg", sampler="UniPC", flow_shift=12.0, guidance_scale_2=3.0),
+        limits=wpb.ModelLimits(size_multiple=16, max_height=2048, max_width=2048, max_pixels=1920 * 1088, frame_step=4,
+                               max_num_frames=257, max_num_inference_steps=1000, prompt_required=True, max_images=0),
+    )
+    m = public_model(card)
+    assert (m.name, m.family, m.task, m.guidance_kind, m.num_experts) == ("Wan2.2-T2V-A14B", "wan2.2", "text-to-video", pb.GUIDANCE_KIND_CFG, 2)
+    assert m.defaults.SerializeToString() == card.defaults.SerializeToString()
+    assert m.limits.SerializeToString() == card.limits.SerializeToString()
+    assert m.state == pb.SERVING_STATE_UNSPECIFIED and not m.workers
+    for kind in wpb.GuidanceKind.values():
+        assert pb.GuidanceKind.Name(public_model(wpb.ModelCard(guidance_kind=kind)).guidance_kind) == wpb.GuidanceKind.Name(kind)
+    assert public_model(wpb.ModelCard(name="old")).num_experts == 1  # a card that does not say has one expert
+
+
+def test_worker_card_round_trip():
+    """A pipeline's card (public type, still) → the worker's Hello card → the public card again."""
+    from diffserve.worker.card import model_card
+
+    class Pipeline:
+        card = pb.Model(name="wan", family="wan2.2", task="image-to-video", guidance_kind=pb.GUIDANCE_KIND_CFG,
+                        defaults=pb.ModelDefaults(height=480, width=832, num_frames=81, guidance_scale=5.0, sampler="UniPC"),
+                        limits=pb.ModelLimits(size_multiple=16, max_pixels=1920 * 1088, image_required=True, max_images=1))
+        experts = ["transformer", "transformer_2"]
+
+    card = model_card(Pipeline())
+    assert card.num_experts == 2
+    again = public_model(card)
+    again.num_experts = 0
+    assert again == Pipeline.card
+    Pipeline.experts = ["transformer", None]  # Wan I2V without transformer_2
+    assert model_card(Pipeline()).num_experts == 1
+    del Pipeline.experts  # every other family
+    assert model_card(Pipeline()).num_experts == 1
