@@ -30,18 +30,18 @@ sys.path.insert(0, str(TESTS))
 TIERS = ("unit", "models", "distributed", "service")  # the markers are declared in pyproject.toml
 
 
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: `items` is everything collected
 def pytest_collection_modifyitems(config, items):
+    tiers = set()
     for item in items:
         parts = Path(str(item.path)).resolve().relative_to(TESTS.resolve()).parts
-        if len(parts) > 1 and parts[0] in TIERS:
-            item.add_marker(parts[0])
-
-
-def pytest_collection_finish(session):
-    """The unit tier stays torch-free: a run of only unit tests that imported torch is an error."""
-    items = session.items
-    if items and all(item.get_closest_marker("unit") for item in items) and "torch" in sys.modules:
-        raise pytest.UsageError("tests/unit imported torch; move the test to tests/models/ (or import lazily)")
+        tier = parts[0] if len(parts) > 1 and parts[0] in TIERS else None
+        tiers.add(tier)
+        if tier:
+            item.add_marker(tier)
+    # The unit tier stays torch-free: a collection of only tests/unit that imported torch is an error.
+    if tiers == {"unit"} and "torch" in sys.modules:
+        raise pytest.UsageError("tests/unit imported torch; move the test to tests/models/ (or import torch lazily)")
 
 
 @pytest.fixture(scope="session")
