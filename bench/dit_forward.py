@@ -215,11 +215,11 @@ CASES = {
 
 def tiny_cases() -> dict[str, Case]:
     """The same cases with the tests' tiny configs (CPU, float32), each exercising its case's path."""
-    sys.path.insert(0, str(ROOT / "tests"))
-    from checkpoints import TINY_WAN_TRANSFORMER
-    from tiny_flux import TINY_FLUX_TRANSFORMER
-    from tiny_hunyuan_video import TINY_HUNYUAN_TRANSFORMER
-    from tiny_qwen_image import TINY_QWEN_TRANSFORMER
+    sys.path.insert(0, str(ROOT))
+    from tests.fixtures.tiny.flux import TINY_FLUX_TRANSFORMER
+    from tests.fixtures.tiny.hunyuan_video import TINY_HUNYUAN_TRANSFORMER
+    from tests.fixtures.tiny.qwen_image import TINY_QWEN_TRANSFORMER
+    from tests.fixtures.tiny.wan import TINY_WAN_TRANSFORMER
 
     return {
         "wan-1.3b": Case(WAN, TINY_WAN_TRANSFORMER, dict(latent=(16, 3, 8, 8), text=16), "tiny", all_backends=True),

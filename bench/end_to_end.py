@@ -3,7 +3,7 @@
     python bench/end_to_end.py [--compile] [--checkpoint DIR]     (GPU; writes $OUT/<date>-<card>-end_to_end.json)
     python bench/end_to_end.py --tiny                               (CPU: tiny checkpoint, 32x32x5, 2 steps)
 
-Writes a full-size Wan2.1-T2V-1.3B checkpoint with random weights (tests/checkpoints.py's build_wan
+Writes a full-size Wan2.1-T2V-1.3B checkpoint with random weights (tests/fixtures/tiny/wan.py's build_wan
 with the real configs: the 1.3B DiT, UMT5-XXL in bf16, the default Wan VAE, the UniPC flow scheduler;
 ~17 GB, built on the GPU) unless --checkpoint names one, starts `diffserve serve` on it (warm-up at
 the job's shape first, so the timed job is not the cold one), runs the job with the gRPC client and
@@ -30,7 +30,7 @@ from common import card, print_table, results_name, write_json
 from dit_forward import WAN_13B, wan_flops
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # tests.fixtures.tiny
 
 # google/umt5-xxl's encoder (Wan2.1's text encoder).
 UMT5_XXL = dict(d_model=4096, d_kv=64, d_ff=10240, num_layers=24, num_decoder_layers=24, num_heads=64,
@@ -44,7 +44,7 @@ PROMPT = "a cat and a dog playing in the snow at sunset , cinematic slow motion 
 
 
 def build_checkpoint(path: Path, tiny: bool) -> Path:
-    from checkpoints import build_tiny_wan, build_wan
+    from tests.fixtures.tiny.wan import build_tiny_wan, build_wan
 
     if tiny:
         return build_tiny_wan(path)

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path.insert(0, str(ROOT))  # tests.fixtures.tiny
 
 # (request id, height, width, frames, seed, first step it joins)
 SCHEDULE = [("a", 64, 64, 5, 1, 0), ("b", 64, 64, 5, 2, 1), ("c", 64, 96, 5, 3, 1), ("d", 64, 64, 5, 4, 2)]
@@ -67,8 +67,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="cuda")
     args = p.parse_args(argv)
-    from checkpoints import build_tiny_wan
-    from tiny_flux import build_tiny_flux
+    from tests.fixtures.tiny.flux import build_tiny_flux
+    from tests.fixtures.tiny.wan import build_tiny_wan
 
     from diffserve.worker.registry import load_pipeline
 

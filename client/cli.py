@@ -1,16 +1,17 @@
 """The `diffserve` command: generate, serve, worker, models.
 
-`generate` with --model-path starts a scheduler and its worker locally (a `diffserve serve`
-subprocess on a free port), runs one job with a progress bar, saves the artifact and stops the
-server; with --server it uses a running server instead.
+The client commands live here: `generate` runs one job with a progress bar and saves the
+artifact, `models` lists a server's models. The rest is delegated: `serve` to the composition
+root (diffserve.scheduler.app, which wires the scheduler to its local workers), `worker` to
+`python -m diffserve.worker`. `generate --model-path` asks the composition root for a one-job
+local server (a subprocess on a free port), and stops it afterwards; with --server it uses a
+running server instead. The worker flags are defined once, in diffserve.worker.v1.launch.
 """
 
 from __future__ import annotations
 
 import argparse
-import logging
 import re
-import signal
 import subprocess
 import sys
 import tempfile
@@ -20,6 +21,7 @@ from pathlib import Path
 from diffserve.v1 import generation_pb2 as pb
 
 from diffserve.client.client import Client, DiffserveError, make_params
+from diffserve.worker.v1.launch import add_worker_flags
 
 EXTENSIONS = {pb.OUTPUT_FORMAT_PNG: ".png", pb.OUTPUT_FORMAT_MP4: ".mp4", pb.OUTPUT_FORMAT_NPY: ".npy"}
 
@@ -31,47 +33,12 @@ def seed_type(text: str) -> int:
     return value
 
 
-def add_worker_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model-path", help="diffusers-layout folder, or a hub id where the network allows")
-    p.add_argument("--model-name", default="", help="model name clients use (default: the folder's name); with generate --server, the served model to use")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), bfloat16, float16, float32")
-    p.add_argument("--attention-backend", default="auto", help="auto (fastest exact one available), fa3, flash-attn, cudnn, sdpa")
-    p.add_argument("--compile", action="store_true", help="torch.compile the DiT (GPU; see bench/NOTES.md)")
-    p.add_argument("--cuda-graphs", action="store_true", help="replay the DiT forward from CUDA graphs, one per shape (GPU; docs/cli.md)")
-    p.add_argument("--warmup", action="store_true", help="warm up before serving (the first request is not the slow one)")
-    p.add_argument("--warmup-shape", action="append", default=[], metavar="HxWxF", help="shape bucket to warm up (repeatable)")
-    p.add_argument("--num-gpus", type=int, default=1, help="processes (GPUs) in the worker group (default 1)")
-    p.add_argument("--enable-cfg-parallel", action="store_true", help="conditional and unconditional rows on separate halves of the group")
-    p.add_argument("--ulysses-degree", type=int, default=0, help="Ulysses sequence-parallel degree (default: chosen from --num-gpus)")
-    p.add_argument("--ring-degree", type=int, default=0, help="Ring sequence-parallel degree (default: chosen from --num-gpus)")
-    p.add_argument("--tp-size", type=int, default=0, help="tensor-parallel degree (default 1)")
-    p.add_argument("--max-batch-size", type=int, default=4, help="most jobs sharing one denoising step (default 4)")
-    p.add_argument("--max-resident", type=int, default=8, help="most jobs a worker holds at once (default 8)")
-    p.add_argument("--worker-log-level", default="INFO", help="log level of the worker process")
-
-
-def worker_args(args: argparse.Namespace) -> list[str]:
-    out = ["--model-path", args.model_path, "--device", args.device, "--dtype", args.dtype, "--attention-backend", args.attention_backend,
-           "--max-batch-size", str(args.max_batch_size), "--max-resident", str(args.max_resident),
-           "--log-level", args.worker_log_level]
-    if args.model_name:
-        out += ["--model-name", args.model_name]
-    out += ["--compile"] * args.compile + ["--cuda-graphs"] * args.cuda_graphs + ["--warmup"] * args.warmup
-    out += ["--num-gpus", str(args.num_gpus), "--ulysses-degree", str(args.ulysses_degree), "--ring-degree", str(args.ring_degree),
-            "--tp-size", str(args.tp_size)]
-    out += ["--enable-cfg-parallel"] * args.enable_cfg_parallel
-    for shape in args.warmup_shape:
-        out += ["--warmup-shape", shape]
-    return out
-
-
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffserve", description="Serve diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="run one job end to end and save its output")
-    add_worker_flags(g)
+    add_worker_flags(g, outer=True)
     g.add_argument("--server", default="", help="use a running server (HOST:PORT) instead of starting one")
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default=None)
@@ -91,22 +58,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
     g.add_argument("--log-level", default="WARNING")
 
-    s = sub.add_parser("serve", help="run the scheduler (gRPC) and its local worker until Ctrl-C")
-    add_worker_flags(s)
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
-    s.add_argument("--worker-bind", default="tcp://127.0.0.1:0", help="ZeroMQ address workers connect to")
-    s.add_argument("--output-dir", default="outputs")
-    s.add_argument("--max-queue", type=int, default=256, help="queued jobs beyond which SubmitJob answers RESOURCE_EXHAUSTED")
-    s.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds of worker silence before its jobs fail")
-    s.add_argument("--no-restart-workers", action="store_true", help="do not restart a local worker that died")
-    s.add_argument("--drain-timeout", type=float, default=60.0, help="seconds Ctrl-C waits for running jobs")
-    s.add_argument("--image-dir", default="", help="folder whose images requests may name by path (default: paths refused)")
-    s.add_argument("--allow-private-image-urls", action="store_true", help="let image URLs reach private, loopback and link-local addresses")
-    s.add_argument("--max-image-bytes", type=int, default=20 << 20, help="largest input image, fetched or sent (default 20 MiB)")
-    s.add_argument("--image-fetch-timeout", type=float, default=10.0, help="seconds to fetch an image URL")
-    s.add_argument("--ready-file", default="", help=argparse.SUPPRESS)
-    s.add_argument("--log-level", default="INFO")
+    # Delegated with their own parsers: serve to the composition root, worker to the worker process.
+    s = sub.add_parser("serve", help="run the scheduler (gRPC) and its local worker until Ctrl-C", add_help=False)
+    s.add_argument("rest", nargs=argparse.REMAINDER)
 
     w = sub.add_parser("worker", help="run a worker that connects to a scheduler", add_help=False)
     w.add_argument("rest", nargs=argparse.REMAINDER)
@@ -114,47 +68,6 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list a server's models")
     m.add_argument("--server", default="127.0.0.1:50051")
     return parser
-
-
-def cmd_serve(args: argparse.Namespace) -> int:
-    from diffserve.scheduler.engine import EngineConfig
-    from diffserve.scheduler.images import ImagePolicy
-    from diffserve.scheduler.launcher import LocalWorkerSpec
-    from diffserve.scheduler.server import ServerConfig, run
-
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s scheduler %(levelname)s %(name)s: %(message)s")
-    if args.num_gpus < 1:
-        print("error: --num-gpus must be >= 1", file=sys.stderr)
-        return 2
-    # The layout itself is checked by the worker (it knows the model); an impossible one stops serve.
-    specs = [LocalWorkerSpec("local-0", worker_args(args), world_size=args.num_gpus)] if args.model_path else []
-    config = ServerConfig(
-        host=args.host, port=args.port, worker_bind=args.worker_bind, output_dir=args.output_dir,
-        engine=EngineConfig(max_queue=args.max_queue, max_batch_size=args.max_batch_size, heartbeat_timeout_s=args.heartbeat_timeout),
-        local_workers=specs, restart_workers=not args.no_restart_workers, drain_timeout_s=args.drain_timeout,
-        images=ImagePolicy(allowed_dir=Path(args.image_dir) if args.image_dir else None, allow_private_urls=args.allow_private_image_urls,
-                           max_bytes=args.max_image_bytes, timeout_s=args.image_fetch_timeout),
-    )
-
-    def started(port: int) -> None:
-        if args.ready_file:
-            Path(args.ready_file).write_text(str(port))
-
-    return run(config, started)
-
-
-def start_local_server(args: argparse.Namespace, workdir: str) -> tuple[subprocess.Popen, str]:
-    ready = Path(workdir) / "port"
-    cmd = [sys.executable, "-m", "diffserve.client.cli", "serve", *worker_args(args), "--port", "0",
-           "--output-dir", str(Path(workdir) / "outputs"), "--ready-file", str(ready), "--log-level", args.log_level,
-           "--no-restart-workers", "--max-queue", "1"]
-    proc = subprocess.Popen(cmd)
-    deadline = time.monotonic() + 60
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"error: the local server did not start (exit code {proc.poll()})")
-        time.sleep(0.05)
-    return proc, f"127.0.0.1:{ready.read_text()}"
 
 
 def wait_serving(client: Client, proc: subprocess.Popen | None, timeout_s: float) -> None:
@@ -253,18 +166,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.server:
         with Client(args.server) as client:
             return run_job(client, args)
-    with tempfile.TemporaryDirectory(prefix="diffserve-") as workdir:
-        proc, target = start_local_server(args, workdir)
-        try:
-            with Client(target) as client:
-                wait_serving(client, proc, args.startup_timeout)
-                return run_job(client, args)
-        finally:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+    from diffserve.scheduler.app import local_server
+
+    with tempfile.TemporaryDirectory(prefix="diffserve-") as workdir, local_server(args, workdir, args.log_level) as (proc, target):
+        with Client(target) as client:
+            wait_serving(client, proc, args.startup_timeout)
+            return run_job(client, args)
 
 
 def cmd_models(args: argparse.Namespace) -> int:
@@ -282,9 +189,13 @@ def main(argv=None) -> int:
         from diffserve.worker.__main__ import main as worker_main
 
         return worker_main(argv[1:])
+    if argv and argv[0] == "serve":
+        from diffserve.scheduler.app import main as serve_main
+
+        return serve_main(argv[1:], prog="diffserve serve")
     args = build_parser().parse_args(argv)
     try:
-        return {"generate": cmd_generate, "serve": cmd_serve, "models": cmd_models}[args.command](args)
+        return {"generate": cmd_generate, "models": cmd_models}[args.command](args)
     except KeyboardInterrupt:
         return 130
 

@@ -24,8 +24,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.v1 import generation_pb2_grpc as pb_grpc
+from diffserve.v1.limits import MESSAGE_SIZE_OPTIONS, STATUS_DETAILS_KEY
 
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
 FORMATS = {"png": pb.OUTPUT_FORMAT_PNG, "mp4": pb.OUTPUT_FORMAT_MP4, "npy": pb.OUTPUT_FORMAT_NPY, "": pb.OUTPUT_FORMAT_UNSPECIFIED}
 TERMINAL_EVENTS = ("completed", "failed", "cancelled")
 
@@ -88,7 +88,7 @@ def is_terminal(event: pb.JobEvent) -> bool:
 
 
 def _channel_options() -> list:
-    return [("grpc.max_receive_message_length", 64 << 20), ("grpc.max_send_message_length", 64 << 20)]
+    return list(MESSAGE_SIZE_OPTIONS)
 
 
 class Client:

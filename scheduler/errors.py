@@ -12,8 +12,9 @@ import grpc
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 
+from diffserve.v1.limits import STATUS_DETAILS_KEY
+
 DOMAIN = "diffserve.dev"
-STATUS_DETAILS_KEY = "grpc-status-details-bin"
 
 
 class RequestError(Exception):

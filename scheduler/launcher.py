@@ -16,9 +16,9 @@ import sys
 import time
 from dataclasses import dataclass, field
 
-log = logging.getLogger(__name__)
+from diffserve.worker.v1.launch import EXIT_CANNOT_LOAD
 
-EXIT_CANNOT_LOAD = 2  # the worker's exit code when its model cannot be loaded (see worker/__main__.py)
+log = logging.getLogger(__name__)
 
 
 @dataclass

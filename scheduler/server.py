@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.v1 import generation_pb2_grpc as pb_grpc
+from diffserve.v1.limits import MESSAGE_SIZE_OPTIONS
 
 from diffserve.scheduler import errors
 from diffserve.scheduler.artifacts import ArtifactStore
@@ -27,7 +28,6 @@ from diffserve.scheduler.workers import WorkerLink
 log = logging.getLogger(__name__)
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
-MAX_MESSAGE_BYTES = 64 << 20  # input images arrive inside SubmitJob
 
 
 @dataclass
@@ -54,10 +54,7 @@ class SchedulerServer:
         self.engine.watch_serving(self._on_serving_change)
         self.workers = LocalWorkers(self.link.address, config.local_workers, self.engine.worker_lost, config.restart_workers, self._fatal)
         self.exit_code = 0
-        self.server = grpc.aio.server(options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-        ])
+        self.server = grpc.aio.server(options=list(MESSAGE_SIZE_OPTIONS))
         pb_grpc.add_GenerationServiceServicer_to_server(GenerationService(self.engine, config.images), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)

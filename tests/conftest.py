@@ -1,4 +1,15 @@
-"""Shared fixtures: the tiny Wan checkpoint, and real `diffserve serve` processes on free ports."""
+"""Shared fixtures and the suite's tiers.
+
+Tiers, by folder (each gets the marker of its name, so `-m "not service"` works from the root too):
+
+    tests/unit/         no torch, no sockets: scheduler policy, validation, tables, flags  (seconds)
+    tests/models/       model level on the CPU: DiTs, kernels, samplers, compile, warm-up
+    tests/distributed/  worker groups over gloo: sequence / tensor / cfg parallel, parallel VAE
+    tests/service/      real `diffserve serve` processes: API, lifecycle, parity with diffusers
+
+This file imports neither torch nor grpc at module level (the unit tier must not pay for them):
+the tiny Wan checkpoint and the `diffserve serve` processes import what they need when used.
+"""
 
 from __future__ import annotations
 
@@ -11,16 +22,33 @@ from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
+TESTS = Path(__file__).parent
+# Shared helpers (jobs_util, dist_util, reference, `from conftest import ServerProcess`) import by
+# their bare names from every tier's folder.
+sys.path.insert(0, str(TESTS))
 
-from checkpoints import build_tiny_wan  # noqa: E402
+TIERS = ("unit", "models", "distributed", "service")  # the markers are declared in pyproject.toml
 
-from diffserve.client import Client, DiffserveError  # noqa: E402
+
+@pytest.hookimpl(tryfirst=True)  # before -m deselects: `items` is everything collected
+def pytest_collection_modifyitems(config, items):
+    tiers = set()
+    for item in items:
+        parts = Path(str(item.path)).resolve().relative_to(TESTS.resolve()).parts
+        tier = parts[0] if len(parts) > 1 and parts[0] in TIERS else None
+        tiers.add(tier)
+        if tier:
+            item.add_marker(tier)
+    # The unit tier stays torch-free: a collection of only tests/unit that imported torch is an error.
+    if tiers == {"unit"} and "torch" in sys.modules:
+        raise pytest.UsageError("tests/unit imported torch; move the test to tests/models/ (or import torch lazily)")
 
 
 @pytest.fixture(scope="session")
 def tiny_wan(tmp_path_factory) -> Path:
-    return build_tiny_wan(tmp_path_factory.mktemp("ckpt") / "tiny-wan")
+    from tests.fixtures.tiny import build
+
+    return build("wan", tmp_path_factory.mktemp("ckpt") / "tiny-wan")
 
 
 class ServerProcess:
@@ -40,10 +68,14 @@ class ServerProcess:
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.05)
         self.target = f"127.0.0.1:{ready.read_text()}"
+        from diffserve.client import Client
+
         self.client = Client(self.target)
         self.wait_health("SERVING", timeout_s=120)
 
     def wait_health(self, status: str, timeout_s: float = 30) -> None:
+        from diffserve.client import DiffserveError
+
         deadline = time.monotonic() + timeout_s
         last = None
         while time.monotonic() < deadline:

@@ -15,36 +15,17 @@ import sys
 import uuid
 
 from diffserve.worker.v1 import worker_pb2 as wpb
-
-EXIT_CANNOT_LOAD = 2  # the launcher does not restart a worker that exits with this code
+from diffserve.worker.v1.launch import EXIT_CANNOT_LOAD, add_worker_flags
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m diffserve.worker", description=__doc__)
     p.add_argument("--scheduler", required=True, help="ZeroMQ address of the scheduler, e.g. tcp://127.0.0.1:5555")
-    p.add_argument("--model-path", required=True, help="diffusers-layout folder (or hub id where the network allows)")
-    p.add_argument("--model-name", default="", help="name clients use (default: the folder's name)")
     p.add_argument("--worker-id", default="", help="routing id (default: host-pid-random)")
-    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (bf16 on GPU, float32 on CPU), bfloat16, float16, float32")
-    p.add_argument("--attention-backend", default="auto", help="auto, fa3, flash-attn, cudnn, sdpa (see kernels/attention.py)")
-    p.add_argument("--compile", action="store_true", help="torch.compile the DiT (pays off on GPU; see bench/NOTES.md)")
-    p.add_argument("--cuda-graphs", action="store_true",
-                   help="replay the DiT forward from CUDA graphs captured per shape (GPU; see worker/cuda_graphs.py)")
-    p.add_argument("--warmup", action="store_true", help="run a two-step request per shape before serving")
-    p.add_argument("--warmup-shape", action="append", default=[], metavar="HxWxF",
-                   help="shape bucket to warm up (repeatable; default: the model's default size)")
-    p.add_argument("--max-batch-size", type=int, default=4, help="most requests in one denoising step")
-    p.add_argument("--max-resident", type=int, default=8, help="most requests whose state is kept at once")
-    p.add_argument("--num-gpus", type=int, default=1, help="processes in this worker group (one per GPU)")
-    p.add_argument("--enable-cfg-parallel", action="store_true", help="split CFG's conditional / unconditional rows over 2 ranks")
-    p.add_argument("--ulysses-degree", type=int, default=0, help="Ulysses sequence-parallel degree (default: chosen from --num-gpus)")
-    p.add_argument("--ring-degree", type=int, default=0, help="Ring sequence-parallel degree (default: chosen from --num-gpus)")
-    p.add_argument("--tp-size", type=int, default=0, help="tensor-parallel degree (default 1)")
+    add_worker_flags(p, model_path_required=True)  # shared with `diffserve serve` / `generate`
     p.add_argument("--rank", type=int, default=0, help="this process's rank in the group (rank 0 talks to the scheduler)")
     p.add_argument("--dist-init", default="", help="torch.distributed init method, e.g. tcp://127.0.0.1:29500")
     p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
-    p.add_argument("--log-level", default="INFO")
     return p.parse_args(argv)
 
 

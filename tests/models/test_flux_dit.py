@@ -11,10 +11,7 @@ from safetensors.torch import load_file
 
 from diffserve.worker.models.flux import FluxConfig, FluxTransformer, flux_rope
 
-try:  # `python -m pytest` from the repo root puts the root on sys.path
-    from tests.tiny_flux import TINY_FLUX_TRANSFORMER, build_tiny_flux
-except ImportError:  # plain `pytest`: rootdir-less tests/ is itself on sys.path
-    from tiny_flux import TINY_FLUX_TRANSFORMER, build_tiny_flux
+from tests.fixtures.tiny.flux import TINY_FLUX_TRANSFORMER, build_tiny_flux
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 

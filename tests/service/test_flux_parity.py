@@ -14,7 +14,7 @@ from conftest import ServerProcess
 from diffserve.client import DiffserveError
 from jobs_util import npy_output, resident_jobs, wait_for, wait_step
 from reference import max_level_diff
-from tiny_flux import build_tiny_flux
+from tests.fixtures.tiny.flux import build_tiny_flux
 
 
 @pytest.fixture(scope="module")

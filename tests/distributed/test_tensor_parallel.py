@@ -94,7 +94,7 @@ def _encoders():
     """(name, model, forward kwargs, expected sharding counts) for tiny transformers text encoders."""
     import copy
 
-    from tiny_qwen_image import build_text_encoder
+    from tests.fixtures.tiny.qwen_image import build_text_encoder
     from transformers import (
         LlamaConfig,
         LlamaModel,

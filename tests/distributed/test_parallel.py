@@ -74,7 +74,7 @@ FLUX_LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def tiny_flux(tmp_path_factory):
-    from tiny_flux import build_tiny_flux
+    from tests.fixtures.tiny.flux import build_tiny_flux
 
     return build_tiny_flux(tmp_path_factory.mktemp("ckpt") / "tiny-flux")
 
@@ -110,7 +110,7 @@ QWEN_JOBS = [dict(prompt="a red bicycle leaning on a wall", negative_prompt="", 
 
 @pytest.fixture(scope="module")
 def tiny_qwen(tmp_path_factory):
-    from tiny_qwen_image import build_tiny_qwen_image
+    from tests.fixtures.tiny.qwen_image import build_tiny_qwen_image
 
     return build_tiny_qwen_image(tmp_path_factory.mktemp("ckpt") / "tiny-qwen-image")
 
@@ -137,7 +137,7 @@ HUNYUAN_JOBS = [dict(prompt="a red cat walking on the beach at sunset", height=4
 
 @pytest.fixture(scope="module")
 def tiny_hunyuan(tmp_path_factory):
-    from tiny_hunyuan_video import TINY_HUNYUAN_TRANSFORMER, build_tiny_hunyuan_video
+    from tests.fixtures.tiny.hunyuan_video import TINY_HUNYUAN_TRANSFORMER, build_tiny_hunyuan_video
 
     assert TINY_HUNYUAN_TRANSFORMER["num_attention_heads"] % 2 == 0, "ulysses 2 splits the heads"
     return build_tiny_hunyuan_video(tmp_path_factory.mktemp("ckpt") / "tiny-hunyuan-video")

@@ -11,7 +11,7 @@ import torch
 
 from jobs_util import npy_output, resident_jobs, wait_for, wait_step
 from reference import max_level_diff
-from tiny_hunyuan_video import build_tiny_hunyuan_video
+from tests.fixtures.tiny.hunyuan_video import build_tiny_hunyuan_video
 
 from diffserve.v1 import generation_pb2 as pb
 

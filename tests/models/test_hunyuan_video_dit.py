@@ -11,10 +11,7 @@ from safetensors.torch import load_file
 
 from diffserve.worker.models.hunyuan_video import HunyuanVideoConfig, HunyuanVideoTransformer
 
-try:  # `python -m pytest` from the repo root
-    from tests.tiny_hunyuan_video import TINY_HUNYUAN_TRANSFORMER, build_tiny_hunyuan_video
-except ImportError:  # plain pytest: tests/ itself is on sys.path
-    from tiny_hunyuan_video import TINY_HUNYUAN_TRANSFORMER, build_tiny_hunyuan_video
+from tests.fixtures.tiny.hunyuan_video import TINY_HUNYUAN_TRANSFORMER, build_tiny_hunyuan_video
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 C = TINY_HUNYUAN_TRANSFORMER["in_channels"]

@@ -39,12 +39,8 @@ TOL = {torch.float32: 1e-5, torch.float64: 1e-12}
 def _vae(kind: str):
     from diffusers import AutoencoderKLWan
 
-    try:
-        from tests.checkpoints import TINY_WAN_VAE
-        from tests.tiny_wan22 import TINY_WAN22_VAE
-    except ImportError:
-        from checkpoints import TINY_WAN_VAE
-        from tiny_wan22 import TINY_WAN22_VAE
+    from tests.fixtures.tiny.wan import TINY_WAN_VAE
+    from tests.fixtures.tiny.wan22 import TINY_WAN22_VAE
 
     torch.manual_seed(0)
     return AutoencoderKLWan(**(TINY_WAN_VAE if kind == "wan21" else TINY_WAN22_VAE)).eval()

@@ -31,12 +31,8 @@ def _rank_main(rank: int, init_file: str, out_dir: str) -> None:
 
     from diffserve.worker.parallel import tiles as parallel_tiles
 
-    try:
-        from tests.checkpoints import TINY_WAN_VAE
-        from tests.tiny_hunyuan_video import TINY_HUNYUAN_VAE
-    except ImportError:
-        from checkpoints import TINY_WAN_VAE
-        from tiny_hunyuan_video import TINY_HUNYUAN_VAE
+    from tests.fixtures.tiny.hunyuan_video import TINY_HUNYUAN_VAE
+    from tests.fixtures.tiny.wan import TINY_WAN_VAE
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)

@@ -15,7 +15,7 @@ from PIL import Image
 from conftest import ServerProcess
 from jobs_util import npy_output, wait_step
 from reference import max_level_diff
-from tiny_qwen_image import build_tiny_qwen_image, build_tiny_qwen_image_edit, load_reference_processor
+from tests.fixtures.tiny.qwen_image import build_tiny_qwen_image, build_tiny_qwen_image_edit, load_reference_processor
 
 
 @pytest.fixture(scope="module")

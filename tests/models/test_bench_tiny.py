@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 MODELS = {"wan-1.3b", "wan-14b", "flux.1-dev", "qwen-image", "hunyuan-video"}
 KEYS = {"model", "shape", "card", "diffserve_ms", "diffusers_ms", "ratio", "tflops", "diffserve_err", "diffusers_err"}
 

@@ -16,7 +16,7 @@ import torch
 from diffserve.v1 import generation_pb2 as pb
 from jobs_util import npy_output, wait_step
 from reference import max_level_diff, wan_reference
-from tiny_wan22 import build_tiny_wan22_a14b, build_tiny_wan22_ti2v
+from tests.fixtures.tiny.wan22 import build_tiny_wan22_a14b, build_tiny_wan22_ti2v
 
 PROMPT, NEGATIVE = "a red cat walking on the beach at sunset", "blurry low quality"
 

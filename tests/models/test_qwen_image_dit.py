@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffserve.worker.models.qwen_image import QwenImageTransformer
-from tiny_qwen_image import TINY_QWEN_TRANSFORMER
+from tests.fixtures.tiny.qwen_image import TINY_QWEN_TRANSFORMER
 
 ATOL = 1e-5
 

@@ -10,10 +10,7 @@ from diffusers import WanPipeline, WanTransformer3DModel
 from safetensors.torch import load_file
 
 from diffserve.worker.models.wan import KEEP_IN_FP32, WanConfig, WanTransformer
-try:  # `python -m pytest` from the repo root puts the root on sys.path
-    from tests.checkpoints import TINY_WAN_TRANSFORMER, build_tiny_wan
-except ImportError:  # plain `pytest`: rootdir-less tests/ is itself on sys.path
-    from checkpoints import TINY_WAN_TRANSFORMER, build_tiny_wan
+from tests.fixtures.tiny.wan import TINY_WAN_TRANSFORMER, build_tiny_wan
 
 TOL = dict(atol=1e-5, rtol=1e-5)
 

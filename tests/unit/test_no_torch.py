@@ -9,7 +9,7 @@ import sys
 def test_scheduler_and_client_do_not_import_torch():
     code = (
         "import sys\n"
-        "import diffserve.scheduler.server, diffserve.client.cli, diffserve.client\n"
+        "import diffserve.scheduler.server, diffserve.scheduler.app, diffserve.client.cli, diffserve.client\n"
         "bad = [m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules]\n"
         "assert not bad, bad\n"
     )

@@ -13,7 +13,7 @@ from diffserve.client import DiffserveError
 from diffserve.v1 import generation_pb2 as pb
 from jobs_util import npy_output
 from reference import max_level_diff
-from tiny_wan22 import build_tiny_fastwan, build_tiny_fastwan22_ti2v
+from tests.fixtures.tiny.wan22 import build_tiny_fastwan, build_tiny_fastwan22_ti2v
 
 DMD_STEPS = (1000, 757, 522)  # FastVideo FastWan2_1_T2V_480P_Config.dmd_denoising_steps
 

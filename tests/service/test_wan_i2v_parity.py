@@ -20,7 +20,7 @@ from PIL import Image
 from conftest import ServerProcess
 from jobs_util import npy_output, wait_step
 from reference import max_level_diff
-from tiny_wan_i2v import BUILDERS
+from tests.fixtures.tiny.wan_i2v import BUILDERS
 
 # variant -> (height, width) of the test requests (multiples of 16, or 32 for the Wan2.2 VAE)
 SIZES = {"wan21-i2v": (32, 48), "wan22-i2v": (32, 48), "wan22-ti2v": (64, 32)}

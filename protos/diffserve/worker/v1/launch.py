@@ -1,0 +1,94 @@
+"""The worker process's command line: its flags and exit codes, defined once.
+
+A worker is started as `python -m diffserve.worker --scheduler ADDR --model-path DIR ...`, either by
+hand or by the scheduler's launcher for `diffserve serve` / `diffserve generate --model-path`. This
+module is that contract, beside the worker's wire protocol (worker.proto): the worker parses its
+argv with it, `diffserve serve` / `generate` offer the same flags, and `worker_argv` turns parsed
+flags back into the worker's argv. Imports only argparse (the scheduler never imports torch).
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from typing import Any
+
+EXIT_OK = 0
+EXIT_CANNOT_LOAD = 2  # the model cannot be loaded or the layout is impossible: the launcher does not restart it
+
+
+@dataclass(frozen=True)
+class Flag:
+    name: str  # as the worker spells it
+    kwargs: dict[str, Any] = field(default_factory=dict)  # argparse.add_argument keywords
+    outer: str = ""  # spelling on `diffserve serve` / `generate` where it differs (default: the same)
+
+    @property
+    def outer_name(self) -> str:
+        return self.outer or self.name
+
+    @property
+    def default(self) -> Any:
+        if self.kwargs.get("action") == "store_true":
+            return False
+        return self.kwargs.get("default")
+
+
+# Flags a worker takes that `diffserve serve` / `generate` also offer (and pass on).
+WORKER_FLAGS: tuple[Flag, ...] = (
+    Flag("--model-path", dict(help="diffusers-layout folder, or a hub id where the network allows")),
+    Flag("--model-name", dict(default="", help="model name clients use (default: the folder's name); with generate --server, the served model to use")),
+    Flag("--device", dict(default="auto", help="auto, cpu, cuda, cuda:N")),
+    Flag("--dtype", dict(default="auto", help="auto (bf16 on GPU, float32 on CPU), bfloat16, float16, float32")),
+    Flag("--attention-backend", dict(default="auto", help="auto (fastest exact one available), fa3, flash-attn, cudnn, sdpa")),
+    Flag("--compile", dict(action="store_true", help="torch.compile the DiT (GPU; see bench/NOTES.md)")),
+    Flag("--cuda-graphs", dict(action="store_true", help="replay the DiT forward from CUDA graphs, one per shape (GPU; docs/cli.md)")),
+    Flag("--warmup", dict(action="store_true", help="warm up before serving (the first request is not the slow one)")),
+    Flag("--warmup-shape", dict(action="append", default=[], metavar="HxWxF", help="shape bucket to warm up (repeatable; default: the model's default size)")),
+    Flag("--num-gpus", dict(type=int, default=1, help="processes (GPUs) in the worker group (default 1)")),
+    Flag("--enable-cfg-parallel", dict(action="store_true", help="conditional and unconditional rows on separate halves of the group")),
+    Flag("--ulysses-degree", dict(type=int, default=0, help="Ulysses sequence-parallel degree (default: chosen from --num-gpus)")),
+    Flag("--ring-degree", dict(type=int, default=0, help="Ring sequence-parallel degree (default: chosen from --num-gpus)")),
+    Flag("--tp-size", dict(type=int, default=0, help="tensor-parallel degree (default 1)")),
+    Flag("--max-batch-size", dict(type=int, default=4, help="most jobs sharing one denoising step (default 4)")),
+    Flag("--max-resident", dict(type=int, default=8, help="most jobs a worker holds at once (default 8)")),
+    Flag("--log-level", dict(default="INFO", help="log level of the worker process"), outer="--worker-log-level"),
+)
+
+
+def _dest(name: str) -> str:
+    return name.removeprefix("--").replace("-", "_")
+
+
+def add_worker_flags(parser: argparse.ArgumentParser, *, outer: bool = False, model_path_required: bool = False) -> None:
+    """Adds WORKER_FLAGS to `parser`: as the worker spells them, or (outer=True) as `diffserve serve`
+    and `generate` do. Parsed values land under the worker's names (args.model_path, args.log_level,
+    or for the outer spelling args.worker_log_level)."""
+    for flag in WORKER_FLAGS:
+        kwargs = dict(flag.kwargs)
+        if flag.name == "--model-path" and model_path_required:
+            kwargs["required"] = True
+        if kwargs.get("action") == "append":
+            kwargs["default"] = list(kwargs["default"])  # argparse appends to the default list
+        parser.add_argument(flag.outer_name if outer else flag.name, **kwargs)
+
+
+def worker_argv(args: argparse.Namespace, *, outer: bool = False) -> list[str]:
+    """The argv that passes the worker flags parsed into `args` on (flags left at their default are
+    left out): to a worker (outer=False) or to another `diffserve serve` (outer=True). `args` was
+    parsed with add_worker_flags(outer=True)."""
+    out: list[str] = []
+    for flag in WORKER_FLAGS:
+        value = getattr(args, _dest(flag.outer_name))
+        if value is None or value == flag.default:
+            continue
+        name = flag.outer_name if outer else flag.name
+        action = flag.kwargs.get("action")
+        if action == "store_true":
+            out.append(name)
+        elif action == "append":
+            for item in value:
+                out += [name, str(item)]
+        else:
+            out += [name, str(value)]
+    return out

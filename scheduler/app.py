@@ -1,0 +1,110 @@
+"""The composition root: `diffserve serve` wires a scheduler to its local worker group and runs it.
+
+This is the one module that knows both halves: it builds the scheduler's configuration from the
+command line and turns the worker flags (diffserve.worker.v1.launch, defined once) into the argv of
+the worker processes the launcher starts. The client package stays a pure client; its `diffserve`
+command delegates `serve` here (`main`), and `generate --model-path` starts `python -m
+diffserve.scheduler.app` as a subprocess through `local_server`.
+
+    python -m diffserve.scheduler.app --model-path DIR [serve flags]   # same as `diffserve serve`
+
+Imports nothing heavy at module level (the `diffserve` command builds its parser from here).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from diffserve.worker.v1.launch import add_worker_flags, worker_argv
+
+
+def add_serve_flags(s: argparse.ArgumentParser) -> None:
+    """The flags of `diffserve serve`: the worker flags (outer spelling), then the scheduler's."""
+    add_worker_flags(s, outer=True)
+    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
+    s.add_argument("--worker-bind", default="tcp://127.0.0.1:0", help="ZeroMQ address workers connect to")
+    s.add_argument("--output-dir", default="outputs")
+    s.add_argument("--max-queue", type=int, default=256, help="queued jobs beyond which SubmitJob answers RESOURCE_EXHAUSTED")
+    s.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds of worker silence before its jobs fail")
+    s.add_argument("--no-restart-workers", action="store_true", help="do not restart a local worker that died")
+    s.add_argument("--drain-timeout", type=float, default=60.0, help="seconds Ctrl-C waits for running jobs")
+    s.add_argument("--image-dir", default="", help="folder whose images requests may name by path (default: paths refused)")
+    s.add_argument("--allow-private-image-urls", action="store_true", help="let image URLs reach private, loopback and link-local addresses")
+    s.add_argument("--max-image-bytes", type=int, default=20 << 20, help="largest input image, fetched or sent (default 20 MiB)")
+    s.add_argument("--image-fetch-timeout", type=float, default=10.0, help="seconds to fetch an image URL")
+    s.add_argument("--ready-file", default="", help=argparse.SUPPRESS)
+    s.add_argument("--log-level", default="INFO")
+
+
+def serve(args: argparse.Namespace) -> int:
+    """Runs the scheduler (gRPC) and, with --model-path, its local worker group until Ctrl-C."""
+    from diffserve.scheduler.engine import EngineConfig
+    from diffserve.scheduler.images import ImagePolicy
+    from diffserve.scheduler.launcher import LocalWorkerSpec
+    from diffserve.scheduler.server import ServerConfig, run
+
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s scheduler %(levelname)s %(name)s: %(message)s")
+    if args.num_gpus < 1:
+        print("error: --num-gpus must be >= 1", file=sys.stderr)
+        return 2
+    # The layout itself is checked by the worker (it knows the model); an impossible one stops serve.
+    specs = [LocalWorkerSpec("local-0", worker_argv(args), world_size=args.num_gpus)] if args.model_path else []
+    config = ServerConfig(
+        host=args.host, port=args.port, worker_bind=args.worker_bind, output_dir=args.output_dir,
+        engine=EngineConfig(max_queue=args.max_queue, max_batch_size=args.max_batch_size, heartbeat_timeout_s=args.heartbeat_timeout),
+        local_workers=specs, restart_workers=not args.no_restart_workers, drain_timeout_s=args.drain_timeout,
+        images=ImagePolicy(allowed_dir=Path(args.image_dir) if args.image_dir else None, allow_private_urls=args.allow_private_image_urls,
+                           max_bytes=args.max_image_bytes, timeout_s=args.image_fetch_timeout),
+    )
+
+    def started(port: int) -> None:
+        if args.ready_file:
+            Path(args.ready_file).write_text(str(port))
+
+    return run(config, started)
+
+
+@contextlib.contextmanager
+def local_server(args: argparse.Namespace, workdir: str | Path, log_level: str = "WARNING") -> Iterator[tuple[subprocess.Popen, str]]:
+    """A one-job `diffserve serve` subprocess on a free port with the worker flags parsed into
+    `args` (add_worker_flags(outer=True)); yields (process, "127.0.0.1:PORT") and stops it on exit."""
+    ready = Path(workdir) / "port"
+    cmd = [sys.executable, "-m", "diffserve.scheduler.app", *worker_argv(args, outer=True), "--port", "0",
+           "--output-dir", str(Path(workdir) / "outputs"), "--ready-file", str(ready), "--log-level", log_level,
+           "--no-restart-workers", "--max-queue", "1"]
+    proc = subprocess.Popen(cmd)
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"error: the local server did not start (exit code {proc.poll()})")
+            time.sleep(0.05)
+        yield proc, f"127.0.0.1:{ready.read_text()}"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def main(argv=None, prog: str = "python -m diffserve.scheduler.app") -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=serve.__doc__)
+    add_serve_flags(parser)
+    try:
+        return serve(parser.parse_args(argv))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

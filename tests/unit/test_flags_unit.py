@@ -1,0 +1,61 @@
+"""The worker flags are defined once (diffserve.worker.v1.launch) and mean the same on every command
+line: `diffserve generate`, `diffserve serve` and `python -m diffserve.worker`."""
+
+from __future__ import annotations
+
+import argparse
+
+from diffserve.client.cli import build_parser
+from diffserve.scheduler.app import add_serve_flags
+from diffserve.worker.__main__ import parse_args as worker_parse_args
+from diffserve.worker.v1.launch import WORKER_FLAGS, worker_argv
+
+GIVEN = ["--model-path", "/models/x", "--model-name", "m", "--device", "cpu", "--dtype", "float32", "--attention-backend", "sdpa",
+         "--compile", "--cuda-graphs", "--warmup", "--warmup-shape", "32x32x1", "--warmup-shape", "64x64", "--num-gpus", "4",
+         "--enable-cfg-parallel", "--ulysses-degree", "2", "--ring-degree", "1", "--tp-size", "1", "--max-batch-size", "3",
+         "--max-resident", "5", "--worker-log-level", "DEBUG"]
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    add_serve_flags(parser)
+    return parser
+
+
+def worker_values(args: argparse.Namespace) -> dict:
+    return {flag.name: getattr(args, flag.name.removeprefix("--").replace("-", "_")) for flag in WORKER_FLAGS}
+
+
+def outer_values(args: argparse.Namespace) -> dict:
+    return {flag.name: getattr(args, flag.outer_name.removeprefix("--").replace("-", "_")) for flag in WORKER_FLAGS}
+
+
+def test_generate_and_serve_pass_every_worker_flag_on():
+    generate = build_parser().parse_args(["generate", "--prompt", "p", *GIVEN])
+    serve = serve_parser().parse_args(GIVEN)
+    assert outer_values(generate) == outer_values(serve)
+    worker = worker_parse_args(["--scheduler", "tcp://127.0.0.1:1", *worker_argv(serve)])
+    assert worker_values(worker) == outer_values(serve)
+    assert worker.log_level == "DEBUG" and worker.warmup_shape == ["32x32x1", "64x64"] and worker.compile
+    # generate --model-path hands the same flags to its local `serve` subprocess
+    again = serve_parser().parse_args(worker_argv(generate, outer=True))
+    assert outer_values(again) == outer_values(serve)
+
+
+def test_defaults_are_the_same_everywhere():
+    serve = serve_parser().parse_args([])
+    worker = worker_parse_args(["--scheduler", "tcp://127.0.0.1:1", "--model-path", "/m"])
+    assert worker_values(worker) == {**outer_values(serve), "--model-path": "/m"}
+    assert worker_argv(serve_parser().parse_args(["--model-path", "/m"])) == ["--model-path", "/m"]
+
+
+def test_shared_constants_defined_once():
+    from diffserve.client import client
+    from diffserve.scheduler import errors, launcher
+    from diffserve.v1 import limits
+    from diffserve.worker import __main__ as worker_main
+    from diffserve.worker.v1 import launch
+
+    assert client.STATUS_DETAILS_KEY is errors.STATUS_DETAILS_KEY is limits.STATUS_DETAILS_KEY
+    assert launcher.EXIT_CANNOT_LOAD is worker_main.EXIT_CANNOT_LOAD is launch.EXIT_CANNOT_LOAD
+    assert dict(client._channel_options())["grpc.max_send_message_length"] == limits.MAX_MESSAGE_BYTES
