@@ -82,11 +82,12 @@ def _check_layout(rank: int, world: int, init: str, ulysses: int, ring: int) -> 
     torch.set_grad_enabled(False)
     state = ParallelState.init(ParallelDims(ulysses=ulysses, ring=ring), rank, init, torch.device("cpu"))
     assert state.sequence is not None and state.sequence.size == world
+    from diffserve.worker.parallel.plans import parallelize
+
     for name, model, args in _cases() + [_hunyuan_case()]:
         single = model(*args)
-        model.sequence_parallel = state.sequence
+        parallelize(model, state)
         ours = model(*args)
-        model.sequence_parallel = None
         err = (ours - single).abs().max().item()
         assert err < 1e-4, f"{name} ulysses {ulysses} ring {ring} rank {rank}: max error {err}"
         assert single.std() > 0.1
@@ -111,10 +112,21 @@ def test_ring_merge_of_blocks_equals_whole_attention():
 
 
 class _Model(torch.nn.Module):
+    """A DiT of the Wan family as the planner sees it (its plan is found by the module name)."""
+
     def __init__(self, heads: int):
         super().__init__()
         self.config = type("Config", (), {"num_attention_heads": heads})()
-        self.sequence_parallel = None
+
+
+_Model.__module__ = "diffserve.worker.models.wan"
+
+
+class _Unplanned(_Model):
+    """A transformer whose family has no plan file (no sequence- or tensor-parallel path)."""
+
+
+_Unplanned.__module__ = "diffserve.worker.models.unplanned"
 
 
 @pytest.mark.parametrize("gpus,kw,expect", [
@@ -135,7 +147,5 @@ def test_layout_problems_name_the_numbers():
     assert problems == ["3 attention heads do not divide by ulysses 2 × tp 1"]
     _, problems = plan_layout(4, [_Model(4)], cfg_capable=False, uses_cfg=True, enable_cfg_parallel=True)
     assert any("no CFG-parallel path" in p for p in problems)
-    no_sp = _Model(4)
-    del no_sp.sequence_parallel  # a transformer without a sequence-parallel path
-    _, problems = plan_layout(2, [no_sp], cfg_capable=False, uses_cfg=False)
+    _, problems = plan_layout(2, [_Unplanned(4)], cfg_capable=False, uses_cfg=False)
     assert any("no sequence-parallel path" in p for p in problems)

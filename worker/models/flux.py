@@ -95,6 +95,19 @@ def flux_rope(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float = 1000
     return cos[None, :, None, :], sin[None, :, None, :]
 
 
+class FluxPosEmbed(nn.Module):
+    """RoPE tables of the joint [text, image] sequence from their position ids (no parameters;
+    diffusers' `pos_embed`)."""
+
+    def __init__(self, axes_dims: tuple[int, ...]):
+        super().__init__()
+        self.axes_dims = axes_dims
+
+    def forward(self, txt_ids: torch.Tensor, img_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # txt_ids (S, 3), img_ids (N, 3) -> cos, sin each (1, S + N, 1, Dh)
+        return flux_rope(torch.cat([txt_ids, img_ids], dim=0), self.axes_dims)
+
+
 # ---------------------------------------------------------------------------------------------
 # Conditioning: timestep (+ guidance) + pooled text -> one vector per sample
 # ---------------------------------------------------------------------------------------------
@@ -196,38 +209,39 @@ class FluxAttention(nn.Module):
     def _qkv(self, x: torch.Tensor, to_q, to_k, to_v, norm_q, norm_k, rope):
         return qk_norm_rope(self._heads(to_q(x)), norm_q, rope), qk_norm_rope(self._heads(to_k(x)), norm_k, rope), self._heads(to_v(x))
 
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The attention seam. Single stream: q, k, v of [text, image] (B, S + N, Hd, Dh) -> the same
+        shape. Joint: image q, k, v (B, N, Hd, Dh) and the text's `text` (B, S, Hd, Dh) each, attended
+        as [text, image] -> (image out, text out). A parallel plan (worker/parallel/plans/) may
+        replace it on an instance."""
+        if text is None:
+            return attention(q, k, v)
+        s = text[0].shape[1]
+        out = attention(torch.cat([text[0], q], dim=1), torch.cat([text[1], k], dim=1), torch.cat([text[2], v], dim=1))
+        return out[:, s:], out[:, :s]
+
     def forward(
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         context: torch.Tensor | None = None,
-        sequence=None,
-        length: int = 0,
-        text_len: int = 0,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # joint: x image (B, N, D), context text (B, S, D) -> (image out, text out)
         # single: x = [text, image] (B, S + N, D) -> (B, S + N, D), not projected
-        # sequence (worker/parallel/sequence.py): the image part is this rank's shard of `length`
-        # tokens; the text part (the first `text_len` tokens) is whole on every rank.
         # rope tables are laid out [text, image] like the sequence
-        text_len = context.shape[1] if self.joint else text_len
-        image_rope = tuple(r[:, text_len:] for r in rope) if self.joint else rope
-        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, image_rope)  # (B, N, Hd, Dh)
         if not self.joint:
-            if sequence is None:
-                return attention(q, k, v).flatten(2, 3)  # (B, S + N, D)
-            s = text_len  # the sequence group hands back [text, image] in one tensor
-            out, _ = sequence.attention(q[:, s:], k[:, s:], v[:, s:], length, text=(q[:, :s], k[:, :s], v[:, :s]), text_first=True)
-            return out.flatten(2, 3)
+            q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, rope)  # (B, S + N, Hd, Dh)
+            return self.attend(q, k, v).flatten(2, 3)  # (B, S + N, D)
+        text_len = context.shape[1]
+        image_rope = tuple(r[:, text_len:] for r in rope)
+        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, image_rope)  # (B, N, Hd, Dh)
         text_rope = tuple(r[:, :text_len] for r in rope)
         cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
                                self.norm_added_q, self.norm_added_k, text_rope)  # (B, S, Hd, Dh)
-        if sequence is None:
-            out = attention(torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1))  # (B, S + N, Hd, Dh)
-            image_out, text_out = out[:, text_len:].flatten(2, 3).contiguous(), out[:, :text_len].flatten(2, 3).contiguous()
-        else:  # image and text stay apart: the sequence group takes and returns them separately
-            image_out, text_out = sequence.attention(q, k, v, length, text=(cq, ck, cv))
-            image_out, text_out = image_out.flatten(2, 3), text_out.flatten(2, 3)
+        image_out, text_out = self.attend(q, k, v, (cq, ck, cv))
+        image_out, text_out = image_out.flatten(2, 3).contiguous(), text_out.flatten(2, 3).contiguous()
         return self.to_out[0](image_out), self.to_add_out(text_out)
 
 
@@ -257,16 +271,15 @@ class FluxDoubleBlock(nn.Module):
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-        sequence=None, length: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # x (B, N, D) image (a token shard under sequence parallelism), context (B, S, D) text, temb (B, D)
+        # x (B, N, D) image, context (B, S, D) text, temb (B, D)
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.norm1.modulations(temb)  # (B, 1, D) each
         c_shift_a, c_scale_a, c_gate_a, c_shift_f, c_scale_f, c_gate_f = self.norm1_context.modulations(temb)
 
         # 1. Joint attention over [text, image].
         h = norm_modulate(x, shift_a, scale_a, self.norm1.norm)
         c = norm_modulate(context, c_shift_a, c_scale_a, self.norm1_context.norm)
-        attn_x, attn_c = self.attn(h, rope, context=c, sequence=sequence, length=length)
+        attn_x, attn_c = self.attn(h, rope, context=c)
 
         # 2. Image stream: gated residuals.
         x = gated_residual(x, attn_x, gate_a)
@@ -290,13 +303,12 @@ class FluxSingleBlock(nn.Module):
         self.proj_out = nn.Linear(dim + mlp_dim, dim)
         self.attn = FluxAttention(dim, heads, head_dim, joint=False)
 
-    def forward(self, xc: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                sequence=None, length: int = 0, text_len: int = 0) -> torch.Tensor:
-        # xc = [text, image] (B, S + N, D); the image part a token shard under sequence parallelism
+    def forward(self, xc: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # xc = [text, image] (B, S + N, D)
         shift, scale, gate = self.norm.modulations(temb)  # (B, 1, D) each
         h = norm_modulate(xc, shift, scale, self.norm.norm)
         mlp = linear_gelu_tanh(h, self.proj_mlp.weight, self.proj_mlp.bias)  # (B, S + N, 4D)
-        attn = self.attn(h, rope, sequence=sequence, length=length, text_len=text_len)  # (B, S + N, D)
+        attn = self.attn(h, rope)  # (B, S + N, D)
         xc = gated_residual(xc, self.proj_out(torch.cat([attn, mlp], dim=2)), gate)
         return _clip_fp16(xc)
 
@@ -324,6 +336,7 @@ class FluxTransformer(nn.Module):
         self.time_text_embed = FluxTimeTextEmbedding(dim, cfg.pooled_projection_dim, cfg.guidance_embeds)
         self.context_embedder = nn.Linear(cfg.joint_attention_dim, dim)
         self.x_embedder = nn.Linear(cfg.in_channels, dim)
+        self.pos_embed = FluxPosEmbed(cfg.axes_dims_rope)
         heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
         self.transformer_blocks = nn.ModuleList([FluxDoubleBlock(dim, heads, head_dim) for _ in range(cfg.num_layers)])
         self.single_transformer_blocks = nn.ModuleList(
@@ -331,8 +344,6 @@ class FluxTransformer(nn.Module):
         )
         self.norm_out = AdaNorm(dim, 2)
         self.proj_out = nn.Linear(dim, cfg.patch_size * cfg.patch_size * out_channels)
-        # sequence group (worker/parallel/sequence.py) when the worker group shards tokens.
-        self.sequence_parallel = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -364,24 +375,20 @@ class FluxTransformer(nn.Module):
         temb = self.time_text_embed(t, g, pooled)  # (B, D)
 
         c = self.context_embedder(context)  # (B, S, D)
-        rope = flux_rope(torch.cat([txt_ids, img_ids], dim=0), self.config.axes_dims_rope)  # (1, S + N, 1, Dh)
-        text_len, sp, length = c.shape[1], self.sequence_parallel, x.shape[1]
-        if sp is not None:  # shard the image tokens once (their rope with them); text stays whole
-            x = sp.shard(x)
-            rope = tuple(torch.cat([r[:, :text_len], sp.shard(r[:, text_len:])], dim=1) for r in rope)
+        rope = self.pos_embed(txt_ids, img_ids)  # (1, S + N, 1, Dh)
+        text_len = c.shape[1]
 
         for block in self.transformer_blocks:
-            x, c = block(x, c, temb, rope, sp, length)
+            x, c = block(x, c, temb, rope)
 
         xc = torch.cat([c, x], dim=1)  # (B, S + N, D)
         for block in self.single_transformer_blocks:
-            xc = block(xc, temb, rope, sp, length, text_len)
+            xc = block(xc, temb, rope)
         x = xc[:, text_len:]
 
         # Output head: AdaLN (scale first, then shift) and linear to packed channels.
         scale, shift = self.norm_out.modulations(temb)
-        x = self.proj_out(norm_modulate(x, shift, scale, self.norm_out.norm))  # (B, N, Cout)
-        return x if sp is None else sp.gather(x, length)
+        return self.proj_out(norm_modulate(x, shift, scale, self.norm_out.norm))  # (B, N, Cout)
 
     # -----------------------------------------------------------------------------------------
     # Loading

@@ -13,9 +13,8 @@ first n_b text tokens). That is the reference's mask, so a sample's output does 
 much padding its batch carries (batched equals solo), and `kernels.attention.attention` stays the
 only attention call. Padded text positions are never read by valid tokens and are dropped at the end.
 
-Sequence parallelism (worker/parallel/sequence.py, `sequence_parallel` set by the worker): the video
-tokens and their RoPE tables are sharded once after the patch embedding and gathered once after the
-output head; the text tokens stay whole on every rank and their padding becomes a key mask (B, S).
+Parallelism is applied from outside (worker/parallel/plans/hunyuan_video.py): the model has one
+attention seam per attention module (`attend`) and no parallel code.
 
 Shape legend: B batch, C latent channels, F/H/W latent frames/height/width, L video tokens
 (F' * H' * W' after patchifying), S text tokens (padded), D model width, Hd heads, Dh head dim.
@@ -145,6 +144,17 @@ def rope_3d(
     cos = torch.cat(cos_parts, dim=-1).reshape(1, f * h * w, 1, -1)
     sin = torch.cat(sin_parts, dim=-1).reshape(1, f * h * w, 1, -1)
     return cos, sin
+
+
+class RotaryEmbedding(nn.Module):
+    """`rope_3d` as a module (no parameters; diffusers' `rope`)."""
+
+    def __init__(self, axes_dim: Sequence[int], theta: float):
+        super().__init__()
+        self.axes_dim, self.theta = tuple(axes_dim), theta
+
+    def forward(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_3d(grid, self.axes_dim, self.theta, device)
 
 
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: Sequence[int]) -> torch.Tensor:
@@ -296,22 +306,24 @@ class JointAttention(nn.Module):
             self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
             self.to_add_out = nn.Linear(dim, dim)
 
+    def attend(self, q, k, v, text, key_lengths: Sequence[int]) -> torch.Tensor:
+        """The attention seam: video q, k, v (B, L, Hd, Dh) and the text's `text` (B, S, Hd, Dh) each,
+        attended as [video, text], row b against keys [0, key_lengths[b]) -> (B, L + S, Hd, Dh). A
+        parallel plan (worker/parallel/plans/) may replace it on an instance."""
+        q, k, v = torch.cat([q, text[0]], 1), torch.cat([k, text[1]], 1), torch.cat([v, text[2]], 1)
+        return prefix_attention(q, k, v, key_lengths)
+
     def forward(
         self,
         x: torch.Tensor,
         num_video: int,
         rope: tuple[torch.Tensor, torch.Tensor],
         key_lengths: Sequence[int],
-        text_mask: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
-        sequence=None,
-        length: int = 0,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # dual: x video (B, L, D), context text (B, S, D) -> (video out, text out), each projected
         # single: x = [video, text] (B, L + S, D) -> (B, L + S, D), not projected (the block's proj_out does it)
-        # key_lengths: row b attends to keys [0, key_lengths[b]) of [video, text]. sequence
-        # (worker/parallel/sequence.py): the video part is this rank's shard of `length` tokens, the
-        # text whole; text_mask (B, S) bool, False at padding (None when no row is padded).
+        # key_lengths: row b attends to keys [0, key_lengths[b]) of [video, text].
         n = num_video
         q, k, v = (_heads(proj(x), self.heads) for proj in (self.to_q, self.to_k, self.to_v))
         if self.dual:
@@ -322,12 +334,7 @@ class JointAttention(nn.Module):
             q, k, v = q[:, :n], k[:, :n], v[:, :n]
         q, k = qk_norm_rope(q, self.norm_q, rope), qk_norm_rope(k, self.norm_k, rope)  # (B, L, Hd, Dh)
 
-        if sequence is None:
-            q, k, v = torch.cat([q, tq], 1), torch.cat([k, tk], 1), torch.cat([v, tv], 1)
-            out = prefix_attention(q, k, v, key_lengths)  # (B, L + S, Hd, Dh)
-        else:
-            video_out, text_out = sequence.attention(q, k, v, length, text=(tq, tk, tv), text_mask=text_mask)
-            out = torch.cat([video_out, text_out], 1)
+        out = self.attend(q, k, v, (tq, tk, tv), key_lengths)  # (B, L + S, Hd, Dh)
         out = out.flatten(2, 3).to(q.dtype)  # (B, L + S, D)
         if not self.dual:
             return out
@@ -347,14 +354,14 @@ class DualStreamBlock(nn.Module):
         self.norm2_context = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff_context = FeedForward(dim, int(dim * mlp_ratio), approximate="tanh")
 
-    def forward(self, x, text, temb, rope, key_lengths, text_mask=None, sequence=None, length=0):
-        # x (B, L, D) video (a token shard under sequence parallelism), text (B, S, D), temb (B, D)
+    def forward(self, x, text, temb, rope, key_lengths):
+        # x (B, L, D) video, text (B, S, D), temb (B, D)
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb)  # (B, 1, D) each
         c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
 
         h = norm_modulate(x, shift, scale, self.norm1.norm)
         c = norm_modulate(text, c_shift, c_scale, self.norm1_context.norm)
-        attn, text_attn = self.attn(h, x.shape[1], rope, key_lengths, text_mask, context=c, sequence=sequence, length=length)
+        attn, text_attn = self.attn(h, x.shape[1], rope, key_lengths, context=c)
         x = gated_residual(x, attn, gate)
         text = gated_residual(text, text_attn, c_gate)
 
@@ -375,12 +382,12 @@ class SingleStreamBlock(nn.Module):
         self.proj_mlp = nn.Linear(dim, mlp_dim)
         self.proj_out = nn.Linear(dim + mlp_dim, dim)
 
-    def forward(self, xc, num_video, temb, rope, key_lengths, text_mask=None, sequence=None, length=0):
-        # xc = [video, text] (B, L + S, D), the first num_video tokens video (a shard under sequence parallelism)
+    def forward(self, xc, num_video, temb, rope, key_lengths):
+        # xc = [video, text] (B, L + S, D), the first num_video tokens video
         shift, scale, gate = self.norm(temb)  # (B, 1, D) each
         h = norm_modulate(xc, shift, scale, self.norm.norm)
         mlp = linear_gelu_tanh(h, self.proj_mlp.weight, self.proj_mlp.bias)  # (B, L + S, mlp_dim)
-        attn = self.attn(h, num_video, rope, key_lengths, text_mask, sequence=sequence, length=length)  # (B, L + S, D)
+        attn = self.attn(h, num_video, rope, key_lengths)  # (B, L + S, D)
         return gated_residual(xc, self.proj_out(torch.cat([attn, mlp], dim=2)), gate)
 
 
@@ -406,6 +413,7 @@ class HunyuanVideoTransformer(nn.Module):
         patch = (cfg.patch_size_t, cfg.patch_size, cfg.patch_size)
         self.x_embedder = nn.Module()
         self.x_embedder.proj = nn.Conv3d(cfg.in_channels, dim, kernel_size=patch, stride=patch)
+        self.rope = RotaryEmbedding(cfg.rope_axes_dim, cfg.rope_theta)
         self.context_embedder = TokenRefiner(cfg.text_embed_dim, heads, cfg.attention_head_dim, cfg.num_refiner_layers)
         self.time_text_embed = ConditionEmbedding(dim, cfg.pooled_projection_dim, cfg.guidance_embeds)
         self.transformer_blocks = nn.ModuleList([DualStreamBlock(dim, heads, cfg.mlp_ratio) for _ in range(cfg.num_layers)])
@@ -416,8 +424,6 @@ class HunyuanVideoTransformer(nn.Module):
         self.norm_out.linear = nn.Linear(dim, 2 * dim)  # (scale, shift) of the final AdaLN
         self.norm_out.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.proj_out = nn.Linear(dim, cfg.patch_size_t * cfg.patch_size**2 * (cfg.out_channels or cfg.in_channels))
-        # sequence group (worker/parallel/sequence.py) when the worker group shards tokens.
-        self.sequence_parallel = None
 
     def forward(
         self,
@@ -440,32 +446,23 @@ class HunyuanVideoTransformer(nn.Module):
         lengths = [int(n) for n in (text_lengths.tolist() if torch.is_tensor(text_lengths) else text_lengths)]
         assert len(lengths) == b and all(1 <= n <= text.shape[1] for n in lengths), lengths
 
-        rope = rope_3d(grid, self.config.rope_axes_dim, self.config.rope_theta, latents.device)  # (1, L, 1, Dh) x2
+        rope = self.rope(grid, latents.device)  # (1, L, 1, Dh) x2
         temb = self.time_text_embed(timestep, pooled, guidance)  # (B, D)
         x = self.x_embedder.proj(latents).flatten(2).transpose(1, 2)  # (B, L, D), tokens in (f, h, w) order
         context = self.context_embedder(text, timestep, lengths)  # (B, S, D), whole on every rank
-        sp, length = self.sequence_parallel, x.shape[1]
-        key_lengths = [length + n for n in lengths]  # row b attends to all video + its valid text
-        text_mask = None
-        if sp is not None:  # shard the video tokens once (their rope with them); text padding as a key mask
-            x, rope = sp.shard(x), tuple(sp.shard(r) for r in rope)
-            s = context.shape[1]
-            if any(n < s for n in lengths):
-                text_mask = torch.arange(s, device=x.device)[None, :] < torch.tensor(lengths, device=x.device)[:, None]  # (B, S)
+        key_lengths = [x.shape[1] + n for n in lengths]  # row b attends to all video + its valid text
 
         for block in self.transformer_blocks:
-            x, context = block(x, context, temb, rope, key_lengths, text_mask, sp, length)
+            x, context = block(x, context, temb, rope, key_lengths)
         num_video = x.shape[1]
         xc = torch.cat([x, context], 1)  # (B, L + S, D)
         for block in self.single_transformer_blocks:
-            xc = block(xc, num_video, temb, rope, key_lengths, text_mask, sp, length)
+            xc = block(xc, num_video, temb, rope, key_lengths)
         x = xc[:, :num_video]
 
         # Output head: AdaLN (note: scale before shift here) then linear to patch pixels.
         scale, shift = self.norm_out.linear(F.silu(temb).to(x.dtype)).unsqueeze(1).chunk(2, dim=-1)
         x = self.proj_out(norm_modulate(x, shift, scale, self.norm_out.norm))  # (B, L, C_out * pt * p * p), channels first
-        if sp is not None:
-            x = sp.gather(x, length)
 
         # Unpatchify: (B, F', H', W', C, pt, p, p) -> (B, C, F'pt, H'p, W'p).
         x = x.reshape(b, *grid, -1, pt, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)

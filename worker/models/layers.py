@@ -162,14 +162,32 @@ def rotary_tables(
     return cos, sin
 
 
+class RMSNorm(nn.Module):
+    """diffusers' RMSNorm: variance in float32; the result takes the weight's dtype if it is half
+    precision (a float32 weight leaves it float32)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return x * self.weight
+
+
 def qk_norm_rope(x: torch.Tensor, norm: nn.Module, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """RMS q/k norm then RoPE (`apply_rotary`) in one pass, float32 inside, x's dtype out.
 
-    x: (B, L, H, D); norm: an RMSNorm (nn.RMSNorm, or a module with `weight` and `eps` as diffusers'
-    RMSNorm) over D (per head: FLUX, Qwen-Image, HunyuanVideo) or over H * D (across heads: Wan);
-    rope: (cos, sin) tables as `apply_rotary` takes them, or None for the norm alone.
+    x: (B, L, H, D); norm: an RMSNorm (nn.RMSNorm, or this module's RMSNorm as diffusers has it)
+    over D (per head: FLUX, Qwen-Image, HunyuanVideo) or over H * D (across heads: Wan);
+    rope: (cos, sin) tables as `apply_rotary` takes them, or None for the norm alone. Any other
+    norm module is called on the flattened heads (B, L, H * D), then RoPE is applied.
     """
-    if getattr(norm, "spans_ranks", False):  # tensor parallel: its RMS is all-reduced (worker/parallel/tensor.py)
+    if not isinstance(norm, (nn.RMSNorm, RMSNorm)):
         x = norm(x.flatten(-2)).unflatten(-1, x.shape[-2:])
         return apply_rotary(x, *rope) if rope is not None else x
     weight = norm.weight

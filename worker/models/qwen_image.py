@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from diffserve.kernels.attention import attention
 from diffserve.worker.models.checkpoint import load_module, read_config
-from diffserve.worker.models.layers import FeedForward, TimestepEmbedding, gated_residual, norm_modulate, qk_norm_rope
+from diffserve.worker.models.layers import FeedForward, RMSNorm, TimestepEmbedding, gated_residual, norm_modulate, qk_norm_rope
 
 # (frames, height, width) of one image's token grid, in packed (2x2) latent units.
 ImageShape = tuple[int, int, int]
@@ -129,26 +129,20 @@ def rope_tables(
     return tables(torch.cat(image_angles)), tables(text_angles)
 
 
+class QwenPosEmbed(nn.Module):
+    """`rope_tables` as a module (no parameters; diffusers' `pos_embed`)."""
+
+    def __init__(self, axes_dims: tuple[int, int, int]):
+        super().__init__()
+        self.axes_dims = axes_dims
+
+    def forward(self, images: list[ImageShape], text_len: int, device) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        return rope_tables(self.axes_dims, images, text_len, device)
+
+
 # ---------------------------------------------------------------------------------------------
 # Norms and timestep embedding
 # ---------------------------------------------------------------------------------------------
-
-
-class RMSNorm(nn.Module):
-    """diffusers' RMSNorm: variance in float32; the result takes the weight's dtype if it is half
-    precision (a float32 weight leaves it float32)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return x * self.weight
 
 
 def qwen_timestep_embedding(timestep: torch.Tensor, dim: int = TIME_PROJ_DIM, scale: float = 1000.0) -> torch.Tensor:
@@ -200,9 +194,17 @@ class JointAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # diffusers' `to_out.0` (to_out.1 is dropout)
         self.to_add_out = nn.Linear(dim, dim)
 
-    def forward(self, img, txt, img_rope, txt_rope, key_mask, sequence=None, length=0):
+    def attend(self, q, k, v, text, key_mask):
+        """The attention seam: image q, k, v (B, L, Hd, Dh) and the text's `text` (B, S, Hd, Dh) each,
+        attended as [text, image] with key_mask (B, S + L) or None -> (image out, text out). A
+        parallel plan (worker/parallel/plans/) may replace it on an instance."""
+        s = text[0].shape[1]
+        out = attention(torch.cat([text[0], q], dim=1), torch.cat([text[1], k], dim=1), torch.cat([text[2], v], dim=1),
+                        key_mask=key_mask)  # (B, S + L, Hd, Dh)
+        return out[:, s:], out[:, :s]
+
+    def forward(self, img, txt, img_rope, txt_rope, key_mask):
         # img: (B, L, D), txt: (B, S, D); key_mask: (B, S + L) bool (False at text padding) or None.
-        # sequence (worker/parallel/sequence.py): img is this rank's shard of `length` tokens.
         def heads(x):
             return x.unflatten(-1, (self.heads, -1))  # (B, N, Hd, Dh)
 
@@ -213,17 +215,9 @@ class JointAttention(nn.Module):
         txt_k = qk_norm_rope(heads(self.add_k_proj(txt)), self.norm_added_k, txt_rope)
         txt_v = heads(self.add_v_proj(txt))
 
-        if sequence is not None:
-            text_mask = key_mask[:, : txt.shape[1]] if key_mask is not None else None
-            img_out, txt_out = sequence.attention(img_q, img_k, img_v, length, text=(txt_q, txt_k, txt_v), text_mask=text_mask)
-            img_out, txt_out = img_out.flatten(2, 3).to(img_q.dtype), txt_out.flatten(2, 3).to(img_q.dtype)
-            return self.to_out[0](img_out), self.to_add_out(txt_out)
-        q = torch.cat([txt_q, img_q], dim=1)  # (B, S + L, Hd, Dh)
-        k = torch.cat([txt_k, img_k], dim=1)
-        v = torch.cat([txt_v, img_v], dim=1)
-        out = attention(q, k, v, key_mask=key_mask).flatten(2, 3).to(q.dtype)  # (B, S + L, D)
-        s = txt.shape[1]
-        return self.to_out[0](out[:, s:].contiguous()), self.to_add_out(out[:, :s].contiguous())
+        img_out, txt_out = self.attend(img_q, img_k, img_v, (txt_q, txt_k, txt_v), key_mask)
+        img_out, txt_out = img_out.flatten(2, 3).to(img_q.dtype), txt_out.flatten(2, 3).to(img_q.dtype)
+        return self.to_out[0](img_out.contiguous()), self.to_add_out(txt_out.contiguous())
 
 
 class QwenImageBlock(nn.Module):
@@ -238,7 +232,7 @@ class QwenImageBlock(nn.Module):
         self.img_mlp = FeedForward(dim, 4 * dim, approximate="tanh")
         self.txt_mlp = FeedForward(dim, 4 * dim, approximate="tanh")
 
-    def forward(self, img, txt, temb, img_rope, txt_rope, key_mask, sequence=None, length=0):
+    def forward(self, img, txt, temb, img_rope, txt_rope, key_mask):
         # img: (B, L, D), txt: (B, S, D), temb: (B, D)
         img_mod = self.img_mod(temb)[:, None].chunk(6, dim=-1)  # 6 x (B, 1, D): shift, scale, gate, x2
         txt_mod = self.txt_mod(temb)[:, None].chunk(6, dim=-1)
@@ -249,8 +243,6 @@ class QwenImageBlock(nn.Module):
             img_rope,
             txt_rope,
             key_mask,
-            sequence,
-            length,
         )
         img = gated_residual(img, img_attn, img_mod[2])
         txt = gated_residual(txt, txt_attn, txt_mod[2])
@@ -296,14 +288,13 @@ class QwenImageTransformer(nn.Module):
         self.time_text_embed = TimeTextEmbed(dim)
         self.txt_norm = RMSNorm(cfg.joint_attention_dim, eps=1e-6)
         self.img_in = nn.Linear(cfg.in_channels, dim)
+        self.pos_embed = QwenPosEmbed(cfg.axes_dims_rope)
         self.txt_in = nn.Linear(cfg.joint_attention_dim, dim)
         self.transformer_blocks = nn.ModuleList(
             [QwenImageBlock(dim, cfg.num_attention_heads, cfg.attention_head_dim) for _ in range(cfg.num_layers)]
         )
         self.norm_out = AdaNormOut(dim)
         self.proj_out = nn.Linear(dim, cfg.patch_size * cfg.patch_size * out_channels)
-        # sequence group (worker/parallel/sequence.py) when the worker group shards tokens.
-        self.sequence_parallel = None
 
     def forward(
         self,
@@ -322,19 +313,15 @@ class QwenImageTransformer(nn.Module):
         temb = self.time_text_embed(timestep.to(x.dtype), x.dtype)  # (B, D)
         txt = self.txt_in(self.txt_norm(text))  # (B, S, D)
 
-        img_rope, txt_rope = rope_tables(self.config.axes_dims_rope, image_shapes, txt.shape[1], x.device)
-        sp, length = self.sequence_parallel, x.shape[1]
-        if sp is not None:  # shard the image tokens once (their rope with them); text stays whole
-            x, img_rope = sp.shard(x), tuple(sp.shard(r) for r in img_rope)
-        key_mask = None  # over this rank's keys [text, image tokens], built once for every block
+        img_rope, txt_rope = self.pos_embed(image_shapes, txt.shape[1], x.device)
+        key_mask = None  # over the keys [text, image tokens], built once for every block
         if text_mask is not None:
             key_mask = torch.cat([text_mask.bool(), text_mask.new_ones(x.shape[:2], dtype=torch.bool)], dim=1)  # (B, S + L)
 
         for block in self.transformer_blocks:
-            x, txt = block(x, txt, temb, img_rope, txt_rope, key_mask, sp, length)
+            x, txt = block(x, txt, temb, img_rope, txt_rope, key_mask)
 
-        x = self.proj_out(self.norm_out(x, temb))  # (B, L, patch^2 * out_channels)
-        return x if sp is None else sp.gather(x, length)
+        return self.proj_out(self.norm_out(x, temb))  # (B, L, patch^2 * out_channels)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype, device: torch.device | str) -> QwenImageTransformer:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from diffserve.worker.parallel.plans import has_sequence_path
 from diffserve.worker.parallel.state import ParallelDims
 from diffserve.worker.pipelines.base import Capabilities
 
@@ -30,7 +31,7 @@ def plan_layout(num_gpus: int, models: list, *, cfg_capable: bool, uses_cfg: boo
         problems += dims.head_problems(h)
     if dims.cfg > 1 and not cfg_capable:
         problems.append("this model's pipeline has no CFG-parallel path; drop --enable-cfg-parallel")
-    if (dims.ulysses > 1 or dims.ring > 1) and not all(hasattr(m, "sequence_parallel") for m in models):
+    if (dims.ulysses > 1 or dims.ring > 1) and not all(has_sequence_path(m) for m in models):
         problems.append("this model's transformer has no sequence-parallel path; use --ulysses-degree 1 --ring-degree 1")
     if dims.tp > 1:
         from diffserve.worker.parallel.tensor import dit_problems
