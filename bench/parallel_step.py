@@ -124,7 +124,7 @@ def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, r
 
 
 # The step's positional arguments per model (row_parallel splits positions), and back to the dict.
-_ORDER = {"wan-14b": ("x", "t", "ctx"), "flux.1-dev": ("x", "t", "ctx", "pooled", "img_ids", "txt_ids", "guidance")}
+_ORDER = {"wan-14b": ("x", "t", "ctx"), "flux.1-dev": ("x", "t_train", "ctx", "pooled", "img_ids", "txt_ids", "guidance")}
 
 
 def _pack(name: str, inputs: dict) -> tuple:

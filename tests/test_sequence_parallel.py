@@ -49,16 +49,16 @@ def _cases():
 
     flux = _randomize(FluxTransformer(FluxConfig.from_dict(FLUX)))
     img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(5.0), torch.arange(5.0), indexing="ij"), -1).reshape(25, 3)
-    flux_args = (torch.randn(2, 25, 8, generator=g), torch.tensor([0.9, 0.4]), torch.randn(2, 6, 16, generator=g),
+    flux_args = (torch.randn(2, 25, 8, generator=g), torch.tensor([900.0, 400.0]), torch.randn(2, 6, 16, generator=g),
                  torch.randn(2, 16, generator=g), img_ids, torch.zeros(6, 3), torch.tensor([3.5, 3.5]))
 
     qwen = _randomize(QwenImageTransformer(QwenImageConfig.from_dict(QWEN)))
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, 4:] = False  # the second row's prompt is shorter: padded text keys masked
-    qwen_args = (torch.randn(2, 15, 8, generator=g), torch.tensor([0.8, 0.2]), torch.randn(2, 6, 16, generator=g), mask, [(1, 5, 3)])
+    qwen_args = (torch.randn(2, 15, 8, generator=g), torch.tensor([800.0, 200.0]), torch.randn(2, 6, 16, generator=g), mask, [(1, 5, 3)])
     # Qwen-Image-Edit: the input image's tokens follow the noise tokens (two image shapes, 15 + 12 tokens)
     qwen_edit = _randomize(QwenImageTransformer(QwenImageConfig.from_dict(QWEN)))  # its own copy: tp shards in place
-    edit_args = (torch.randn(2, 27, 8, generator=g), torch.tensor([0.7, 0.3]), torch.randn(2, 6, 16, generator=g), mask,
+    edit_args = (torch.randn(2, 27, 8, generator=g), torch.tensor([700.0, 300.0]), torch.randn(2, 6, 16, generator=g), mask,
                  [(1, 5, 3), (1, 3, 4)])
     return [("wan", wan, wan_args), ("flux", flux, flux_args), ("qwen", qwen, qwen_args), ("qwen-edit", qwen_edit, edit_args)]
 
@@ -72,7 +72,7 @@ def _hunyuan_case():
     g = torch.Generator().manual_seed(2)
     model = _randomize(HunyuanVideoTransformer(HunyuanVideoConfig.from_dict(HUNYUAN)))
     args = (torch.randn(2, 4, 3, 6, 10, generator=g), torch.tensor([900.0, 300.0]), torch.randn(2, 7, 16, generator=g),
-            [7, 4], torch.randn(2, 16, generator=g), torch.tensor([6000.0, 3500.0]))
+            [7, 4], torch.randn(2, 16, generator=g), torch.tensor([6.0, 3.5]))
     return "hunyuan", model, args
 
 

@@ -361,16 +361,17 @@ class FluxTransformer(nn.Module):
     ) -> torch.Tensor:
         """Predict the flow for a batch of packed latents.
 
-        latents: (B, N, Cin) packed tokens; timestep: (B,) sigma-like in [0, 1] (the sampler's
-        t / 1000), one per sample; context: (B, S, J) T5 states; pooled: (B, P) CLIP pooled;
+        latents: (B, N, Cin) packed tokens; timestep: (B,) the sampler's timestep as it is
+        (0..num_train_timesteps), one per sample; context: (B, S, J) T5 states; pooled: (B, P) CLIP pooled;
         img_ids: (N, 3), txt_ids: (S, 3) RoPE position ids shared by the batch; guidance: (B,)
         embedded guidance scale (guidance-distilled checkpoints only, else None).
         Returns (B, N, Cout) in the model dtype.
         """
         x = self.x_embedder(latents)  # (B, N, D)
 
-        # Conditioning vector; timestep and guidance are scaled back to [0, 1000] in the model dtype.
-        t = timestep.to(x.dtype) * 1000
+        # Conditioning vector. The reference embeds t / 1000 rounded to the model dtype, times 1000,
+        # and the raw guidance rounded likewise, times 1000.
+        t = (timestep / 1000).to(x.dtype) * 1000
         g = guidance.to(x.dtype) * 1000 if guidance is not None and self.config.guidance_embeds else None
         temb = self.time_text_embed(t, g, pooled)  # (B, D)
 

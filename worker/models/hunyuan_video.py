@@ -438,7 +438,7 @@ class HunyuanVideoTransformer(nn.Module):
 
         latents (B, C, F, H, W); timestep (B,) one per sample (0..1000); text (B, S, text_embed_dim)
         LLaMA states, row b valid in [0, text_lengths[b]) and padding after; pooled (B, pooled_dim)
-        CLIP pooled output; guidance (B,) embedded guidance scale x 1000. Returns (B, C_out, F, H, W).
+        CLIP pooled output; guidance (B,) the embedded guidance scale as it is (e.g. 6.0). Returns (B, C_out, F, H, W).
         """
         b, _, f, h, w = latents.shape
         pt, p = self.config.patch_size_t, self.config.patch_size
@@ -447,6 +447,8 @@ class HunyuanVideoTransformer(nn.Module):
         assert len(lengths) == b and all(1 <= n <= text.shape[1] for n in lengths), lengths
 
         rope = self.rope(grid, latents.device)  # (1, L, 1, Dh) x2
+        if guidance is not None:  # the reference makes it in the model dtype, then scales it by 1000
+            guidance = guidance.to(self.x_embedder.proj.weight.dtype) * 1000.0
         temb = self.time_text_embed(timestep, pooled, guidance)  # (B, D)
         x = self.x_embedder.proj(latents).flatten(2).transpose(1, 2)  # (B, L, D), tokens in (f, h, w) order
         context = self.context_embedder(text, timestep, lengths)  # (B, S, D), whole on every rank

@@ -305,12 +305,12 @@ class QwenImageTransformer(nn.Module):
         image_shapes: list[ImageShape],
     ) -> torch.Tensor:
         """latents: (B, L, Cp) packed tokens of the images in `image_shapes` (same for every row),
-        timestep: (B,) in [0, 1] (sampler timestep / 1000); text: (B, S, joint_attention_dim);
+        timestep: (B,) the sampler's timestep as it is (0..num_train_timesteps); text: (B, S, joint_attention_dim);
         text_mask: (B, S) bool, False at padding, or None when no row is padded.
         Returns (B, L, patch^2 * out_channels), the flow prediction for every image token.
         """
         x = self.img_in(latents)  # (B, L, D)
-        temb = self.time_text_embed(timestep.to(x.dtype), x.dtype)  # (B, D)
+        temb = self.time_text_embed(timestep.to(x.dtype) / 1000, x.dtype)  # (B, D); t / 1000 in the model dtype, as the reference
         txt = self.txt_in(self.txt_norm(text))  # (B, S, D)
 
         img_rope, txt_rope = self.pos_embed(image_shapes, txt.shape[1], x.device)
