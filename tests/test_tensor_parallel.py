@@ -11,7 +11,7 @@ import torch
 from diffserve.worker.parallel import ParallelDims
 from diffserve.worker.parallel.layout import plan_layout
 from dist_util import init_url, run_group
-from test_sequence_parallel import WAN, _cases, _hunyuan_case, _Model, _randomize, _Unplanned
+from test_sequence_parallel import WAN, _cases, _hunyuan_case, _randomize, _Unplanned
 
 
 def _state(rank: int, init: str, **dims):

@@ -27,7 +27,9 @@ from diffserve.kernels.attention import attention
 from diffserve.worker.models.checkpoint import load_module, read_config
 from diffserve.kernels.activation import linear_gelu_tanh
 from diffserve.worker.models.layers import (
+    AdaLNZero,
     FeedForward,
+    PooledProjection,
     TimestepEmbedding,
     gated_residual,
     norm_modulate,
@@ -113,21 +115,6 @@ class FluxPosEmbed(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-class PooledTextProjection(nn.Module):
-    """Pooled CLIP embedding -> model width: linear_1 -> SiLU -> linear_2
-    (diffusers' PixArtAlphaTextProjection with act_fn="silu"; layers.TextProjection is the GELU one)."""
-
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.act_1 = nn.SiLU()
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        # (B, P) -> (B, D)
-        return self.linear_2(self.act_1(self.linear_1(pooled)))
-
-
 class FluxTimeTextEmbedding(nn.Module):
     """temb = MLP(sin(t)) [+ MLP(sin(guidance))] + MLP(pooled text): the vector every AdaLN reads.
 
@@ -139,7 +126,7 @@ class FluxTimeTextEmbedding(nn.Module):
         super().__init__()
         self.timestep_embedder = TimestepEmbedding(TIME_FREQ_DIM, dim)
         self.guidance_embedder = TimestepEmbedding(TIME_FREQ_DIM, dim) if with_guidance else None
-        self.text_embedder = PooledTextProjection(pooled_dim, dim)
+        self.text_embedder = PooledProjection(pooled_dim, dim)
 
     def forward(self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor) -> torch.Tensor:
         # timestep, guidance: (B,) already scaled to [0, 1000]; pooled (B, P) -> temb (B, D)
@@ -149,25 +136,6 @@ class FluxTimeTextEmbedding(nn.Module):
                 raise ValueError("this FLUX checkpoint is guidance-distilled: pass a guidance scale per sample")
             temb = temb + self.guidance_embedder(timestep_embedding(guidance, TIME_FREQ_DIM).to(pooled.dtype))
         return temb + self.text_embedder(pooled)
-
-
-class AdaNorm(nn.Module):
-    """SiLU(temb) -> linear -> `chunks` modulation vectors, plus a parameter-free LayerNorm.
-
-    `chunks` = 6 for diffusers' AdaLayerNormZero (double blocks), 3 for AdaLayerNormZeroSingle,
-    2 for AdaLayerNormContinuous (output head, whose chunks are (scale, shift) in that order).
-    """
-
-    def __init__(self, dim: int, chunks: int):
-        super().__init__()
-        self.silu = nn.SiLU()
-        self.linear = nn.Linear(dim, chunks * dim)
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.chunks = chunks
-
-    def modulations(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # (B, D) -> `chunks` tensors of (B, 1, D), broadcast over tokens
-        return self.linear(self.silu(temb))[:, None, :].chunk(self.chunks, dim=-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,8 +229,8 @@ class FluxDoubleBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
-        self.norm1 = AdaNorm(dim, 6)
-        self.norm1_context = AdaNorm(dim, 6)
+        self.norm1 = AdaLNZero(dim, 6)
+        self.norm1_context = AdaLNZero(dim, 6)
         self.attn = FluxAttention(dim, heads, head_dim, joint=True)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(dim, inner_dim=4 * dim, approximate="tanh")
@@ -298,7 +266,7 @@ class FluxSingleBlock(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0):
         super().__init__()
         mlp_dim = int(dim * mlp_ratio)
-        self.norm = AdaNorm(dim, 3)
+        self.norm = AdaLNZero(dim, 3)
         self.proj_mlp = nn.Linear(dim, mlp_dim)
         self.proj_out = nn.Linear(dim + mlp_dim, dim)
         self.attn = FluxAttention(dim, heads, head_dim, joint=False)
@@ -342,7 +310,7 @@ class FluxTransformer(nn.Module):
         self.single_transformer_blocks = nn.ModuleList(
             [FluxSingleBlock(dim, heads, head_dim) for _ in range(cfg.num_single_layers)]
         )
-        self.norm_out = AdaNorm(dim, 2)
+        self.norm_out = AdaLNZero(dim, 2)
         self.proj_out = nn.Linear(dim, cfg.patch_size * cfg.patch_size * out_channels)
 
     @property

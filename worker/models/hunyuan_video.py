@@ -34,7 +34,9 @@ from diffserve.kernels.activation import linear_gelu_tanh
 from diffserve.kernels.attention import attention
 from diffserve.worker.models.checkpoint import load_module, read_config
 from diffserve.worker.models.layers import (
+    AdaLNZero,
     FeedForward,
+    PooledProjection,
     TimestepEmbedding,
     gated_residual,
     norm_modulate,
@@ -89,19 +91,6 @@ class HunyuanVideoConfig:
 # ---------------------------------------------------------------------------------------------
 # Small pieces
 # ---------------------------------------------------------------------------------------------
-
-
-class PooledProjection(nn.Module):
-    """linear_1 -> SiLU -> linear_2 (diffusers' PixArtAlphaTextProjection with act_fn="silu")."""
-
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.act_1 = nn.SiLU()
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act_1(self.linear_1(x)))
 
 
 class _LinearSiLU(nn.Module):
@@ -272,21 +261,7 @@ class TokenRefiner(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-class AdaLNZero(nn.Module):
-    """SiLU -> linear to `chunks` x D modulation vectors, and a parameter-free LayerNorm (eps 1e-6)."""
-
-    def __init__(self, dim: int, chunks: int):
-        super().__init__()
-        self.linear = nn.Linear(dim, chunks * dim)
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.chunks = chunks
-
-    def forward(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # (B, D) -> `chunks` tensors (B, 1, D), in diffusers' order (shift, scale, gate, ...)
-        return self.linear(F.silu(temb)).unsqueeze(1).chunk(self.chunks, dim=-1)
-
-
-class JointAttention(nn.Module):
+class HunyuanVideoAttention(nn.Module):
     """Attention over [video tokens, text tokens]; RoPE on the video part, RMS q/k norm per head.
 
     Dual-stream blocks have separate text projections (add_*_proj, norm_added_*, to_add_out) and
@@ -348,7 +323,7 @@ class DualStreamBlock(nn.Module):
         super().__init__()
         self.norm1 = AdaLNZero(dim, 6)
         self.norm1_context = AdaLNZero(dim, 6)
-        self.attn = JointAttention(dim, heads, dual=True)
+        self.attn = HunyuanVideoAttention(dim, heads, dual=True)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(dim, int(dim * mlp_ratio), approximate="tanh")
         self.norm2_context = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
@@ -356,8 +331,8 @@ class DualStreamBlock(nn.Module):
 
     def forward(self, x, text, temb, rope, key_lengths):
         # x (B, L, D) video, text (B, S, D), temb (B, D)
-        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb)  # (B, 1, D) each
-        c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1.modulations(temb)  # (B, 1, D) each
+        c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context.modulations(temb)
 
         h = norm_modulate(x, shift, scale, self.norm1.norm)
         c = norm_modulate(text, c_shift, c_scale, self.norm1_context.norm)
@@ -377,14 +352,14 @@ class SingleStreamBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float):
         super().__init__()
         mlp_dim = int(dim * mlp_ratio)
-        self.attn = JointAttention(dim, heads, dual=False)
+        self.attn = HunyuanVideoAttention(dim, heads, dual=False)
         self.norm = AdaLNZero(dim, 3)
         self.proj_mlp = nn.Linear(dim, mlp_dim)
         self.proj_out = nn.Linear(dim + mlp_dim, dim)
 
     def forward(self, xc, num_video, temb, rope, key_lengths):
         # xc = [video, text] (B, L + S, D), the first num_video tokens video
-        shift, scale, gate = self.norm(temb)  # (B, 1, D) each
+        shift, scale, gate = self.norm.modulations(temb)  # (B, 1, D) each
         h = norm_modulate(xc, shift, scale, self.norm.norm)
         mlp = linear_gelu_tanh(h, self.proj_mlp.weight, self.proj_mlp.bias)  # (B, L + S, mlp_dim)
         attn = self.attn(h, num_video, rope, key_lengths)  # (B, L + S, D)

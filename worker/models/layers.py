@@ -60,6 +60,41 @@ class TextProjection(nn.Module):
         return self.linear_2(self.act_1(self.linear_1(text)))
 
 
+class PooledProjection(nn.Module):
+    """Pooled text embedding -> model width: linear_1 -> SiLU -> linear_2 (diffusers'
+    PixArtAlphaTextProjection with act_fn="silu"; TextProjection is the GELU one). FLUX, HunyuanVideo."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.act_1 = nn.SiLU()
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        # (B, P) -> (B, D)
+        return self.linear_2(self.act_1(self.linear_1(pooled)))
+
+
+class AdaLNZero(nn.Module):
+    """SiLU(temb) -> linear -> `chunks` modulation vectors, plus a parameter-free LayerNorm (eps 1e-6)
+    that the block applies them with (`norm_modulate(x, shift, scale, self.norm)`).
+
+    `chunks` = 6 for diffusers' AdaLayerNormZero (double-stream blocks), 3 for AdaLayerNormZeroSingle,
+    2 for AdaLayerNormContinuous (FLUX's output head, whose chunks are (scale, shift) in that order).
+    Keys: `linear` (the norm has none). FLUX, HunyuanVideo.
+    """
+
+    def __init__(self, dim: int, chunks: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, chunks * dim)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.chunks = chunks
+
+    def modulations(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # (B, D) -> `chunks` tensors of (B, 1, D), broadcast over tokens, in diffusers' order
+        return self.linear(F.silu(temb)).unsqueeze(1).chunk(self.chunks, dim=-1)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """AdaLN modulation. x (B, L, D); shift/scale broadcastable, e.g. (B, 1, D) or (B, L, D).
     After a norm, `norm_modulate` does both in one pass."""

@@ -174,7 +174,7 @@ class TimeTextEmbed(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-class JointAttention(nn.Module):
+class QwenImageAttention(nn.Module):
     """Image stream (to_q/k/v, norm_q/k, to_out) and text stream (add_*_proj, norm_added_*, to_add_out)
     projected separately, RMS-normed per head, rotated, then one attention over [text, image]."""
 
@@ -228,7 +228,7 @@ class QwenImageBlock(nn.Module):
         self.eps = eps
         self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))  # keys img_mod.1.*
         self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        self.attn = JointAttention(dim, heads, head_dim, eps)
+        self.attn = QwenImageAttention(dim, heads, head_dim, eps)
         self.img_mlp = FeedForward(dim, 4 * dim, approximate="tanh")
         self.txt_mlp = FeedForward(dim, 4 * dim, approximate="tanh")
 

@@ -128,7 +128,7 @@ def _group_info(state) -> tuple[int, int, object]:
 
 
 def _shard_attention(attn: nn.Module, tp: int, rank: int, group, norms_across_heads: tuple[str, ...] = ()) -> None:
-    """Our DiT attentions (WanAttention, FluxAttention, JointAttention): heads split, outputs row-parallel."""
+    """Our DiT attentions (WanAttention, FluxAttention, QwenImageAttention, HunyuanVideoAttention): heads split, outputs row-parallel."""
     inner = attn.to_q.out_features
     heads = _share(inner, tp, rank)
     assert attn.heads % tp == 0, f"{attn.heads} heads do not divide by tp {tp}"
