@@ -25,6 +25,7 @@ import torch.nn as nn
 
 from diffserve.kernels.attention import attention
 from diffserve.worker.models.checkpoint import load_module, read_config
+from diffserve.worker.models.rope import axes_tables
 from diffserve.kernels.activation import linear_gelu_tanh
 from diffserve.worker.models.layers import (
     AdaLNZero,
@@ -84,16 +85,7 @@ def flux_rope(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float = 1000
     Returns cos, sin each (1, L, 1, Dh), repeat-interleaved (channel pairs share an angle).
     """
     double_ok = ids.device.type not in ("mps", "npu")
-    freqs_dtype = torch.float64 if double_ok else torch.float32
-    positions = ids.to(freqs_dtype)
-    cos_parts, sin_parts = [], []
-    for axis, dim in enumerate(axes_dims):
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=freqs_dtype, device=ids.device) / dim))  # (dim/2,)
-        angles = torch.outer(positions[:, axis], inv_freq)  # (L, dim/2)
-        cos_parts.append(angles.cos().repeat_interleave(2, dim=1).float())
-        sin_parts.append(angles.sin().repeat_interleave(2, dim=1).float())
-    cos = torch.cat(cos_parts, dim=1)  # (L, Dh)
-    sin = torch.cat(sin_parts, dim=1)
+    cos, sin = axes_tables(list(ids.unbind(1)), axes_dims, theta, torch.float64 if double_ok else torch.float32)  # (L, Dh)
     return cos[None, :, None, :], sin[None, :, None, :]
 
 

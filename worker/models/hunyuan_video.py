@@ -41,9 +41,9 @@ from diffserve.worker.models.layers import (
     gated_residual,
     norm_modulate,
     qk_norm_rope,
-    rotary_tables,
     timestep_embedding,
 )
+from diffserve.worker.models.rope import grid_tables, rotary_tables
 
 TIMESTEP_DIM = 256  # sinusoid width of every timestep / guidance embedding
 
@@ -122,17 +122,9 @@ def rope_3d(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin (1, L, 1, Dh) for tokens in (f, h, w) order; Dh is split into (t, h, w) = axes_dim parts,
     each a 1-D interleaved RoPE over that axis' position (angles in float32, as diffusers)."""
-    f, h, w = grid
-    cos_parts, sin_parts = [], []
-    for axis, (size, dim) in enumerate(zip(grid, axes_dim)):
-        cos, sin = rotary_tables(dim, size, theta, device=device, freqs_dtype=torch.float32)  # (size, dim)
-        shape = [1, 1, 1, dim]
-        shape[axis] = size
-        cos_parts.append(cos.view(shape).expand(f, h, w, dim))
-        sin_parts.append(sin.view(shape).expand(f, h, w, dim))
-    cos = torch.cat(cos_parts, dim=-1).reshape(1, f * h * w, 1, -1)
-    sin = torch.cat(sin_parts, dim=-1).reshape(1, f * h * w, 1, -1)
-    return cos, sin
+    axes = [rotary_tables(dim, size, theta, device=device, freqs_dtype=torch.float32) for size, dim in zip(grid, axes_dim)]
+    cos, sin = grid_tables(axes, grid)  # (L, Dh)
+    return cos[None, :, None, :], sin[None, :, None, :]
 
 
 class RotaryEmbedding(nn.Module):

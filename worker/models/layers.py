@@ -171,30 +171,8 @@ class FeedForward(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Rotary position embedding (interleaved pairs)
+# RMS norms and q/k norm with RoPE (the RoPE tables: worker/models/rope.py)
 # ---------------------------------------------------------------------------------------------
-
-
-def rotary_tables(
-    dim: int,
-    max_len: int,
-    theta: float = 10000.0,
-    device: torch.device | str | None = None,
-    freqs_dtype: torch.dtype = torch.float64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables for 1-D RoPE over positions [0, max_len), each (max_len, dim) float32.
-
-    Channel pairs (2i, 2i+1) rotate together at frequency theta^(-2i/dim), so every value is
-    repeated twice along the last dim ("repeat-interleaved real form"). The angles are computed in
-    `freqs_dtype` (float64 by default, as diffusers does for Wan) and only the results are float32.
-    """
-    assert dim % 2 == 0, f"rotary dim must be even, got {dim}"
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=freqs_dtype, device=device) / dim))  # (dim/2,)
-    positions = torch.arange(max_len, device=device)  # (max_len,)
-    angles = torch.outer(positions, inv_freq)  # (max_len, dim/2)
-    cos = angles.cos().repeat_interleave(2, dim=1).float()  # (max_len, dim)
-    sin = angles.sin().repeat_interleave(2, dim=1).float()  # (max_len, dim)
-    return cos, sin
 
 
 class RMSNorm(nn.Module):

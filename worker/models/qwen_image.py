@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from diffserve.kernels.attention import attention
 from diffserve.worker.models.checkpoint import load_module, read_config
+from diffserve.worker.models.rope import axes_tables, axis_tables, grid_tables
 from diffserve.worker.models.layers import FeedForward, RMSNorm, TimestepEmbedding, gated_residual, norm_modulate, qk_norm_rope
 
 # (frames, height, width) of one image's token grid, in packed (2x2) latent units.
@@ -76,16 +77,6 @@ class QwenImageConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def _rope_angles(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """Angles of 1-D RoPE for integer `positions` (N,) -> (N, dim/2) float32.
-
-    Same float32 arithmetic as diffusers' QwenEmbedRope tables (integer position times
-    theta^(-2i/dim)), so looking positions up in its tables or computing them here agrees exactly.
-    """
-    inv_freq = 1.0 / torch.pow(ROPE_THETA, torch.arange(0, dim, 2, device=positions.device).to(torch.float32).div(dim))
-    return torch.outer(positions, inv_freq)
-
-
 def _centred(n: int, device) -> torch.Tensor:
     """Positions -(n - n//2) .. n//2 - 1: the image grid centred on 0 (diffusers' scale_rope)."""
     return torch.arange(n, device=device) - (n - n // 2)
@@ -101,32 +92,24 @@ def rope_tables(
     half-height / half-width over the images.
     """
     d_f, d_h, d_w = axes_dims
-    image_angles = []
+    image_cos, image_sin = [], []
     max_extent = 0
     for index, (f, h, w) in enumerate(images):
-        a_f = _rope_angles(torch.arange(index, index + f, device=device), d_f)  # (f, d_f/2)
-        a_h = _rope_angles(_centred(h, device), d_h)  # (h, d_h/2)
-        a_w = _rope_angles(_centred(w, device), d_w)  # (w, d_w/2)
-        grid = torch.cat(
-            [
-                a_f.view(f, 1, 1, -1).expand(f, h, w, -1),
-                a_h.view(1, h, 1, -1).expand(f, h, w, -1),
-                a_w.view(1, 1, w, -1).expand(f, h, w, -1),
-            ],
-            dim=-1,
-        )  # (f, h, w, Dh/2)
-        image_angles.append(grid.reshape(f * h * w, -1))
+        axes = [axis_tables(torch.arange(index, index + f, device=device), d_f, ROPE_THETA, torch.float32),
+                axis_tables(_centred(h, device), d_h, ROPE_THETA, torch.float32),
+                axis_tables(_centred(w, device), d_w, ROPE_THETA, torch.float32)]
+        cos, sin = grid_tables(axes, (f, h, w))  # (f * h * w, Dh)
+        image_cos.append(cos)
+        image_sin.append(sin)
         max_extent = max(max_extent, h // 2, w // 2)
     assert max_extent + text_len <= ROPE_MAX_POSITIONS, "image + text positions exceed the RoPE range"
     text_pos = torch.arange(max_extent, max_extent + text_len, device=device)
-    text_angles = torch.cat([_rope_angles(text_pos, d) for d in axes_dims], dim=-1)  # (S, Dh/2)
+    text_cos, text_sin = axes_tables([text_pos] * 3, axes_dims, ROPE_THETA, torch.float32)  # (S, Dh)
 
-    def tables(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = angles.cos().repeat_interleave(2, dim=-1)[None, :, None, :]
-        sin = angles.sin().repeat_interleave(2, dim=-1)[None, :, None, :]
-        return cos, sin
+    def tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return cos[None, :, None, :], sin[None, :, None, :]
 
-    return tables(torch.cat(image_angles)), tables(text_angles)
+    return tables(torch.cat(image_cos), torch.cat(image_sin)), tables(text_cos, text_sin)
 
 
 class QwenPosEmbed(nn.Module):

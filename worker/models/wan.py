@@ -29,9 +29,9 @@ from diffserve.worker.models.layers import (
     gated_residual,
     norm_modulate,
     qk_norm_rope,
-    rotary_tables,
     timestep_embedding,
 )
+from diffserve.worker.models.rope import grid_tables, rotary_tables
 
 # Any parameter with one of these as a dotted name component stays float32 when loading in a
 # lower precision (diffusers' `_keep_in_fp32_modules` for Wan, with the same matching rule).
@@ -107,21 +107,9 @@ class WanRotaryEmbedding(nn.Module):
 
     def forward(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """grid = (F', H', W') token grid -> cos, sin each (1, L, 1, Dh), L = F' * H' * W'."""
-        f, h, w = grid
-
-        def expand(table: torch.Tensor) -> torch.Tensor:
-            t_part, h_part, w_part = table.split(self.split_sizes, dim=1)
-            full = torch.cat(
-                [
-                    t_part[:f].view(f, 1, 1, -1).expand(f, h, w, -1),
-                    h_part[:h].view(1, h, 1, -1).expand(f, h, w, -1),
-                    w_part[:w].view(1, 1, w, -1).expand(f, h, w, -1),
-                ],
-                dim=-1,
-            )  # (F', H', W', Dh)
-            return full.reshape(1, f * h * w, 1, -1)
-
-        return expand(self.freqs_cos), expand(self.freqs_sin)
+        axes = list(zip(self.freqs_cos.split(self.split_sizes, dim=1), self.freqs_sin.split(self.split_sizes, dim=1)))
+        cos, sin = grid_tables(axes, grid)  # (L, Dh)
+        return cos[None, :, None, :], sin[None, :, None, :]
 
 
 # ---------------------------------------------------------------------------------------------
