@@ -1,9 +1,11 @@
 """Sequence parallelism inside one DiT forward: Ulysses (all-to-all over heads) and Ring (K/V passed
 around with a log-sum-exp merge), alone or combined (USP).
 
-The DiT shards its image/video tokens over the U × R ranks of the sequence group once before the
-first block (`shard`) and gathers them once after the last (`gather`); everything per-token in
-between runs on the shard. Only self-attention needs the whole sequence:
+A family's plan (worker/parallel/plans/) shards the image/video tokens over the U × R ranks of the
+sequence group once before the first block (`shard`, with what follows the tokens: RoPE tables,
+per-token modulation) and gathers them once after the last block or the output projection
+(`gather`); everything per-token in between runs on the shard. Only self-attention needs the whole
+sequence, and the plan swaps the model's attention seams for `attention` below:
 
 1. Ulysses: an all-to-all inside the ulysses group swaps the shard from tokens to heads: each rank
    goes from (B, L/(U·R), H, D) to (B, L/R, H/U, D) — the R-th block of the sequence, H/U heads.
