@@ -1,6 +1,6 @@
 """FLUX.1 text-to-image transformer (our implementation of diffusers' FluxTransformer2DModel).
 
-Reading order: config -> rotary embedding over (text, image) ids -> conditioning (timestep,
+Reading order: config -> rotary embedding over (text, image) ids -> (conditioning: timestep,
 guidance, pooled CLIP text) -> joint attention -> double-stream block -> single-stream block
 -> model -> loading. Parameter names and shapes are exactly diffusers' so its safetensors load
 with `load_state_dict(strict=True)`; the math (including the dtype each op runs in) is the same,
@@ -30,15 +30,11 @@ from diffserve.kernels.activation import linear_gelu_tanh
 from diffserve.worker.models.layers import (
     AdaLNZero,
     FeedForward,
-    PooledProjection,
-    TimestepEmbedding,
+    TimeGuidanceTextEmbedding,
     gated_residual,
     norm_modulate,
     qk_norm_rope,
-    timestep_embedding,
 )
-
-TIME_FREQ_DIM = 256  # width of the sinusoidal timestep / guidance embedding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,34 +96,6 @@ class FluxPosEmbed(nn.Module):
     def forward(self, txt_ids: torch.Tensor, img_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         # txt_ids (S, 3), img_ids (N, 3) -> cos, sin each (1, S + N, 1, Dh)
         return flux_rope(torch.cat([txt_ids, img_ids], dim=0), self.axes_dims)
-
-
-# ---------------------------------------------------------------------------------------------
-# Conditioning: timestep (+ guidance) + pooled text -> one vector per sample
-# ---------------------------------------------------------------------------------------------
-
-
-class FluxTimeTextEmbedding(nn.Module):
-    """temb = MLP(sin(t)) [+ MLP(sin(guidance))] + MLP(pooled text): the vector every AdaLN reads.
-
-    Holds diffusers' `time_text_embed.*` keys: timestep_embedder, guidance_embedder (only for
-    guidance-distilled checkpoints) and text_embedder.
-    """
-
-    def __init__(self, dim: int, pooled_dim: int, with_guidance: bool):
-        super().__init__()
-        self.timestep_embedder = TimestepEmbedding(TIME_FREQ_DIM, dim)
-        self.guidance_embedder = TimestepEmbedding(TIME_FREQ_DIM, dim) if with_guidance else None
-        self.text_embedder = PooledProjection(pooled_dim, dim)
-
-    def forward(self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor) -> torch.Tensor:
-        # timestep, guidance: (B,) already scaled to [0, 1000]; pooled (B, P) -> temb (B, D)
-        temb = self.timestep_embedder(timestep_embedding(timestep, TIME_FREQ_DIM).to(pooled.dtype))
-        if self.guidance_embedder is not None:
-            if guidance is None:
-                raise ValueError("this FLUX checkpoint is guidance-distilled: pass a guidance scale per sample")
-            temb = temb + self.guidance_embedder(timestep_embedding(guidance, TIME_FREQ_DIM).to(pooled.dtype))
-        return temb + self.text_embedder(pooled)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -293,7 +261,7 @@ class FluxTransformer(nn.Module):
         self.config = cfg
         dim = cfg.inner_dim
         out_channels = cfg.out_channels or cfg.in_channels
-        self.time_text_embed = FluxTimeTextEmbedding(dim, cfg.pooled_projection_dim, cfg.guidance_embeds)
+        self.time_text_embed = TimeGuidanceTextEmbedding(dim, cfg.pooled_projection_dim, cfg.guidance_embeds)
         self.context_embedder = nn.Linear(cfg.joint_attention_dim, dim)
         self.x_embedder = nn.Linear(cfg.in_channels, dim)
         self.pos_embed = FluxPosEmbed(cfg.axes_dims_rope)
@@ -333,7 +301,7 @@ class FluxTransformer(nn.Module):
         # and the raw guidance rounded likewise, times 1000.
         t = (timestep / 1000).to(x.dtype) * 1000
         g = guidance.to(x.dtype) * 1000 if guidance is not None and self.config.guidance_embeds else None
-        temb = self.time_text_embed(t, g, pooled)  # (B, D)
+        temb = self.time_text_embed(t, pooled, g)  # (B, D)
 
         c = self.context_embedder(context)  # (B, S, D)
         rope = self.pos_embed(txt_ids, img_ids)  # (1, S + N, 1, Dh)

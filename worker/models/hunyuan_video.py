@@ -36,16 +36,12 @@ from diffserve.worker.models.checkpoint import load_module, read_config
 from diffserve.worker.models.layers import (
     AdaLNZero,
     FeedForward,
-    PooledProjection,
-    TimestepEmbedding,
+    TimeGuidanceTextEmbedding,
     gated_residual,
     norm_modulate,
     qk_norm_rope,
-    timestep_embedding,
 )
 from diffserve.worker.models.rope import grid_tables, rotary_tables
-
-TIMESTEP_DIM = 256  # sinusoid width of every timestep / guidance embedding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,28 +161,6 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
-class ConditionEmbedding(nn.Module):
-    """temb (B, D) = MLP(timestep) [+ MLP(guidance)] + MLP(pooled CLIP embedding) (diffusers'
-    HunyuanVideoConditionEmbedding / CombinedTimestepTextProjEmbeddings: the same module names)."""
-
-    def __init__(self, dim: int, pooled_dim: int, guidance_embeds: bool):
-        super().__init__()
-        self.timestep_embedder = TimestepEmbedding(TIMESTEP_DIM, dim)
-        self.text_embedder = PooledProjection(pooled_dim, dim)
-        self.guidance_embedder = TimestepEmbedding(TIMESTEP_DIM, dim) if guidance_embeds else None
-
-    def forward(self, timestep: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
-        # timestep (B,), pooled (B, pooled_dim), guidance (B,) -> (B, D)
-        temb = self.timestep_embedder(timestep_embedding(timestep, TIMESTEP_DIM).to(pooled.dtype))
-        pooled_emb = self.text_embedder(pooled)
-        if self.guidance_embedder is None:
-            return temb + pooled_emb
-        if guidance is None:
-            raise ValueError("this checkpoint embeds the guidance scale: pass guidance (B,)")
-        gemb = self.guidance_embedder(timestep_embedding(guidance, TIMESTEP_DIM).to(pooled.dtype))
-        return temb + gemb + pooled_emb
-
-
 class RefinerAttention(nn.Module):
     """Plain self-attention of the token refiner (to_q/to_k/to_v/to_out.0, biases, no q/k norm)."""
 
@@ -230,7 +204,7 @@ class TokenRefiner(nn.Module):
     def __init__(self, in_dim: int, heads: int, head_dim: int, num_layers: int):
         super().__init__()
         dim = heads * head_dim
-        self.time_text_embed = ConditionEmbedding(dim, in_dim, guidance_embeds=False)
+        self.time_text_embed = TimeGuidanceTextEmbedding(dim, in_dim, with_guidance=False)
         self.proj_in = nn.Linear(in_dim, dim)
         self.token_refiner = nn.Module()
         self.token_refiner.refiner_blocks = nn.ModuleList([RefinerBlock(dim, heads) for _ in range(num_layers)])
@@ -382,7 +356,7 @@ class HunyuanVideoTransformer(nn.Module):
         self.x_embedder.proj = nn.Conv3d(cfg.in_channels, dim, kernel_size=patch, stride=patch)
         self.rope = RotaryEmbedding(cfg.rope_axes_dim, cfg.rope_theta)
         self.context_embedder = TokenRefiner(cfg.text_embed_dim, heads, cfg.attention_head_dim, cfg.num_refiner_layers)
-        self.time_text_embed = ConditionEmbedding(dim, cfg.pooled_projection_dim, cfg.guidance_embeds)
+        self.time_text_embed = TimeGuidanceTextEmbedding(dim, cfg.pooled_projection_dim, cfg.guidance_embeds)
         self.transformer_blocks = nn.ModuleList([DualStreamBlock(dim, heads, cfg.mlp_ratio) for _ in range(cfg.num_layers)])
         self.single_transformer_blocks = nn.ModuleList(
             [SingleStreamBlock(dim, heads, cfg.mlp_ratio) for _ in range(cfg.num_single_layers)]

@@ -75,6 +75,30 @@ class PooledProjection(nn.Module):
         return self.linear_2(self.act_1(self.linear_1(pooled)))
 
 
+class TimeGuidanceTextEmbedding(nn.Module):
+    """temb (B, D) = MLP(sin(timestep)) [+ MLP(sin(guidance))] + MLP(pooled text): the vector every
+    AdaLN reads (diffusers' CombinedTimestep(Guidance)TextProjEmbeddings / HunyuanVideoConditionEmbedding).
+    Keys: timestep_embedder, guidance_embedder (guidance-distilled checkpoints only), text_embedder.
+    Sinusoids 256 wide. FLUX, HunyuanVideo (and its token refiner, without guidance)."""
+
+    FREQ_DIM = 256
+
+    def __init__(self, dim: int, pooled_dim: int, with_guidance: bool):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedding(self.FREQ_DIM, dim)
+        self.guidance_embedder = TimestepEmbedding(self.FREQ_DIM, dim) if with_guidance else None
+        self.text_embedder = PooledProjection(pooled_dim, dim)
+
+    def forward(self, timestep: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        # timestep, guidance: (B,) on the 0..1000 scale the sinusoids expect; pooled (B, P) -> temb (B, D)
+        temb = self.timestep_embedder(timestep_embedding(timestep, self.FREQ_DIM).to(pooled.dtype))
+        if self.guidance_embedder is not None:
+            if guidance is None:
+                raise ValueError("this checkpoint is guidance-distilled: pass a guidance scale per sample")
+            temb = temb + self.guidance_embedder(timestep_embedding(guidance, self.FREQ_DIM).to(pooled.dtype))
+        return temb + self.text_embedder(pooled)
+
+
 class AdaLNZero(nn.Module):
     """SiLU(temb) -> linear -> `chunks` modulation vectors, plus a parameter-free LayerNorm (eps 1e-6)
     that the block applies them with (`norm_modulate(x, shift, scale, self.norm)`).
