@@ -88,6 +88,7 @@ def flux_inputs(cfg: dict, shape: dict, device: torch.device, dtype: torch.dtype
     rows, cols = torch.meshgrid(torch.arange(h, device=device), torch.arange(w, device=device), indexing="ij")
     return dict(x=_randn(g, 1, h * w, cfg["in_channels"]).to(dtype), ctx=_randn(g, 1, shape["text"], cfg["joint_attention_dim"]).to(dtype),
                 pooled=_randn(g, 1, cfg["pooled_projection_dim"]).to(dtype), t=torch.tensor([0.5], device=device),
+                t_train=torch.tensor([500.0], device=device),  # ours takes the sampler's timestep, diffusers t / 1000
                 guidance=torch.tensor([3.5], device=device),
                 img_ids=torch.stack([torch.zeros_like(rows), rows, cols], -1).reshape(h * w, 3).float(),  # (0, row, col)
                 txt_ids=torch.zeros(shape["text"], 3, device=device))
@@ -98,6 +99,7 @@ def qwen_inputs(cfg: dict, shape: dict, device: torch.device, dtype: torch.dtype
     g = torch.Generator(device).manual_seed(1)
     f, h, w = shape["grid"]
     return dict(x=_randn(g, 1, f * h * w, cfg["in_channels"]).to(dtype), t=torch.tensor([0.5], device=device),
+                t_train=torch.tensor([500.0], device=device),  # ours takes the sampler's timestep, diffusers t / 1000
                 text=_randn(g, 1, shape["text"], cfg["joint_attention_dim"]).to(dtype), grid=(f, h, w))
 
 
@@ -108,7 +110,8 @@ def hunyuan_inputs(cfg: dict, shape: dict, device: torch.device, dtype: torch.dt
     return dict(x=_randn(g, 1, *shape["latent"]).to(dtype), t=torch.tensor([500.0], device=device),
                 text=_randn(g, 1, s, cfg["text_embed_dim"]).to(dtype), mask=torch.ones(1, s, device=device),
                 pooled=_randn(g, 1, cfg["pooled_projection_dim"]).to(dtype),
-                guidance=(torch.tensor([6.0], device=device) * 1000.0).to(dtype))
+                guidance=(torch.tensor([6.0], device=device) * 1000.0).to(dtype),
+                guidance_raw=torch.tensor([6.0], device=device))  # ours takes the scale as it is
 
 
 def _tokens_hunyuan(cfg: dict, shape: dict) -> int:
@@ -159,7 +162,7 @@ FLUX = Family(
     "FluxTransformer2DModel", _flux_class, flux_inputs, ("x", "ctx", "pooled"),
     lambda m, i: m(hidden_states=i["x"], encoder_hidden_states=i["ctx"], pooled_projections=i["pooled"], timestep=i["t"],
                    img_ids=i["img_ids"], txt_ids=i["txt_ids"], guidance=i["guidance"], return_dict=False)[0],
-    lambda m, i: m(i["x"], i["t"], i["ctx"], i["pooled"], i["img_ids"], i["txt_ids"], i["guidance"]),
+    lambda m, i: m(i["x"], i["t_train"], i["ctx"], i["pooled"], i["img_ids"], i["txt_ids"], i["guidance"]),
     lambda c, s: mmdit_flops(c["num_layers"] + c["num_single_layers"], s["grid"][0] * s["grid"][1] + s["text"],
                              c["num_attention_heads"] * c["attention_head_dim"]),
 )
@@ -167,14 +170,14 @@ QWEN = Family(
     "QwenImageTransformer2DModel", _qwen_class, qwen_inputs, ("x", "text"),
     lambda m, i: m(hidden_states=i["x"], timestep=i["t"], encoder_hidden_states=i["text"], encoder_hidden_states_mask=None,
                    img_shapes=[[i["grid"]]], return_dict=False)[0],
-    lambda m, i: m(i["x"], i["t"], i["text"], None, [i["grid"]]),
+    lambda m, i: m(i["x"], i["t_train"], i["text"], None, [i["grid"]]),
     lambda c, s: mmdit_flops(c["num_layers"], s["grid"][0] * s["grid"][1] * s["grid"][2] + s["text"],
                              c["num_attention_heads"] * c["attention_head_dim"]),
 )
 HUNYUAN = Family(
     "HunyuanVideoTransformer3DModel", _hunyuan_class, hunyuan_inputs, ("x", "text", "pooled", "guidance"),
     lambda m, i: m(i["x"], i["t"], i["text"], i["mask"], i["pooled"], i["guidance"], return_dict=False)[0],
-    lambda m, i: m(i["x"], i["t"], i["text"], [i["text"].shape[1]], i["pooled"], i["guidance"]),
+    lambda m, i: m(i["x"], i["t"], i["text"], [i["text"].shape[1]], i["pooled"], i["guidance_raw"]),
     lambda c, s: mmdit_flops(c["num_layers"] + c["num_single_layers"], _tokens_hunyuan(c, s),
                              c["num_attention_heads"] * c["attention_head_dim"]),
 )

@@ -21,7 +21,7 @@ import torch
 
 from common import card, print_table, time_ms, write_json
 from diffserve.kernels import activation, norm, residual, rope, timestep
-from diffserve.worker.models.layers import rotary_tables
+from diffserve.worker.models.rope import rotary_tables
 
 EPS = 1e-6
 SHAPES = {  # from ../shared/GPU.md; B = 1

@@ -72,11 +72,9 @@ def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, r
     state = ParallelState.single()
     if world > 1:
         state = ParallelState.init(ParallelDims(*layout), rank, init, device)
-        if state.dims.tp > 1:
-            from diffserve.worker.parallel.tensor import shard_dit
+        from diffserve.worker.parallel.plans import parallelize
 
-            shard_dit(model, state)
-        model.sequence_parallel = state.sequence
+        parallelize(model, state)
     if compile_mode:  # the sharded forward compiles as one graph (tests/test_parallel_compile.py)
         from diffserve.kernels import attention
 
@@ -126,7 +124,7 @@ def _run_rank(rank: int, world: int, init: str, name: str, layout, tiny: bool, r
 
 
 # The step's positional arguments per model (row_parallel splits positions), and back to the dict.
-_ORDER = {"wan-14b": ("x", "t", "ctx"), "flux.1-dev": ("x", "t", "ctx", "pooled", "img_ids", "txt_ids", "guidance")}
+_ORDER = {"wan-14b": ("x", "t", "ctx"), "flux.1-dev": ("x", "t_train", "ctx", "pooled", "img_ids", "txt_ids", "guidance")}
 
 
 def _pack(name: str, inputs: dict) -> tuple:

@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         logging.getLogger("diffserve.worker").error("cannot load the model: %s", exc)
         return EXIT_CANNOT_LOAD
     torch.set_grad_enabled(False)
-    from diffserve.worker.warmup import compile_dits, dits, parse_shape, warm_up
+    from diffserve.worker.warmup import compile_dits, parse_shape, warm_up
 
     parallel = ParallelState.single()
     if args.num_gpus > 1:
@@ -82,18 +82,12 @@ def main(argv=None) -> int:
             log.error("impossible parallel layout: %s", "; ".join(problems))
             return EXIT_CANNOT_LOAD
         parallel = ParallelState.init(dims, args.rank, args.dist_init, device)
-        if dims.tp > 1:
-            from diffserve.worker.parallel.tensor import shard_pipeline
+        from diffserve.worker.parallel.plans import parallelize_pipeline
 
-            summary = shard_pipeline(pipeline, parallel)
-            if args.rank == 0:
-                log.info("%s", summary)
+        summary = parallelize_pipeline(pipeline, parallel)  # each DiT's plan, text encoders over tp
         pipeline.parallel = parallel
-        if parallel.sequence is not None:
-            for model in dits(pipeline):
-                model.sequence_parallel = parallel.sequence
         if args.rank == 0:
-            log.info("parallel layout: %s (%d ranks)", dims, dims.world_size)
+            log.info("parallel layout: %s", summary)
     try:
         shapes = [parse_shape(s) for s in args.warmup_shape]
     except ValueError as exc:

@@ -13,12 +13,13 @@ def _explain(rank: int, world: int, init: str) -> None:
     import torch._dynamo as dynamo
 
     from diffserve.worker.parallel import ParallelDims, ParallelState
+    from diffserve.worker.parallel.plans import parallelize
     from test_sequence_parallel import _cases, _hunyuan_case
 
     torch.set_grad_enabled(False)
     state = ParallelState.init(ParallelDims(ulysses=2), rank, init, torch.device("cpu"))
     for name, model, args in _cases() + [_hunyuan_case()]:
-        model.sequence_parallel = state.sequence
+        parallelize(model, state)
         dynamo.reset()
         explained = dynamo.explain(model)(*args)
         reasons = [str(b.reason).splitlines()[0] for b in explained.break_reasons]

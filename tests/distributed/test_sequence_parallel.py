@@ -49,16 +49,16 @@ def _cases():
 
     flux = _randomize(FluxTransformer(FluxConfig.from_dict(FLUX)))
     img_ids = torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(5.0), torch.arange(5.0), indexing="ij"), -1).reshape(25, 3)
-    flux_args = (torch.randn(2, 25, 8, generator=g), torch.tensor([0.9, 0.4]), torch.randn(2, 6, 16, generator=g),
+    flux_args = (torch.randn(2, 25, 8, generator=g), torch.tensor([900.0, 400.0]), torch.randn(2, 6, 16, generator=g),
                  torch.randn(2, 16, generator=g), img_ids, torch.zeros(6, 3), torch.tensor([3.5, 3.5]))
 
     qwen = _randomize(QwenImageTransformer(QwenImageConfig.from_dict(QWEN)))
     mask = torch.ones(2, 6, dtype=torch.bool)
     mask[1, 4:] = False  # the second row's prompt is shorter: padded text keys masked
-    qwen_args = (torch.randn(2, 15, 8, generator=g), torch.tensor([0.8, 0.2]), torch.randn(2, 6, 16, generator=g), mask, [(1, 5, 3)])
+    qwen_args = (torch.randn(2, 15, 8, generator=g), torch.tensor([800.0, 200.0]), torch.randn(2, 6, 16, generator=g), mask, [(1, 5, 3)])
     # Qwen-Image-Edit: the input image's tokens follow the noise tokens (two image shapes, 15 + 12 tokens)
     qwen_edit = _randomize(QwenImageTransformer(QwenImageConfig.from_dict(QWEN)))  # its own copy: tp shards in place
-    edit_args = (torch.randn(2, 27, 8, generator=g), torch.tensor([0.7, 0.3]), torch.randn(2, 6, 16, generator=g), mask,
+    edit_args = (torch.randn(2, 27, 8, generator=g), torch.tensor([700.0, 300.0]), torch.randn(2, 6, 16, generator=g), mask,
                  [(1, 5, 3), (1, 3, 4)])
     return [("wan", wan, wan_args), ("flux", flux, flux_args), ("qwen", qwen, qwen_args), ("qwen-edit", qwen_edit, edit_args)]
 
@@ -72,7 +72,7 @@ def _hunyuan_case():
     g = torch.Generator().manual_seed(2)
     model = _randomize(HunyuanVideoTransformer(HunyuanVideoConfig.from_dict(HUNYUAN)))
     args = (torch.randn(2, 4, 3, 6, 10, generator=g), torch.tensor([900.0, 300.0]), torch.randn(2, 7, 16, generator=g),
-            [7, 4], torch.randn(2, 16, generator=g), torch.tensor([6000.0, 3500.0]))
+            [7, 4], torch.randn(2, 16, generator=g), torch.tensor([6.0, 3.5]))
     return "hunyuan", model, args
 
 
@@ -82,11 +82,12 @@ def _check_layout(rank: int, world: int, init: str, ulysses: int, ring: int) -> 
     torch.set_grad_enabled(False)
     state = ParallelState.init(ParallelDims(ulysses=ulysses, ring=ring), rank, init, torch.device("cpu"))
     assert state.sequence is not None and state.sequence.size == world
+    from diffserve.worker.parallel.plans import parallelize
+
     for name, model, args in _cases() + [_hunyuan_case()]:
         single = model(*args)
-        model.sequence_parallel = state.sequence
+        parallelize(model, state)
         ours = model(*args)
-        model.sequence_parallel = None
         err = (ours - single).abs().max().item()
         assert err < 1e-4, f"{name} ulysses {ulysses} ring {ring} rank {rank}: max error {err}"
         assert single.std() > 0.1
@@ -111,10 +112,21 @@ def test_ring_merge_of_blocks_equals_whole_attention():
 
 
 class _Model(torch.nn.Module):
+    """A DiT of the Wan family as the planner sees it (its plan is found by the module name)."""
+
     def __init__(self, heads: int):
         super().__init__()
         self.config = type("Config", (), {"num_attention_heads": heads})()
-        self.sequence_parallel = None
+
+
+_Model.__module__ = "diffserve.worker.models.wan"
+
+
+class _Unplanned(_Model):
+    """A transformer whose family has no plan file (no sequence- or tensor-parallel path)."""
+
+
+_Unplanned.__module__ = "diffserve.worker.models.unplanned"
 
 
 @pytest.mark.parametrize("gpus,kw,expect", [
@@ -135,7 +147,5 @@ def test_layout_problems_name_the_numbers():
     assert problems == ["3 attention heads do not divide by ulysses 2 × tp 1"]
     _, problems = plan_layout(4, [_Model(4)], cfg_capable=False, uses_cfg=True, enable_cfg_parallel=True)
     assert any("no CFG-parallel path" in p for p in problems)
-    no_sp = _Model(4)
-    del no_sp.sequence_parallel  # a transformer without a sequence-parallel path
-    _, problems = plan_layout(2, [no_sp], cfg_capable=False, uses_cfg=False)
+    _, problems = plan_layout(2, [_Unplanned(4)], cfg_capable=False, uses_cfg=False)
     assert any("no sequence-parallel path" in p for p in problems)

@@ -11,7 +11,7 @@ import torch
 from diffserve.worker.parallel import ParallelDims
 from diffserve.worker.parallel.layout import plan_layout
 from dist_util import init_url, run_group
-from test_sequence_parallel import WAN, _cases, _hunyuan_case, _Model, _randomize
+from test_sequence_parallel import WAN, _cases, _hunyuan_case, _randomize, _Unplanned
 
 
 def _state(rank: int, init: str, **dims):
@@ -40,18 +40,18 @@ def _wan_i2v():
 
 def _check_dits(rank: int, state) -> None:
     from diffserve.worker.parallel.cfg import split_rows
-    from diffserve.worker.parallel.tensor import RowParallelLinear, shard_dit
+    from diffserve.worker.parallel.plans import parallelize
+    from diffserve.worker.parallel.tensor import RowParallelLinear
 
     for name, model, args in _cases() + [_wan_i2v(), _hunyuan_case()]:
         if state.dims.cfg > 1 and name != "wan":  # cfg: the (x, t, ctx) call of Wan T2V is enough
             continue
         single = model(*args)
         params = sum(p.numel() for p in model.parameters())
-        shard_dit(model, state)
+        parallelize(model, state)  # tp first, then the sequence over the local heads
         assert sum(p.numel() for p in model.parameters()) < params, f"{name}: weights not split"
         _assert_own_storage(model)
         assert any(isinstance(m, RowParallelLinear) for m in model.modules())
-        model.sequence_parallel = state.sequence
         ours = split_rows(state, model)(*args)
         err = (ours - single).abs().max().item()
         assert err < 1e-4, f"{name} {state.dims} rank {rank}: max error {err}"
@@ -162,8 +162,8 @@ def test_layout_with_tp():
 
     wan = WanTransformer(WanConfig.from_dict(WAN))
     assert plan_layout(4, [wan], cfg_capable=True, uses_cfg=True, enable_cfg_parallel=True, tp=2) == (ParallelDims(cfg=2, tp=2), [])
-    _, problems = plan_layout(2, [_Model(4)], cfg_capable=False, uses_cfg=False, tp=2)
-    assert problems == ["_Model has no tensor-parallel path; use --tp-size 1"]
+    _, problems = plan_layout(2, [_Unplanned(4)], cfg_capable=False, uses_cfg=False, tp=2)
+    assert problems == ["_Unplanned has no tensor-parallel path; use --tp-size 1"]
     _, problems = plan_layout(4, [wan], cfg_capable=False, uses_cfg=False, ulysses=2, tp=2)
     assert problems == []
     _, problems = plan_layout(8, [wan], cfg_capable=False, uses_cfg=False, ulysses=2, tp=4)

@@ -48,8 +48,9 @@ def _inputs(batch: int, seed: int = 0, h: int = 4, w: int = 6, text_len: int = 1
 
 
 def _ref(ref, latents, timestep, context, pooled, img_ids, txt_ids, guidance):
+    """diffusers takes the sampler's timestep / 1000 (as its pipeline passes it); ours takes it as it is."""
     with torch.no_grad():
-        return ref(hidden_states=latents, encoder_hidden_states=context, pooled_projections=pooled, timestep=timestep,
+        return ref(hidden_states=latents, encoder_hidden_states=context, pooled_projections=pooled, timestep=timestep / 1000,
                    img_ids=img_ids, txt_ids=txt_ids, guidance=guidance, return_dict=False)[0]
 
 
@@ -87,7 +88,7 @@ def test_rope_tables_match(ref):
 
 def test_batch_matches_diffusers(ours, ref):
     latents, context, pooled, img_ids, txt_ids = _inputs(2)
-    t = torch.tensor([0.7, 0.7])
+    t = torch.tensor([700.0, 700.0])
     g = torch.tensor([3.5, 3.5])
     expected = _ref(ref, latents, t, context, pooled, img_ids, txt_ids, g)
     got = _ours(ours, latents, t, context, pooled, img_ids, txt_ids, g)
@@ -99,7 +100,7 @@ def test_per_sample_timestep_and_guidance(ours, ref):
     """A batch whose rows have different timesteps and guidance equals each row run alone (in
     diffusers, which only ever sees one timestep per batch)."""
     latents, context, pooled, img_ids, txt_ids = _inputs(3, seed=1)
-    t = torch.tensor([0.95, 0.5, 0.12])
+    t = torch.tensor([950.0, 500.0, 120.0])
     g = torch.tensor([3.5, 1.0, 6.0])
     batched = _ours(ours, latents, t, context, pooled, img_ids, txt_ids, g)
     for i in range(3):
@@ -113,7 +114,7 @@ def test_per_sample_timestep_and_guidance(ours, ref):
 
 def test_guidance_changes_output(ours):
     latents, context, pooled, img_ids, txt_ids = _inputs(1, seed=2)
-    t = torch.tensor([0.5])
+    t = torch.tensor([500.0])
     a = _ours(ours, latents, t, context, pooled, img_ids, txt_ids, torch.tensor([1.0]))
     b = _ours(ours, latents, t, context, pooled, img_ids, txt_ids, torch.tensor([5.0]))
     assert not torch.allclose(a, b)
@@ -124,7 +125,7 @@ def test_bfloat16_close_to_diffusers(ckpt, ref):
     ours16 = FluxTransformer.from_pretrained(ckpt / "transformer", torch.bfloat16, "cpu")
     ref16 = FluxTransformer2DModel.from_pretrained(ckpt / "transformer", torch_dtype=torch.bfloat16).eval()
     latents, context, pooled, img_ids, txt_ids = _inputs(2, seed=3)
-    t, g = torch.tensor([0.8, 0.3]), torch.tensor([3.5, 2.0])
+    t, g = torch.tensor([800.0, 300.0]), torch.tensor([3.5, 2.0])
     latents, context, pooled = latents.bfloat16(), context.bfloat16(), pooled.bfloat16()
     got = _ours(ours16, latents, t, context, pooled, img_ids, txt_ids, g)
     expected = torch.cat([

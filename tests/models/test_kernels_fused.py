@@ -153,7 +153,7 @@ def test_gated_residual_in_fp32_is_fluxs_and_in_bf16_no_worse(mods):
 
 
 def _tables(length: int = L) -> tuple[torch.Tensor, torch.Tensor]:
-    from diffserve.worker.models.layers import rotary_tables
+    from diffserve.worker.models.rope import rotary_tables
 
     cos, sin = rotary_tables(HEAD_DIM, length + 3)
     return cos[3:][None, :, None], sin[3:][None, :, None]  # (1, L, 1, Dh), positions 3.. (nonzero angles)

@@ -28,8 +28,9 @@ def models(tmp_path_factory):
 
 
 def reference(ref, latents, t, text, mask, shapes):
+    """diffusers takes the sampler's timestep / 1000 in the model dtype (as its pipeline passes it); ours takes it as it is."""
     with torch.no_grad():
-        return ref(hidden_states=latents, timestep=t, encoder_hidden_states=text, encoder_hidden_states_mask=mask,
+        return ref(hidden_states=latents, timestep=t.to(latents.dtype) / 1000, encoder_hidden_states=text, encoder_hidden_states_mask=mask,
                    img_shapes=[shapes] * latents.shape[0], return_dict=False)[0]
 
 
@@ -47,7 +48,7 @@ def test_batch_with_padding_equals_each_row_alone(models, shapes):
     lengths = [7, 3, 5]
     b, s = len(lengths), max(lengths)
     latents = torch.randn(b, tokens, TINY_QWEN_TRANSFORMER["in_channels"])
-    t = torch.tensor([0.9, 0.25, 0.5])
+    t = torch.tensor([900.0, 250.0, 500.0])
     text = torch.randn(b, s, TINY_QWEN_TRANSFORMER["joint_attention_dim"])
     mask = torch.arange(s)[None, :] < torch.tensor(lengths)[:, None]  # (B, S)
     text = text * mask[..., None]
@@ -67,7 +68,7 @@ def test_unmasked_batch_matches(models):
     torch.manual_seed(2)
     shapes = [(1, 6, 4)]
     latents = torch.randn(2, 24, TINY_QWEN_TRANSFORMER["in_channels"])
-    t = torch.tensor([1.0, 0.1])
+    t = torch.tensor([1000.0, 100.0])
     text = torch.randn(2, 9, TINY_QWEN_TRANSFORMER["joint_attention_dim"])
     with torch.no_grad():
         ours_out = ours(latents, t, text, None, shapes)
@@ -82,7 +83,7 @@ def test_bf16_as_close_to_float32_as_diffusers(models, tmp_path):
     ref, _ = models
     ref.save_pretrained(tmp_path, safe_serialization=True)
     g = torch.Generator().manual_seed(3)
-    latents, text, t = torch.randn(1, 24, 64, generator=g), torch.randn(1, 7, 32, generator=g), torch.tensor([0.7])
+    latents, text, t = torch.randn(1, 24, 64, generator=g), torch.randn(1, 7, 32, generator=g), torch.tensor([700.0])
     fp32 = reference(ref, latents, t, text, None, [(1, 4, 6)])
     ref_bf16 = QwenImageTransformer2DModel.from_pretrained(tmp_path, torch_dtype=torch.bfloat16).eval()
     ours_bf16 = QwenImageTransformer.from_pretrained(tmp_path, torch.bfloat16, "cpu")

@@ -1,6 +1,6 @@
 """FLUX.1 text-to-image transformer (our implementation of diffusers' FluxTransformer2DModel).
 
-Reading order: config -> rotary embedding over (text, image) ids -> conditioning (timestep,
+Reading order: config -> rotary embedding over (text, image) ids -> (conditioning: timestep,
 guidance, pooled CLIP text) -> joint attention -> double-stream block -> single-stream block
 -> model -> loading. Parameter names and shapes are exactly diffusers' so its safetensors load
 with `load_state_dict(strict=True)`; the math (including the dtype each op runs in) is the same,
@@ -25,17 +25,16 @@ import torch.nn as nn
 
 from diffserve.kernels.attention import attention
 from diffserve.worker.models.checkpoint import load_module, read_config
+from diffserve.worker.models.rope import axes_tables
 from diffserve.kernels.activation import linear_gelu_tanh
 from diffserve.worker.models.layers import (
+    AdaLNZero,
     FeedForward,
-    TimestepEmbedding,
+    TimeGuidanceTextEmbedding,
     gated_residual,
     norm_modulate,
     qk_norm_rope,
-    timestep_embedding,
 )
-
-TIME_FREQ_DIM = 256  # width of the sinusoidal timestep / guidance embedding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,79 +81,21 @@ def flux_rope(ids: torch.Tensor, axes_dims: tuple[int, ...], theta: float = 1000
     Returns cos, sin each (1, L, 1, Dh), repeat-interleaved (channel pairs share an angle).
     """
     double_ok = ids.device.type not in ("mps", "npu")
-    freqs_dtype = torch.float64 if double_ok else torch.float32
-    positions = ids.to(freqs_dtype)
-    cos_parts, sin_parts = [], []
-    for axis, dim in enumerate(axes_dims):
-        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=freqs_dtype, device=ids.device) / dim))  # (dim/2,)
-        angles = torch.outer(positions[:, axis], inv_freq)  # (L, dim/2)
-        cos_parts.append(angles.cos().repeat_interleave(2, dim=1).float())
-        sin_parts.append(angles.sin().repeat_interleave(2, dim=1).float())
-    cos = torch.cat(cos_parts, dim=1)  # (L, Dh)
-    sin = torch.cat(sin_parts, dim=1)
+    cos, sin = axes_tables(list(ids.unbind(1)), axes_dims, theta, torch.float64 if double_ok else torch.float32)  # (L, Dh)
     return cos[None, :, None, :], sin[None, :, None, :]
 
 
-# ---------------------------------------------------------------------------------------------
-# Conditioning: timestep (+ guidance) + pooled text -> one vector per sample
-# ---------------------------------------------------------------------------------------------
+class FluxPosEmbed(nn.Module):
+    """RoPE tables of the joint [text, image] sequence from their position ids (no parameters;
+    diffusers' `pos_embed`)."""
 
-
-class PooledTextProjection(nn.Module):
-    """Pooled CLIP embedding -> model width: linear_1 -> SiLU -> linear_2
-    (diffusers' PixArtAlphaTextProjection with act_fn="silu"; layers.TextProjection is the GELU one)."""
-
-    def __init__(self, in_dim: int, dim: int):
+    def __init__(self, axes_dims: tuple[int, ...]):
         super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.act_1 = nn.SiLU()
-        self.linear_2 = nn.Linear(dim, dim)
+        self.axes_dims = axes_dims
 
-    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
-        # (B, P) -> (B, D)
-        return self.linear_2(self.act_1(self.linear_1(pooled)))
-
-
-class FluxTimeTextEmbedding(nn.Module):
-    """temb = MLP(sin(t)) [+ MLP(sin(guidance))] + MLP(pooled text): the vector every AdaLN reads.
-
-    Holds diffusers' `time_text_embed.*` keys: timestep_embedder, guidance_embedder (only for
-    guidance-distilled checkpoints) and text_embedder.
-    """
-
-    def __init__(self, dim: int, pooled_dim: int, with_guidance: bool):
-        super().__init__()
-        self.timestep_embedder = TimestepEmbedding(TIME_FREQ_DIM, dim)
-        self.guidance_embedder = TimestepEmbedding(TIME_FREQ_DIM, dim) if with_guidance else None
-        self.text_embedder = PooledTextProjection(pooled_dim, dim)
-
-    def forward(self, timestep: torch.Tensor, guidance: torch.Tensor | None, pooled: torch.Tensor) -> torch.Tensor:
-        # timestep, guidance: (B,) already scaled to [0, 1000]; pooled (B, P) -> temb (B, D)
-        temb = self.timestep_embedder(timestep_embedding(timestep, TIME_FREQ_DIM).to(pooled.dtype))
-        if self.guidance_embedder is not None:
-            if guidance is None:
-                raise ValueError("this FLUX checkpoint is guidance-distilled: pass a guidance scale per sample")
-            temb = temb + self.guidance_embedder(timestep_embedding(guidance, TIME_FREQ_DIM).to(pooled.dtype))
-        return temb + self.text_embedder(pooled)
-
-
-class AdaNorm(nn.Module):
-    """SiLU(temb) -> linear -> `chunks` modulation vectors, plus a parameter-free LayerNorm.
-
-    `chunks` = 6 for diffusers' AdaLayerNormZero (double blocks), 3 for AdaLayerNormZeroSingle,
-    2 for AdaLayerNormContinuous (output head, whose chunks are (scale, shift) in that order).
-    """
-
-    def __init__(self, dim: int, chunks: int):
-        super().__init__()
-        self.silu = nn.SiLU()
-        self.linear = nn.Linear(dim, chunks * dim)
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.chunks = chunks
-
-    def modulations(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # (B, D) -> `chunks` tensors of (B, 1, D), broadcast over tokens
-        return self.linear(self.silu(temb))[:, None, :].chunk(self.chunks, dim=-1)
+    def forward(self, txt_ids: torch.Tensor, img_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        # txt_ids (S, 3), img_ids (N, 3) -> cos, sin each (1, S + N, 1, Dh)
+        return flux_rope(torch.cat([txt_ids, img_ids], dim=0), self.axes_dims)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -196,38 +137,39 @@ class FluxAttention(nn.Module):
     def _qkv(self, x: torch.Tensor, to_q, to_k, to_v, norm_q, norm_k, rope):
         return qk_norm_rope(self._heads(to_q(x)), norm_q, rope), qk_norm_rope(self._heads(to_k(x)), norm_k, rope), self._heads(to_v(x))
 
+    def attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, text: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """The attention seam. Single stream: q, k, v of [text, image] (B, S + N, Hd, Dh) -> the same
+        shape. Joint: image q, k, v (B, N, Hd, Dh) and the text's `text` (B, S, Hd, Dh) each, attended
+        as [text, image] -> (image out, text out). A parallel plan (worker/parallel/plans/) may
+        replace it on an instance."""
+        if text is None:
+            return attention(q, k, v)
+        s = text[0].shape[1]
+        out = attention(torch.cat([text[0], q], dim=1), torch.cat([text[1], k], dim=1), torch.cat([text[2], v], dim=1))
+        return out[:, s:], out[:, :s]
+
     def forward(
         self,
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         context: torch.Tensor | None = None,
-        sequence=None,
-        length: int = 0,
-        text_len: int = 0,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # joint: x image (B, N, D), context text (B, S, D) -> (image out, text out)
         # single: x = [text, image] (B, S + N, D) -> (B, S + N, D), not projected
-        # sequence (worker/parallel/sequence.py): the image part is this rank's shard of `length`
-        # tokens; the text part (the first `text_len` tokens) is whole on every rank.
         # rope tables are laid out [text, image] like the sequence
-        text_len = context.shape[1] if self.joint else text_len
-        image_rope = tuple(r[:, text_len:] for r in rope) if self.joint else rope
-        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, image_rope)  # (B, N, Hd, Dh)
         if not self.joint:
-            if sequence is None:
-                return attention(q, k, v).flatten(2, 3)  # (B, S + N, D)
-            s = text_len  # the sequence group hands back [text, image] in one tensor
-            out, _ = sequence.attention(q[:, s:], k[:, s:], v[:, s:], length, text=(q[:, :s], k[:, :s], v[:, :s]), text_first=True)
-            return out.flatten(2, 3)
+            q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, rope)  # (B, S + N, Hd, Dh)
+            return self.attend(q, k, v).flatten(2, 3)  # (B, S + N, D)
+        text_len = context.shape[1]
+        image_rope = tuple(r[:, text_len:] for r in rope)
+        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, image_rope)  # (B, N, Hd, Dh)
         text_rope = tuple(r[:, :text_len] for r in rope)
         cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
                                self.norm_added_q, self.norm_added_k, text_rope)  # (B, S, Hd, Dh)
-        if sequence is None:
-            out = attention(torch.cat([cq, q], dim=1), torch.cat([ck, k], dim=1), torch.cat([cv, v], dim=1))  # (B, S + N, Hd, Dh)
-            image_out, text_out = out[:, text_len:].flatten(2, 3).contiguous(), out[:, :text_len].flatten(2, 3).contiguous()
-        else:  # image and text stay apart: the sequence group takes and returns them separately
-            image_out, text_out = sequence.attention(q, k, v, length, text=(cq, ck, cv))
-            image_out, text_out = image_out.flatten(2, 3), text_out.flatten(2, 3)
+        image_out, text_out = self.attend(q, k, v, (cq, ck, cv))
+        image_out, text_out = image_out.flatten(2, 3).contiguous(), text_out.flatten(2, 3).contiguous()
         return self.to_out[0](image_out), self.to_add_out(text_out)
 
 
@@ -247,8 +189,8 @@ class FluxDoubleBlock(nn.Module):
 
     def __init__(self, dim: int, heads: int, head_dim: int):
         super().__init__()
-        self.norm1 = AdaNorm(dim, 6)
-        self.norm1_context = AdaNorm(dim, 6)
+        self.norm1 = AdaLNZero(dim, 6)
+        self.norm1_context = AdaLNZero(dim, 6)
         self.attn = FluxAttention(dim, heads, head_dim, joint=True)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(dim, inner_dim=4 * dim, approximate="tanh")
@@ -257,16 +199,15 @@ class FluxDoubleBlock(nn.Module):
 
     def forward(
         self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-        sequence=None, length: int = 0,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # x (B, N, D) image (a token shard under sequence parallelism), context (B, S, D) text, temb (B, D)
+        # x (B, N, D) image, context (B, S, D) text, temb (B, D)
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.norm1.modulations(temb)  # (B, 1, D) each
         c_shift_a, c_scale_a, c_gate_a, c_shift_f, c_scale_f, c_gate_f = self.norm1_context.modulations(temb)
 
         # 1. Joint attention over [text, image].
         h = norm_modulate(x, shift_a, scale_a, self.norm1.norm)
         c = norm_modulate(context, c_shift_a, c_scale_a, self.norm1_context.norm)
-        attn_x, attn_c = self.attn(h, rope, context=c, sequence=sequence, length=length)
+        attn_x, attn_c = self.attn(h, rope, context=c)
 
         # 2. Image stream: gated residuals.
         x = gated_residual(x, attn_x, gate_a)
@@ -285,18 +226,17 @@ class FluxSingleBlock(nn.Module):
     def __init__(self, dim: int, heads: int, head_dim: int, mlp_ratio: float = 4.0):
         super().__init__()
         mlp_dim = int(dim * mlp_ratio)
-        self.norm = AdaNorm(dim, 3)
+        self.norm = AdaLNZero(dim, 3)
         self.proj_mlp = nn.Linear(dim, mlp_dim)
         self.proj_out = nn.Linear(dim + mlp_dim, dim)
         self.attn = FluxAttention(dim, heads, head_dim, joint=False)
 
-    def forward(self, xc: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
-                sequence=None, length: int = 0, text_len: int = 0) -> torch.Tensor:
-        # xc = [text, image] (B, S + N, D); the image part a token shard under sequence parallelism
+    def forward(self, xc: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        # xc = [text, image] (B, S + N, D)
         shift, scale, gate = self.norm.modulations(temb)  # (B, 1, D) each
         h = norm_modulate(xc, shift, scale, self.norm.norm)
         mlp = linear_gelu_tanh(h, self.proj_mlp.weight, self.proj_mlp.bias)  # (B, S + N, 4D)
-        attn = self.attn(h, rope, sequence=sequence, length=length, text_len=text_len)  # (B, S + N, D)
+        attn = self.attn(h, rope)  # (B, S + N, D)
         xc = gated_residual(xc, self.proj_out(torch.cat([attn, mlp], dim=2)), gate)
         return _clip_fp16(xc)
 
@@ -321,18 +261,17 @@ class FluxTransformer(nn.Module):
         self.config = cfg
         dim = cfg.inner_dim
         out_channels = cfg.out_channels or cfg.in_channels
-        self.time_text_embed = FluxTimeTextEmbedding(dim, cfg.pooled_projection_dim, cfg.guidance_embeds)
+        self.time_text_embed = TimeGuidanceTextEmbedding(dim, cfg.pooled_projection_dim, cfg.guidance_embeds)
         self.context_embedder = nn.Linear(cfg.joint_attention_dim, dim)
         self.x_embedder = nn.Linear(cfg.in_channels, dim)
+        self.pos_embed = FluxPosEmbed(cfg.axes_dims_rope)
         heads, head_dim = cfg.num_attention_heads, cfg.attention_head_dim
         self.transformer_blocks = nn.ModuleList([FluxDoubleBlock(dim, heads, head_dim) for _ in range(cfg.num_layers)])
         self.single_transformer_blocks = nn.ModuleList(
             [FluxSingleBlock(dim, heads, head_dim) for _ in range(cfg.num_single_layers)]
         )
-        self.norm_out = AdaNorm(dim, 2)
+        self.norm_out = AdaLNZero(dim, 2)
         self.proj_out = nn.Linear(dim, cfg.patch_size * cfg.patch_size * out_channels)
-        # sequence group (worker/parallel/sequence.py) when the worker group shards tokens.
-        self.sequence_parallel = None
 
     @property
     def dtype(self) -> torch.dtype:
@@ -350,38 +289,35 @@ class FluxTransformer(nn.Module):
     ) -> torch.Tensor:
         """Predict the flow for a batch of packed latents.
 
-        latents: (B, N, Cin) packed tokens; timestep: (B,) sigma-like in [0, 1] (the sampler's
-        t / 1000), one per sample; context: (B, S, J) T5 states; pooled: (B, P) CLIP pooled;
+        latents: (B, N, Cin) packed tokens; timestep: (B,) the sampler's timestep as it is
+        (0..num_train_timesteps), one per sample; context: (B, S, J) T5 states; pooled: (B, P) CLIP pooled;
         img_ids: (N, 3), txt_ids: (S, 3) RoPE position ids shared by the batch; guidance: (B,)
         embedded guidance scale (guidance-distilled checkpoints only, else None).
         Returns (B, N, Cout) in the model dtype.
         """
         x = self.x_embedder(latents)  # (B, N, D)
 
-        # Conditioning vector; timestep and guidance are scaled back to [0, 1000] in the model dtype.
-        t = timestep.to(x.dtype) * 1000
+        # Conditioning vector. The reference embeds t / 1000 rounded to the model dtype, times 1000,
+        # and the raw guidance rounded likewise, times 1000.
+        t = (timestep / 1000).to(x.dtype) * 1000
         g = guidance.to(x.dtype) * 1000 if guidance is not None and self.config.guidance_embeds else None
-        temb = self.time_text_embed(t, g, pooled)  # (B, D)
+        temb = self.time_text_embed(t, pooled, g)  # (B, D)
 
         c = self.context_embedder(context)  # (B, S, D)
-        rope = flux_rope(torch.cat([txt_ids, img_ids], dim=0), self.config.axes_dims_rope)  # (1, S + N, 1, Dh)
-        text_len, sp, length = c.shape[1], self.sequence_parallel, x.shape[1]
-        if sp is not None:  # shard the image tokens once (their rope with them); text stays whole
-            x = sp.shard(x)
-            rope = tuple(torch.cat([r[:, :text_len], sp.shard(r[:, text_len:])], dim=1) for r in rope)
+        rope = self.pos_embed(txt_ids, img_ids)  # (1, S + N, 1, Dh)
+        text_len = c.shape[1]
 
         for block in self.transformer_blocks:
-            x, c = block(x, c, temb, rope, sp, length)
+            x, c = block(x, c, temb, rope)
 
         xc = torch.cat([c, x], dim=1)  # (B, S + N, D)
         for block in self.single_transformer_blocks:
-            xc = block(xc, temb, rope, sp, length, text_len)
+            xc = block(xc, temb, rope)
         x = xc[:, text_len:]
 
         # Output head: AdaLN (scale first, then shift) and linear to packed channels.
         scale, shift = self.norm_out.modulations(temb)
-        x = self.proj_out(norm_modulate(x, shift, scale, self.norm_out.norm))  # (B, N, Cout)
-        return x if sp is None else sp.gather(x, length)
+        return self.proj_out(norm_modulate(x, shift, scale, self.norm_out.norm))  # (B, N, Cout)
 
     # -----------------------------------------------------------------------------------------
     # Loading

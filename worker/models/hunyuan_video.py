@@ -13,9 +13,8 @@ first n_b text tokens). That is the reference's mask, so a sample's output does 
 much padding its batch carries (batched equals solo), and `kernels.attention.attention` stays the
 only attention call. Padded text positions are never read by valid tokens and are dropped at the end.
 
-Sequence parallelism (worker/parallel/sequence.py, `sequence_parallel` set by the worker): the video
-tokens and their RoPE tables are sharded once after the patch embedding and gathered once after the
-output head; the text tokens stay whole on every rank and their padding becomes a key mask (B, S).
+Parallelism is applied from outside (worker/parallel/plans/hunyuan_video.py): the model has one
+attention seam per attention module (`attend`) and no parallel code.
 
 Shape legend: B batch, C latent channels, F/H/W latent frames/height/width, L video tokens
 (F' * H' * W' after patchifying), S text tokens (padded), D model width, Hd heads, Dh head dim.
@@ -35,16 +34,14 @@ from diffserve.kernels.activation import linear_gelu_tanh
 from diffserve.kernels.attention import attention
 from diffserve.worker.models.checkpoint import load_module, read_config
 from diffserve.worker.models.layers import (
+    AdaLNZero,
     FeedForward,
-    TimestepEmbedding,
+    TimeGuidanceTextEmbedding,
     gated_residual,
     norm_modulate,
     qk_norm_rope,
-    rotary_tables,
-    timestep_embedding,
 )
-
-TIMESTEP_DIM = 256  # sinusoid width of every timestep / guidance embedding
+from diffserve.worker.models.rope import grid_tables, rotary_tables
 
 
 @dataclasses.dataclass(frozen=True)
@@ -92,19 +89,6 @@ class HunyuanVideoConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-class PooledProjection(nn.Module):
-    """linear_1 -> SiLU -> linear_2 (diffusers' PixArtAlphaTextProjection with act_fn="silu")."""
-
-    def __init__(self, in_dim: int, dim: int):
-        super().__init__()
-        self.linear_1 = nn.Linear(in_dim, dim)
-        self.act_1 = nn.SiLU()
-        self.linear_2 = nn.Linear(dim, dim)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear_2(self.act_1(self.linear_1(x)))
-
-
 class _LinearSiLU(nn.Module):
     """Linear then SiLU at `net.0` of a feed-forward (diffusers' activation_fn="linear-silu")."""
 
@@ -134,17 +118,20 @@ def rope_3d(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin (1, L, 1, Dh) for tokens in (f, h, w) order; Dh is split into (t, h, w) = axes_dim parts,
     each a 1-D interleaved RoPE over that axis' position (angles in float32, as diffusers)."""
-    f, h, w = grid
-    cos_parts, sin_parts = [], []
-    for axis, (size, dim) in enumerate(zip(grid, axes_dim)):
-        cos, sin = rotary_tables(dim, size, theta, device=device, freqs_dtype=torch.float32)  # (size, dim)
-        shape = [1, 1, 1, dim]
-        shape[axis] = size
-        cos_parts.append(cos.view(shape).expand(f, h, w, dim))
-        sin_parts.append(sin.view(shape).expand(f, h, w, dim))
-    cos = torch.cat(cos_parts, dim=-1).reshape(1, f * h * w, 1, -1)
-    sin = torch.cat(sin_parts, dim=-1).reshape(1, f * h * w, 1, -1)
-    return cos, sin
+    axes = [rotary_tables(dim, size, theta, device=device, freqs_dtype=torch.float32) for size, dim in zip(grid, axes_dim)]
+    cos, sin = grid_tables(axes, grid)  # (L, Dh)
+    return cos[None, :, None, :], sin[None, :, None, :]
+
+
+class RotaryEmbedding(nn.Module):
+    """`rope_3d` as a module (no parameters; diffusers' `rope`)."""
+
+    def __init__(self, axes_dim: Sequence[int], theta: float):
+        super().__init__()
+        self.axes_dim, self.theta = tuple(axes_dim), theta
+
+    def forward(self, grid: tuple[int, int, int], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        return rope_3d(grid, self.axes_dim, self.theta, device)
 
 
 def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_lengths: Sequence[int]) -> torch.Tensor:
@@ -172,28 +159,6 @@ def _heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Conditioning
 # ---------------------------------------------------------------------------------------------
-
-
-class ConditionEmbedding(nn.Module):
-    """temb (B, D) = MLP(timestep) [+ MLP(guidance)] + MLP(pooled CLIP embedding) (diffusers'
-    HunyuanVideoConditionEmbedding / CombinedTimestepTextProjEmbeddings: the same module names)."""
-
-    def __init__(self, dim: int, pooled_dim: int, guidance_embeds: bool):
-        super().__init__()
-        self.timestep_embedder = TimestepEmbedding(TIMESTEP_DIM, dim)
-        self.text_embedder = PooledProjection(pooled_dim, dim)
-        self.guidance_embedder = TimestepEmbedding(TIMESTEP_DIM, dim) if guidance_embeds else None
-
-    def forward(self, timestep: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
-        # timestep (B,), pooled (B, pooled_dim), guidance (B,) -> (B, D)
-        temb = self.timestep_embedder(timestep_embedding(timestep, TIMESTEP_DIM).to(pooled.dtype))
-        pooled_emb = self.text_embedder(pooled)
-        if self.guidance_embedder is None:
-            return temb + pooled_emb
-        if guidance is None:
-            raise ValueError("this checkpoint embeds the guidance scale: pass guidance (B,)")
-        gemb = self.guidance_embedder(timestep_embedding(guidance, TIMESTEP_DIM).to(pooled.dtype))
-        return temb + gemb + pooled_emb
 
 
 class RefinerAttention(nn.Module):
@@ -239,7 +204,7 @@ class TokenRefiner(nn.Module):
     def __init__(self, in_dim: int, heads: int, head_dim: int, num_layers: int):
         super().__init__()
         dim = heads * head_dim
-        self.time_text_embed = ConditionEmbedding(dim, in_dim, guidance_embeds=False)
+        self.time_text_embed = TimeGuidanceTextEmbedding(dim, in_dim, with_guidance=False)
         self.proj_in = nn.Linear(in_dim, dim)
         self.token_refiner = nn.Module()
         self.token_refiner.refiner_blocks = nn.ModuleList([RefinerBlock(dim, heads) for _ in range(num_layers)])
@@ -262,21 +227,7 @@ class TokenRefiner(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-class AdaLNZero(nn.Module):
-    """SiLU -> linear to `chunks` x D modulation vectors, and a parameter-free LayerNorm (eps 1e-6)."""
-
-    def __init__(self, dim: int, chunks: int):
-        super().__init__()
-        self.linear = nn.Linear(dim, chunks * dim)
-        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
-        self.chunks = chunks
-
-    def forward(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        # (B, D) -> `chunks` tensors (B, 1, D), in diffusers' order (shift, scale, gate, ...)
-        return self.linear(F.silu(temb)).unsqueeze(1).chunk(self.chunks, dim=-1)
-
-
-class JointAttention(nn.Module):
+class HunyuanVideoAttention(nn.Module):
     """Attention over [video tokens, text tokens]; RoPE on the video part, RMS q/k norm per head.
 
     Dual-stream blocks have separate text projections (add_*_proj, norm_added_*, to_add_out) and
@@ -296,22 +247,24 @@ class JointAttention(nn.Module):
             self.to_out = nn.ModuleList([nn.Linear(dim, dim)])
             self.to_add_out = nn.Linear(dim, dim)
 
+    def attend(self, q, k, v, text, key_lengths: Sequence[int]) -> torch.Tensor:
+        """The attention seam: video q, k, v (B, L, Hd, Dh) and the text's `text` (B, S, Hd, Dh) each,
+        attended as [video, text], row b against keys [0, key_lengths[b]) -> (B, L + S, Hd, Dh). A
+        parallel plan (worker/parallel/plans/) may replace it on an instance."""
+        q, k, v = torch.cat([q, text[0]], 1), torch.cat([k, text[1]], 1), torch.cat([v, text[2]], 1)
+        return prefix_attention(q, k, v, key_lengths)
+
     def forward(
         self,
         x: torch.Tensor,
         num_video: int,
         rope: tuple[torch.Tensor, torch.Tensor],
         key_lengths: Sequence[int],
-        text_mask: torch.Tensor | None = None,
         context: torch.Tensor | None = None,
-        sequence=None,
-        length: int = 0,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # dual: x video (B, L, D), context text (B, S, D) -> (video out, text out), each projected
         # single: x = [video, text] (B, L + S, D) -> (B, L + S, D), not projected (the block's proj_out does it)
-        # key_lengths: row b attends to keys [0, key_lengths[b]) of [video, text]. sequence
-        # (worker/parallel/sequence.py): the video part is this rank's shard of `length` tokens, the
-        # text whole; text_mask (B, S) bool, False at padding (None when no row is padded).
+        # key_lengths: row b attends to keys [0, key_lengths[b]) of [video, text].
         n = num_video
         q, k, v = (_heads(proj(x), self.heads) for proj in (self.to_q, self.to_k, self.to_v))
         if self.dual:
@@ -322,12 +275,7 @@ class JointAttention(nn.Module):
             q, k, v = q[:, :n], k[:, :n], v[:, :n]
         q, k = qk_norm_rope(q, self.norm_q, rope), qk_norm_rope(k, self.norm_k, rope)  # (B, L, Hd, Dh)
 
-        if sequence is None:
-            q, k, v = torch.cat([q, tq], 1), torch.cat([k, tk], 1), torch.cat([v, tv], 1)
-            out = prefix_attention(q, k, v, key_lengths)  # (B, L + S, Hd, Dh)
-        else:
-            video_out, text_out = sequence.attention(q, k, v, length, text=(tq, tk, tv), text_mask=text_mask)
-            out = torch.cat([video_out, text_out], 1)
+        out = self.attend(q, k, v, (tq, tk, tv), key_lengths)  # (B, L + S, Hd, Dh)
         out = out.flatten(2, 3).to(q.dtype)  # (B, L + S, D)
         if not self.dual:
             return out
@@ -341,20 +289,20 @@ class DualStreamBlock(nn.Module):
         super().__init__()
         self.norm1 = AdaLNZero(dim, 6)
         self.norm1_context = AdaLNZero(dim, 6)
-        self.attn = JointAttention(dim, heads, dual=True)
+        self.attn = HunyuanVideoAttention(dim, heads, dual=True)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff = FeedForward(dim, int(dim * mlp_ratio), approximate="tanh")
         self.norm2_context = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ff_context = FeedForward(dim, int(dim * mlp_ratio), approximate="tanh")
 
-    def forward(self, x, text, temb, rope, key_lengths, text_mask=None, sequence=None, length=0):
-        # x (B, L, D) video (a token shard under sequence parallelism), text (B, S, D), temb (B, D)
-        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1(temb)  # (B, 1, D) each
-        c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context(temb)
+    def forward(self, x, text, temb, rope, key_lengths):
+        # x (B, L, D) video, text (B, S, D), temb (B, D)
+        shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1.modulations(temb)  # (B, 1, D) each
+        c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context.modulations(temb)
 
         h = norm_modulate(x, shift, scale, self.norm1.norm)
         c = norm_modulate(text, c_shift, c_scale, self.norm1_context.norm)
-        attn, text_attn = self.attn(h, x.shape[1], rope, key_lengths, text_mask, context=c, sequence=sequence, length=length)
+        attn, text_attn = self.attn(h, x.shape[1], rope, key_lengths, context=c)
         x = gated_residual(x, attn, gate)
         text = gated_residual(text, text_attn, c_gate)
 
@@ -370,17 +318,17 @@ class SingleStreamBlock(nn.Module):
     def __init__(self, dim: int, heads: int, mlp_ratio: float):
         super().__init__()
         mlp_dim = int(dim * mlp_ratio)
-        self.attn = JointAttention(dim, heads, dual=False)
+        self.attn = HunyuanVideoAttention(dim, heads, dual=False)
         self.norm = AdaLNZero(dim, 3)
         self.proj_mlp = nn.Linear(dim, mlp_dim)
         self.proj_out = nn.Linear(dim + mlp_dim, dim)
 
-    def forward(self, xc, num_video, temb, rope, key_lengths, text_mask=None, sequence=None, length=0):
-        # xc = [video, text] (B, L + S, D), the first num_video tokens video (a shard under sequence parallelism)
-        shift, scale, gate = self.norm(temb)  # (B, 1, D) each
+    def forward(self, xc, num_video, temb, rope, key_lengths):
+        # xc = [video, text] (B, L + S, D), the first num_video tokens video
+        shift, scale, gate = self.norm.modulations(temb)  # (B, 1, D) each
         h = norm_modulate(xc, shift, scale, self.norm.norm)
         mlp = linear_gelu_tanh(h, self.proj_mlp.weight, self.proj_mlp.bias)  # (B, L + S, mlp_dim)
-        attn = self.attn(h, num_video, rope, key_lengths, text_mask, sequence=sequence, length=length)  # (B, L + S, D)
+        attn = self.attn(h, num_video, rope, key_lengths)  # (B, L + S, D)
         return gated_residual(xc, self.proj_out(torch.cat([attn, mlp], dim=2)), gate)
 
 
@@ -406,8 +354,9 @@ class HunyuanVideoTransformer(nn.Module):
         patch = (cfg.patch_size_t, cfg.patch_size, cfg.patch_size)
         self.x_embedder = nn.Module()
         self.x_embedder.proj = nn.Conv3d(cfg.in_channels, dim, kernel_size=patch, stride=patch)
+        self.rope = RotaryEmbedding(cfg.rope_axes_dim, cfg.rope_theta)
         self.context_embedder = TokenRefiner(cfg.text_embed_dim, heads, cfg.attention_head_dim, cfg.num_refiner_layers)
-        self.time_text_embed = ConditionEmbedding(dim, cfg.pooled_projection_dim, cfg.guidance_embeds)
+        self.time_text_embed = TimeGuidanceTextEmbedding(dim, cfg.pooled_projection_dim, cfg.guidance_embeds)
         self.transformer_blocks = nn.ModuleList([DualStreamBlock(dim, heads, cfg.mlp_ratio) for _ in range(cfg.num_layers)])
         self.single_transformer_blocks = nn.ModuleList(
             [SingleStreamBlock(dim, heads, cfg.mlp_ratio) for _ in range(cfg.num_single_layers)]
@@ -416,8 +365,6 @@ class HunyuanVideoTransformer(nn.Module):
         self.norm_out.linear = nn.Linear(dim, 2 * dim)  # (scale, shift) of the final AdaLN
         self.norm_out.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.proj_out = nn.Linear(dim, cfg.patch_size_t * cfg.patch_size**2 * (cfg.out_channels or cfg.in_channels))
-        # sequence group (worker/parallel/sequence.py) when the worker group shards tokens.
-        self.sequence_parallel = None
 
     def forward(
         self,
@@ -432,7 +379,7 @@ class HunyuanVideoTransformer(nn.Module):
 
         latents (B, C, F, H, W); timestep (B,) one per sample (0..1000); text (B, S, text_embed_dim)
         LLaMA states, row b valid in [0, text_lengths[b]) and padding after; pooled (B, pooled_dim)
-        CLIP pooled output; guidance (B,) embedded guidance scale x 1000. Returns (B, C_out, F, H, W).
+        CLIP pooled output; guidance (B,) the embedded guidance scale as it is (e.g. 6.0). Returns (B, C_out, F, H, W).
         """
         b, _, f, h, w = latents.shape
         pt, p = self.config.patch_size_t, self.config.patch_size
@@ -440,32 +387,25 @@ class HunyuanVideoTransformer(nn.Module):
         lengths = [int(n) for n in (text_lengths.tolist() if torch.is_tensor(text_lengths) else text_lengths)]
         assert len(lengths) == b and all(1 <= n <= text.shape[1] for n in lengths), lengths
 
-        rope = rope_3d(grid, self.config.rope_axes_dim, self.config.rope_theta, latents.device)  # (1, L, 1, Dh) x2
+        rope = self.rope(grid, latents.device)  # (1, L, 1, Dh) x2
+        if guidance is not None:  # the reference makes it in the model dtype, then scales it by 1000
+            guidance = guidance.to(self.x_embedder.proj.weight.dtype) * 1000.0
         temb = self.time_text_embed(timestep, pooled, guidance)  # (B, D)
         x = self.x_embedder.proj(latents).flatten(2).transpose(1, 2)  # (B, L, D), tokens in (f, h, w) order
         context = self.context_embedder(text, timestep, lengths)  # (B, S, D), whole on every rank
-        sp, length = self.sequence_parallel, x.shape[1]
-        key_lengths = [length + n for n in lengths]  # row b attends to all video + its valid text
-        text_mask = None
-        if sp is not None:  # shard the video tokens once (their rope with them); text padding as a key mask
-            x, rope = sp.shard(x), tuple(sp.shard(r) for r in rope)
-            s = context.shape[1]
-            if any(n < s for n in lengths):
-                text_mask = torch.arange(s, device=x.device)[None, :] < torch.tensor(lengths, device=x.device)[:, None]  # (B, S)
+        key_lengths = [x.shape[1] + n for n in lengths]  # row b attends to all video + its valid text
 
         for block in self.transformer_blocks:
-            x, context = block(x, context, temb, rope, key_lengths, text_mask, sp, length)
+            x, context = block(x, context, temb, rope, key_lengths)
         num_video = x.shape[1]
         xc = torch.cat([x, context], 1)  # (B, L + S, D)
         for block in self.single_transformer_blocks:
-            xc = block(xc, num_video, temb, rope, key_lengths, text_mask, sp, length)
+            xc = block(xc, num_video, temb, rope, key_lengths)
         x = xc[:, :num_video]
 
         # Output head: AdaLN (note: scale before shift here) then linear to patch pixels.
         scale, shift = self.norm_out.linear(F.silu(temb).to(x.dtype)).unsqueeze(1).chunk(2, dim=-1)
         x = self.proj_out(norm_modulate(x, shift, scale, self.norm_out.norm))  # (B, L, C_out * pt * p * p), channels first
-        if sp is not None:
-            x = sp.gather(x, length)
 
         # Unpatchify: (B, F', H', W', C, pt, p, p) -> (B, C, F'pt, H'p, W'p).
         x = x.reshape(b, *grid, -1, pt, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)

@@ -60,6 +60,65 @@ class TextProjection(nn.Module):
         return self.linear_2(self.act_1(self.linear_1(text)))
 
 
+class PooledProjection(nn.Module):
+    """Pooled text embedding -> model width: linear_1 -> SiLU -> linear_2 (diffusers'
+    PixArtAlphaTextProjection with act_fn="silu"; TextProjection is the GELU one). FLUX, HunyuanVideo."""
+
+    def __init__(self, in_dim: int, dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, dim)
+        self.act_1 = nn.SiLU()
+        self.linear_2 = nn.Linear(dim, dim)
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        # (B, P) -> (B, D)
+        return self.linear_2(self.act_1(self.linear_1(pooled)))
+
+
+class TimeGuidanceTextEmbedding(nn.Module):
+    """temb (B, D) = MLP(sin(timestep)) [+ MLP(sin(guidance))] + MLP(pooled text): the vector every
+    AdaLN reads (diffusers' CombinedTimestep(Guidance)TextProjEmbeddings / HunyuanVideoConditionEmbedding).
+    Keys: timestep_embedder, guidance_embedder (guidance-distilled checkpoints only), text_embedder.
+    Sinusoids 256 wide. FLUX, HunyuanVideo (and its token refiner, without guidance)."""
+
+    FREQ_DIM = 256
+
+    def __init__(self, dim: int, pooled_dim: int, with_guidance: bool):
+        super().__init__()
+        self.timestep_embedder = TimestepEmbedding(self.FREQ_DIM, dim)
+        self.guidance_embedder = TimestepEmbedding(self.FREQ_DIM, dim) if with_guidance else None
+        self.text_embedder = PooledProjection(pooled_dim, dim)
+
+    def forward(self, timestep: torch.Tensor, pooled: torch.Tensor, guidance: torch.Tensor | None = None) -> torch.Tensor:
+        # timestep, guidance: (B,) on the 0..1000 scale the sinusoids expect; pooled (B, P) -> temb (B, D)
+        temb = self.timestep_embedder(timestep_embedding(timestep, self.FREQ_DIM).to(pooled.dtype))
+        if self.guidance_embedder is not None:
+            if guidance is None:
+                raise ValueError("this checkpoint is guidance-distilled: pass a guidance scale per sample")
+            temb = temb + self.guidance_embedder(timestep_embedding(guidance, self.FREQ_DIM).to(pooled.dtype))
+        return temb + self.text_embedder(pooled)
+
+
+class AdaLNZero(nn.Module):
+    """SiLU(temb) -> linear -> `chunks` modulation vectors, plus a parameter-free LayerNorm (eps 1e-6)
+    that the block applies them with (`norm_modulate(x, shift, scale, self.norm)`).
+
+    `chunks` = 6 for diffusers' AdaLayerNormZero (double-stream blocks), 3 for AdaLayerNormZeroSingle,
+    2 for AdaLayerNormContinuous (FLUX's output head, whose chunks are (scale, shift) in that order).
+    Keys: `linear` (the norm has none). FLUX, HunyuanVideo.
+    """
+
+    def __init__(self, dim: int, chunks: int):
+        super().__init__()
+        self.linear = nn.Linear(dim, chunks * dim)
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
+        self.chunks = chunks
+
+    def modulations(self, temb: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        # (B, D) -> `chunks` tensors of (B, 1, D), broadcast over tokens, in diffusers' order
+        return self.linear(F.silu(temb)).unsqueeze(1).chunk(self.chunks, dim=-1)
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """AdaLN modulation. x (B, L, D); shift/scale broadcastable, e.g. (B, 1, D) or (B, L, D).
     After a norm, `norm_modulate` does both in one pass."""
@@ -136,40 +195,36 @@ class FeedForward(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# Rotary position embedding (interleaved pairs)
+# RMS norms and q/k norm with RoPE (the RoPE tables: worker/models/rope.py)
 # ---------------------------------------------------------------------------------------------
 
 
-def rotary_tables(
-    dim: int,
-    max_len: int,
-    theta: float = 10000.0,
-    device: torch.device | str | None = None,
-    freqs_dtype: torch.dtype = torch.float64,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables for 1-D RoPE over positions [0, max_len), each (max_len, dim) float32.
+class RMSNorm(nn.Module):
+    """diffusers' RMSNorm: variance in float32; the result takes the weight's dtype if it is half
+    precision (a float32 weight leaves it float32)."""
 
-    Channel pairs (2i, 2i+1) rotate together at frequency theta^(-2i/dim), so every value is
-    repeated twice along the last dim ("repeat-interleaved real form"). The angles are computed in
-    `freqs_dtype` (float64 by default, as diffusers does for Wan) and only the results are float32.
-    """
-    assert dim % 2 == 0, f"rotary dim must be even, got {dim}"
-    inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=freqs_dtype, device=device) / dim))  # (dim/2,)
-    positions = torch.arange(max_len, device=device)  # (max_len,)
-    angles = torch.outer(positions, inv_freq)  # (max_len, dim/2)
-    cos = angles.cos().repeat_interleave(2, dim=1).float()  # (max_len, dim)
-    sin = angles.sin().repeat_interleave(2, dim=1).float()  # (max_len, dim)
-    return cos, sin
+    def __init__(self, dim: int, eps: float = 1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        variance = x.float().pow(2).mean(-1, keepdim=True)
+        x = x * torch.rsqrt(variance + self.eps)
+        if self.weight.dtype in (torch.float16, torch.bfloat16):
+            x = x.to(self.weight.dtype)
+        return x * self.weight
 
 
 def qk_norm_rope(x: torch.Tensor, norm: nn.Module, rope: tuple[torch.Tensor, torch.Tensor] | None) -> torch.Tensor:
     """RMS q/k norm then RoPE (`apply_rotary`) in one pass, float32 inside, x's dtype out.
 
-    x: (B, L, H, D); norm: an RMSNorm (nn.RMSNorm, or a module with `weight` and `eps` as diffusers'
-    RMSNorm) over D (per head: FLUX, Qwen-Image, HunyuanVideo) or over H * D (across heads: Wan);
-    rope: (cos, sin) tables as `apply_rotary` takes them, or None for the norm alone.
+    x: (B, L, H, D); norm: an RMSNorm (nn.RMSNorm, or this module's RMSNorm as diffusers has it)
+    over D (per head: FLUX, Qwen-Image, HunyuanVideo) or over H * D (across heads: Wan);
+    rope: (cos, sin) tables as `apply_rotary` takes them, or None for the norm alone. Any other
+    norm module is called on the flattened heads (B, L, H * D), then RoPE is applied.
     """
-    if getattr(norm, "spans_ranks", False):  # tensor parallel: its RMS is all-reduced (worker/parallel/tensor.py)
+    if not isinstance(norm, (nn.RMSNorm, RMSNorm)):
         x = norm(x.flatten(-2)).unflatten(-1, x.shape[-2:])
         return apply_rotary(x, *rope) if rope is not None else x
     weight = norm.weight

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 
 from diffserve.kernels.attention import attention
 from diffserve.worker.models.checkpoint import load_module, read_config
-from diffserve.worker.models.layers import FeedForward, TimestepEmbedding, gated_residual, norm_modulate, qk_norm_rope
+from diffserve.worker.models.rope import axes_tables, axis_tables, grid_tables
+from diffserve.worker.models.layers import FeedForward, RMSNorm, TimestepEmbedding, gated_residual, norm_modulate, qk_norm_rope
 
 # (frames, height, width) of one image's token grid, in packed (2x2) latent units.
 ImageShape = tuple[int, int, int]
@@ -76,16 +77,6 @@ class QwenImageConfig:
 # ---------------------------------------------------------------------------------------------
 
 
-def _rope_angles(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """Angles of 1-D RoPE for integer `positions` (N,) -> (N, dim/2) float32.
-
-    Same float32 arithmetic as diffusers' QwenEmbedRope tables (integer position times
-    theta^(-2i/dim)), so looking positions up in its tables or computing them here agrees exactly.
-    """
-    inv_freq = 1.0 / torch.pow(ROPE_THETA, torch.arange(0, dim, 2, device=positions.device).to(torch.float32).div(dim))
-    return torch.outer(positions, inv_freq)
-
-
 def _centred(n: int, device) -> torch.Tensor:
     """Positions -(n - n//2) .. n//2 - 1: the image grid centred on 0 (diffusers' scale_rope)."""
     return torch.arange(n, device=device) - (n - n // 2)
@@ -101,54 +92,40 @@ def rope_tables(
     half-height / half-width over the images.
     """
     d_f, d_h, d_w = axes_dims
-    image_angles = []
+    image_cos, image_sin = [], []
     max_extent = 0
     for index, (f, h, w) in enumerate(images):
-        a_f = _rope_angles(torch.arange(index, index + f, device=device), d_f)  # (f, d_f/2)
-        a_h = _rope_angles(_centred(h, device), d_h)  # (h, d_h/2)
-        a_w = _rope_angles(_centred(w, device), d_w)  # (w, d_w/2)
-        grid = torch.cat(
-            [
-                a_f.view(f, 1, 1, -1).expand(f, h, w, -1),
-                a_h.view(1, h, 1, -1).expand(f, h, w, -1),
-                a_w.view(1, 1, w, -1).expand(f, h, w, -1),
-            ],
-            dim=-1,
-        )  # (f, h, w, Dh/2)
-        image_angles.append(grid.reshape(f * h * w, -1))
+        axes = [axis_tables(torch.arange(index, index + f, device=device), d_f, ROPE_THETA, torch.float32),
+                axis_tables(_centred(h, device), d_h, ROPE_THETA, torch.float32),
+                axis_tables(_centred(w, device), d_w, ROPE_THETA, torch.float32)]
+        cos, sin = grid_tables(axes, (f, h, w))  # (f * h * w, Dh)
+        image_cos.append(cos)
+        image_sin.append(sin)
         max_extent = max(max_extent, h // 2, w // 2)
     assert max_extent + text_len <= ROPE_MAX_POSITIONS, "image + text positions exceed the RoPE range"
     text_pos = torch.arange(max_extent, max_extent + text_len, device=device)
-    text_angles = torch.cat([_rope_angles(text_pos, d) for d in axes_dims], dim=-1)  # (S, Dh/2)
+    text_cos, text_sin = axes_tables([text_pos] * 3, axes_dims, ROPE_THETA, torch.float32)  # (S, Dh)
 
-    def tables(angles: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        cos = angles.cos().repeat_interleave(2, dim=-1)[None, :, None, :]
-        sin = angles.sin().repeat_interleave(2, dim=-1)[None, :, None, :]
-        return cos, sin
+    def tables(cos: torch.Tensor, sin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return cos[None, :, None, :], sin[None, :, None, :]
 
-    return tables(torch.cat(image_angles)), tables(text_angles)
+    return tables(torch.cat(image_cos), torch.cat(image_sin)), tables(text_cos, text_sin)
+
+
+class QwenPosEmbed(nn.Module):
+    """`rope_tables` as a module (no parameters; diffusers' `pos_embed`)."""
+
+    def __init__(self, axes_dims: tuple[int, int, int]):
+        super().__init__()
+        self.axes_dims = axes_dims
+
+    def forward(self, images: list[ImageShape], text_len: int, device) -> tuple[tuple[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+        return rope_tables(self.axes_dims, images, text_len, device)
 
 
 # ---------------------------------------------------------------------------------------------
 # Norms and timestep embedding
 # ---------------------------------------------------------------------------------------------
-
-
-class RMSNorm(nn.Module):
-    """diffusers' RMSNorm: variance in float32; the result takes the weight's dtype if it is half
-    precision (a float32 weight leaves it float32)."""
-
-    def __init__(self, dim: int, eps: float = 1e-6):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        x = x * torch.rsqrt(variance + self.eps)
-        if self.weight.dtype in (torch.float16, torch.bfloat16):
-            x = x.to(self.weight.dtype)
-        return x * self.weight
 
 
 def qwen_timestep_embedding(timestep: torch.Tensor, dim: int = TIME_PROJ_DIM, scale: float = 1000.0) -> torch.Tensor:
@@ -180,7 +157,7 @@ class TimeTextEmbed(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-class JointAttention(nn.Module):
+class QwenImageAttention(nn.Module):
     """Image stream (to_q/k/v, norm_q/k, to_out) and text stream (add_*_proj, norm_added_*, to_add_out)
     projected separately, RMS-normed per head, rotated, then one attention over [text, image]."""
 
@@ -200,9 +177,17 @@ class JointAttention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(dim, dim)])  # diffusers' `to_out.0` (to_out.1 is dropout)
         self.to_add_out = nn.Linear(dim, dim)
 
-    def forward(self, img, txt, img_rope, txt_rope, key_mask, sequence=None, length=0):
+    def attend(self, q, k, v, text, key_mask):
+        """The attention seam: image q, k, v (B, L, Hd, Dh) and the text's `text` (B, S, Hd, Dh) each,
+        attended as [text, image] with key_mask (B, S + L) or None -> (image out, text out). A
+        parallel plan (worker/parallel/plans/) may replace it on an instance."""
+        s = text[0].shape[1]
+        out = attention(torch.cat([text[0], q], dim=1), torch.cat([text[1], k], dim=1), torch.cat([text[2], v], dim=1),
+                        key_mask=key_mask)  # (B, S + L, Hd, Dh)
+        return out[:, s:], out[:, :s]
+
+    def forward(self, img, txt, img_rope, txt_rope, key_mask):
         # img: (B, L, D), txt: (B, S, D); key_mask: (B, S + L) bool (False at text padding) or None.
-        # sequence (worker/parallel/sequence.py): img is this rank's shard of `length` tokens.
         def heads(x):
             return x.unflatten(-1, (self.heads, -1))  # (B, N, Hd, Dh)
 
@@ -213,17 +198,9 @@ class JointAttention(nn.Module):
         txt_k = qk_norm_rope(heads(self.add_k_proj(txt)), self.norm_added_k, txt_rope)
         txt_v = heads(self.add_v_proj(txt))
 
-        if sequence is not None:
-            text_mask = key_mask[:, : txt.shape[1]] if key_mask is not None else None
-            img_out, txt_out = sequence.attention(img_q, img_k, img_v, length, text=(txt_q, txt_k, txt_v), text_mask=text_mask)
-            img_out, txt_out = img_out.flatten(2, 3).to(img_q.dtype), txt_out.flatten(2, 3).to(img_q.dtype)
-            return self.to_out[0](img_out), self.to_add_out(txt_out)
-        q = torch.cat([txt_q, img_q], dim=1)  # (B, S + L, Hd, Dh)
-        k = torch.cat([txt_k, img_k], dim=1)
-        v = torch.cat([txt_v, img_v], dim=1)
-        out = attention(q, k, v, key_mask=key_mask).flatten(2, 3).to(q.dtype)  # (B, S + L, D)
-        s = txt.shape[1]
-        return self.to_out[0](out[:, s:].contiguous()), self.to_add_out(out[:, :s].contiguous())
+        img_out, txt_out = self.attend(img_q, img_k, img_v, (txt_q, txt_k, txt_v), key_mask)
+        img_out, txt_out = img_out.flatten(2, 3).to(img_q.dtype), txt_out.flatten(2, 3).to(img_q.dtype)
+        return self.to_out[0](img_out.contiguous()), self.to_add_out(txt_out.contiguous())
 
 
 class QwenImageBlock(nn.Module):
@@ -234,11 +211,11 @@ class QwenImageBlock(nn.Module):
         self.eps = eps
         self.img_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))  # keys img_mod.1.*
         self.txt_mod = nn.Sequential(nn.SiLU(), nn.Linear(dim, 6 * dim))
-        self.attn = JointAttention(dim, heads, head_dim, eps)
+        self.attn = QwenImageAttention(dim, heads, head_dim, eps)
         self.img_mlp = FeedForward(dim, 4 * dim, approximate="tanh")
         self.txt_mlp = FeedForward(dim, 4 * dim, approximate="tanh")
 
-    def forward(self, img, txt, temb, img_rope, txt_rope, key_mask, sequence=None, length=0):
+    def forward(self, img, txt, temb, img_rope, txt_rope, key_mask):
         # img: (B, L, D), txt: (B, S, D), temb: (B, D)
         img_mod = self.img_mod(temb)[:, None].chunk(6, dim=-1)  # 6 x (B, 1, D): shift, scale, gate, x2
         txt_mod = self.txt_mod(temb)[:, None].chunk(6, dim=-1)
@@ -249,8 +226,6 @@ class QwenImageBlock(nn.Module):
             img_rope,
             txt_rope,
             key_mask,
-            sequence,
-            length,
         )
         img = gated_residual(img, img_attn, img_mod[2])
         txt = gated_residual(txt, txt_attn, txt_mod[2])
@@ -296,14 +271,13 @@ class QwenImageTransformer(nn.Module):
         self.time_text_embed = TimeTextEmbed(dim)
         self.txt_norm = RMSNorm(cfg.joint_attention_dim, eps=1e-6)
         self.img_in = nn.Linear(cfg.in_channels, dim)
+        self.pos_embed = QwenPosEmbed(cfg.axes_dims_rope)
         self.txt_in = nn.Linear(cfg.joint_attention_dim, dim)
         self.transformer_blocks = nn.ModuleList(
             [QwenImageBlock(dim, cfg.num_attention_heads, cfg.attention_head_dim) for _ in range(cfg.num_layers)]
         )
         self.norm_out = AdaNormOut(dim)
         self.proj_out = nn.Linear(dim, cfg.patch_size * cfg.patch_size * out_channels)
-        # sequence group (worker/parallel/sequence.py) when the worker group shards tokens.
-        self.sequence_parallel = None
 
     def forward(
         self,
@@ -314,27 +288,23 @@ class QwenImageTransformer(nn.Module):
         image_shapes: list[ImageShape],
     ) -> torch.Tensor:
         """latents: (B, L, Cp) packed tokens of the images in `image_shapes` (same for every row),
-        timestep: (B,) in [0, 1] (sampler timestep / 1000); text: (B, S, joint_attention_dim);
+        timestep: (B,) the sampler's timestep as it is (0..num_train_timesteps); text: (B, S, joint_attention_dim);
         text_mask: (B, S) bool, False at padding, or None when no row is padded.
         Returns (B, L, patch^2 * out_channels), the flow prediction for every image token.
         """
         x = self.img_in(latents)  # (B, L, D)
-        temb = self.time_text_embed(timestep.to(x.dtype), x.dtype)  # (B, D)
+        temb = self.time_text_embed(timestep.to(x.dtype) / 1000, x.dtype)  # (B, D); t / 1000 in the model dtype, as the reference
         txt = self.txt_in(self.txt_norm(text))  # (B, S, D)
 
-        img_rope, txt_rope = rope_tables(self.config.axes_dims_rope, image_shapes, txt.shape[1], x.device)
-        sp, length = self.sequence_parallel, x.shape[1]
-        if sp is not None:  # shard the image tokens once (their rope with them); text stays whole
-            x, img_rope = sp.shard(x), tuple(sp.shard(r) for r in img_rope)
-        key_mask = None  # over this rank's keys [text, image tokens], built once for every block
+        img_rope, txt_rope = self.pos_embed(image_shapes, txt.shape[1], x.device)
+        key_mask = None  # over the keys [text, image tokens], built once for every block
         if text_mask is not None:
             key_mask = torch.cat([text_mask.bool(), text_mask.new_ones(x.shape[:2], dtype=torch.bool)], dim=1)  # (B, S + L)
 
         for block in self.transformer_blocks:
-            x, txt = block(x, txt, temb, img_rope, txt_rope, key_mask, sp, length)
+            x, txt = block(x, txt, temb, img_rope, txt_rope, key_mask)
 
-        x = self.proj_out(self.norm_out(x, temb))  # (B, L, patch^2 * out_channels)
-        return x if sp is None else sp.gather(x, length)
+        return self.proj_out(self.norm_out(x, temb))  # (B, L, patch^2 * out_channels)
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype, device: torch.device | str) -> QwenImageTransformer:

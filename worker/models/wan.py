@@ -29,9 +29,9 @@ from diffserve.worker.models.layers import (
     gated_residual,
     norm_modulate,
     qk_norm_rope,
-    rotary_tables,
     timestep_embedding,
 )
+from diffserve.worker.models.rope import grid_tables, rotary_tables
 
 # Any parameter with one of these as a dotted name component stays float32 when loading in a
 # lower precision (diffusers' `_keep_in_fp32_modules` for Wan, with the same matching rule).
@@ -107,21 +107,9 @@ class WanRotaryEmbedding(nn.Module):
 
     def forward(self, grid: tuple[int, int, int]) -> tuple[torch.Tensor, torch.Tensor]:
         """grid = (F', H', W') token grid -> cos, sin each (1, L, 1, Dh), L = F' * H' * W'."""
-        f, h, w = grid
-
-        def expand(table: torch.Tensor) -> torch.Tensor:
-            t_part, h_part, w_part = table.split(self.split_sizes, dim=1)
-            full = torch.cat(
-                [
-                    t_part[:f].view(f, 1, 1, -1).expand(f, h, w, -1),
-                    h_part[:h].view(1, h, 1, -1).expand(f, h, w, -1),
-                    w_part[:w].view(1, 1, w, -1).expand(f, h, w, -1),
-                ],
-                dim=-1,
-            )  # (F', H', W', Dh)
-            return full.reshape(1, f * h * w, 1, -1)
-
-        return expand(self.freqs_cos), expand(self.freqs_sin)
+        axes = list(zip(self.freqs_cos.split(self.split_sizes, dim=1), self.freqs_sin.split(self.split_sizes, dim=1)))
+        cos, sin = grid_tables(axes, grid)  # (L, Dh)
+        return cos[None, :, None, :], sin[None, :, None, :]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,30 +202,29 @@ class WanAttention(nn.Module):
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         return x.unflatten(2, (self.heads, -1))  # (B, L, D) -> (B, L, Hd, Dh)
 
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """The attention seam: (B, L, Hd, Dh) queries against (B, S, Hd, Dh) keys / values. A
+        parallel plan (worker/parallel/plans/) may replace it on an instance."""
+        return attention(q, k, v)
+
     def forward(
         self,
         x: torch.Tensor,
         context: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         context_image: torch.Tensor | None = None,
-        sequence=None,
-        length: int = 0,
     ) -> torch.Tensor:
         # x: (B, L, D); context: (B, S, D) or None; context_image: (B, S_img, D) or None.
-        # sequence (Ulysses/Ring, self-attention only): x is this rank's token shard of a `length`-token sequence.
         source = x if context is None else context
         q = qk_norm_rope(self._heads(self.to_q(x)), self.norm_q, rope)  # (B, L, Hd, Dh), rope on self-attention only
         k = qk_norm_rope(self._heads(self.to_k(source)), self.norm_k, rope)  # (B, S, Hd, Dh)
         v = self._heads(self.to_v(source))  # (B, S, Hd, Dh)
 
-        if sequence is not None and context is None:
-            out = sequence.attention(q, k, v, length)[0].flatten(2, 3).type_as(q)  # (B, L/(U·R), D)
-        else:
-            out = attention(q, k, v).flatten(2, 3).type_as(q)  # (B, L, D)
+        out = self.attend(q, k, v).flatten(2, 3).type_as(q)  # (B, L, D)
         if context_image is not None and self.add_k_proj is not None:
             k_img = qk_norm_rope(self._heads(self.add_k_proj(context_image)), self.norm_added_k, None)  # (B, S_img, Hd, Dh)
             v_img = self._heads(self.add_v_proj(context_image))
-            out = out + attention(q, k_img, v_img).flatten(2, 3).type_as(q)
+            out = out + self.attend(q, k_img, v_img).flatten(2, 3).type_as(q)
         return self.to_out[0](out)
 
 
@@ -262,8 +249,6 @@ class WanBlock(nn.Module):
         modulation: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         context_image: torch.Tensor | None = None,
-        sequence=None,
-        length: int = 0,
     ) -> torch.Tensor:
         # x: (B, L, D); modulation: (B, T, 6, D) with T = 1 or L; the six parts are float32 (B, T, D).
         mods = (self.scale_shift_table + modulation.float()).unbind(2)
@@ -271,7 +256,7 @@ class WanBlock(nn.Module):
 
         # 1. Self-attention (modulation and residual in float32).
         h = norm_modulate(x, shift_sa, scale_sa, self.norm1)
-        x = gated_residual(x, self.attn1(h, rope=rope, sequence=sequence, length=length), gate_sa)
+        x = gated_residual(x, self.attn1(h, rope=rope), gate_sa)
 
         # 2. Cross-attention to the prompt (and image), no modulation.
         h = self.norm2(x)  # FP32LayerNorm (float32 inside) or Identity
@@ -309,8 +294,6 @@ class WanTransformer(nn.Module):
         self.norm_out = FP32LayerNorm(dim, cfg.eps, elementwise_affine=False)
         self.proj_out = nn.Linear(dim, out_channels * math.prod(cfg.patch_size))
         self.scale_shift_table = nn.Parameter(torch.randn(1, 2, dim) / dim**0.5)
-        # sequence group (worker/parallel/sequence.py) when the worker group shards tokens.
-        self.sequence_parallel = None
 
     def forward(
         self,
@@ -338,15 +321,8 @@ class WanTransformer(nn.Module):
         t = timestep if timestep.ndim == 2 else timestep[:, None]  # (B, T)
         temb, modulation, text, image = self.condition_embedder(t, context, context_image)  # text: (B, S, D)
 
-        sp, length = self.sequence_parallel, x.shape[1]
-        if sp is not None:  # shard tokens once; rope and per-token modulation follow the tokens
-            x, rope = sp.shard(x), tuple(sp.shard(r) for r in rope)
-            if modulation.shape[1] > 1:
-                modulation = sp.shard(modulation)
         for block in self.blocks:
-            x = block(x, text, modulation, rope, image, sp, length)
-        if sp is not None:
-            x = sp.gather(x, length)  # (B, L, D)
+            x = block(x, text, modulation, rope, image)
 
         # Output head: AdaLN (float32) then linear to patch pixels.
         shift, scale = (self.scale_shift_table + temb.unsqueeze(2)).unbind(2)  # (B, T, D) each

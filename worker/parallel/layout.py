@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+from diffserve.worker.parallel.plans import has_sequence_path
 from diffserve.worker.parallel.state import ParallelDims
 from diffserve.worker.pipelines.base import Capabilities
 
@@ -28,9 +29,11 @@ def plan_layout(num_gpus: int, models: list, *, cfg_capable: bool, uses_cfg: boo
     problems = dims.problems(num_gpus)
     for h in sorted(set(heads)):
         problems += dims.head_problems(h)
-    if dims.cfg > 1 and not cfg_capable:
+    if (dims.cfg > 1 or enable_cfg_parallel) and not cfg_capable:
         problems.append("this model's pipeline has no CFG-parallel path; drop --enable-cfg-parallel")
-    if (dims.ulysses > 1 or dims.ring > 1) and not all(hasattr(m, "sequence_parallel") for m in models):
+    elif enable_cfg_parallel and dims.cfg == 1:  # asked for, but no room for two cfg halves
+        problems.append(f"--enable-cfg-parallel needs --num-gpus {num_gpus} to divide by 2 × tp {dims.tp}")
+    if (dims.ulysses > 1 or dims.ring > 1) and not all(has_sequence_path(m) for m in models):
         problems.append("this model's transformer has no sequence-parallel path; use --ulysses-degree 1 --ring-degree 1")
     if dims.tp > 1:
         from diffserve.worker.parallel.tensor import dit_problems

@@ -1,9 +1,11 @@
 """Sequence parallelism inside one DiT forward: Ulysses (all-to-all over heads) and Ring (K/V passed
 around with a log-sum-exp merge), alone or combined (USP).
 
-The DiT shards its image/video tokens over the U × R ranks of the sequence group once before the
-first block (`shard`) and gathers them once after the last (`gather`); everything per-token in
-between runs on the shard. Only self-attention needs the whole sequence:
+A family's plan (worker/parallel/plans/) shards the image/video tokens over the U × R ranks of the
+sequence group once before the first block (`shard`, with what follows the tokens: RoPE tables,
+per-token modulation) and gathers them once after the last block or the output projection
+(`gather`); everything per-token in between runs on the shard. Only self-attention needs the whole
+sequence, and the plan swaps the model's attention seams for `attention` below:
 
 1. Ulysses: an all-to-all inside the ulysses group swaps the shard from tokens to heads: each rank
    goes from (B, L/(U·R), H, D) to (B, L/R, H/U, D) — the R-th block of the sequence, H/U heads.
@@ -24,38 +26,25 @@ ever sit at the end of the sequence), padded queries give rows the gather drops.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
 
 from diffserve.kernels.attention import attention, attention_lse
 from diffserve.kernels.merge import merge
+from diffserve.worker.parallel.state import SequenceGroup
 
 Text = tuple[torch.Tensor, torch.Tensor, torch.Tensor]
 
 
-@dataclass
-class SequenceParallel:
-    """This rank's place in the sequence group (ulysses × ring ranks sharing one sample's tokens)."""
+class SequenceParallel(SequenceGroup):
+    """Ulysses / Ring attention over a sequence group (worker/parallel/state.py holds the groups)."""
 
-    group: object  # all U × R ranks; group rank = sequence index = ring_rank * ulysses + ulysses_rank
-    ulysses_group: object
-    ring_group: object
-    ulysses: int
-    ring: int
-    ulysses_rank: int
-    ring_rank: int
-    ring_peers: tuple[int, ...] = ()  # global ranks of the ring group, in ring order
-
-    @property
-    def size(self) -> int:
-        return self.ulysses * self.ring
-
-    @property
-    def rank(self) -> int:
-        return self.ring_rank * self.ulysses + self.ulysses_rank
+    @classmethod
+    def of(cls, group: SequenceGroup) -> "SequenceParallel":
+        return cls(**{f.name: getattr(group, f.name) for f in dataclasses.fields(SequenceGroup)})
 
     # ---- shard / gather (once per forward) ----
 
@@ -188,3 +177,34 @@ class SequenceParallel:
         text_out = recv[:, :, n:].permute(1, 2, 0, 3, 4).reshape(b, text_len, u * hu, d)
         return out, text_out
 
+
+
+# ---- what a family's plan (worker/parallel/plans/) installs on a model ----
+
+
+class Tokens:
+    """Per-forward facts the swapped attention seams read, written once per forward by the hook that
+    shards the tokens (before the first block): the whole sequence's token count, the count of text
+    tokens leading a joint sequence, and the text padding as a key mask (B, S) (None: no padding)."""
+
+    def __init__(self) -> None:
+        self.length = 0
+        self.text_len = 0
+        self.text_mask: torch.Tensor | None = None
+
+
+def shard_before(block: torch.nn.Module, shard) -> None:
+    """Runs `shard(args) -> args` on the positional arguments of `block` (the first block: the
+    tokens) each forward."""
+    block.register_forward_pre_hook(lambda module, args: shard(args))
+
+
+def shard_output(module: torch.nn.Module, shard) -> None:
+    """Runs `shard(output, args) -> output` on what `module` returns (what follows the tokens:
+    RoPE tables, per-token modulation) each forward."""
+    module.register_forward_hook(lambda m, args, out: shard(out, args))
+
+
+def gather_after(module: torch.nn.Module, sp: SequenceParallel, tokens: Tokens) -> None:
+    """Gathers the token shards of `module`'s output (dim 1) into the whole sequence each forward."""
+    module.register_forward_hook(lambda m, args, out: sp.gather(out, tokens.length))

@@ -25,7 +25,29 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from diffserve.worker.parallel.sequence import SequenceParallel
+
+
+@dataclass
+class SequenceGroup:
+    """This rank's place in the sequence group (ulysses × ring ranks sharing one sample's tokens):
+    ranks and process groups only; the attention strategy over them is worker/parallel/sequence.py."""
+
+    group: object  # all U × R ranks; group rank = sequence index = ring_rank * ulysses + ulysses_rank
+    ulysses_group: object
+    ring_group: object
+    ulysses: int
+    ring: int
+    ulysses_rank: int
+    ring_rank: int
+    ring_peers: tuple[int, ...] = ()  # global ranks of the ring group, in ring order
+
+    @property
+    def size(self) -> int:
+        return self.ulysses * self.ring
+
+    @property
+    def rank(self) -> int:
+        return self.ring_rank * self.ulysses + self.ulysses_rank
 
 
 @dataclass(frozen=True)
@@ -89,7 +111,7 @@ class ParallelState:
     control: object = None  # gloo group over all ranks: command broadcast, also on GPU
     cfg_group: object = None
     cfg_rank: int = 0
-    sequence: SequenceParallel | None = None  # the ulysses × ring group, when it has more than one rank
+    sequence: SequenceGroup | None = None  # the ulysses × ring group, when it has more than one rank
     tp_group: object = None
     tp_rank: int = 0
 
@@ -133,7 +155,7 @@ class ParallelState:
         tp_group, tp_ranks = mine([[rank_of(ci, ri, ui, ti) for ti in range(t)] for ci in range(c) for ri in range(r) for ui in range(u)])
         sequence = None
         if len(seq_ranks) > 1:
-            sequence = SequenceParallel(seq_group, uly_group, ring_group, u, r, uly_ranks.index(rank), ring_ranks.index(rank),
+            sequence = SequenceGroup(seq_group, uly_group, ring_group, u, r, uly_ranks.index(rank), ring_ranks.index(rank),
                                         tuple(ring_ranks))
         return cls(dims, rank=rank, control=control, cfg_group=cfg_group, cfg_rank=rank // (r * u * t), sequence=sequence,
                    tp_group=tp_group, tp_rank=tp_ranks.index(rank))

@@ -12,12 +12,17 @@ Rank t holds heads [t·H/T, (t+1)·H/T) and hidden features [t·F/T, (t+1)·F/T)
 get `heads` (or `n_heads` / `num_heads`) divided by T, so they unflatten to their local heads;
 sequence parallelism then works on those local heads (Ulysses splits them further).
 
-`shard_dit` knows our Wan, FLUX, Qwen-Image and HunyuanVideo DiTs; `shard_text_encoder` the transformers T5 /
+A DiT is split by its family's declarative plan (worker/parallel/plans/<family>.py), e.g.
+{"blocks.*.attn1": Heads(norms=("norm_q", "norm_k")), "blocks.*.ffn": MLP()}, applied by `apply_tp`;
+`shard_text_encoder` splits the transformers T5 /
 UMT5 encoders and Qwen2 / Qwen2.5-VL / Llama decoder layers (see its docstring for what stays
 whole). Parameters are replaced by copies of their slices, so the full weights are freed.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
 
 import torch
 import torch.distributed as dist
@@ -91,11 +96,9 @@ class ParallelRMSNorm(nn.Module):
 
     Keeps this rank's slice of the weight; the mean of squares is the all-reduced sum of the local
     squares over the full width. Same arithmetic as torch's RMSNorm: float32 inside, weight
-    applied before casting back. `spans_ranks` tells layers.qk_norm_rope to call it rather than
-    run the fused single-rank kernel on its weight.
+    applied before casting back. models.layers.qk_norm_rope calls it as a module (it is not one of
+    the single-rank RMSNorms it fuses).
     """
-
-    spans_ranks = True
 
     def __init__(self, norm: nn.RMSNorm, ranges: Ranges, group):
         super().__init__()
@@ -125,7 +128,7 @@ def _group_info(state) -> tuple[int, int, object]:
 
 
 def _shard_attention(attn: nn.Module, tp: int, rank: int, group, norms_across_heads: tuple[str, ...] = ()) -> None:
-    """Our DiT attentions (WanAttention, FluxAttention, JointAttention): heads split, outputs row-parallel."""
+    """Our DiT attentions (WanAttention, FluxAttention, QwenImageAttention, HunyuanVideoAttention): heads split, outputs row-parallel."""
     inner = attn.to_q.out_features
     heads = _share(inner, tp, rank)
     assert attn.heads % tp == 0, f"{attn.heads} heads do not divide by tp {tp}"
@@ -149,85 +152,127 @@ def _shard_feed_forward(ff: nn.Module, tp: int, rank: int, group) -> None:
     ff.net[2] = RowParallelLinear.from_linear(ff.net[2], hidden, group)
 
 
-def _shard_flux_single(block: nn.Module, tp: int, rank: int, group) -> None:
-    """proj_out reads cat([attn, mlp]); its shard takes this rank's columns of both parts, in that order."""
-    inner, mlp = block.attn.to_q.out_features, block.proj_mlp.out_features
-    column_parallel(block.proj_mlp, [_share(mlp, tp, rank)])
-    _shard_attention(block.attn, tp, rank, group)
-    block.proj_out = RowParallelLinear.from_linear(block.proj_out, [_share(inner, tp, rank), _share(mlp, tp, rank, inner)], group)
+def _shard_parallel_block(block: nn.Module, attn: str, mlp: str, out: str, tp: int, rank: int, group) -> None:
+    """Attention and an MLP side by side, one output linear over cat([attn, mlp]) (FLUX / HunyuanVideo
+    single-stream blocks): its shard takes this rank's columns of both parts, in that order."""
+    attention, up = getattr(block, attn), getattr(block, mlp)
+    inner, width = attention.to_q.out_features, up.out_features
+    column_parallel(up, [_share(width, tp, rank)])
+    _shard_attention(attention, tp, rank, group)
+    setattr(block, out, RowParallelLinear.from_linear(getattr(block, out), [_share(inner, tp, rank), _share(width, tp, rank, inner)], group))
 
 
-def _dit_kinds():
-    from diffserve.worker.models.flux import FluxTransformer
-    from diffserve.worker.models.hunyuan_video import HunyuanVideoTransformer
-    from diffserve.worker.models.qwen_image import QwenImageTransformer
-    from diffserve.worker.models.wan import WanTransformer
-
-    return WanTransformer, FluxTransformer, QwenImageTransformer, HunyuanVideoTransformer
+# ---- the declarative plan: {module name pattern: style}, applied by `apply_tp` ----
 
 
-def _mlp_widths(model: nn.Module) -> set[int]:
-    wan, _, _, hunyuan = _dit_kinds()
-    if isinstance(model, wan):
-        return {model.config.ffn_dim}
-    if isinstance(model, hunyuan):  # the blocks' MLPs and the token refiner's (ratio 4)
-        return {int(model.config.inner_dim * model.config.mlp_ratio), 4 * model.config.inner_dim}
-    return {4 * model.config.inner_dim}
+@dataclass(frozen=True)
+class Heads:
+    """An attention (to_q/k/v and add_q/k/v_proj, to_out.0 / to_add_out, `heads`): split by heads;
+    `norms` are q/k norms over all heads (Wan), which become ParallelRMSNorm. Per-head norms stay."""
+
+    norms: tuple[str, ...] = ()
+
+    def apply(self, module: nn.Module, tp: int, rank: int, group) -> None:
+        _shard_attention(module, tp, rank, group, self.norms)
+
+    def widths(self, module: nn.Module) -> list[int]:
+        return []
+
+
+@dataclass(frozen=True)
+class MLP:
+    """A two-layer MLP with diffusers' FeedForward keys (net.0.proj column-, net.2 row-parallel)."""
+
+    def apply(self, module: nn.Module, tp: int, rank: int, group) -> None:
+        _shard_feed_forward(module, tp, rank, group)
+
+    def widths(self, module: nn.Module) -> list[int]:
+        return [module.net[0].proj.out_features]
+
+
+@dataclass(frozen=True)
+class ParallelBlock:
+    """A block whose attention `attn` and MLP up-projection `mlp` run side by side on one input and
+    whose `out` linear reads cat([attention, mlp]) (FLUX / HunyuanVideo single-stream blocks)."""
+
+    attn: str = "attn"
+    mlp: str = "proj_mlp"
+    out: str = "proj_out"
+
+    def apply(self, module: nn.Module, tp: int, rank: int, group) -> None:
+        _shard_parallel_block(module, self.attn, self.mlp, self.out, tp, rank, group)
+
+    def widths(self, module: nn.Module) -> list[int]:
+        return [getattr(module, self.mlp).out_features]
+
+
+Style = Heads | MLP | ParallelBlock
+TPPlan = dict[str, Style]  # module name pattern (fnmatch, '*' one index) -> how that module is split
+
+
+def _named(name: str, pattern: str) -> bool:
+    """Whether a dotted module name matches a pattern component by component ('*' is one component)."""
+    parts, wanted = name.split("."), pattern.split(".")
+    return len(parts) == len(wanted) and all(fnmatchcase(p, w) for p, w in zip(parts, wanted))
+
+
+def _matches(model: nn.Module, plan: TPPlan) -> list[tuple[nn.Module, Style]]:
+    """(module, style) for every module of `model` named by a pattern of `plan`, in model order."""
+    found = []
+    for name, module in model.named_modules():
+        for pattern, style in plan.items():
+            if _named(name, pattern):
+                found.append((module, style))
+                break
+    return found
+
+
+def tp_problems(model: nn.Module, plan: TPPlan | None, tp: int) -> list[str]:
+    """Why `plan` cannot split `model` over `tp` ranks (empty when it can); heads are checked by
+    ParallelDims.head_problems."""
+    if tp == 1:
+        return []
+    if not plan:
+        return [f"{type(model).__name__} has no tensor-parallel path; use --tp-size 1"]
+    widths = {w for module, style in _matches(model, plan) for w in style.widths(module)}
+    return [f"MLP width {w} does not divide by tp {tp}" for w in sorted(widths) if w % tp]
+
+
+def apply_tp(model: nn.Module, plan: TPPlan, state) -> nn.Module:
+    """Splits the modules `plan` names over `state.tp_group`, in place; returns the model.
+    Everything the plan does not name (embedders, modulation, norms over the model width, output
+    heads) stays replicated."""
+    tp, rank, group = _group_info(state)
+    if tp == 1:
+        return model
+    problems = tp_problems(model, plan, tp)
+    if problems:
+        raise ValueError("; ".join(problems))
+    for module, style in _matches(model, plan):  # matched first: styles replace submodules
+        style.apply(module, tp, rank, group)
+    return model
 
 
 def dit_problems(models: list[nn.Module], tp: int) -> list[str]:
-    """Why these DiTs cannot be split over `tp` ranks (empty when they can). Heads are checked by
-    ParallelDims.head_problems; this checks the model kind and the MLP widths."""
-    if tp == 1:
-        return []
+    """Why these DiTs cannot be split over `tp` ranks (empty when they can): no plan with a TP part
+    (worker/parallel/plans/), or MLP widths that do not divide."""
+    from diffserve.worker.parallel.plans import find_plan
+
     out = []
     for m in models:
-        if not isinstance(m, _dit_kinds()):
-            out.append(f"{type(m).__name__} has no tensor-parallel path; use --tp-size 1")
-            continue
-        out += [f"MLP width {w} does not divide by tp {tp}" for w in sorted(_mlp_widths(m)) if w % tp]
+        plan = find_plan(m)
+        out += tp_problems(m, plan.tp if plan is not None else None, tp)
     return out
 
 
 def shard_dit(model: nn.Module, state) -> nn.Module:
-    """Splits a Wan, FLUX, Qwen-Image or HunyuanVideo DiT over `state.tp_group`, in place; returns it.
+    """Splits a DiT over `state.tp_group` by its family's plan (worker/parallel/plans/<family>.py), in place."""
+    from diffserve.worker.parallel.plans import find_plan
 
-    Sharded: every attention's Q/K/V (image and text streams, Wan I2V's image K/V) column-parallel
-    by heads, its output projections row-parallel; every MLP (image and text streams) column /
-    row-parallel; FLUX / HunyuanVideo single blocks' proj_mlp and the fused proj_out; HunyuanVideo's
-    token refiner blocks (attention and SiLU MLP); Wan's q/k norms across heads become
-    ParallelRMSNorm. Replicated: patch/text/time embedders, modulation, norms over the model width,
-    the output head.
-    """
-    tp, rank, group = _group_info(state)
-    if tp == 1:
-        return model
-    wan, flux, _, hunyuan = _dit_kinds()
-    problems = dit_problems([model], tp)
-    if problems:
-        raise ValueError("; ".join(problems))
-    if isinstance(model, wan):
-        for block in model.blocks:
-            _shard_attention(block.attn1, tp, rank, group, ("norm_q", "norm_k"))
-            _shard_attention(block.attn2, tp, rank, group, ("norm_q", "norm_k", "norm_added_k"))
-            _shard_feed_forward(block.ffn, tp, rank, group)
-    elif isinstance(model, (flux, hunyuan)):  # HunyuanVideo: FLUX's dual / single block layout + a token refiner
-        if isinstance(model, hunyuan):
-            for block in model.context_embedder.token_refiner.refiner_blocks:
-                _shard_attention(block.attn, tp, rank, group)
-                _shard_feed_forward(block.ff, tp, rank, group)
-        for block in model.transformer_blocks:
-            _shard_attention(block.attn, tp, rank, group)  # per-head q/k norms: local as they are
-            _shard_feed_forward(block.ff, tp, rank, group)
-            _shard_feed_forward(block.ff_context, tp, rank, group)
-        for block in model.single_transformer_blocks:
-            _shard_flux_single(block, tp, rank, group)
-    else:
-        for block in model.transformer_blocks:
-            _shard_attention(block.attn, tp, rank, group)
-            _shard_feed_forward(block.img_mlp, tp, rank, group)
-            _shard_feed_forward(block.txt_mlp, tp, rank, group)
-    return model
+    plan = find_plan(model)
+    if plan is None or not plan.tp:
+        raise ValueError(f"{type(model).__name__} has no tensor-parallel path; use --tp-size 1")
+    return apply_tp(model, plan.tp, state)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -343,19 +388,3 @@ def text_encoders(pipeline) -> list[nn.Module]:
         if is_new and any(type(sub).__name__ in SUPPORTED for sub in item.modules()):
             found.append(item)
     return found
-
-
-def shard_pipeline(pipeline, state) -> str:
-    """Shards every DiT and every supported text encoder of a loaded pipeline; returns a summary to log."""
-    from diffserve.worker.warmup import dits
-
-    models = dits(pipeline)
-    for model in models:
-        shard_dit(model, state)
-    parts = [f"{len(models)} DiT(s)"]
-    for encoder in text_encoders(pipeline):
-        counts = shard_text_encoder(encoder, state)
-        parts.append(f"{type(encoder).__name__} ({counts['attention']} attention, {counts['mlp']} MLP split, {counts['whole']} whole)")
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # give the freed full weights back
-    return f"tensor parallel over {state.dims.tp} ranks: " + ", ".join(parts)

@@ -175,7 +175,7 @@ class FluxPipeline:
             groups.setdefault(s.extras["latent_hw"], []).append(s)
         for (h, w), group in groups.items():
             x = torch.cat([s.latents for s in group]).to(self.dtype)  # (B, N, 4C)
-            t = torch.stack([s.timesteps[s.step] for s in group]).float() / 1000  # (B,)
+            t = torch.stack([s.timesteps[s.step] for s in group]).float()  # (B,) the sampler's timesteps, as they are
             guidance = None
             if self.guidance_embeds:
                 guidance = torch.tensor([s.params.guidance_scale for s in group], dtype=torch.float32, device=self.device)

@@ -126,8 +126,8 @@ class HunyuanVideoT2VPipeline:
         state.latents = initial_noise(shape, p.seed, self.device)
         sigmas = np.linspace(1.0, 0.0, p.num_inference_steps + 1)[:-1]  # as the reference passes them
         state.start_sampling(self.samplers.new(p.num_inference_steps, self.device, sigmas=sigmas))
-        # The reference makes the guidance tensor in the transformer dtype, then scales it by 1000.
-        state.extras["guidance"] = torch.tensor([p.guidance_scale], dtype=self.dtype, device=self.device) * 1000.0
+        # The raw guidance scale; the transformer rounds it to its dtype and scales it by 1000, as the reference.
+        state.extras["guidance"] = torch.tensor([p.guidance_scale], dtype=torch.float32, device=self.device)
 
     @torch.no_grad()
     def denoise_step(self, states: list[RequestState]) -> int:

@@ -178,7 +178,7 @@ class _QwenImageBase:
         mask = None
         if min(lengths) < longest:
             mask = torch.arange(longest, device=self.device)[None, :] < torch.tensor(lengths, device=self.device)[:, None]
-        t = torch.stack(timesteps).to(self.dtype) / 1000  # (R,) in [0, 1], cast as the reference casts them
+        t = torch.stack(timesteps)  # (R,) the sampler's timesteps, as they are (the model scales them)
         forward = split_rows(self.parallel, self.transformer, batched=(0, 1, 2, 3))  # cond / uncond rows over the cfg axis
         pred = forward(torch.cat(latents).to(self.dtype), t, text.to(self.dtype), mask, image_shapes)
 
