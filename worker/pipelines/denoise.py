@@ -82,7 +82,7 @@ Rows = Callable[[list[RequestState], list[bool]], tuple]
 
 
 @torch.no_grad()
-def denoise_step(
+def run_step(
     states: Sequence[RequestState],
     *,
     guide: Guide,

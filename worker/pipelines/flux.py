@@ -22,7 +22,7 @@ from diffserve.worker.models.flux import FluxTransformer
 from diffserve.worker.parallel import ParallelState
 from diffserve.worker.samplers import SamplerFactory
 from diffserve.worker.pipelines.base import Capabilities, RequestState
-from diffserve.worker.pipelines.denoise import Unguided, denoise_step
+from diffserve.worker.pipelines.denoise import Unguided, run_step
 from diffserve.worker.pipelines.latents import calculate_shift, latent_shape, pack, unpack
 from diffserve.worker.pipelines.stages import initial_noise, to_uint8_frames
 from diffserve.worker.v1 import worker_pb2 as wpb
@@ -170,7 +170,7 @@ class FluxPipeline:
         """One step for every state, one transformer forward per latent size (the scheduler sends
         one size per command). Each row carries its own timestep, guidance and prompt."""
         # float32 prediction keeps the latents float32 through the Euler update.
-        return denoise_step(states, guide=self.guide, rows=self._rows, forward=self.forward,
+        return run_step(states, guide=self.guide, rows=self._rows, forward=self.forward,
                             key=lambda s: s.latent_hw, prediction=lambda out, s: out.float())
 
     @torch.no_grad()

@@ -24,7 +24,7 @@ from diffserve.worker.parallel.decode import decode_video
 from diffserve.worker.parallel import ParallelState
 from diffserve.worker.samplers import SamplerFactory
 from diffserve.worker.pipelines.base import Capabilities, RequestState
-from diffserve.worker.pipelines.denoise import Unguided, denoise_step, pad_texts
+from diffserve.worker.pipelines.denoise import Unguided, pad_texts, run_step
 from diffserve.worker.pipelines.latents import latent_shape
 from diffserve.worker.pipelines.stages import initial_noise, to_uint8_frames
 from diffserve.worker.v1 import worker_pb2 as wpb
@@ -154,7 +154,7 @@ class HunyuanVideoT2VPipeline:
 
     def denoise_step(self, states: list[HunyuanVideoState]) -> int:
         """One step for every state in one forward, one row per request."""
-        return denoise_step(states, guide=self.guide, rows=self._rows, forward=self.forward)
+        return run_step(states, guide=self.guide, rows=self._rows, forward=self.forward)
 
     @torch.no_grad()
     def decode(self, state: RequestState) -> np.ndarray:

@@ -30,7 +30,7 @@ from diffserve.worker.models.qwen_image import QwenImageTransformer
 from diffserve.worker.parallel import ParallelState
 from diffserve.worker.samplers import SamplerFactory
 from diffserve.worker.pipelines.base import Capabilities, RequestState
-from diffserve.worker.pipelines.denoise import Cfg, contexts, denoise_step, pad_texts, per_row
+from diffserve.worker.pipelines.denoise import Cfg, contexts, pad_texts, per_row, run_step
 from diffserve.worker.pipelines.latents import calculate_shift, latent_shape, pack, unpack
 from diffserve.worker.pipelines.stages import initial_noise, to_uint8_frames
 from diffserve.worker.v1 import worker_pb2 as wpb
@@ -163,7 +163,7 @@ class _QwenImageBase:
     def denoise_step(self, states: list[QwenImageState]) -> int:
         """One step for all `states`: one DiT forward per group of equal image-token layout (always one
         group for Qwen-Image); the prediction of the noise tokens only, in float32, is guided."""
-        return denoise_step(states, guide=self.guide, rows=self._rows, forward=self.forward,
+        return run_step(states, guide=self.guide, rows=self._rows, forward=self.forward,
                             key=lambda s: tuple(s.image_shapes),
                             prediction=lambda out, s: out[:, : s.latents.shape[1]].float())
 

@@ -44,7 +44,7 @@ from diffserve.worker.parallel.decode import decode_video
 from diffserve.worker.samplers import SamplerFactory
 from diffserve.worker.samplers.dmd import FASTWAN_DMD_SHIFT, FASTWAN_DMD_STEPS, DMDSampler
 from diffserve.worker.pipelines.base import Capabilities, RequestState
-from diffserve.worker.pipelines.denoise import Cfg, Unguided, contexts, denoise_step, per_row
+from diffserve.worker.pipelines.denoise import Cfg, Unguided, contexts, per_row, run_step
 from diffserve.worker.pipelines.latents import latent_shape
 from diffserve.worker.pipelines.stages import T5PromptEncoder, initial_noise, to_uint8_frames
 from diffserve.worker.v1 import worker_pb2 as wpb
@@ -371,7 +371,7 @@ class WanPipeline:
     def denoise_step(self, states: list[WanState]) -> int:
         """One step for every state. States on the same expert share one forward (their CFG rows
         included); each state keeps its own guidance and sampler."""
-        return denoise_step(states, guide=self.guide, rows=self._rows, forward=self.forward,
+        return run_step(states, guide=self.guide, rows=self._rows, forward=self.forward,
                             key=self.expert_of, expert=self.expert_of)
 
     @torch.no_grad()
