@@ -171,7 +171,7 @@ class FluxPipeline:
         one size per command). Each row carries its own timestep, guidance and prompt."""
         # float32 prediction keeps the latents float32 through the Euler update.
         return run_step(states, guide=self.guide, rows=self._rows, forward=self.forward,
-                            key=lambda s: s.latent_hw, prediction=lambda out, s: out.float())
+                        key=lambda s: s.latent_hw, prediction=lambda out, s: out.float())
 
     @torch.no_grad()
     def decode(self, state: RequestState) -> np.ndarray:

@@ -164,8 +164,8 @@ class _QwenImageBase:
         """One step for all `states`: one DiT forward per group of equal image-token layout (always one
         group for Qwen-Image); the prediction of the noise tokens only, in float32, is guided."""
         return run_step(states, guide=self.guide, rows=self._rows, forward=self.forward,
-                            key=lambda s: tuple(s.image_shapes),
-                            prediction=lambda out, s: out[:, : s.latents.shape[1]].float())
+                        key=lambda s: tuple(s.image_shapes),
+                        prediction=lambda out, s: out[:, : s.latents.shape[1]].float())
 
     @torch.no_grad()
     def decode(self, state: RequestState) -> np.ndarray:

@@ -372,7 +372,7 @@ class WanPipeline:
         """One step for every state. States on the same expert share one forward (their CFG rows
         included); each state keeps its own guidance and sampler."""
         return run_step(states, guide=self.guide, rows=self._rows, forward=self.forward,
-                            key=self.expert_of, expert=self.expert_of)
+                        key=self.expert_of, expert=self.expert_of)
 
     @torch.no_grad()
     def decode(self, state: WanState) -> np.ndarray:
