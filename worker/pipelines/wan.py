@@ -106,8 +106,8 @@ class WanVariant:
 
     @property
     def capabilities(self) -> Capabilities:
-        if self.dmd:  # one row per request, no CFG rows to split
-            return Capabilities(uses_cfg=False, cfg_parallel=False, decodes_on_every_rank=True)
+        if self.dmd:  # one row per request: a cfg axis splits the rows of batched requests
+            return Capabilities(uses_cfg=False, cfg_parallel=True, decodes_on_every_rank=True)
         # Image-conditioned variants have not been checked under the cfg row split: refused there.
         return Capabilities(uses_cfg=True, cfg_parallel=self.image is ImageConditioning.NONE, decodes_on_every_rank=True)
 
