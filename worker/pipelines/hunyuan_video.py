@@ -48,7 +48,6 @@ CLIP_LENGTH = 77
 @dataclass(eq=False)
 class HunyuanVideoState(RequestState):
     pooled: torch.Tensor | None = None  # CLIP pooled prompt embedding, (1, clip_dim)
-    guidance: torch.Tensor | None = None  # embedded guidance as the DiT takes it, (1,)
 
 
 class HunyuanVideoT2VPipeline:
@@ -135,21 +134,20 @@ class HunyuanVideoT2VPipeline:
         state.latents = initial_noise(shape, r.seed, self.device)
         sigmas = np.linspace(1.0, 0.0, r.num_inference_steps + 1)[:-1]  # as the reference passes them
         state.start_sampling(self.samplers.new(r.num_inference_steps, self.device, sigmas=sigmas))
-        # The DiT call convention for guidance: the reference makes the guidance tensor in the
-        # transformer dtype, then scales it by 1000.
-        state.guidance = torch.tensor([r.embedded_guidance], dtype=self.dtype, device=self.device) * 1000.0
 
     def forward(self, latents, t, text, lengths, pooled, guidance) -> torch.Tensor:
         return self.transformer(latents, t, text, lengths, pooled, guidance)
 
     def _rows(self, group: list[HunyuanVideoState], uncond: list[bool]) -> tuple:
         """One row per request; texts are right-padded to the longest in the batch and each row
-        attends only to its own valid tokens. Timesteps go to the DiT raw (float32)."""
+        attends only to its own valid tokens. The DiT call convention lives here: timesteps raw
+        (float32); the embedded guidance made in the transformer dtype, then scaled by 1000, as
+        the reference makes it."""
         text, lengths = pad_texts([s.cond for s in group])
         latents = torch.cat([s.latents for s in group]).to(self.dtype)  # (B, C, F, H, W)
         t = torch.stack([s.timesteps[s.step] for s in group]).float()  # (B,)
         pooled = torch.cat([s.pooled for s in group])
-        guidance = torch.cat([s.guidance for s in group])
+        guidance = torch.tensor([s.request.embedded_guidance for s in group], dtype=self.dtype, device=self.device) * 1000.0
         return latents, t, text, lengths, pooled, guidance
 
     def denoise_step(self, states: list[HunyuanVideoState]) -> int:
