@@ -30,6 +30,7 @@ STEPS = 4
 
 
 def run(pipeline, graphs: bool) -> tuple[dict[str, np.ndarray], int]:
+    from diffserve.scheduler.requests import worker_request
     from diffserve.v1 import generation_pb2 as pb
     from diffserve.worker.cuda_graphs import graph_dits
     from diffserve.worker.warmup import dits
@@ -46,12 +47,12 @@ def run(pipeline, graphs: bool) -> tuple[dict[str, np.ndarray], int]:
                 if join == step:
                     params = pb.GenerationParams(prompt=f"a photo of a cat {rid}", height=h, width=w, num_frames=f if d.num_frames > 1 else 1,
                                                  num_inference_steps=STEPS, guidance_scale=d.guidance_scale, seed=seed)
-                    state = pipeline.admit(rid, params)
+                    state = pipeline.admit(rid, worker_request(params, pipeline.card))
                     pipeline.encode(state)
                     pipeline.prepare(state)
                     active.append(state)
-            for size in sorted({(s.params.height, s.params.width) for s in active}):  # one size per command, as the scheduler sends
-                pipeline.denoise_step([s for s in active if (s.params.height, s.params.width) == size])
+            for size in sorted({(s.request.height, s.request.width) for s in active}):  # one size per command, as the scheduler sends
+                pipeline.denoise_step([s for s in active if (s.request.height, s.request.width) == size])
             for s in [s for s in active if s.step == STEPS]:
                 done[s.request_id] = pipeline.decode(s)
                 active.remove(s)

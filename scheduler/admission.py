@@ -89,7 +89,7 @@ class Admission:
             job.advance(Event.ADMIT, worker_id=worker.id)
             worker.admit(job)
             # Awaited, not spawned: the worker must see Admit before the job's first stage command.
-            admit = wpb.Admit(request_id=job.id, params=job.params, request=worker_request(job.params, self.registry.model(job.params.model)))
+            admit = wpb.Admit(request_id=job.id, request=worker_request(job.params, self.registry.model(job.params.model)))
             await self.link.send(worker.id, wpb.Command(admit=admit))
             admitted = True
         if admitted:

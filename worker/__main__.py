@@ -102,9 +102,9 @@ def main(argv=None) -> int:
         from diffserve.worker.cuda_graphs import graph_dits
 
         log.info("CUDA graphs for %d transformer(s), captured per shape on first use", graph_dits(pipeline))
+    runtime = Runtime(pipeline, parallel)  # before warm-up: it wraps the forward with the cfg row split
     if args.warmup or shapes:
         warm_up(pipeline, shapes or None)
-    runtime = Runtime(pipeline, parallel)
     captured_collectives = graphs and parallel.world_size > 1
     if args.rank != 0:
         runtime.serve(None)  # follows rank 0's commands until Shutdown

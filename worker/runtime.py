@@ -19,6 +19,7 @@ from diffserve.worker.v1 import worker_pb2 as wpb
 
 from diffserve.worker.connection import SchedulerConnection
 from diffserve.worker.parallel import ParallelState
+from diffserve.worker.parallel.cfg import split_rows
 from diffserve.worker.pipelines.base import Pipeline, RequestState
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,9 @@ class Runtime:
     def __init__(self, pipeline: Pipeline, parallel: ParallelState | None = None):
         self.pipeline = pipeline
         self.parallel = parallel or ParallelState.single()
+        # The cfg row split, applied once around the pipeline's single forward hook (a no-op
+        # without a cfg axis): each cfg rank runs its share of every step's rows.
+        pipeline.forward = split_rows(self.parallel, pipeline.forward, batched=pipeline.forward_batched)
         self.states: dict[str, RequestState] = {}
         self.admit_errors: dict[str, status_pb2.Status] = {}
         self.counters = pb.WorkerStatus()
@@ -86,8 +90,7 @@ class Runtime:
 
     def admit(self, admit: wpb.Admit) -> None:
         try:
-            state = self.pipeline.admit(admit.request_id, admit.params)
-            state.request = admit.request
+            state = self.pipeline.admit(admit.request_id, admit.request)
             self.states[admit.request_id] = state
         except Exception as exc:
             log.exception("admitting %s failed", admit.request_id)

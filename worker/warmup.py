@@ -16,6 +16,7 @@ from torch import nn
 
 from diffserve.kernels import attention
 from diffserve.v1 import generation_pb2 as pb
+from diffserve.worker.v1 import worker_pb2 as wpb
 
 log = logging.getLogger(__name__)
 
@@ -72,19 +73,22 @@ def warm_up(pipeline, shapes: list[tuple[int, int, int]] | None = None) -> None:
     d = card.defaults
     shapes = shapes or [(d.height or 1024, d.width or 1024, d.num_frames)]
     for height, width, frames in shapes:
-        params = pb.GenerationParams(
+        # The card defaults as the scheduler resolves them (scheduler/requests.py).
+        request = wpb.Request(
             prompt="warm-up", negative_prompt=d.negative_prompt, height=height, width=width, num_frames=frames,
-            num_inference_steps=2, guidance_scale=d.guidance_scale, seed=0, fps=d.fps or 16,
+            num_inference_steps=2, seed=0,
         )
-        if d.guidance_scale_2:
-            params.guidance_scale_2 = d.guidance_scale_2
+        if card.guidance_kind in (pb.GUIDANCE_KIND_CFG, pb.GUIDANCE_KIND_CFG_NORM_RESCALE) and d.guidance_scale > 1:
+            request.cfg_scales.extend([d.guidance_scale] + ([d.guidance_scale_2] if d.guidance_scale_2 else []))
+        elif card.guidance_kind == pb.GUIDANCE_KIND_EMBEDDED:
+            request.embedded_guidance = d.guidance_scale
         if card.limits.image_required:
-            params.images.add(data=_gray_png(width, height))
+            request.images.append(_gray_png(width, height))
         started = time.perf_counter()
-        state = pipeline.admit("warm-up", params)
+        state = pipeline.admit("warm-up", request)
         pipeline.encode(state)
         pipeline.prepare(state)
-        while state.step < params.num_inference_steps:
+        while state.step < request.num_inference_steps:
             pipeline.denoise_step([state])
         pipeline.decode(state)
         if torch.cuda.is_available():

@@ -2,8 +2,10 @@
 that passes the start-time check only uses what the pipeline and its DiT's plan can do (CFG rows
 split only where the pipeline splits them, tokens only where the family's plan has a sequence path,
 heads only where it has a TP plan); everything else is refused at start with a message naming the
-capability. FastWan (no CFG rows) with --enable-cfg-parallel is refused. CPU only, tiny DiT configs,
-no pipeline is loaded (the planner reads the pipeline class's `capabilities`)."""
+capability. FastWan (no CFG rows) with --enable-cfg-parallel splits the rows of batched requests (its
+step goes through the forward hook the runtime wraps; tests/service/test_fastwan_parity.py checks the
+split); image-conditioned Wan variants refuse it. CPU only, tiny DiT configs, no pipeline is loaded
+(the planner reads the capabilities: a class's, or each Wan variant's)."""
 
 from __future__ import annotations
 
@@ -17,12 +19,11 @@ import torch
 from diffserve.worker.parallel.layout import plan_for
 from diffserve.worker.parallel.plans import find_plan, has_sequence_path
 from diffserve.worker.pipelines.base import Capabilities
-from diffserve.worker.registry import PIPELINES, REFINED
+from diffserve.worker.registry import PIPELINES
 from test_sequence_parallel import FLUX, HUNYUAN, QWEN, WAN
 
 # pipeline module -> the DiT family it serves (the DiT's module under diffserve.worker.models)
-FAMILY = {"wan_t2v": "wan", "wan_i2v": "wan", "fastwan": "wan", "flux": "flux", "qwen_image": "qwen_image",
-          "hunyuan_video": "hunyuan_video"}
+FAMILY = {"wan": "wan", "flux": "flux", "qwen_image": "qwen_image", "hunyuan_video": "hunyuan_video"}
 
 
 def _tiny_dit(family: str) -> torch.nn.Module:
@@ -38,12 +39,32 @@ def _tiny_dit(family: str) -> torch.nn.Module:
         return build[0](build[1].from_dict(build[2]))
 
 
-def _pipelines() -> list[tuple[str, type]]:
+def _wan_variants() -> dict[str, Capabilities]:
+    """The Wan pipeline's capabilities depend on the checkpoint's variant: one case per kind."""
+    from diffserve.worker.pipelines.wan import ImageConditioning, WanVariant
+
+    def variant(image=ImageConditioning.NONE, dmd=False, experts=("transformer",)):
+        return WanVariant(experts, None, image is ImageConditioning.FIRST_FRAME, image, image is ImageConditioning.CHANNELS,
+                          image is ImageConditioning.CHANNELS, dmd)
+
+    return {"WanPipeline[t2v]": variant().capabilities,
+            "WanPipeline[a14b]": variant(experts=("transformer", "transformer_2")).capabilities,
+            "WanPipeline[i2v]": variant(ImageConditioning.CHANNELS).capabilities,
+            "WanPipeline[ti2v]": variant(ImageConditioning.FIRST_FRAME).capabilities,
+            "WanPipeline[fastwan]": variant(dmd=True).capabilities}
+
+
+def _pipelines() -> list[tuple[str, str, Capabilities]]:
+    """(pipeline module, case name, capabilities) for every registered pipeline class."""
     found = {}
-    for target in [*PIPELINES.values(), *REFINED.values()]:
+    for target in PIPELINES.values():
         module, _, name = target.partition(":")
-        found[target] = (module, getattr(importlib.import_module(f"diffserve.worker.pipelines.{module}"), name))
-    return sorted(found.values(), key=lambda item: item[1].__name__)
+        cls = getattr(importlib.import_module(f"diffserve.worker.pipelines.{module}"), name)
+        if module == "wan":
+            found.update({case: (module, case, caps) for case, caps in _wan_variants().items()})
+        else:
+            found[name] = (module, name, cls.capabilities)
+    return sorted(found.values(), key=lambda item: item[1])
 
 
 def _requests(num_gpus: int):
@@ -57,15 +78,14 @@ PIPELINE_CLASSES = _pipelines()
 
 
 def test_every_registered_pipeline_is_covered():
-    assert {module for module, _ in PIPELINE_CLASSES} <= set(FAMILY), "add the new pipeline module's DiT family to FAMILY"
-    for _, cls in PIPELINE_CLASSES:
-        assert isinstance(cls.capabilities, Capabilities), cls
+    assert {module for module, _, _ in PIPELINE_CLASSES} <= set(FAMILY), "add the new pipeline module's DiT family to FAMILY"
+    for _, _, caps in PIPELINE_CLASSES:
+        assert isinstance(caps, Capabilities)
 
 
 @pytest.mark.parametrize("num_gpus", [2, 4])
-@pytest.mark.parametrize("module,cls", PIPELINE_CLASSES, ids=[cls.__name__ for _, cls in PIPELINE_CLASSES])
-def test_layouts_honoured_or_refused_at_start(module, cls, num_gpus):
-    caps: Capabilities = cls.capabilities
+@pytest.mark.parametrize("module,name,caps", PIPELINE_CLASSES, ids=[name for _, name, _ in PIPELINE_CLASSES])
+def test_layouts_honoured_or_refused_at_start(module, name, caps, num_gpus):
     model = _tiny_dit(FAMILY[module])
     pipeline = SimpleNamespace(capabilities=caps, card=SimpleNamespace(defaults=SimpleNamespace(guidance_scale=5.0)))
     accepted = 0
@@ -79,22 +99,25 @@ def test_layouts_honoured_or_refused_at_start(module, cls, num_gpus):
         accepted += 1
         assert dims.world_size == num_gpus, (request, dims)
         if request["enable_cfg_parallel"]:
-            assert dims.cfg == 2, f"{cls.__name__}: --enable-cfg-parallel accepted without splitting CFG rows: {dims}"
+            assert dims.cfg == 2, f"{name}: --enable-cfg-parallel accepted without splitting CFG rows: {dims}"
         if dims.cfg > 1:
-            assert caps.cfg_parallel, f"{cls.__name__}: {dims} accepted without a CFG-parallel path"
+            assert caps.cfg_parallel, f"{name}: {dims} accepted without a CFG-parallel path"
         if dims.ulysses > 1 or dims.ring > 1:
-            assert has_sequence_path(model), f"{cls.__name__}: {dims} accepted without a sequence-parallel plan"
+            assert has_sequence_path(model), f"{name}: {dims} accepted without a sequence-parallel plan"
         if dims.tp > 1:
-            assert find_plan(model).tp, f"{cls.__name__}: {dims} accepted without a tensor-parallel plan"
-    assert accepted, f"{cls.__name__} has no layout on {num_gpus} ranks"
+            assert find_plan(model).tp, f"{name}: {dims} accepted without a tensor-parallel plan"
+    assert accepted, f"{name} has no layout on {num_gpus} ranks"
     # the planner's own choice (no flags) always runs, and splits CFG rows only where they can be split
     dims, problems = plan_for(pipeline, [model], num_gpus)
-    assert problems == [] and (dims.cfg == 1 or caps.cfg_parallel), (cls.__name__, dims, problems)
+    assert problems == [] and (dims.cfg == 1 or caps.cfg_parallel), (name, dims, problems)
 
 
-def test_fastwan_with_cfg_parallel_is_refused():
-    from diffserve.worker.pipelines.fastwan import FastWanPipeline
-
-    pipeline = SimpleNamespace(capabilities=FastWanPipeline.capabilities, card=SimpleNamespace(defaults=SimpleNamespace(guidance_scale=1.0)))
-    _, problems = plan_for(pipeline, [_tiny_dit("wan")], 2, enable_cfg_parallel=True)
+def test_fastwan_with_cfg_parallel_splits_rows_and_image_wan_refuses_it():
+    variants = _wan_variants()
+    model = _tiny_dit("wan")
+    fastwan = SimpleNamespace(capabilities=variants["WanPipeline[fastwan]"], card=SimpleNamespace(defaults=SimpleNamespace(guidance_scale=1.0)))
+    dims, problems = plan_for(fastwan, [model], 2, enable_cfg_parallel=True)
+    assert problems == [] and dims.cfg == 2, (dims, problems)
+    i2v = SimpleNamespace(capabilities=variants["WanPipeline[i2v]"], card=SimpleNamespace(defaults=SimpleNamespace(guidance_scale=5.0)))
+    _, problems = plan_for(i2v, [model], 2, enable_cfg_parallel=True)
     assert any("no CFG-parallel path; drop --enable-cfg-parallel" in p for p in problems), problems

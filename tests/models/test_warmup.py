@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from diffserve.scheduler.requests import worker_request
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.registry import load_pipeline
 from diffserve.worker.warmup import compile_dits, dits, parse_shape, warm_up
@@ -13,7 +14,7 @@ from diffserve.worker.warmup import compile_dits, dits, parse_shape, warm_up
 def run(pipeline, seed=1):
     params = pb.GenerationParams(prompt="a cat", negative_prompt="", height=32, width=32, num_frames=1,
                                  num_inference_steps=2, guidance_scale=5.0, seed=seed)
-    state = pipeline.admit("r", params)
+    state = pipeline.admit("r", worker_request(params, pipeline.card))
     pipeline.encode(state)
     pipeline.prepare(state)
     while state.step < 2:

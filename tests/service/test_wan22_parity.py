@@ -125,13 +125,15 @@ def test_ti2v_matches_diffusers(tiny_ti2v, start_server):
 
 def test_a14b_batched_step_runs_each_expert_on_its_rows(tiny_a14b):
     """In-process: one denoise_step over requests on both sides of the boundary equals their solo steps."""
+    from diffserve.scheduler.requests import worker_request
     from diffserve.worker.registry import load_pipeline
 
     pipe = load_pipeline(tiny_a14b, "m", torch.device("cpu"), torch.float32)
 
     def state(rid, seed, prompt, guidance):
-        s = pipe.admit(rid, pb.GenerationParams(prompt=prompt, negative_prompt="", height=32, width=32, num_frames=1,
-                                                num_inference_steps=4, guidance_scale=guidance, seed=seed))
+        params = pb.GenerationParams(prompt=prompt, negative_prompt="", height=32, width=32, num_frames=1,
+                                     num_inference_steps=4, guidance_scale=guidance, seed=seed)
+        s = pipe.admit(rid, worker_request(params, pipe.card))
         pipe.encode(s)
         pipe.prepare(s)
         return s

@@ -146,15 +146,16 @@ def test_mixed_experts_in_one_step_equal_solo(checkpoints):
     """In-process: one denoise_step over two requests on opposite sides of the boundary (each expert
     runs its own rows) gives exactly the latents of stepping each request alone."""
     from diffserve.v1 import generation_pb2 as pb
-    from diffserve.worker.pipelines.wan_i2v import WanI2VPipeline
+    from diffserve.scheduler.requests import worker_request
+    from diffserve.worker.pipelines.wan import WanPipeline
 
-    pipe = WanI2VPipeline(checkpoints["wan22-i2v"], "m", torch.device("cpu"), torch.float32)
+    pipe = WanPipeline(checkpoints["wan22-i2v"], "m", torch.device("cpu"), torch.float32)
 
     def state(seed: int, guidance: float):
         params = pb.GenerationParams(prompt="a boat", negative_prompt="", height=32, width=32, num_frames=5,
                                      num_inference_steps=4, guidance_scale=guidance, seed=seed)
         params.images.add(data=make_png(shift=seed))
-        s = pipe.admit(str(seed), params)
+        s = pipe.admit(str(seed), worker_request(params, pipe.card))
         pipe.encode(s)
         pipe.prepare(s)
         return s
@@ -165,7 +166,7 @@ def test_mixed_experts_in_one_step_equal_solo(checkpoints):
 
     a, b = state(1, 5.0), state(2, 3.0)
     advance(a, 2)  # a at t=833 (low-noise expert), b at t=999 (high-noise expert)
-    assert pipe._expert(a.timesteps[a.step]) == 1 and pipe._expert(b.timesteps[b.step]) == 0
+    assert pipe.expert_of(a) == 1 and pipe.expert_of(b) == 0
     a_solo, b_solo = state(1, 5.0), state(2, 3.0)
     advance(a_solo, 3)
     advance(b_solo, 1)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
@@ -13,22 +13,17 @@ from diffserve.worker.v1 import worker_pb2 as wpb
 
 @dataclass(eq=False)
 class RequestState:
-    """One admitted request's tensors on the device, kept between commands."""
+    """One admitted request's tensors on the device, kept between commands. Families that keep more
+    per request subclass it with typed fields (WanState, FluxState, ...)."""
 
     request_id: str
-    params: pb.GenerationParams
-    request: wpb.Request | None = None  # the resolved request (worker.v1): what pipelines compute with
+    request: wpb.Request  # the resolved request: the only input pipelines compute with
     cond: Any = None  # text conditioning rows, (1, L, D)
-    uncond: Any = None  # negative conditioning, None without CFG
-    latents: Any = None  # float32 (1, C, F, H, W)
+    uncond: Any = None  # negative conditioning; None without an unconditional row
+    latents: Any = None  # float32, the family's latent layout
     sampler: Any = None
     timesteps: Any = None
     step: int = 0  # denoising steps done
-    extras: dict = field(default_factory=dict)  # model-specific state
-
-    @property
-    def do_cfg(self) -> bool:
-        return self.params.guidance_scale > 1.0
 
     def start_sampling(self, sampler) -> None:
         """Takes a fresh sampler (timesteps set) and restarts the step count."""
@@ -48,16 +43,25 @@ class Capabilities:
 
 
 class Pipeline(Protocol):
-    """A model served by a worker, split into the stages the scheduler drives one command at a time."""
+    """A model served by a worker, split into the stages the scheduler drives one command at a time.
+
+    `forward(*args)` is the pipeline's single transformer call (all rows of one step group); the
+    arguments at positions `forward_batched` have one entry per row, the others are shared. The
+    runtime wraps it once with the cfg row split (parallel/cfg.py), so a pipeline never splits rows
+    itself; denoise_step must call `self.forward`.
+    """
 
     card: pb.Model
     capabilities: Capabilities
+    forward_batched: tuple[int, ...]
 
-    def admit(self, request_id: str, params: pb.GenerationParams) -> RequestState: ...
+    def admit(self, request_id: str, request: wpb.Request) -> RequestState: ...
 
     def encode(self, state: RequestState) -> None: ...
 
     def prepare(self, state: RequestState) -> None: ...
+
+    def forward(self, *args): ...
 
     def denoise_step(self, states: list[RequestState]) -> int:
         """Advances every state by one step, in one transformer forward where shapes allow;

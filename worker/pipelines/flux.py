@@ -9,6 +9,7 @@ reference is diffusers' FluxPipeline with true CFG off (true_cfg_scale 1, the de
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,36 +19,16 @@ from diffserve.v1 import generation_pb2 as pb
 
 from diffserve.worker import loading
 from diffserve.worker.models.flux import FluxTransformer
-from diffserve.worker.parallel.cfg import split_rows
 from diffserve.worker.parallel import ParallelState
 from diffserve.worker.samplers import SamplerFactory
 from diffserve.worker.pipelines.base import Capabilities, RequestState
+from diffserve.worker.pipelines.denoise import Unguided, run_step
+from diffserve.worker.pipelines.latents import calculate_shift, latent_shape, pack, unpack
 from diffserve.worker.pipelines.stages import initial_noise, to_uint8_frames
+from diffserve.worker.v1 import worker_pb2 as wpb
 
 T5_LENGTH = 512  # FluxPipeline's max_sequence_length default (and maximum)
 DEFAULT_SIZE = 1024
-
-
-def calculate_shift(image_seq_len: int, base_seq_len: int, max_seq_len: int, base_shift: float, max_shift: float) -> float:
-    """mu of the dynamic (resolution-dependent) timestep shift: linear in the number of image
-    tokens, base_shift at base_seq_len and max_shift at max_seq_len (FLUX's rule)."""
-    slope = (max_shift - base_shift) / (max_seq_len - base_seq_len)
-    intercept = base_shift - slope * base_seq_len
-    return image_seq_len * slope + intercept
-
-
-def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, H, W) -> (B, H/2 * W/2, 4C): each 2x2 patch becomes one token, channels (c, dy, dx)."""
-    b, c, h, w = latents.shape
-    x = latents.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)  # (B, H/2, W/2, C, 2, 2)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack_latents(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, H/2 * W/2, 4C) -> (B, C, H, W); the inverse of pack_latents for latent size (h, w)."""
-    b, _, c4 = tokens.shape
-    x = tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)  # (B, C, H/2, 2, W/2, 2)
-    return x.reshape(b, c4 // 4, h, w)
 
 
 def image_ids(h2: int, w2: int, device: torch.device) -> torch.Tensor:
@@ -56,6 +37,12 @@ def image_ids(h2: int, w2: int, device: torch.device) -> torch.Tensor:
     ids[..., 1] = torch.arange(h2, device=device)[:, None]
     ids[..., 2] = torch.arange(w2, device=device)[None, :]
     return ids.reshape(h2 * w2, 3)
+
+
+@dataclass(eq=False)
+class FluxState(RequestState):
+    pooled: torch.Tensor | None = None  # CLIP pooled prompt embedding, (1, P)
+    latent_hw: tuple[int, int] = (0, 0)  # unpacked latent rows, columns (even)
 
 
 class FluxPipeline:
@@ -67,6 +54,8 @@ class FluxPipeline:
     capabilities = Capabilities(uses_cfg=False, cfg_parallel=True)
     parallel = ParallelState.single()  # the worker sets the group's state
     task = "text-to-image"
+    guide = Unguided()
+    forward_batched = (0, 1, 2, 3, 6)  # x, t, context, pooled, guidance: one per row
 
     def __init__(self, root: Path, name: str, device: torch.device, dtype: torch.dtype):
         index = loading.read_model_index(root)
@@ -95,16 +84,11 @@ class FluxPipeline:
     # Model card: defaults and limits
     # -----------------------------------------------------------------------------------------
 
-    def _shift_config(self) -> tuple[int, int, float, float]:
-        c = self.samplers.config
-        return (int(c.get("base_image_seq_len", 256)), int(c.get("max_image_seq_len", 4096)),
-                float(c.get("base_shift", 0.5)), float(c.get("max_shift", 1.15)))
-
     def _card(self, name: str) -> pb.Model:
         # With dynamic shifting the effective shift depends on the image size; report it at the default size.
         if self.samplers.config.get("use_dynamic_shifting", False):
             tokens = (DEFAULT_SIZE // (self.vae_scale * 2)) ** 2
-            flow_shift = math.exp(calculate_shift(tokens, *self._shift_config()))
+            flow_shift = math.exp(calculate_shift(tokens, self.samplers.config))
         else:
             flow_shift = self.samplers.flow_shift
         # FLUX.1-dev: 28 steps, embedded guidance 3.5. Without a guidance embedder (FLUX.1-schnell): 4 steps.
@@ -131,15 +115,15 @@ class FluxPipeline:
     # Stages
     # -----------------------------------------------------------------------------------------
 
-    def admit(self, request_id: str, params: pb.GenerationParams) -> RequestState:
-        return RequestState(request_id=request_id, params=params)
+    def admit(self, request_id: str, request: wpb.Request) -> FluxState:
+        return FluxState(request_id=request_id, request=request)
 
     @torch.no_grad()
     def encode(self, state: RequestState) -> None:
         """cond: T5 states (1, 512, J), padded to the fixed length and unmasked as in FluxPipeline, so
-        every request has the same text length and rows batch without masks; extras["pooled"]:
+        every request has the same text length and rows batch without masks; pooled:
         CLIP pooled embedding (1, P). The negative prompt is not used (true CFG is off)."""
-        prompt = [state.params.prompt]
+        prompt = [state.request.prompt]
         clip_ids = self.clip_tokenizer(
             prompt, padding="max_length", max_length=self.clip_length, truncation=True, return_tensors="pt"
         ).input_ids.to(self.device)
@@ -150,50 +134,49 @@ class FluxPipeline:
         text = self.t5(t5_ids, output_hidden_states=False)[0]  # (1, 512, J)
         state.cond = text.to(self.dtype)
         state.uncond = None
-        state.extras["pooled"] = pooled.to(self.dtype)
+        state.pooled = pooled.to(self.dtype)
 
-    def prepare(self, state: RequestState) -> None:
-        p = state.params
-        h = 2 * (p.height // (self.vae_scale * 2))  # latent rows, even
-        w = 2 * (p.width // (self.vae_scale * 2))
-        noise = initial_noise((1, self.latent_channels, h, w), p.seed, self.device)  # the seed contract: unpacked
-        state.latents = pack_latents(noise)  # float32 (1, N, 4C), N = h/2 * w/2
-        state.extras["latent_hw"] = (h, w)
+    def prepare(self, state: FluxState) -> None:
+        r = state.request
+        _, c, _, h, w = latent_shape(self.latent_channels, r.height, r.width, spatial=self.vae_scale, multiple=2)
+        noise = initial_noise((1, c, h, w), r.seed, self.device)  # the seed contract: unpacked
+        state.latents = pack(noise)  # float32 (1, N, 4C), N = h/2 * w/2
+        state.latent_hw = (h, w)
 
-        steps = p.num_inference_steps
-        kwargs = {"mu": calculate_shift(state.latents.shape[1], *self._shift_config())}
+        steps = r.num_inference_steps
+        kwargs = {"mu": calculate_shift(state.latents.shape[1], self.samplers.config)}
         if not self.samplers.config.get("use_flow_sigmas", False):
             kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
         state.start_sampling(self.samplers.new(steps, self.device, **kwargs))
 
-    @torch.no_grad()
-    def denoise_step(self, states: list[RequestState]) -> int:
+    def forward(self, x, t, context, pooled, img_ids, txt_ids, guidance) -> torch.Tensor:
+        return self.transformer(x, t, context, pooled, img_ids, txt_ids, guidance)
+
+    def _rows(self, group: list[FluxState], uncond: list[bool]) -> tuple:
+        """One row per request: the sampler's timestep and the embedded guidance as they are (the
+        DiT does the reference's scaling), guidance only for checkpoints with a guidance embedder."""
+        h, w = group[0].latent_hw
+        x = torch.cat([s.latents for s in group]).to(self.dtype)  # (B, N, 4C)
+        t = torch.stack([s.timesteps[s.step] for s in group]).float()  # (B,)
+        guidance = None
+        if self.guidance_embeds:
+            guidance = torch.tensor([s.request.embedded_guidance for s in group], dtype=torch.float32, device=self.device)
+        context = torch.cat([s.cond for s in group])  # (B, 512, J)
+        pooled = torch.cat([s.pooled for s in group])  # (B, P)
+        txt_ids = torch.zeros(context.shape[1], 3, device=self.device)
+        return x, t, context, pooled, image_ids(h // 2, w // 2, self.device), txt_ids, guidance
+
+    def denoise_step(self, states: list[FluxState]) -> int:
         """One step for every state, one transformer forward per latent size (the scheduler sends
         one size per command). Each row carries its own timestep, guidance and prompt."""
-        groups: dict[tuple[int, int], list[RequestState]] = {}
-        for s in states:
-            groups.setdefault(s.extras["latent_hw"], []).append(s)
-        for (h, w), group in groups.items():
-            x = torch.cat([s.latents for s in group]).to(self.dtype)  # (B, N, 4C)
-            t = torch.stack([s.timesteps[s.step] for s in group]).float()  # (B,) the sampler's timesteps, as they are
-            guidance = None
-            if self.guidance_embeds:
-                guidance = torch.tensor([s.params.guidance_scale for s in group], dtype=torch.float32, device=self.device)
-            context = torch.cat([s.cond for s in group])  # (B, 512, J)
-            pooled = torch.cat([s.extras["pooled"] for s in group])  # (B, P)
-            txt_ids = torch.zeros(context.shape[1], 3, device=self.device)
-            forward = split_rows(self.parallel, self.transformer, batched=(0, 1, 2, 3, 6))  # rows split over the cfg axis
-            pred = forward(x, t, context, pooled, image_ids(h // 2, w // 2, self.device), txt_ids, guidance)
-            for i, s in enumerate(group):
-                # float32 prediction keeps the latents float32 through the Euler update.
-                s.latents = s.sampler.step(pred[i : i + 1].float(), s.timesteps[s.step], s.latents, return_dict=False)[0]
-                s.step += 1
-        return len(states)
+        # float32 prediction keeps the latents float32 through the Euler update.
+        return run_step(states, guide=self.guide, rows=self._rows, forward=self.forward,
+                        key=lambda s: s.latent_hw, prediction=lambda out, s: out.float())
 
     @torch.no_grad()
     def decode(self, state: RequestState) -> np.ndarray:
-        h, w = state.extras["latent_hw"]
-        latents = unpack_latents(state.latents, h, w).to(self.vae.dtype)  # (1, C, H/8, W/8)
+        h, w = state.latent_hw
+        latents = unpack(state.latents, h, w).to(self.vae.dtype)  # (1, C, H/8, W/8)
         latents = latents / self.scaling_factor + self.shift_factor
         image = self.vae.decode(latents, return_dict=False)[0]  # (1, 3, H, W) in [-1, 1]
         return to_uint8_frames(image[:, :, None])  # (1, H, W, 3)

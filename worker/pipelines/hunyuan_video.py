@@ -10,6 +10,7 @@ the reference's true CFG (true_cfg_scale > 1) is not exposed by our API, so it i
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +24,10 @@ from diffserve.worker.parallel.decode import decode_video
 from diffserve.worker.parallel import ParallelState
 from diffserve.worker.samplers import SamplerFactory
 from diffserve.worker.pipelines.base import Capabilities, RequestState
+from diffserve.worker.pipelines.denoise import Unguided, pad_texts, run_step
+from diffserve.worker.pipelines.latents import latent_shape
 from diffserve.worker.pipelines.stages import initial_noise, to_uint8_frames
+from diffserve.worker.v1 import worker_pb2 as wpb
 
 # diffusers' DEFAULT_PROMPT_TEMPLATE for HunyuanVideo (the text of the original release).
 PROMPT_TEMPLATE = (
@@ -41,13 +45,22 @@ HIDDEN_STATE_SKIP_LAYER = 2  # the states of layer num_hidden_layers - 1 - 2, i.
 CLIP_LENGTH = 77
 
 
+@dataclass(eq=False)
+class HunyuanVideoState(RequestState):
+    pooled: torch.Tensor | None = None  # CLIP pooled prompt embedding, (1, clip_dim)
+
+
 class HunyuanVideoT2VPipeline:
     """Serves a diffusers-layout HunyuanVideoPipeline checkpoint (model_index `_class_name` HunyuanVideoPipeline)."""
 
     family = "hunyuan-video"
     task = "text-to-video"
     parallel = ParallelState.single()  # the worker sets the group's state
-    capabilities = Capabilities(uses_cfg=False, cfg_parallel=False, decodes_on_every_rank=True)  # embedded guidance
+    # Embedded guidance: one row per request. Rows are not split over a cfg axis (their text lengths
+    # travel as a list, which the row split does not cut), so cfg-parallel layouts are refused.
+    capabilities = Capabilities(uses_cfg=False, cfg_parallel=False, decodes_on_every_rank=True)
+    guide = Unguided()
+    forward_batched = (0, 1, 2, 4, 5)  # latents, t, text, pooled, guidance (lengths: a list, not split)
 
     def __init__(self, root: Path, name: str, device: torch.device, dtype: torch.dtype):
         index = loading.read_model_index(root)
@@ -86,13 +99,13 @@ class HunyuanVideoT2VPipeline:
             ),
         )
 
-    def admit(self, request_id: str, params: pb.GenerationParams) -> RequestState:
-        return RequestState(request_id=request_id, params=params)
+    def admit(self, request_id: str, request: wpb.Request) -> HunyuanVideoState:
+        return HunyuanVideoState(request_id=request_id, request=request)
 
     @torch.no_grad()
-    def encode(self, state: RequestState) -> None:
-        """cond: the LLaMA states of the prompt's valid tokens only, (1, n, text_dim); extras["pooled"]: (1, clip_dim)."""
-        prompt = state.params.prompt
+    def encode(self, state: HunyuanVideoState) -> None:
+        """cond: the LLaMA states of the prompt's valid tokens only, (1, n, text_dim); pooled: (1, clip_dim)."""
+        prompt = state.request.prompt
         tokens = self.tokenizer(
             [PROMPT_TEMPLATE.format(prompt)], max_length=MAX_SEQUENCE_LENGTH + CROP_START, padding="max_length",
             truncation=True, return_attention_mask=True, return_tensors="pt",
@@ -111,40 +124,34 @@ class HunyuanVideoT2VPipeline:
         clip_ids = self.tokenizer_2(
             [prompt], max_length=CLIP_LENGTH, padding="max_length", truncation=True, return_tensors="pt"
         ).input_ids.to(self.device)
-        state.extras["pooled"] = self.text_encoder_2(clip_ids, output_hidden_states=False).pooler_output.to(self.dtype)
+        state.pooled = self.text_encoder_2(clip_ids, output_hidden_states=False).pooler_output.to(self.dtype)
         state.uncond = None
 
-    def prepare(self, state: RequestState) -> None:
-        p = state.params
-        shape = (
-            1,
-            self.latent_channels,
-            (p.num_frames - 1) // self.scale_temporal + 1,
-            p.height // self.scale_spatial,
-            p.width // self.scale_spatial,
-        )
-        state.latents = initial_noise(shape, p.seed, self.device)
-        sigmas = np.linspace(1.0, 0.0, p.num_inference_steps + 1)[:-1]  # as the reference passes them
-        state.start_sampling(self.samplers.new(p.num_inference_steps, self.device, sigmas=sigmas))
-        # The raw guidance scale; the transformer rounds it to its dtype and scales it by 1000, as the reference.
-        state.extras["guidance"] = torch.tensor([p.guidance_scale], dtype=torch.float32, device=self.device)
+    def prepare(self, state: HunyuanVideoState) -> None:
+        r = state.request
+        shape = latent_shape(self.latent_channels, r.height, r.width, r.num_frames,
+                             spatial=self.scale_spatial, temporal=self.scale_temporal)
+        state.latents = initial_noise(shape, r.seed, self.device)
+        sigmas = np.linspace(1.0, 0.0, r.num_inference_steps + 1)[:-1]  # as the reference passes them
+        state.start_sampling(self.samplers.new(r.num_inference_steps, self.device, sigmas=sigmas))
 
-    @torch.no_grad()
-    def denoise_step(self, states: list[RequestState]) -> int:
-        """One step for every state in one forward: one row per request; texts are right-padded to the
-        longest in the batch and each row attends only to its own valid tokens."""
-        lengths = [s.cond.shape[1] for s in states]
-        longest = max(lengths)
-        text = torch.cat([torch.nn.functional.pad(s.cond, (0, 0, 0, longest - s.cond.shape[1])) for s in states])
-        latents = torch.cat([s.latents for s in states]).to(self.dtype)  # (B, C, F, H, W)
-        t = torch.stack([s.timesteps[s.step] for s in states]).float()  # (B,)
-        pooled = torch.cat([s.extras["pooled"] for s in states])
-        guidance = torch.cat([s.extras["guidance"] for s in states])
-        pred = self.transformer(latents, t, text, lengths, pooled, guidance)
-        for i, s in enumerate(states):
-            s.latents = s.sampler.step(pred[i : i + 1], s.timesteps[s.step], s.latents, return_dict=False)[0]
-            s.step += 1
-        return len(states)
+    def forward(self, latents, t, text, lengths, pooled, guidance) -> torch.Tensor:
+        return self.transformer(latents, t, text, lengths, pooled, guidance)
+
+    def _rows(self, group: list[HunyuanVideoState], uncond: list[bool]) -> tuple:
+        """One row per request; texts are right-padded to the longest in the batch and each row
+        attends only to its own valid tokens. Timesteps and the embedded guidance go in as they are
+        (float32); the DiT rounds the guidance to its dtype and scales it by 1000, as the reference."""
+        text, lengths = pad_texts([s.cond for s in group])
+        latents = torch.cat([s.latents for s in group]).to(self.dtype)  # (B, C, F, H, W)
+        t = torch.stack([s.timesteps[s.step] for s in group]).float()  # (B,)
+        pooled = torch.cat([s.pooled for s in group])
+        guidance = torch.tensor([s.request.embedded_guidance for s in group], dtype=torch.float32, device=self.device)
+        return latents, t, text, lengths, pooled, guidance
+
+    def denoise_step(self, states: list[HunyuanVideoState]) -> int:
+        """One step for every state in one forward, one row per request."""
+        return run_step(states, guide=self.guide, rows=self._rows, forward=self.forward)
 
     @torch.no_grad()
     def decode(self, state: RequestState) -> np.ndarray:

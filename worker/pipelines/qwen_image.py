@@ -6,16 +6,18 @@ latent sequence length, true CFG with the norm rescale, and the Qwen-Image VAE.
 Edit also runs the input image through the VL encoder (image tokens in the prompt) and through
 the VAE, whose packed latents follow the noise latents in the DiT's image sequence.
 
-`guidance_scale` of a request is the reference pipelines' `true_cfg_scale` (they have a separate
-`guidance_scale` only for guidance-distilled variants, which we do not serve). As the scheduler
-always fills `negative_prompt` (card default " "), CFG runs exactly when the scale is > 1, which
-is the reference's rule with a negative prompt given.
+The request's CFG scale (request.cfg_scales, from the public `guidance_scale`) is the reference
+pipelines' `true_cfg_scale` (they have a separate `guidance_scale` only for guidance-distilled
+variants, which we do not serve). As the scheduler always fills `negative_prompt` (card default
+" ") and sends a scale only when it is > 1, CFG runs exactly when the reference's rule with a
+negative prompt given says so.
 """
 
 from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -25,37 +27,16 @@ from diffserve.v1 import generation_pb2 as pb
 
 from diffserve.worker import loading
 from diffserve.worker.models.qwen_image import QwenImageTransformer
-from diffserve.worker.parallel.cfg import split_rows
 from diffserve.worker.parallel import ParallelState
 from diffserve.worker.samplers import SamplerFactory
 from diffserve.worker.pipelines.base import Capabilities, RequestState
+from diffserve.worker.pipelines.denoise import Cfg, contexts, pad_texts, per_row, run_step
+from diffserve.worker.pipelines.latents import calculate_shift, latent_shape, pack, unpack
 from diffserve.worker.pipelines.stages import initial_noise, to_uint8_frames
+from diffserve.worker.v1 import worker_pb2 as wpb
 
 MAX_TEXT_TOKENS = 1024  # the reference's tokenizer_max_length / max_sequence_length
 EDIT_TARGET_AREA = 1024 * 1024  # Edit resizes the input image to about this many pixels
-
-
-def calculate_shift(seq_len: int, config: dict) -> float:
-    """The sampler's dynamic shift `mu`, linear in the latent sequence length (as the reference)."""
-    base_len, max_len = config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096)
-    base_shift, max_shift = config.get("base_shift", 0.5), config.get("max_shift", 1.15)
-    slope = (max_shift - base_shift) / (max_len - base_len)
-    return seq_len * slope + (base_shift - slope * base_len)
-
-
-def pack(latents: torch.Tensor) -> torch.Tensor:
-    """(B, C, 1, H, W) or (B, 1, C, H, W) latents -> (B, H/2 * W/2, C * 4) tokens of 2x2 patches."""
-    b, h, w = latents.shape[0], latents.shape[-2], latents.shape[-1]
-    c = latents.shape[1] * latents.shape[2]
-    x = latents.reshape(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(b, (h // 2) * (w // 2), c * 4)
-
-
-def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
-    """(B, H/2 * W/2, C * 4) -> (B, C, 1, H, W), H and W in latent pixels."""
-    b, _, cp = tokens.shape
-    x = tokens.reshape(b, h // 2, w // 2, cp // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
-    return x.reshape(b, cp // 4, 1, h, w)
 
 
 def edit_image_size(width: int, height: int) -> tuple[int, int]:
@@ -66,10 +47,19 @@ def edit_image_size(width: int, height: int) -> tuple[int, int]:
     return round(w / 32) * 32, round(h / 32) * 32
 
 
+@dataclass(eq=False)
+class QwenImageState(RequestState):
+    image_latents: torch.Tensor | None = None  # Edit: the input image's packed VAE latents, (1, L_img, C * 4)
+    condition_shapes: list = field(default_factory=list)  # Edit: the input image's (frames, h, w) token grid
+    image_shapes: list = field(default_factory=list)  # every image's token grid: the noise's first, then conditions
+
+
 class _QwenImageBase:
     family = "qwen-image"
     capabilities = Capabilities(uses_cfg=True, cfg_parallel=True)  # true CFG: cond / uncond rows on the two cfg halves
     parallel = ParallelState.single()  # the worker sets the group's state
+    guide = Cfg(norm_rescale=True)
+    forward_batched = (0, 1, 2, 3)  # latents, timesteps, text, text mask: one per row
     task = ""
     template = ""
     template_drop = 0  # tokens of the template before the user's text (prompt_template_encode_start_idx)
@@ -117,10 +107,10 @@ class _QwenImageBase:
 
     # ---- stages -------------------------------------------------------------------------------
 
-    def admit(self, request_id: str, params: pb.GenerationParams) -> RequestState:
-        if params.num_frames != 1:
-            raise ValueError(f"{self.family} makes images: num_frames must be 1 (got {params.num_frames})")
-        return RequestState(request_id=request_id, params=params)
+    def admit(self, request_id: str, request: wpb.Request) -> QwenImageState:
+        if request.num_frames != 1:
+            raise ValueError(f"{self.family} makes images: num_frames must be 1 (got {request.num_frames})")
+        return QwenImageState(request_id=request_id, request=request)
 
     @torch.no_grad()
     def _hidden_states(self, inputs) -> torch.Tensor:
@@ -130,79 +120,57 @@ class _QwenImageBase:
         hidden = out.hidden_states[-1][0][inputs["attention_mask"][0].bool()]  # (tokens, D)
         return hidden[self.template_drop :][None].to(self.dtype)
 
-    def _encode_prompt(self, state: RequestState, text: str) -> torch.Tensor:
+    def _encode_prompt(self, state: QwenImageState, text: str, vision=None) -> torch.Tensor:
         raise NotImplementedError
 
-    def encode(self, state: RequestState) -> None:
-        state.cond = self._encode_prompt(state, state.params.prompt)
-        state.uncond = self._encode_prompt(state, state.params.negative_prompt) if state.do_cfg else None
+    def encode(self, state: QwenImageState, vision=None) -> None:
+        r = state.request
+        state.cond = self._encode_prompt(state, r.prompt, vision)
+        state.uncond = self._encode_prompt(state, r.negative_prompt, vision) if self.guide.unconditional(r) else None
 
-    def prepare(self, state: RequestState) -> None:
-        p = state.params
-        h, w = p.height // self.vae_scale, p.width // self.vae_scale  # latent pixels
-        noise = initial_noise((1, 1, self.latent_channels, h, w), p.seed, self.device)  # the reference's draw
+    def prepare(self, state: QwenImageState) -> None:
+        r = state.request
+        _, c, _, h, w = latent_shape(self.latent_channels, r.height, r.width, spatial=self.vae_scale)  # latent pixels
+        noise = initial_noise((1, 1, c, h, w), r.seed, self.device)  # the reference's draw, (B, F, C, H, W)
         state.latents = pack(noise)  # (1, L, C * 4) float32
-        steps = p.num_inference_steps
+        steps = r.num_inference_steps
         sigmas = np.linspace(1.0, 1 / steps, steps)
         mu = calculate_shift(state.latents.shape[1], self.samplers.config)
         state.start_sampling(self.samplers.new(steps, self.device, sigmas=sigmas, mu=mu))
         patch = self.transformer.config.patch_size
-        state.extras["image_shapes"] = [(1, h // patch, w // patch)] + state.extras.get("condition_shapes", [])
+        state.image_shapes = [(1, h // patch, w // patch)] + state.condition_shapes
 
-    @torch.no_grad()
-    def denoise_step(self, states: list[RequestState]) -> int:
-        """One step for all `states`: one DiT forward per group of equal image-token layout (always one
-        group for Qwen-Image), with cond/uncond rows of different text lengths padded and masked."""
-        groups: dict[tuple, list[RequestState]] = {}
-        for s in states:
-            groups.setdefault(tuple(s.extras["image_shapes"]), []).append(s)
-        rows = 0
-        for shapes, group in groups.items():
-            rows += self._denoise_group(group, list(shapes))
-        return rows
+    def forward(self, x, t, text, mask, image_shapes) -> torch.Tensor:
+        return self.transformer(x, t, text, mask, image_shapes)
 
-    def _denoise_group(self, states: list[RequestState], image_shapes: list) -> int:
-        latents, timesteps, texts = [], [], []
-        for s in states:
-            x = s.latents
-            if "image_latents" in s.extras:
-                x = torch.cat([x, s.extras["image_latents"]], dim=1)  # (1, L + L_img, Cp)
-            n = 2 if s.do_cfg else 1
-            latents += [x] * n
-            timesteps += [s.timesteps[s.step]] * n
-            texts += [s.cond, s.uncond] if s.do_cfg else [s.cond]
+    def _rows(self, group: list[QwenImageState], uncond: list[bool]) -> tuple:
+        """cond / uncond rows of different text lengths, padded and masked. Timesteps go in as the
+        sampler gives them; the DiT divides by 1000 in its dtype, as the reference casts them."""
+        def latents(s: QwenImageState) -> torch.Tensor:
+            if s.image_latents is None:
+                return s.latents
+            return torch.cat([s.latents, s.image_latents], dim=1)  # (1, L + L_img, Cp)
 
-        lengths = [t.shape[1] for t in texts]
-        longest = max(lengths)
-        text = torch.cat([torch.nn.functional.pad(t, (0, 0, 0, longest - t.shape[1])) for t in texts])  # (R, S, D)
+        text, lengths = pad_texts(contexts(group, uncond))  # (R, S, D)
+        longest = text.shape[1]
         mask = None
         if min(lengths) < longest:
             mask = torch.arange(longest, device=self.device)[None, :] < torch.tensor(lengths, device=self.device)[:, None]
-        t = torch.stack(timesteps)  # (R,) the sampler's timesteps, as they are (the model scales them)
-        forward = split_rows(self.parallel, self.transformer, batched=(0, 1, 2, 3))  # cond / uncond rows over the cfg axis
-        pred = forward(torch.cat(latents).to(self.dtype), t, text.to(self.dtype), mask, image_shapes)
+        t = torch.stack(per_row(group, uncond, lambda s: s.timesteps[s.step]))  # (R,) as the sampler gives them (the DiT scales them)
+        x = torch.cat(per_row(group, uncond, latents)).to(self.dtype)
+        return x, t, text.to(self.dtype), mask, list(group[0].image_shapes)
 
-        row = 0
-        for s in states:
-            n_tokens = s.latents.shape[1]
-            cond = pred[row : row + 1, :n_tokens].float()
-            if s.do_cfg:
-                uncond = pred[row + 1 : row + 2, :n_tokens].float()
-                combined = uncond + s.params.guidance_scale * (cond - uncond)
-                # Rescale each token's prediction to the conditional prediction's norm.
-                noise = combined * (cond.norm(dim=-1, keepdim=True) / combined.norm(dim=-1, keepdim=True))
-                row += 2
-            else:
-                noise = cond
-                row += 1
-            s.latents = s.sampler.step(noise, s.timesteps[s.step], s.latents, return_dict=False)[0]
-            s.step += 1
-        return row
+    def denoise_step(self, states: list[QwenImageState]) -> int:
+        """One step for all `states`: one DiT forward per group of equal image-token layout (always one
+        group for Qwen-Image); the prediction of the noise tokens only, in float32, is guided."""
+        return run_step(states, guide=self.guide, rows=self._rows, forward=self.forward,
+                        key=lambda s: tuple(s.image_shapes),
+                        prediction=lambda out, s: out[:, : s.latents.shape[1]].float())
 
     @torch.no_grad()
     def decode(self, state: RequestState) -> np.ndarray:
-        p = state.params
-        latents = unpack(state.latents.float(), p.height // self.vae_scale, p.width // self.vae_scale)  # (1, C, 1, H, W)
+        r = state.request
+        latents = unpack(state.latents.float(), r.height // self.vae_scale, r.width // self.vae_scale)[:, :, None]  # (1, C, 1, H, W)
         latents = latents / (1.0 / self._latents_std) + self._latents_mean  # undo the latent normalisation
         image = self.vae.decode(latents, return_dict=False)[0]  # (1, 3, 1, H, W) in [-1, 1]
         return to_uint8_frames(image)
@@ -223,7 +191,7 @@ class QwenImagePipeline(_QwenImageBase):
         self.tokenizer = loading.load_tokenizer(root)
         super().__init__(root, name, device, dtype)
 
-    def _encode_prompt(self, state: RequestState, text: str) -> torch.Tensor:
+    def _encode_prompt(self, state: QwenImageState, text: str, vision=None) -> torch.Tensor:
         tokens = self.tokenizer(
             [self.template.format(text)], max_length=MAX_TEXT_TOKENS + self.template_drop,
             padding=True, truncation=True, return_tensors="pt",
@@ -261,37 +229,39 @@ class QwenImageEditPipeline(_QwenImageBase):
         super().__init__(root, name, device, dtype)
         self.image_processor = VaeImageProcessor(vae_scale_factor=self.vae_scale * 2)
 
-    def admit(self, request_id: str, params: pb.GenerationParams) -> RequestState:
-        if len(params.images) != 1 or not params.images[0].data:
+    def admit(self, request_id: str, request: wpb.Request) -> QwenImageState:
+        if len(request.images) != 1 or not request.images[0]:
             raise ValueError("Qwen-Image-Edit takes exactly one input image (params.images[0].data)")
-        if not params.height or not params.width:
-            from PIL import Image
+        return super().admit(request_id, self._sized(request))
 
-            resolved = pb.GenerationParams()
-            resolved.CopyFrom(params)
-            width, height = edit_image_size(*Image.open(io.BytesIO(params.images[0].data)).size)
-            multiple = self.vae_scale * 2
-            resolved.width = resolved.width or width // multiple * multiple
-            resolved.height = resolved.height or height // multiple * multiple
-            params = resolved
-        return super().admit(request_id, params)
-
-    def encode(self, state: RequestState) -> None:
+    def _sized(self, request: wpb.Request) -> wpb.Request:
+        """Until the scheduler sends Edit's size (derived from the input image): an unset height /
+        width (0) becomes the input image's aspect ratio at ~1024^2 pixels, rounded down to the size
+        multiple, as the reference does. Delete once request.height / width always come set."""
+        if request.height and request.width:
+            return request
         from PIL import Image
 
-        image = Image.open(io.BytesIO(state.params.images[0].data)).convert("RGB")
+        resolved = wpb.Request()
+        resolved.CopyFrom(request)
+        width, height = edit_image_size(*Image.open(io.BytesIO(request.images[0])).size)
+        multiple = self.vae_scale * 2
+        resolved.width = resolved.width or width // multiple * multiple
+        resolved.height = resolved.height or height // multiple * multiple
+        return resolved
+
+    def encode(self, state: QwenImageState, vision=None) -> None:
+        from PIL import Image
+
+        image = Image.open(io.BytesIO(state.request.images[0])).convert("RGB")
         width, height = edit_image_size(*image.size)
         image = self.image_processor.resize(image, height, width)  # PIL, as the VL encoder sees it
-        state.extras["prompt_image"] = image
-        super().encode(state)
+        # Pixel patches and their (t, h, w) grid, shared by the prompt and the negative.
+        vision = self.vl_image_processor(images=[image], return_tensors="pt")
+        super().encode(state, vision)
         self._encode_image_latents(state, image, height, width)
-        del state.extras["prompt_image"], state.extras["vision_inputs"]
 
-    def _encode_prompt(self, state: RequestState, text: str) -> torch.Tensor:
-        vision = state.extras.get("vision_inputs")
-        if vision is None:  # pixel patches and their (t, h, w) grid, shared by the prompt and the negative
-            vision = self.vl_image_processor(images=[state.extras["prompt_image"]], return_tensors="pt")
-            state.extras["vision_inputs"] = vision
+    def _encode_prompt(self, state: QwenImageState, text: str, vision=None) -> torch.Tensor:
         # As Qwen2VLProcessor: the image placeholder becomes one token per merged patch.
         image_token = "<|image_pad|>"
         n_image_tokens = int(vision["image_grid_thw"][0].prod()) // self.vl_image_processor.merge_size**2
@@ -307,10 +277,10 @@ class QwenImageEditPipeline(_QwenImageBase):
         )
 
     @torch.no_grad()
-    def _encode_image_latents(self, state: RequestState, image, height: int, width: int) -> None:
+    def _encode_image_latents(self, state: QwenImageState, image, height: int, width: int) -> None:
         pixels = self.image_processor.preprocess(image, height, width).unsqueeze(2)  # (1, 3, 1, H, W) in [-1, 1]
         latents = self.vae.encode(pixels.to(self.device, torch.float32)).latent_dist.mode()  # (1, C, 1, h, w)
         latents = (latents - self._latents_mean) / self._latents_std
-        state.extras["image_latents"] = pack(latents)  # (1, L_img, C * 4)
+        state.image_latents = pack(latents)  # (1, L_img, C * 4)
         patch = self.transformer.config.patch_size
-        state.extras["condition_shapes"] = [(1, height // self.vae_scale // patch, width // self.vae_scale // patch)]
+        state.condition_shapes = [(1, height // self.vae_scale // patch, width // self.vae_scale // patch)]

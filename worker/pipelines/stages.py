@@ -1,17 +1,15 @@
-"""Stages that pipelines compose: prompt encoding, initial noise, a batched CFG denoising step,
-VAE decoding to uint8 frames. Model-specific pipelines wire these to their components.
+"""Stages that pipelines compose: prompt encoding, initial noise, VAE output to uint8 frames
+(the denoising step is denoise.py). Model-specific pipelines wire these to their components.
 """
 
 from __future__ import annotations
 
 import html
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
-
-from diffserve.worker.pipelines.base import RequestState
 
 
 def clean_prompt(text: str) -> str:
@@ -60,40 +58,6 @@ def initial_noise(shape: Sequence[int], seed: int, device: torch.device) -> torc
     drawn on the CPU exactly as diffusers' pipelines do with a CPU generator."""
     generator = torch.Generator("cpu").manual_seed(seed)
     return torch.randn(tuple(shape), generator=generator, dtype=torch.float32).to(device)
-
-
-ModelFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
-@torch.no_grad()
-def cfg_denoise_step(model: ModelFn, states: list[RequestState], dtype: torch.dtype, guidance_of=None) -> int:
-    """One denoising step for several requests in one forward; returns the number of rows.
-
-    Each request contributes a conditional row and, with CFG, an unconditional row at its own
-    timestep. The guided prediction (scale `guidance_of(state)`, default its guidance_scale) and
-    the sampler update are per request, so a request's result does not depend on what it was
-    batched with. `model` may be row-parallel (worker/parallel.py): it sees all rows either way.
-    """
-    latents, timesteps, contexts = [], [], []
-    for s in states:
-        rows = 2 if s.do_cfg else 1
-        latents += [s.latents] * rows
-        timesteps += [s.timesteps[s.step]] * rows
-        contexts += [s.cond, s.uncond] if s.do_cfg else [s.cond]
-    pred = model(torch.cat(latents).to(dtype), torch.stack(timesteps), torch.cat(contexts))  # (rows, C, F, H, W)
-    row = 0
-    for s in states:
-        if s.do_cfg:
-            cond, uncond = pred[row : row + 1], pred[row + 1 : row + 2]
-            scale = guidance_of(s) if guidance_of is not None else s.params.guidance_scale
-            flow = uncond + scale * (cond - uncond)
-            row += 2
-        else:
-            flow = pred[row : row + 1]
-            row += 1
-        s.latents = s.sampler.step(flow, s.timesteps[s.step], s.latents, return_dict=False)[0]
-        s.step += 1
-    return row
 
 
 def to_uint8_frames(video: torch.Tensor) -> np.ndarray:

@@ -85,14 +85,12 @@ class Welcome(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
 
 class Admit(_message.Message):
-    __slots__ = ("request_id", "params", "request")
+    __slots__ = ("request_id", "request")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
-    PARAMS_FIELD_NUMBER: _ClassVar[int]
     REQUEST_FIELD_NUMBER: _ClassVar[int]
     request_id: str
-    params: _generation_pb2.GenerationParams
     request: Request
-    def __init__(self, request_id: _Optional[str] = ..., params: _Optional[_Union[_generation_pb2.GenerationParams, _Mapping]] = ..., request: _Optional[_Union[Request, _Mapping]] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., request: _Optional[_Union[Request, _Mapping]] = ...) -> None: ...
 
 class Request(_message.Message):
     __slots__ = ("prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "seed", "cfg_scales", "embedded_guidance", "images")
