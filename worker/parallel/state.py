@@ -19,7 +19,6 @@ sequence group the rank order r · U + u is the order of the token shards.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
