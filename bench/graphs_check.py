@@ -33,7 +33,7 @@ def run(pipeline, graphs: bool) -> tuple[dict[str, np.ndarray], int]:
     from diffserve.scheduler.requests import worker_request
     from diffserve.v1 import generation_pb2 as pb
     from diffserve.worker.cuda_graphs import graph_dits
-    from diffserve.worker.warmup import dits
+    from diffserve.worker.models import dits
 
     models = dits(pipeline)
     originals = [m.forward for m in models]

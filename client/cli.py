@@ -1,16 +1,18 @@
 """The `diffserve` command: generate, serve, worker, models.
 
 The client commands live here: `generate` runs one job with a progress bar and saves the
-artifact, `models` lists a server's models. The rest is delegated: `serve` to the composition
-root (diffserve.scheduler.app, which wires the scheduler to its local workers), `worker` to
-`python -m diffserve.worker`. `generate --model-path` asks the composition root for a one-job
-local server (a subprocess on a free port), and stops it afterwards; with --server it uses a
-running server instead. The worker flags are defined once, in diffserve.worker.v1.launch.
+artifact, `models` lists a server's models. The rest is delegated by process, not by import (the
+client package imports only the protos): `serve` execs the composition root (`python -m
+diffserve.scheduler.app`, which wires the scheduler to its local workers), `worker` execs
+`python -m diffserve.worker`. `generate --model-path` starts a one-job local server as a subprocess
+on a free port (client/local.py) and stops it afterwards; with --server it uses a running server
+instead. The worker flags are defined once, in diffserve.worker.v1.launch.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import subprocess
 import sys
@@ -21,8 +23,11 @@ from pathlib import Path
 from diffserve.v1 import generation_pb2 as pb
 
 from diffserve.client.client import Client, DiffserveError, make_params
+from diffserve.client.local import local_server
 from diffserve.worker.v1.launch import add_worker_flags
 
+# Subcommands that are other programs: the composition root and the worker process.
+DELEGATED = {"serve": "diffserve.scheduler.app", "worker": "diffserve.worker"}
 EXTENSIONS = {pb.OUTPUT_FORMAT_PNG: ".png", pb.OUTPUT_FORMAT_MP4: ".mp4", pb.OUTPUT_FORMAT_NPY: ".npy"}
 
 
@@ -166,8 +171,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.server:
         with Client(args.server) as client:
             return run_job(client, args)
-    from diffserve.scheduler.app import local_server
-
     with tempfile.TemporaryDirectory(prefix="diffserve-") as workdir, local_server(args, workdir, args.log_level) as (proc, target):
         with Client(target) as client:
             wait_serving(client, proc, args.startup_timeout)
@@ -185,14 +188,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "worker":
-        from diffserve.worker.__main__ import main as worker_main
-
-        return worker_main(argv[1:])
-    if argv and argv[0] == "serve":
-        from diffserve.scheduler.app import main as serve_main
-
-        return serve_main(argv[1:], prog="diffserve serve")
+    if argv and argv[0] in DELEGATED:
+        # Same process (pid, process group, signals), the other program: nothing of it is imported here.
+        module = DELEGATED[argv[0]]
+        env = {**os.environ, "DIFFSERVE_PROG": f"diffserve {argv[0]}"}
+        os.execve(sys.executable, [sys.executable, "-m", module, *argv[1:]], env)
     args = build_parser().parse_args(argv)
     try:
         return {"generate": cmd_generate, "models": cmd_models}[args.command](args)

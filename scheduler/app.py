@@ -2,9 +2,10 @@
 
 This is the one module that knows both halves: it builds the scheduler's configuration from the
 command line and turns the worker flags (diffserve.worker.v1.launch, defined once) into the argv of
-the worker processes the launcher starts. The client package stays a pure client; its `diffserve`
-command delegates `serve` here (`main`), and `generate --model-path` starts `python -m
-diffserve.scheduler.app` as a subprocess through `local_server`.
+the worker processes the launcher starts. The client package stays a pure client that imports
+none of this: its `diffserve serve` runs this module in the same process (exec), and
+`generate --model-path` starts `python -m diffserve.scheduler.app` as a subprocess
+(client/local.py).
 
     python -m diffserve.scheduler.app --model-path DIR [serve flags]   # same as `diffserve serve`
 
@@ -14,13 +15,9 @@ Imports nothing heavy at module level (the `diffserve` command builds its parser
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-import signal
-import subprocess
+import os
 import sys
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 from diffserve.worker.v1.launch import add_worker_flags, worker_argv
@@ -73,31 +70,9 @@ def serve(args: argparse.Namespace) -> int:
     return run(config, started)
 
 
-@contextlib.contextmanager
-def local_server(args: argparse.Namespace, workdir: str | Path, log_level: str = "WARNING") -> Iterator[tuple[subprocess.Popen, str]]:
-    """A one-job `diffserve serve` subprocess on a free port with the worker flags parsed into
-    `args` (add_worker_flags(outer=True)); yields (process, "127.0.0.1:PORT") and stops it on exit."""
-    ready = Path(workdir) / "port"
-    cmd = [sys.executable, "-m", "diffserve.scheduler.app", *worker_argv(args, outer=True), "--port", "0",
-           "--output-dir", str(Path(workdir) / "outputs"), "--ready-file", str(ready), "--log-level", log_level,
-           "--no-restart-workers", "--max-queue", "1"]
-    proc = subprocess.Popen(cmd)
-    try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"error: the local server did not start (exit code {proc.poll()})")
-            time.sleep(0.05)
-        yield proc, f"127.0.0.1:{ready.read_text()}"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-
-
-def main(argv=None, prog: str = "python -m diffserve.scheduler.app") -> int:
+def main(argv=None, prog: str = "") -> int:
+    # `diffserve serve` execs this module and names itself in DIFFSERVE_PROG (usage and errors)
+    prog = prog or os.environ.get("DIFFSERVE_PROG") or "python -m diffserve.scheduler.app"
     parser = argparse.ArgumentParser(prog=prog, description=serve.__doc__)
     add_serve_flags(parser)
     try:

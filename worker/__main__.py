@@ -19,7 +19,7 @@ from diffserve.worker.v1.launch import EXIT_CANNOT_LOAD, add_worker_flags
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m diffserve.worker", description=__doc__)
+    p = argparse.ArgumentParser(prog=os.environ.get("DIFFSERVE_PROG") or "python -m diffserve.worker", description=__doc__)
     p.add_argument("--scheduler", required=True, help="ZeroMQ address of the scheduler, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--worker-id", default="", help="routing id (default: host-pid-random)")
     add_worker_flags(p, model_path_required=True)  # shared with `diffserve serve` / `generate`
@@ -31,7 +31,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def choose_layout(args: argparse.Namespace, pipeline):
     from diffserve.worker.parallel.layout import plan_for
-    from diffserve.worker.warmup import dits
+    from diffserve.worker.models import dits
 
     return plan_for(pipeline, dits(pipeline), args.num_gpus, enable_cfg_parallel=args.enable_cfg_parallel,
                     ulysses=args.ulysses_degree, ring=args.ring_degree, tp=args.tp_size)

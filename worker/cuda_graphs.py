@@ -113,7 +113,8 @@ class GraphedForward:
 
 def graph_dits(pipeline, max_graphs: int = 8) -> int:
     """Wraps each DiT's forward of a pipeline in a GraphedForward; returns how many."""
-    from diffserve.worker.warmup import dits, prepare_attention
+    from diffserve.worker.models import dits
+    from diffserve.worker.warmup import prepare_attention
 
     models = dits(pipeline)
     for model in models:

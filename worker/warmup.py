@@ -17,19 +17,9 @@ from torch import nn
 from diffserve.kernels import attention
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.v1 import worker_pb2 as wpb
+from diffserve.worker.models import dits
 
 log = logging.getLogger(__name__)
-
-
-def dits(pipeline) -> list[nn.Module]:
-    """The pipeline's own transformer modules (those defined under diffserve.worker.models)."""
-    found = []
-    for value in vars(pipeline).values():
-        for item in value if isinstance(value, (list, tuple)) else [value]:
-            is_dit = isinstance(item, nn.Module) and type(item).__module__.startswith("diffserve.worker.models")
-            if is_dit and all(item is not f for f in found):  # one module may sit under two names
-                found.append(item)
-    return found
 
 
 def compile_dits(pipeline, backend: str = "inductor", mode: str | None = None) -> int:

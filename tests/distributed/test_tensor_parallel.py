@@ -145,7 +145,7 @@ def test_pipeline_parts_found():
     from types import SimpleNamespace
 
     from diffserve.worker.parallel.tensor import text_encoders
-    from diffserve.worker.warmup import dits
+    from diffserve.worker.models import dits
     from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
     t5 = T5EncoderModel(T5Config(vocab_size=16, d_model=8, d_kv=4, num_heads=2, d_ff=16, num_layers=1))

@@ -8,7 +8,8 @@ import torch
 from diffserve.scheduler.requests import worker_request
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.registry import load_pipeline
-from diffserve.worker.warmup import compile_dits, dits, parse_shape, warm_up
+from diffserve.worker.models import dits
+from diffserve.worker.warmup import compile_dits, parse_shape, warm_up
 
 
 def run(pipeline, seed=1):

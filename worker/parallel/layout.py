@@ -4,10 +4,20 @@ a requested layout cannot run (checked at start, before any rank loads weights o
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 from diffserve.worker.parallel.plans import has_sequence_path
 from diffserve.worker.parallel.state import ParallelDims
-from diffserve.worker.pipelines.base import Capabilities
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """What a pipeline can do inside a worker group; the layout planner and the runtime read it,
+    and a layout that needs what a pipeline lacks is refused at start."""
+
+    uses_cfg: bool  # requests may add an unconditional row (guidance > 1)
+    cfg_parallel: bool  # a step's rows may be split over the cfg axis
+    decodes_on_every_rank: bool = False  # every rank takes part in decode (split VAE); else rank 0 alone
 
 
 def plan_for(pipeline, models: list, num_gpus: int, **degrees) -> tuple[ParallelDims, list[str]]:

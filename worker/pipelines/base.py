@@ -8,6 +8,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from diffserve.v1 import generation_pb2 as pb
+from diffserve.worker.parallel.layout import Capabilities  # noqa: F401  (pipelines declare theirs)
 from diffserve.worker.v1 import worker_pb2 as wpb
 
 
@@ -30,16 +31,6 @@ class RequestState:
         self.sampler = sampler
         self.timesteps = sampler.timesteps
         self.step = 0
-
-
-@dataclass(frozen=True)
-class Capabilities:
-    """What a pipeline can do inside a worker group; the layout planner and the runtime read it,
-    and a layout that needs what a pipeline lacks is refused at start."""
-
-    uses_cfg: bool  # requests may add an unconditional row (guidance > 1)
-    cfg_parallel: bool  # a step's rows may be split over the cfg axis
-    decodes_on_every_rank: bool = False  # every rank takes part in decode (split VAE); else rank 0 alone
 
 
 class Pipeline(Protocol):

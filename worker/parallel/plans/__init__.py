@@ -79,7 +79,7 @@ def parallelize_pipeline(pipeline, state: ParallelState) -> str:
     import torch
 
     from diffserve.worker.parallel.tensor import shard_text_encoder, text_encoders
-    from diffserve.worker.warmup import dits
+    from diffserve.worker.models import dits
 
     models = dits(pipeline)
     for model in models:
