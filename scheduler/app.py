@@ -32,6 +32,9 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--output-dir", default="outputs")
     s.add_argument("--max-queue", type=int, default=256, help="queued jobs beyond which SubmitJob answers RESOURCE_EXHAUSTED")
     s.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds of worker silence before its jobs fail")
+    # The default is scheduler/wire.py's DEFAULT_MAX_MESSAGE_BYTES (not imported here: numpy).
+    s.add_argument("--max-worker-message-bytes", type=int, default=2 << 30,
+                   help="largest message a worker may send, all frames (default 2 GiB; a worker whose model can output more is refused)")
     s.add_argument("--no-restart-workers", action="store_true", help="do not restart a local worker that died")
     s.add_argument("--drain-timeout", type=float, default=60.0, help="seconds Ctrl-C waits for running jobs")
     s.add_argument("--image-dir", default="", help="folder whose images requests may name by path (default: paths refused)")
@@ -57,7 +60,8 @@ def serve(args: argparse.Namespace) -> int:
     specs = [LocalWorkerSpec("local-0", worker_argv(args), world_size=args.num_gpus)] if args.model_path else []
     config = ServerConfig(
         host=args.host, port=args.port, worker_bind=args.worker_bind, output_dir=args.output_dir,
-        engine=EngineConfig(max_queue=args.max_queue, max_batch_size=args.max_batch_size, heartbeat_timeout_s=args.heartbeat_timeout),
+        engine=EngineConfig(max_queue=args.max_queue, max_batch_size=args.max_batch_size, heartbeat_timeout_s=args.heartbeat_timeout,
+                            max_worker_message_bytes=args.max_worker_message_bytes),
         local_workers=specs, restart_workers=not args.no_restart_workers, drain_timeout_s=args.drain_timeout,
         images=ImagePolicy(allowed_dir=Path(args.image_dir) if args.image_dir else None, allow_private_urls=args.allow_private_image_urls,
                            max_bytes=args.max_image_bytes, timeout_s=args.image_fetch_timeout),

@@ -13,6 +13,12 @@ ids and step indices.
 
 The front doors (service.py, server.py) use the methods below, never the rooms. All methods run
 on the event loop thread; nothing here blocks or imports torch.
+
+Peers are not trusted to be well behaved (docs/decisions.md, "A worker that breaks the
+protocol"): a Result counts only from the worker its command was sent to; a malformed message
+(wire.ProtocolError, or any error while handling it) disconnects its sender if registered, which
+fails that worker's jobs alone, and is dropped otherwise; the receive loop never ends on a bad
+message. Lines a peer can trigger at will are throttled.
 """
 
 from __future__ import annotations
@@ -37,11 +43,13 @@ from diffserve.scheduler.lifecycle import RUNNING, Event, Phase
 from diffserve.scheduler.registry import WorkerRegistry
 from diffserve.scheduler.results import Results
 from diffserve.scheduler.steps import StepLoop
+from diffserve.scheduler.wire import DEFAULT_MAX_MESSAGE_BYTES, ProtocolError, Throttled, peer
 
 if TYPE_CHECKING:  # the link is the only part that needs sockets; unit tests pass a fake
     from diffserve.scheduler.workers import WorkerLink
 
 log = logging.getLogger(__name__)
+peer_log = Throttled(log)
 
 
 @dataclass
@@ -51,6 +59,7 @@ class EngineConfig:
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 5.0
     retry_after_s: float = 5.0  # RetryInfo sent with RESOURCE_EXHAUSTED
+    max_worker_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # also the WorkerLink's cap; a card with a larger output is refused
 
 
 class Engine:
@@ -125,7 +134,7 @@ class Engine:
         worker = self._registry.remove(worker_id)
         if worker is None:
             return
-        log.error("worker %s lost: %s", worker_id, reason)
+        log.error("worker %s lost: %s", peer(worker_id), reason)
         self._steps.forget(worker_id)
         status = errors.unavailable(f"worker {worker_id} serving {worker.model.name} was lost: {reason}", "WORKER_LOST")
         self._results.worker_lost(worker, status)
@@ -179,15 +188,40 @@ class Engine:
 
     async def _receive_loop(self) -> None:
         while True:
-            worker_id, msg, frames = await self._link.recv()
-            kind = msg.WhichOneof("body")
-            if kind == "hello":
-                await self._on_hello(worker_id, msg.hello)
-            elif kind == "heartbeat":
-                await self._on_heartbeat(worker_id, msg.heartbeat)
-            elif kind == "result":
-                self._on_result(worker_id, msg.result, frames)
+            try:
+                worker_id, msg, frames = await self._link.recv()
+            except ProtocolError as exc:
+                self._malformed(exc.worker_id, str(exc))
+                continue
+            except Exception:  # the socket itself failed: keep serving the registered workers
+                log.exception("receiving from the worker socket failed")
+                await asyncio.sleep(0.1)
+                continue
+            try:
+                await self._handle(worker_id, msg, frames)
+            except ProtocolError as exc:
+                self._malformed(worker_id, str(exc))
+            except Exception as exc:  # a message we cannot handle: its worker's state is unknown now
+                log.exception("handling a message from worker %s failed", peer(worker_id))
+                self._malformed(worker_id, f"handling it failed ({type(exc).__name__})")
             self.wake()
+
+    async def _handle(self, worker_id: str, msg: wpb.WorkerMessage, frames: list) -> None:
+        kind = msg.WhichOneof("body")
+        if kind == "hello":
+            await self._on_hello(worker_id, msg.hello)
+        elif kind == "heartbeat":
+            await self._on_heartbeat(worker_id, msg.heartbeat)
+        elif kind == "result":
+            self._on_result(worker_id, msg.result, frames)
+
+    def _malformed(self, worker_id: str | None, reason: str) -> None:
+        """A registered worker that broke the protocol is disconnected (its jobs fail); anything
+        else is dropped."""
+        if self._registry.get(worker_id) is not None:
+            self.worker_lost(worker_id, f"it sent a malformed message: {reason}")
+        else:
+            peer_log.warning("malformed", "dropping a malformed message from %s, not a registered worker: %s", peer(worker_id), reason)
 
     async def _timer_loop(self) -> None:
         while True:
@@ -202,6 +236,10 @@ class Engine:
 
     async def _on_hello(self, worker_id: str, hello: wpb.Hello) -> None:
         if not self._registry.compatible(worker_id, hello):
+            return
+        refusal = self._registry.refusal(hello, self.config.max_worker_message_bytes)
+        if refusal is not None:  # not registered and not told: it keeps saying Hello, we keep refusing
+            peer_log.warning("refused", "refusing worker %s: %s", peer(worker_id), refusal)
             return
         if self._registry.get(worker_id) is not None:
             self.worker_lost(worker_id, "the worker restarted")
@@ -221,6 +259,11 @@ class Engine:
 
     def _on_result(self, worker_id: str, result: wpb.Result, frames: list) -> None:
         worker = self._registry.get(worker_id)
+        if worker is None:
+            peer_log.warning("forged", "dropping a Result (command %d) from %s, not a registered worker", result.command_id, peer(worker_id))
+            return
         plan = self._steps.complete(worker, result.command_id)
-        if plan is not None:
-            self._results.apply(worker_id, plan, result, frames)
+        if plan is None:  # late (the worker was lost meanwhile) or not this worker's command
+            peer_log.warning("stale", "dropping a Result for command %d from worker %s, which is not running it", result.command_id, peer(worker_id))
+            return
+        self._results.apply(worker_id, plan, result, frames)

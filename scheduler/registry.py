@@ -4,6 +4,10 @@ Contract:
 - `register(worker_id, hello)` adds a worker (`compatible` checks its protocol first) and
   remembers its model card; `remove(worker_id)` drops it. A card outlives its workers, so a
   model whose workers are all gone is still listed (NOT_SERVING) and still validates requests.
+- The first card registered for a model name is its contract for the scheduler's lifetime:
+  `refusal(hello, max_message_bytes)` names why a Hello may not register (a card that differs
+  from the contract in any field, so a worker cannot raise the limits requests are validated
+  against; or a card whose largest output exceeds the message size cap). None = it may.
 - `place(job)` picks the live worker serving the job's model with room for one more resident
   job, the least loaded first; None when there is none (the job stays queued).
 - `model_for(name)` resolves a request's model name (empty = the only one) or raises a
@@ -19,12 +23,15 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from google.protobuf.message import Message
+
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.v1 import worker_pb2 as wpb
 
 from diffserve.scheduler import errors
 from diffserve.scheduler.cards import public_model
 from diffserve.scheduler.jobs import Job
+from diffserve.scheduler.wire import peer
 
 log = logging.getLogger(__name__)
 
@@ -80,25 +87,40 @@ class WorkerHandle:
 
 
 class WorkerRegistry:
-    """Owns the registered workers (by ZeroMQ id) and the last model card seen per model name."""
+    """Owns the registered workers (by ZeroMQ id) and the first model card seen per model name."""
 
     def __init__(self) -> None:
         self._workers: dict[str, WorkerHandle] = {}
-        self._models: dict[str, pb.Model] = {}  # last card seen per model name, kept while no worker serves it
+        self._models: dict[str, pb.Model] = {}  # public card per model name, kept while no worker serves it
+        self._contracts: dict[str, wpb.ModelCard] = {}  # first card registered per model name
 
     def compatible(self, worker_id: str, hello: wpb.Hello) -> bool:
         """False (and a log line) for a worker that speaks another protocol version: ignore it."""
         if hello.protocol_version != PROTOCOL_VERSION:
-            log.error("worker %s speaks protocol %d, we speak %d: ignored", worker_id, hello.protocol_version, PROTOCOL_VERSION)
+            log.error("worker %s speaks protocol %d, we speak %d: ignored", peer(worker_id), hello.protocol_version, PROTOCOL_VERSION)
             return False
         return True
 
+    def refusal(self, hello: wpb.Hello, max_message_bytes: int) -> str | None:
+        card = hello.card
+        contract = self._contracts.get(card.name)
+        if contract is not None and card != contract:
+            return f"its card for model {peer(card.name)} differs from the one registered first ({card_diff(contract, card)})"
+        largest = max(1, card.limits.max_num_frames) * min(card.limits.max_height * card.limits.max_width, card.limits.max_pixels or 2**62) * 3
+        if largest > max_message_bytes:
+            return f"its largest output ({largest} bytes) exceeds the worker message cap ({max_message_bytes} bytes; --max-worker-message-bytes)"
+        return None
+
     def register(self, worker_id: str, hello: wpb.Hello) -> WorkerHandle:
-        """Adds a compatible worker. The caller has removed an earlier registration under its id."""
+        """Adds a compatible worker whose card has no `refusal`. The caller has removed an earlier
+        registration under its id."""
+        model = public_model(hello.card)  # first: a card that does not convert registers nothing
         worker = WorkerHandle(id=worker_id, hello=hello)
         self._workers[worker_id] = worker
-        self._models[hello.card.name] = public_model(hello.card)
-        log.info("worker %s registered: model %s (%s), world size %d", worker_id, hello.card.name, hello.description, hello.world_size)
+        if hello.card.name not in self._contracts:
+            self._contracts[hello.card.name] = hello.card
+            self._models[hello.card.name] = model
+        log.info("worker %s registered: model %s (%s), world size %d", peer(worker_id), peer(hello.card.name), peer(hello.description), hello.world_size)
         return worker
 
     def remove(self, worker_id: str) -> WorkerHandle | None:
@@ -151,3 +173,19 @@ class WorkerRegistry:
 
     def serving(self) -> dict[str, bool]:
         return {name: any(w.alive and w.model.name == name for w in self._workers.values()) for name in self._models}
+
+
+def card_diff(contract: wpb.ModelCard, card: wpb.ModelCard, limit: int = 4) -> str:
+    """The first fields where `card` differs from `contract`, e.g. 'limits.max_num_inference_steps 1000 -> 1000000000'."""
+    out: list[str] = []
+
+    def walk(a, b, prefix: str) -> None:
+        for field_ in a.DESCRIPTOR.fields:
+            x, y = getattr(a, field_.name), getattr(b, field_.name)
+            if isinstance(x, Message):
+                walk(x, y, f"{prefix}{field_.name}.")
+            elif x != y:
+                out.append(f"{prefix}{field_.name} {peer(x)} -> {peer(y)}")
+
+    walk(contract, card, "")
+    return ", ".join(out[:limit]) + (", ..." if len(out) > limit else "") if out else "unknown fields"

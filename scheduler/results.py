@@ -9,6 +9,8 @@ Contract:
   the file deleted.
 - `end(job, event, status)` ends a job now (CANCEL or FAIL) and releases it from its worker.
 - `worker_lost(worker, status)` fails the jobs resident on a lost worker; saving ones finish.
+A DECODE result must carry uint8 frames of exactly the job's (num_frames, height, width, 3);
+anything else raises wire.ProtocolError before the job moves (the engine then drops the worker).
 Result handling never blocks the event loop; a durable job store is written from here.
 """
 
@@ -16,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-
-import numpy as np
 
 from google.rpc import status_pb2
 
@@ -29,6 +29,7 @@ from diffserve.scheduler.jobs import Job
 from diffserve.scheduler.lifecycle import Event, Phase
 from diffserve.scheduler.policy import Plan
 from diffserve.scheduler.registry import WorkerHandle, WorkerRegistry
+from diffserve.scheduler.wire import ProtocolError, tensor_to_numpy
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +57,7 @@ class Results:
             elif plan.phase is Phase.DENOISE:
                 job.advance(Event.STEP, step_ms=result.elapsed_ms, batch_jobs=len(plan.jobs))
             elif plan.phase is Phase.DECODE:
-                video = tensor_to_numpy(outcome.frames, frames)
+                video = decoded_frames(job, outcome, frames)
                 worker = self.registry.get(job.worker_id)
                 job.advance(Event.DONE)
                 if worker is not None:
@@ -97,6 +98,13 @@ class Results:
         task.add_done_callback(self._tasks.discard)
 
 
-def tensor_to_numpy(tensor: wpb.Tensor, frames: list) -> np.ndarray:
-    buf = frames[tensor.frame]
-    return np.frombuffer(buf, dtype=np.dtype(tensor.dtype)).reshape(tuple(tensor.shape))
+def decoded_frames(job: Job, outcome: wpb.RequestResult, frames: list):
+    """The job's decoded video, (F, H, W, 3) uint8 as its request asked; ProtocolError otherwise."""
+    if not outcome.HasField("frames"):
+        raise ProtocolError(f"the DECODE result of job {job.id} carries no frames")
+    video = tensor_to_numpy(outcome.frames, frames)
+    p = job.params
+    expected = (p.num_frames, p.height, p.width, 3)
+    if video.dtype != "uint8" or video.shape != expected:
+        raise ProtocolError(f"the DECODE result of job {job.id} is {video.dtype} {list(video.shape)}, not uint8 {list(expected)}")
+    return video

@@ -48,7 +48,7 @@ class SchedulerServer:
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.link = WorkerLink(config.worker_bind)
+        self.link = WorkerLink(config.worker_bind, config.engine.max_worker_message_bytes)
         self.engine = Engine(config.engine, self.link, ArtifactStore(config.output_dir))
         self.health = health.aio.HealthServicer()
         self.engine.watch_serving(self._on_serving_change)

@@ -7,7 +7,9 @@ Contract:
   frees go out as one `Free` (see docs/decisions.md: the worker is idle, so no command would
   carry them soon). Returns False when the worker's socket is gone.
 - `complete(worker, command_id)` returns the plan of a command whose Result arrived and marks
-  the worker idle; None for a command it does not know (stale: its worker was declared lost).
+  the worker idle; None for a command it does not know (stale: its worker was declared lost)
+  and for a Result from any worker but the one the command was sent to. Only the right
+  worker's Result removes the command: a peer guessing command ids cannot take one away.
 - `forget(worker_id)` drops the commands of a lost worker, so their late Results are ignored.
 At most one compute command is in flight per worker.
 """
@@ -55,9 +57,10 @@ class StepLoop:
         return await self.link.send(worker.id, command)
 
     def complete(self, worker: WorkerHandle | None, command_id: int) -> Plan | None:
-        entry = self._commands.pop(command_id, None)
-        if entry is None or worker is None or entry[0] != worker.id:
+        entry = self._commands.get(command_id)
+        if entry is None or worker is None or entry[0] != worker.id or worker.in_flight != command_id:
             return None
+        del self._commands[command_id]
         worker.in_flight = 0
         return entry[1]
 

@@ -1,7 +1,9 @@
 """The scheduler's side of the worker protocol: one ZeroMQ ROUTER socket (registry.py holds the
 workers that said Hello).
 
-Messages are protobuf frames plus raw tensor frames; never pickle.
+Messages are protobuf frames plus raw tensor frames; never pickle. What arrives is checked by
+wire.parse_message (sizes, protobuf, tensors) before the engine sees it; ZeroMQ itself drops the
+connection of a peer that sends a frame over the size cap (MAXMSGSIZE).
 """
 
 from __future__ import annotations
@@ -13,15 +15,21 @@ import zmq.asyncio
 
 from diffserve.worker.v1 import worker_pb2 as wpb
 
+from diffserve.scheduler.wire import DEFAULT_MAX_MESSAGE_BYTES, parse_message
+
 log = logging.getLogger(__name__)
 
 
 class WorkerLink:
-    """Owns the ROUTER socket. `recv()` yields (worker id, WorkerMessage, extra frames)."""
+    """Owns the ROUTER socket. `recv()` yields (worker id, WorkerMessage, extra frames) or raises
+    wire.ProtocolError for a malformed message; `max_message_bytes` caps a message's frames."""
 
-    def __init__(self, bind: str):
+    def __init__(self, bind: str, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
+        self.max_message_bytes = max_message_bytes
+        # Per frame, before the bytes are buffered: the peer is disconnected. parse_message checks the sum.
+        self._sock.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a restarted worker reuses its id
@@ -47,18 +55,9 @@ class WorkerLink:
             return False
 
     async def recv(self) -> tuple[str, wpb.WorkerMessage, list]:
-        while True:
-            parts = await self._sock.recv_multipart(copy=False)
-            if len(parts) < 2:
-                continue
-            worker_id = bytes(parts[0].buffer).decode(errors="replace")
-            msg = wpb.WorkerMessage()
-            try:
-                msg.ParseFromString(bytes(parts[1].buffer))
-            except Exception:  # a malformed peer must not take the scheduler down
-                log.warning("dropping malformed message from %s", worker_id)
-                continue
-            return worker_id, msg, [p.buffer for p in parts[2:]]
+        """The next message; raises wire.ProtocolError (naming the sender when known) for a malformed one."""
+        parts = await self._sock.recv_multipart(copy=False)
+        return parse_message([p.buffer for p in parts], self.max_message_bytes)
 
     def close(self) -> None:
         self._sock.close(0)

@@ -1,8 +1,10 @@
 """The engine against a scripted worker: commands it sends, finished ids on the next command (or
-a Free when the worker is idle), cancels at the step boundary, Reregister, worker loss, drain.
+a Free when the worker is idle), cancels at the step boundary, Reregister, worker loss, drain;
+and against peers that misbehave: forged Results, malformed messages of every kind (each
+disconnects only its sender), a card that tries to raise the limits.
 
 No sockets and no torch: a fake link stands in for the ROUTER socket and the test answers the
-commands itself.
+commands itself. Raw frames put on its inbox go through the real parser (wire.parse_message).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from diffserve.scheduler.artifacts import ArtifactStore
 from diffserve.scheduler.engine import Engine, EngineConfig
 from diffserve.scheduler.errors import RequestError, cancelled
 from diffserve.scheduler.lifecycle import Phase
+from diffserve.scheduler.wire import ProtocolError, parse_message
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.v1 import worker_pb2 as wpb
 
@@ -47,7 +50,12 @@ class FakeLink:
         return True
 
     async def recv(self):
-        return await self.inbox.get()
+        item = await self.inbox.get()
+        if isinstance(item, list):  # raw ZeroMQ frames, as the ROUTER would give them
+            return parse_message(item, self.max_message_bytes)
+        return item
+
+    max_message_bytes = 1 << 20
 
     def kinds(self) -> list[str]:
         return [c.WhichOneof("body") for _, c in self.sent]
@@ -77,10 +85,10 @@ class Harness:
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
 
-    async def register(self, worker_id: str = "w1") -> None:
-        hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2, card=MODEL, max_batch_size=self.max_batch_size, max_resident=4, world_size=1)
+    async def register(self, worker_id: str = "w1", card: wpb.ModelCard = MODEL) -> None:
+        hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2, card=card, max_batch_size=self.max_batch_size, max_resident=4, world_size=1)
         await self.link.inbox.put((worker_id, wpb.WorkerMessage(hello=hello), []))
-        await until(lambda: "welcome" in self.link.kinds(), "the Welcome")
+        await until(lambda: (worker_id, "welcome") in [(w, c.WhichOneof("body")) for w, c in self.link.sent], f"the Welcome of {worker_id}")
 
     async def next_compute(self, n: int) -> wpb.Command:
         """Waits for the engine's n-th compute command (1-based)."""
@@ -236,3 +244,205 @@ def test_stop_accepting_and_drain(tmp_path):
             assert job.phase is Phase.CANCELLED and not h.engine.busy()
 
     run(main())
+
+
+# ---- peers that misbehave ----
+
+def _sent_to(h: Harness, worker_id: str, kind: str) -> list[wpb.Command]:
+    return [c for w, c in h.link.sent if w == worker_id and c.WhichOneof("body") == kind]
+
+
+async def _drive(h: Harness, worker_id: str, job, stop_at_decode: bool = False) -> wpb.Command | None:
+    """Answers `worker_id`'s compute commands until `job` ends (or, with stop_at_decode, returns
+    its DECODE command unanswered)."""
+    answered: set[int] = set()
+    deadline = asyncio.get_running_loop().time() + 5
+    while not job.done:
+        assert asyncio.get_running_loop().time() < deadline, f"job stuck in {job.phase}"
+        pending = [c for w, c in h.link.sent if w == worker_id and c.WhichOneof("body") in ("run_stage", "denoise_step") and c.id not in answered]
+        if not pending:
+            await asyncio.sleep(0.005)
+            continue
+        command = pending[0]
+        if stop_at_decode and command.HasField("run_stage") and command.run_stage.stage == wpb.WORKER_STAGE_DECODE:
+            return command
+        answered.add(command.id)
+        await h.answer(command, worker_id)
+    return None
+
+
+async def _two_workers_two_jobs(h: Harness):
+    """w1 and w2 registered, one job admitted to each: (job on w1, job on w2)."""
+    await h.register("w1")
+    await h.register("w2")
+    a, _ = h.engine.submit(PARAMS)
+    b, _ = h.engine.submit(PARAMS)
+    await until(lambda: len([c for _, c in h.link.sent if c.HasField("admit")]) == 2, "two admits")
+    assert {a.worker_id, b.worker_id} == {"w1", "w2"}
+    return (a, b) if a.worker_id == "w1" else (b, a)
+
+
+async def _engine_processed(h: Harness, probe: str = "probe") -> None:
+    """Waits until the engine has handled everything queued before this call (a heartbeat from an
+    unknown id is answered with Reregister, in order)."""
+    before = len(_sent_to(h, probe, "reregister"))
+    await h.link.inbox.put((probe, wpb.WorkerMessage(heartbeat=wpb.Heartbeat(sequence=1)), []))
+    await until(lambda: len(_sent_to(h, probe, "reregister")) > before, "the engine to catch up")
+
+
+def test_results_count_only_from_the_worker_the_command_was_sent_to(tmp_path):
+    """Forged Results (an unregistered peer guessing command ids, and a registered worker answering
+    another's command) are dropped without taking the command away; the real Result completes the job."""
+    async def main():
+        async with Harness(tmp_path) as h:
+            on_w1, on_w2 = await _two_workers_two_jobs(h)
+            (encode,) = _sent_to(h, "w1", "run_stage")
+            failed = wpb.RequestResult(request_id=on_w1.id, status={"code": 13, "message": "forged"})
+            (own,) = _sent_to(h, "w2", "run_stage")  # w2's answer to its own command would be genuine
+            for command_id in range(1, 50):
+                for forger in ("ghost", "w2", "\x1b[2Jevil" * 20):
+                    if forger == "w2" and command_id == own.id:
+                        continue
+                    forged = wpb.Result(command_id=command_id, requests=[failed])
+                    await h.link.inbox.put((forger, wpb.WorkerMessage(result=forged), []))
+            await _engine_processed(h)
+            assert on_w1.phase is Phase.ENCODE and on_w1.in_flight and not on_w1.done
+            assert h.engine._registry.get("w1").in_flight == encode.id
+            assert {w.id for (m,) in [h.engine.list_models()] for w in m.workers} == {"w1", "w2"}  # a stray Result is no crime
+            await _drive(h, "w1", on_w1)
+            await _drive(h, "w2", on_w2)
+            assert on_w1.phase is Phase.SUCCEEDED and on_w2.phase is Phase.SUCCEEDED
+
+    run(main())
+
+
+def _tensor_result(request_id: str, command_id: int, tensor: wpb.Tensor | None) -> bytes:
+    outcome = wpb.RequestResult(request_id=request_id)
+    if tensor is not None:
+        outcome.frames.CopyFrom(tensor)
+    return wpb.WorkerMessage(result=wpb.Result(command_id=command_id, requests=[outcome])).SerializeToString()
+
+
+GOOD_FRAMES = np.zeros((1, 32, 32, 3), dtype=np.uint8).tobytes()
+HELLO_BYTES = wpb.WorkerMessage(hello=wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2, card=MODEL, max_resident=4)).SerializeToString()
+
+# Raw messages from w2, each breaking the protocol. Those marked `decode` answer w2's DECODE
+# command (so only the plan shows they are wrong); the others are wrong on their own.
+MALFORMED = {
+    "bad protobuf": (False, lambda rid, cid: [b"\x0a\xff\xff\xff\xff"]),
+    "no body": (False, lambda rid, cid: [b""]),
+    "no message frame": (False, lambda rid, cid: []),
+    "shape does not match bytes": (False, lambda rid, cid: [_tensor_result(rid, cid, wpb.Tensor(dtype="uint8", shape=[1, 32, 32, 3])), b"x" * 10]),
+    "shape overflows": (False, lambda rid, cid: [_tensor_result(rid, cid, wpb.Tensor(dtype="uint8", shape=[2**62, 2**62, -1])), b"x"]),
+    "frame index out of range": (False, lambda rid, cid: [_tensor_result(rid, cid, wpb.Tensor(dtype="uint8", shape=[3], frame=5)), b"xyz"]),
+    "negative frame index": (False, lambda rid, cid: [_tensor_result(rid, cid, wpb.Tensor(dtype="uint8", shape=[3], frame=-1)), b"xyz"]),
+    "unknown dtype": (False, lambda rid, cid: [_tensor_result(rid, cid, wpb.Tensor(dtype="O", shape=[1])), b"\0" * 8]),
+    "missing frames": (False, lambda rid, cid: [_tensor_result(rid, cid, wpb.Tensor(dtype="uint8", shape=[1, 32, 32, 3]))]),
+    "too many frames": (False, lambda rid, cid: [HELLO_BYTES] + [b""] * 100),
+    "over the size cap": (False, lambda rid, cid: [HELLO_BYTES, b"\0" * (600 << 10), b"\0" * (600 << 10)]),
+    "decode without frames": (True, lambda rid, cid: [_tensor_result(rid, cid, None)]),
+    "decode of the wrong shape": (True, lambda rid, cid: [_tensor_result(rid, cid, wpb.Tensor(dtype="uint8", shape=[1, 16, 16, 3])), b"\0" * 768]),
+    "decode of the wrong dtype": (True, lambda rid, cid: [_tensor_result(rid, cid, wpb.Tensor(dtype="float32", shape=[1, 32, 32, 3])), b"\0" * 12288]),
+}
+
+
+@pytest.mark.parametrize("kind", sorted(MALFORMED))
+def test_a_malformed_message_disconnects_only_its_sender(tmp_path, kind):
+    """w2 breaks the protocol: it is dropped and its job fails (UNAVAILABLE, WORKER_LOST); the
+    receive loop goes on, w1's job completes and a new job still runs."""
+    at_decode, frames = MALFORMED[kind]
+
+    async def main():
+        async with Harness(tmp_path) as h:
+            on_w1, on_w2 = await _two_workers_two_jobs(h)
+            command_id = 0
+            if at_decode:
+                command_id = (await _drive(h, "w2", on_w2, stop_at_decode=True)).id
+            await h.link.inbox.put([b"w2", *frames(on_w2.id, command_id)])
+            await until(lambda: on_w2.done, "w2's job to fail")
+            assert on_w2.phase is Phase.FAILED and on_w2.error.code == 14  # UNAVAILABLE: retry elsewhere
+            assert "malformed message" in on_w2.error.message
+            (model,) = h.engine.list_models()
+            assert [w.id for w in model.workers] == ["w1"] and model.state == pb.SERVING_STATE_SERVING
+            await _drive(h, "w1", on_w1)
+            assert on_w1.phase is Phase.SUCCEEDED
+            again, _ = h.engine.submit(PARAMS)
+            await _drive(h, "w1", again)
+            assert again.phase is Phase.SUCCEEDED
+
+    run(main())
+
+
+def test_malformed_messages_from_unregistered_peers_are_dropped(tmp_path):
+    async def main():
+        async with Harness(tmp_path) as h:
+            await h.register("w1")
+            job, _ = h.engine.submit(PARAMS)
+            for _, frames in MALFORMED.values():
+                await h.link.inbox.put([b"ghost", *frames(job.id, 1)])
+            await h.link.inbox.put([b"\xff\xfe-not-utf8", HELLO_BYTES])  # would alias another id if decoded with "replace"
+            await h.link.inbox.put([])
+            await _engine_processed(h)
+            (model,) = h.engine.list_models()
+            assert [w.id for w in model.workers] == ["w1"]
+            await _drive(h, "w1", job)
+            assert job.phase is Phase.SUCCEEDED
+
+    run(main())
+
+
+def test_a_card_cannot_raise_the_limits_of_the_first(tmp_path):
+    """The first card for a model name is the contract: a Hello with raised limits is refused (also
+    under the registered worker's own id, which keeps its job); requests are still checked
+    against the first card."""
+    raised = wpb.ModelCard()
+    raised.CopyFrom(MODEL)
+    raised.limits.max_num_inference_steps = 10**9
+    raised.limits.max_height = 1 << 20
+
+    async def main():
+        async with Harness(tmp_path) as h:
+            await h.register("w1")
+            job, _ = h.engine.submit(PARAMS)
+            await h.next_compute(1)
+            for worker_id in ("w2", "w1"):
+                hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2, card=raised, max_resident=4, world_size=1)
+                await h.link.inbox.put((worker_id, wpb.WorkerMessage(hello=hello), []))
+            await _engine_processed(h)
+            assert not _sent_to(h, "w2", "welcome") and len(_sent_to(h, "w1", "welcome")) == 1
+            (model,) = h.engine.list_models()
+            assert [w.id for w in model.workers] == ["w1"] and model.limits.max_num_inference_steps == 1000
+            with pytest.raises(RequestError) as info:
+                h.engine.submit(pb.GenerationParams(prompt="x", num_inference_steps=5000, output_format=pb.OUTPUT_FORMAT_NPY))
+            assert info.value.status.code == 3 and "num_inference_steps" in str(info.value.status)
+            await _drive(h, "w1", job)
+            assert job.phase is Phase.SUCCEEDED
+            await h.register("w3", MODEL)  # the same card registers
+
+    run(main())
+
+
+def test_a_card_whose_output_exceeds_the_message_cap_is_refused(tmp_path):
+    async def main():
+        async with Harness(tmp_path) as h:
+            h.engine.config.max_worker_message_bytes = 9 * 256 * 256 * 3 - 1  # MODEL: 9 frames of at most 256x256
+            hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2, card=MODEL, max_resident=4, world_size=1)
+            await h.link.inbox.put(("w1", wpb.WorkerMessage(hello=hello), []))
+            await _engine_processed(h)
+            assert not _sent_to(h, "w1", "welcome") and h.engine.list_models() == []
+            h.engine.config.max_worker_message_bytes += 1
+            await h.register("w1")
+
+    run(main())
+
+
+def test_parse_message_checks_tensors_and_sizes():
+    ok = [b"w", _tensor_result("r", 1, wpb.Tensor(dtype="uint8", shape=[1, 32, 32, 3])), GOOD_FRAMES]
+    worker_id, msg, frames = parse_message(ok, max_bytes=1 << 20)
+    assert worker_id == "w" and msg.result.command_id == 1 and len(frames) == 1
+    with pytest.raises(ProtocolError) as info:
+        parse_message(ok, max_bytes=len(GOOD_FRAMES))
+    assert info.value.worker_id == "w" and "at most" in str(info.value)
+    with pytest.raises(ProtocolError) as info:
+        parse_message([b"\xff" * 300, HELLO_BYTES])
+    assert info.value.worker_id is None and len(str(info.value)) < 120  # escaped and truncated
