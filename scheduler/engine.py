@@ -221,7 +221,8 @@ class Engine:
         if self._registry.get(worker_id) is not None:
             self.worker_lost(worker_id, f"it sent a malformed message: {reason}")
         else:
-            peer_log.warning("malformed", "dropping a malformed message from %s, not a registered worker: %s", peer(worker_id), reason)
+            sender = peer(worker_id) if worker_id is not None else "a peer"
+            peer_log.warning("malformed", "dropping a malformed message from %s, not a registered worker: %s", sender, reason)
 
     async def _timer_loop(self) -> None:
         while True:
