@@ -49,7 +49,6 @@ if TYPE_CHECKING:  # the link is the only part that needs sockets; unit tests pa
     from diffserve.scheduler.workers import WorkerLink
 
 log = logging.getLogger(__name__)
-peer_log = Throttled(log)
 
 
 @dataclass
@@ -76,6 +75,7 @@ class Engine:
         self._results = Results(self._registry, artifacts)
         self._on_serving_change: Callable[[dict[str, bool]], None] = lambda serving: None
         self._wake = asyncio.Event()
+        self._peer_log = Throttled(log)  # lines a peer can trigger at will
 
     # ---- jobs (the service) ----
 
@@ -222,7 +222,7 @@ class Engine:
             self.worker_lost(worker_id, f"it sent a malformed message: {reason}")
         else:
             sender = peer(worker_id) if worker_id is not None else "a peer"
-            peer_log.warning("malformed", "dropping a malformed message from %s, not a registered worker: %s", sender, reason)
+            self._peer_log.warning("malformed", "dropping a malformed message from %s, not a registered worker: %s", sender, reason)
 
     async def _timer_loop(self) -> None:
         while True:
@@ -240,7 +240,7 @@ class Engine:
             return
         refusal = self._registry.refusal(hello, self.config.max_worker_message_bytes)
         if refusal is not None:  # not registered and not told: it keeps saying Hello, we keep refusing
-            peer_log.warning("refused", "refusing worker %s: %s", peer(worker_id), refusal)
+            self._peer_log.warning("refused", "refusing worker %s: %s", peer(worker_id), refusal)
             return
         if self._registry.get(worker_id) is not None:
             self.worker_lost(worker_id, "the worker restarted")
@@ -261,10 +261,10 @@ class Engine:
     def _on_result(self, worker_id: str, result: wpb.Result, frames: list) -> None:
         worker = self._registry.get(worker_id)
         if worker is None:
-            peer_log.warning("forged", "dropping a Result (command %d) from %s, not a registered worker", result.command_id, peer(worker_id))
+            self._peer_log.warning("forged", "dropping a Result (command %d) from %s, not a registered worker", result.command_id, peer(worker_id))
             return
         plan = self._steps.complete(worker, result.command_id)
         if plan is None:  # late (the worker was lost meanwhile) or not this worker's command
-            peer_log.warning("stale", "dropping a Result for command %d from worker %s, which is not running it", result.command_id, peer(worker_id))
+            self._peer_log.warning("stale", "dropping a Result for command %d from worker %s, which is not running it", result.command_id, peer(worker_id))
             return
         self._results.apply(worker_id, plan, result, frames)

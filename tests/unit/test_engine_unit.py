@@ -446,3 +446,29 @@ def test_parse_message_checks_tensors_and_sizes():
     with pytest.raises(ProtocolError) as info:
         parse_message([b"\xff" * 300, HELLO_BYTES])
     assert info.value.worker_id is None and len(str(info.value)) < 120  # escaped and truncated
+
+
+def test_peer_triggered_log_lines_are_throttled(caplog):
+    import logging
+
+    from diffserve.scheduler.wire import Throttled
+
+    throttled = Throttled(logging.getLogger("throttle-test"), interval_s=60)
+    with caplog.at_level(logging.WARNING, logger="throttle-test"):
+        for n in range(1000):
+            throttled.warning("forged", "forged %d", n)
+        throttled.warning("other", "another kind")
+        throttled._last["forged"] -= 120  # a minute later
+        throttled.warning("forged", "forged again")
+    assert [r.getMessage() for r in caplog.records] == ["forged 0", "another kind", "forged again (and 999 more like it since the last such line)"]
+
+
+def test_the_serve_flag_default_is_the_wire_cap():
+    import argparse
+
+    from diffserve.scheduler.app import add_serve_flags
+    from diffserve.scheduler.wire import DEFAULT_MAX_MESSAGE_BYTES
+
+    parser = argparse.ArgumentParser()
+    add_serve_flags(parser)
+    assert parser.parse_args([]).max_worker_message_bytes == DEFAULT_MAX_MESSAGE_BYTES
