@@ -91,6 +91,7 @@ class SecureServer:
 
     def __init__(self, workdir: Path, pki: dict[str, Path], *flags: str, model_path: Path | None = None):
         ready = workdir / "port"
+        ready.unlink(missing_ok=True)
         self.pki = pki
         cmd = [sys.executable, "-m", "diffserve.client.cli", "serve", "--port", "0", "--output-dir", str(workdir / "outputs"),
                "--ready-file", str(ready), "--log-level", "WARNING", "--tls-cert", str(pki["server.pem"]),
@@ -99,11 +100,11 @@ class SecureServer:
             cmd += ["--model-path", str(model_path), "--warmup-shape", "32x32x1"]
         self.proc = subprocess.Popen(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"})
         deadline = time.monotonic() + 60
-        while not ready.exists():
+        while not (ready.exists() and ready.read_text().strip()):  # created, then written: wait for the number
             assert self.proc.poll() is None, f"server exited with {self.proc.returncode}"
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.05)
-        self.target = f"127.0.0.1:{ready.read_text()}"
+        self.target = f"127.0.0.1:{ready.read_text().strip()}"
 
     def client(self, token: str | None = "", **tls) -> Client:
         """A TLS client trusting the test CA; token "" sends none (not even $DIFFSERVE_TOKEN)."""
