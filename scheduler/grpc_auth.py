@@ -62,6 +62,15 @@ def _refuse(reason: str, message: str):
     return abort
 
 
+# (request streaming, response streaming) → the handler factory and the behaviour's attribute
+_HANDLER_KINDS = {
+    (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
+    (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
+    (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary"),
+    (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream"),
+}
+
+
 class TokenInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates every call outside OPEN_SERVICES against the tokens file."""
 
@@ -75,23 +84,14 @@ class TokenInterceptor(grpc.aio.ServerInterceptor):
         values = [v for k, v in (handler_call_details.invocation_metadata or ()) if k == "authorization"]
         token = bearer_token(values[0] if len(values) == 1 and isinstance(values[0], str) else None)
         principal = self.tokens.authenticate(token)
+        make, attr = _HANDLER_KINDS[(handler.request_streaming, handler.response_streaming)]
         if principal is None:
             reason, message = ("MISSING_TOKEN", "this call needs a bearer token (authorization: Bearer <token>)") if token is None \
                 else ("INVALID_TOKEN", "the bearer token is not valid")
             log.warning("%s refused: %s", handler_call_details.method, reason)
             behavior = _refuse(reason, message)
-            wrap = _wrap_unary
         else:
-            behavior = None
             wrap = _wrap_stream if handler.response_streaming else _wrap_unary
-        kinds = {
-            (False, False): (grpc.unary_unary_rpc_method_handler, "unary_unary"),
-            (False, True): (grpc.unary_stream_rpc_method_handler, "unary_stream"),
-            (True, False): (grpc.stream_unary_rpc_method_handler, "stream_unary"),
-            (True, True): (grpc.stream_stream_rpc_method_handler, "stream_stream"),
-        }
-        make, attr = kinds[(handler.request_streaming, handler.response_streaming)]
-        if behavior is None:
             behavior = wrap(getattr(handler, attr), principal)
         return make(behavior, request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
 

@@ -32,7 +32,7 @@ def test_parse_lines_comments_and_several_tokens_per_principal():
 
 
 @pytest.mark.parametrize("text, message", [
-    (f"alice\n", "expected 'principal token'"),
+    ("alice\n", "expected 'principal token'"),
     (f"alice {ALICE} extra\n", "expected 'principal token'"),
     (f"-alice {ALICE}\n", "principal must be"),
     (f"{'a' * 65} {ALICE}\n", "principal must be"),
