@@ -7,6 +7,7 @@ Certificates are made on the fly: a CA, a server certificate for 127.0.0.1 and a
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import ipaddress
 import os
@@ -21,7 +22,7 @@ import grpc
 import pytest
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
-from diffserve.client import Client, DiffserveError
+from diffserve.client import AsyncClient, Client, DiffserveError
 from diffserve.v1 import generation_pb2 as pb
 from jobs_util import wait_step
 
@@ -225,6 +226,22 @@ def test_tls_and_token_round_trip_with_the_python_client(clients, tmp_path):
     assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
     data = alice.download(job.id, tmp_path / "out.png")
     assert data.startswith(b"\x89PNG") and (tmp_path / "out.png").read_bytes() == data
+
+
+def test_async_client_sends_the_token_over_tls(secure_server, clients):
+    job = clients["bob"].wait(clients["bob"].submit(**SMALL).id)
+
+    async def run() -> tuple[str, bytes]:
+        ca = secure_server.pki["ca.pem"].read_bytes()
+        async with AsyncClient(secure_server.target, token=TOKENS["bob"], root_certificates=ca) as bob, \
+                AsyncClient(secure_server.target, token=TOKENS["alice"], root_certificates=ca) as alice:
+            with pytest.raises(DiffserveError) as info:
+                await alice.get(job.id)
+            assert info.value.code == grpc.StatusCode.NOT_FOUND
+            return (await bob.get(job.id)).id, await bob.download(job.id)
+
+    job_id, data = asyncio.run(run())
+    assert job_id == job.id and data.startswith(b"\x89PNG")
 
 
 def test_tls_and_token_round_trip_with_the_cli(secure_server, tmp_path):
