@@ -38,6 +38,31 @@ def seed_type(text: str) -> int:
     return value
 
 
+def add_client_flags(p: argparse.ArgumentParser) -> None:
+    """How to reach a server that has TLS and tokens (`serve --tls-cert/--auth-tokens`)."""
+    p.add_argument("--token", default=None, help="bearer token (default: $DIFFSERVE_TOKEN)")
+    p.add_argument("--tls-ca", default="", metavar="PEM", help="CA that signed the server's certificate: connect over TLS")
+    p.add_argument("--tls", action="store_true", help="connect over TLS trusting the system's CAs (without --tls-ca)")
+    p.add_argument("--tls-cert", default="", metavar="PEM", help="this client's certificate, for a server with --tls-client-ca")
+    p.add_argument("--tls-key", default="", metavar="PEM", help="the private key of --tls-cert")
+
+
+def connect(args: argparse.Namespace, target: str) -> Client:
+    """A Client for --server with the token and TLS flags."""
+    def read(flag: str, path: str) -> bytes | None:
+        if not path:
+            return None
+        try:
+            return Path(path).expanduser().read_bytes()
+        except OSError as exc:
+            raise SystemExit(f"error: {flag} {path}: {exc.strerror}") from None
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise SystemExit("error: --tls-cert and --tls-key go together")
+    return Client(target, token=args.token, tls=args.tls, root_certificates=read("--tls-ca", args.tls_ca),
+                  certificate_chain=read("--tls-cert", args.tls_cert), private_key=read("--tls-key", args.tls_key))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffserve", description="Serve diffusion transformers.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -45,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = sub.add_parser("generate", help="run one job end to end and save its output")
     add_worker_flags(g, outer=True)
     g.add_argument("--server", default="", help="use a running server (HOST:PORT) instead of starting one")
+    add_client_flags(g)
     g.add_argument("--prompt", required=True)
     g.add_argument("--negative-prompt", default=None)
     g.add_argument("--height", type=int)
@@ -72,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list a server's models")
     m.add_argument("--server", default="127.0.0.1:50051")
+    add_client_flags(m)
     return parser
 
 
@@ -169,7 +196,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
         print("error: give --model-path (start a local server) or --server HOST:PORT", file=sys.stderr)
         return 2
     if args.server:
-        with Client(args.server) as client:
+        with connect(args, args.server) as client:
             return run_job(client, args)
     with tempfile.TemporaryDirectory(prefix="diffserve-") as workdir, local_server(args, workdir, args.log_level) as (proc, target):
         with Client(target) as client:
@@ -180,7 +207,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 def cmd_models(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
-    with Client(args.server) as client:
+    with connect(args, args.server) as client:
         for model in client.list_models():
             print(json_format.MessageToJson(model, preserving_proto_field_name=True))
     return 0

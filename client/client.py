@@ -9,6 +9,13 @@
 
 Errors raise `DiffserveError` with the gRPC code, the message and the google.rpc details
 (field violations for bad input, retry delay when the server is overloaded).
+
+A server with TLS and tokens (`serve --tls-cert ... --auth-tokens ...`):
+
+    Client("host:50051", token="...", root_certificates=open("ca.pem", "rb").read())
+
+`token` defaults to $DIFFSERVE_TOKEN; it is sent as `authorization: Bearer <token>` on every call.
+TLS is used when root_certificates (or a client certificate for mutual TLS) is given.
 """
 
 from __future__ import annotations
@@ -91,11 +98,35 @@ def _channel_options() -> list:
     return list(MESSAGE_SIZE_OPTIONS)
 
 
-class Client:
-    """Blocking client. Methods raise DiffserveError."""
+def _auth_metadata(token: str | None) -> tuple:
+    token = os.environ.get("DIFFSERVE_TOKEN", "") if token is None else token
+    return (("authorization", f"Bearer {token}"),) if token else ()
 
-    def __init__(self, target: str = "127.0.0.1:50051"):
-        self.channel = grpc.insecure_channel(target, options=_channel_options())
+
+def _credentials(root_certificates: bytes | None, private_key: bytes | None, certificate_chain: bytes | None):
+    """TLS channel credentials, or None for a plaintext channel."""
+    if root_certificates is None and private_key is None and certificate_chain is None:
+        return None
+    return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+class Client:
+    """Blocking client. Methods raise DiffserveError.
+
+    token: bearer token (default $DIFFSERVE_TOKEN, "" sends none). root_certificates: PEM bytes of
+    the CA that signed the server's certificate (TLS); `tls=True` alone trusts the system's roots.
+    private_key / certificate_chain: the client's own PEM key and certificate (mutual TLS)."""
+
+    def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, tls: bool = False,
+                 root_certificates: bytes | None = None, private_key: bytes | None = None, certificate_chain: bytes | None = None):
+        self._metadata = _auth_metadata(token)
+        credentials = _credentials(root_certificates, private_key, certificate_chain)
+        if credentials is None and tls:
+            credentials = grpc.ssl_channel_credentials()
+        if credentials is not None:
+            self.channel = grpc.secure_channel(target, credentials, options=_channel_options())
+        else:
+            self.channel = grpc.insecure_channel(target, options=_channel_options())
         self.stub = pb_grpc.GenerationServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
@@ -110,7 +141,7 @@ class Client:
 
     def _call(self, fn, *args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            return fn(*args, metadata=self._metadata, **kwargs)
         except grpc.RpcError as err:
             raise DiffserveError.from_rpc_error(err) from None
 
@@ -130,7 +161,7 @@ class Client:
     def generate(self, prompt: str = "", *, params: pb.GenerationParams | None = None, client_request_id: str = "", timeout_s: float | None = None, **fields) -> Iterator[pb.JobEvent]:
         """Creates a job bound to this stream: closing the iterator early or the timeout expiring cancels it."""
         request = pb.GenerateRequest(params=params or make_params(prompt, **fields), client_request_id=client_request_id)
-        call = self.stub.Generate(request, timeout=timeout_s)
+        call = self.stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
         try:
             yield from self._stream(call)
         finally:
@@ -138,7 +169,7 @@ class Client:
 
     def events(self, job_id: str) -> Iterator[pb.JobEvent]:
         """A job's events from the first until it ends."""
-        yield from self._stream(self.stub.StreamJobEvents(pb.StreamJobEventsRequest(job_id=job_id)))
+        yield from self._stream(self.stub.StreamJobEvents(pb.StreamJobEventsRequest(job_id=job_id), metadata=self._metadata))
 
     def wait(self, job_id: str) -> pb.Job:
         for _ in self.events(job_id):
@@ -156,7 +187,7 @@ class Client:
 
     def download(self, artifact_id: str, path: str | os.PathLike | None = None) -> bytes:
         """The artifact's bytes; also written to `path` when given."""
-        data = b"".join(r.data for r in self._stream(self.stub.DownloadArtifact(pb.DownloadArtifactRequest(artifact_id=artifact_id))))
+        data = b"".join(r.data for r in self._stream(self.stub.DownloadArtifact(pb.DownloadArtifactRequest(artifact_id=artifact_id), metadata=self._metadata)))
         if path is not None:
             Path(path).write_bytes(data)
         return data
@@ -168,10 +199,18 @@ class Client:
 
 
 class AsyncClient:
-    """asyncio twin of Client."""
+    """asyncio twin of Client (same arguments)."""
 
-    def __init__(self, target: str = "127.0.0.1:50051"):
-        self.channel = grpc.aio.insecure_channel(target, options=_channel_options())
+    def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, tls: bool = False,
+                 root_certificates: bytes | None = None, private_key: bytes | None = None, certificate_chain: bytes | None = None):
+        self._metadata = _auth_metadata(token)
+        credentials = _credentials(root_certificates, private_key, certificate_chain)
+        if credentials is None and tls:
+            credentials = grpc.ssl_channel_credentials()
+        if credentials is not None:
+            self.channel = grpc.aio.secure_channel(target, credentials, options=_channel_options())
+        else:
+            self.channel = grpc.aio.insecure_channel(target, options=_channel_options())
         self.stub = pb_grpc.GenerationServiceStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
 
@@ -186,7 +225,7 @@ class AsyncClient:
 
     async def _call(self, fn, *args, **kwargs):
         try:
-            return await fn(*args, **kwargs)
+            return await fn(*args, metadata=self._metadata, **kwargs)
         except grpc.RpcError as err:
             raise DiffserveError.from_rpc_error(err) from None
 
@@ -205,7 +244,7 @@ class AsyncClient:
 
     async def generate(self, prompt: str = "", *, params: pb.GenerationParams | None = None, client_request_id: str = "", timeout_s: float | None = None, **fields) -> AsyncIterator[pb.JobEvent]:
         request = pb.GenerateRequest(params=params or make_params(prompt, **fields), client_request_id=client_request_id)
-        call = self.stub.Generate(request, timeout=timeout_s)
+        call = self.stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
         try:
             async for event in self._stream(call):
                 yield event
@@ -213,7 +252,7 @@ class AsyncClient:
             call.cancel()
 
     async def events(self, job_id: str) -> AsyncIterator[pb.JobEvent]:
-        async for event in self._stream(self.stub.StreamJobEvents(pb.StreamJobEventsRequest(job_id=job_id))):
+        async for event in self._stream(self.stub.StreamJobEvents(pb.StreamJobEventsRequest(job_id=job_id), metadata=self._metadata)):
             yield event
 
     async def wait(self, job_id: str) -> pb.Job:
@@ -231,7 +270,7 @@ class AsyncClient:
         return list((await self._call(self.stub.ListModels, pb.ListModelsRequest())).models)
 
     async def download(self, artifact_id: str, path: str | os.PathLike | None = None) -> bytes:
-        chunks = [r.data async for r in self._stream(self.stub.DownloadArtifact(pb.DownloadArtifactRequest(artifact_id=artifact_id)))]
+        chunks = [r.data async for r in self._stream(self.stub.DownloadArtifact(pb.DownloadArtifactRequest(artifact_id=artifact_id), metadata=self._metadata))]
         data = b"".join(chunks)
         if path is not None:
             Path(path).write_bytes(data)

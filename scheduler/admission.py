@@ -1,15 +1,15 @@
 """Admission: validate a request, queue it (bounded), and place queued jobs on workers.
 
 Contract:
-- `submit(...)` returns (job, created): the existing job for a known client_request_id, else a
-  new QUEUED job. It raises errors.RequestError when the server stops accepting, the request is
+- `submit(...)` returns (job, created): the existing job for a client_request_id this principal
+  used before (keys are per principal), else a new QUEUED job owned by the principal. It raises errors.RequestError when the server stops accepting, the request is
   invalid (BadRequest naming the field) or the queue is full (RESOURCE_EXHAUSTED + RetryInfo).
 - `place()` moves queued jobs, oldest first, to a worker with room (registry.place); each gets
   ADMIT and its worker an `Admit`, sent before anything else of the job, so the worker knows
   the request before its first stage. Jobs no worker can take stay queued, in order.
 - `withdraw(job, status)` cancels a queued job. Every change of the queue re-announces the
   positions that changed (a `queued` event per job).
-Principals and quotas land here.
+Quotas per principal land here.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.v1 import worker_pb2 as wpb
 
 from diffserve.scheduler import errors
+from diffserve.scheduler.auth import ANONYMOUS_NAME
 from diffserve.scheduler.jobs import Job, JobTable
 from diffserve.scheduler.lifecycle import Event, Phase
 from diffserve.scheduler.registry import WorkerRegistry
@@ -49,9 +50,10 @@ class Admission:
     def __len__(self) -> int:
         return len(self._queue)
 
-    def submit(self, params: pb.GenerationParams, client_request_id: str = "", timeout_s: float | None = None) -> tuple[Job, bool]:
+    def submit(self, params: pb.GenerationParams, client_request_id: str = "", timeout_s: float | None = None,
+               principal: str = ANONYMOUS_NAME) -> tuple[Job, bool]:
         if client_request_id:
-            existing = self.jobs.by_client_id(client_request_id)
+            existing = self.jobs.by_client_id(principal, client_request_id)
             if existing is not None:
                 return existing, False
         if not self.accepting:
@@ -60,7 +62,7 @@ class Admission:
         resolved = resolve_params(params, model)
         if len(self._queue) >= self.max_queue:
             raise errors.resource_exhausted(f"the queue is full ({self.max_queue} jobs waiting)", self.retry_after_s)
-        job = Job(params=resolved, client_request_id=client_request_id)
+        job = Job(params=resolved, client_request_id=client_request_id, principal=principal)
         if timeout_s:
             job.deadline = time.monotonic() + timeout_s
         self.jobs.add(job)

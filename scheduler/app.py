@@ -41,13 +41,39 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--allow-private-image-urls", action="store_true", help="let image URLs reach private, loopback and link-local addresses")
     s.add_argument("--max-image-bytes", type=int, default=20 << 20, help="largest input image, fetched or sent (default 20 MiB)")
     s.add_argument("--image-fetch-timeout", type=float, default=10.0, help="seconds to fetch an image URL")
+    # API security (issue 12): TLS and bearer tokens on gRPC; see docs/security.md
+    s.add_argument("--tls-cert", default="", help="PEM certificate chain: serve gRPC over TLS (with --tls-key)")
+    s.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    s.add_argument("--tls-client-ca", default="", help="PEM CA bundle: require client certificates it signed (mutual TLS)")
+    s.add_argument("--auth-tokens", default="", metavar="FILE",
+                   help="'principal token' per line (mode 600): every RPC but health and reflection needs a bearer token")
     s.add_argument("--ready-file", default="", help=argparse.SUPPRESS)
     s.add_argument("--log-level", default="INFO")
+
+
+def api_security_problem(args: argparse.Namespace) -> str:
+    """Why the TLS / token flags cannot be used ("" when they can): checked before anything starts."""
+    from diffserve.scheduler.auth import Tokens, TokensFileError
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        return "--tls-cert and --tls-key go together"
+    if args.tls_client_ca and not args.tls_cert:
+        return "--tls-client-ca needs --tls-cert and --tls-key"
+    for flag, path in (("--tls-cert", args.tls_cert), ("--tls-key", args.tls_key), ("--tls-client-ca", args.tls_client_ca)):
+        if path and not os.access(path, os.R_OK):
+            return f"{flag} {path}: not a readable file"
+    if args.auth_tokens:
+        try:
+            Tokens(args.auth_tokens)
+        except TokensFileError as exc:
+            return f"--auth-tokens {exc}"
+    return ""
 
 
 def serve(args: argparse.Namespace) -> int:
     """Runs the scheduler (gRPC) and, with --model-path, its local worker group until Ctrl-C."""
     from diffserve.scheduler.engine import EngineConfig
+    from diffserve.scheduler.grpc_auth import TlsConfig
     from diffserve.scheduler.images import ImagePolicy
     from diffserve.scheduler.launcher import LocalWorkerSpec
     from diffserve.scheduler.server import ServerConfig, run
@@ -55,6 +81,10 @@ def serve(args: argparse.Namespace) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s scheduler %(levelname)s %(name)s: %(message)s")
     if args.num_gpus < 1:
         print("error: --num-gpus must be >= 1", file=sys.stderr)
+        return 2
+    problem = api_security_problem(args)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
         return 2
     # The layout itself is checked by the worker (it knows the model); an impossible one stops serve.
     specs = [LocalWorkerSpec("local-0", worker_argv(args), world_size=args.num_gpus)] if args.model_path else []
@@ -65,6 +95,7 @@ def serve(args: argparse.Namespace) -> int:
         local_workers=specs, restart_workers=not args.no_restart_workers, drain_timeout_s=args.drain_timeout,
         images=ImagePolicy(allowed_dir=Path(args.image_dir) if args.image_dir else None, allow_private_urls=args.allow_private_image_urls,
                            max_bytes=args.max_image_bytes, timeout_s=args.image_fetch_timeout),
+        tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None, auth_tokens=args.auth_tokens,
     )
 
     def started(port: int) -> None:

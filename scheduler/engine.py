@@ -38,6 +38,7 @@ from diffserve.worker.v1 import worker_pb2 as wpb
 from diffserve.scheduler import errors
 from diffserve.scheduler.admission import Admission
 from diffserve.scheduler.artifacts import ArtifactStore
+from diffserve.scheduler.auth import ANONYMOUS_NAME
 from diffserve.scheduler.jobs import Job, JobTable
 from diffserve.scheduler.lifecycle import RUNNING, Event, Phase
 from diffserve.scheduler.registry import WorkerRegistry
@@ -79,9 +80,10 @@ class Engine:
 
     # ---- jobs (the service) ----
 
-    def submit(self, params: pb.GenerationParams, client_request_id: str = "", timeout_s: float | None = None) -> tuple[Job, bool]:
-        """Validates and queues a job; returns (job, created). Raises errors.RequestError."""
-        job, created = self._admission.submit(params, client_request_id, timeout_s)
+    def submit(self, params: pb.GenerationParams, client_request_id: str = "", timeout_s: float | None = None,
+               principal: str = ANONYMOUS_NAME) -> tuple[Job, bool]:
+        """Validates and queues a job owned by `principal`; returns (job, created). Raises errors.RequestError."""
+        job, created = self._admission.submit(params, client_request_id, timeout_s, principal)
         if created:
             self.wake()
         return job, created

@@ -18,6 +18,7 @@ from google.rpc import status_pb2
 
 from diffserve.v1 import generation_pb2 as pb
 
+from diffserve.scheduler.auth import ANONYMOUS_NAME
 from diffserve.scheduler.lifecycle import Event, IllegalTransition, Phase, next_phase
 
 
@@ -36,6 +37,7 @@ class Job:
 
     params: pb.GenerationParams
     client_request_id: str = ""
+    principal: str = ANONYMOUS_NAME  # who submitted it: only they (and admin) may see it (auth.Principal)
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     phase: Phase = Phase.QUEUED
     step: int = 0  # denoising steps done
@@ -183,24 +185,26 @@ class Job:
 
 
 class JobTable:
-    """All jobs by id and by client request id; forgets the oldest finished jobs past `max_finished`."""
+    """All jobs by id and by (principal, client request id); forgets the oldest finished jobs past
+    `max_finished`. Idempotency keys are per principal: two callers' "job-1" are two jobs."""
 
     def __init__(self, max_finished: int = 10_000):
         self._jobs: OrderedDict[str, Job] = OrderedDict()
-        self._by_client_id: dict[str, str] = {}
+        self._by_client_id: dict[tuple[str, str], str] = {}
         self._max_finished = max_finished
 
     def add(self, job: Job) -> None:
         self._jobs[job.id] = job
         if job.client_request_id:
-            self._by_client_id[job.client_request_id] = job.id
+            self._by_client_id[(job.principal, job.client_request_id)] = job.id
         self._evict()
 
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
 
-    def by_client_id(self, client_request_id: str) -> Job | None:
-        job_id = self._by_client_id.get(client_request_id)
+    def by_client_id(self, principal: str, client_request_id: str) -> Job | None:
+        """The job `principal` submitted with this key, if it is still in the table."""
+        job_id = self._by_client_id.get((principal, client_request_id))
         return self._jobs.get(job_id) if job_id else None
 
     def __iter__(self):
@@ -210,4 +214,5 @@ class JobTable:
         finished = [j for j in self._jobs.values() if j.done]
         for job in finished[: max(0, len(finished) - self._max_finished)]:
             del self._jobs[job.id]
-            self._by_client_id.pop(job.client_request_id, None)
+            if self._by_client_id.get((job.principal, job.client_request_id)) == job.id:
+                del self._by_client_id[(job.principal, job.client_request_id)]

@@ -19,7 +19,9 @@ from diffserve.v1.limits import MESSAGE_SIZE_OPTIONS
 
 from diffserve.scheduler import errors
 from diffserve.scheduler.artifacts import ArtifactStore
+from diffserve.scheduler.auth import Tokens
 from diffserve.scheduler.engine import Engine, EngineConfig
+from diffserve.scheduler.grpc_auth import TlsConfig, TokenInterceptor
 from diffserve.scheduler.images import ImagePolicy
 from diffserve.scheduler.launcher import LocalWorkers, LocalWorkerSpec
 from diffserve.scheduler.service import GenerationService
@@ -41,6 +43,8 @@ class ServerConfig:
     restart_workers: bool = True
     drain_timeout_s: float = 60.0
     images: ImagePolicy = field(default_factory=ImagePolicy)
+    tls: TlsConfig | None = None  # None: plaintext gRPC (loopback)
+    auth_tokens: str = ""  # tokens file; empty: every RPC open, one anonymous principal
 
 
 class SchedulerServer:
@@ -54,7 +58,9 @@ class SchedulerServer:
         self.engine.watch_serving(self._on_serving_change)
         self.workers = LocalWorkers(self.link.address, config.local_workers, self.engine.worker_lost, config.restart_workers, self._fatal)
         self.exit_code = 0
-        self.server = grpc.aio.server(options=list(MESSAGE_SIZE_OPTIONS))
+        self.tokens = Tokens(config.auth_tokens) if config.auth_tokens else None  # raises TokensFileError
+        interceptors = [TokenInterceptor(self.tokens)] if self.tokens is not None else []
+        self.server = grpc.aio.server(options=list(MESSAGE_SIZE_OPTIONS), interceptors=interceptors)
         pb_grpc.add_GenerationServiceServicer_to_server(GenerationService(self.engine, config.images), self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
@@ -82,14 +88,20 @@ class SchedulerServer:
             asyncio.get_running_loop().create_task(self.stop())
 
     async def start(self) -> int:
-        self.port = self.server.add_insecure_port(f"{self.config.host}:{self.config.port}")
+        address = f"{self.config.host}:{self.config.port}"
+        if self.config.tls is not None:
+            self.port = self.server.add_secure_port(address, self.config.tls.credentials())
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
             raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
         self._tasks = [asyncio.create_task(self.engine.run()), asyncio.create_task(self.workers.run())]
-        log.info("scheduler listening on %s:%d (gRPC), workers connect to %s", self.config.host, self.port, self.link.address)
+        security = ("mutual TLS" if self.config.tls.client_ca else "TLS") if self.config.tls else "plaintext"
+        log.info("scheduler listening on %s:%d (gRPC, %s, %s), workers connect to %s", self.config.host, self.port, security,
+                 f"{len(self.tokens.principals())} principal(s) with tokens" if self.tokens else "no tokens", self.link.address)
         return self.port
 
     async def wait(self) -> None:

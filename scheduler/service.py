@@ -1,4 +1,8 @@
-"""gRPC front door: diffserve.v1.GenerationService over grpc.aio, a thin layer on the Engine."""
+"""gRPC front door: diffserve.v1.GenerationService over grpc.aio, a thin layer on the Engine.
+
+Every job belongs to the principal that submitted it (grpc_auth.current_principal()); a job of
+another principal is answered exactly like a job that does not exist (NOT_FOUND), except for admin.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from diffserve.v1 import generation_pb2_grpc as pb_grpc
 
 from diffserve.scheduler import errors
 from diffserve.scheduler.engine import Engine
+from diffserve.scheduler.grpc_auth import current_principal
 from diffserve.scheduler.images import ImagePolicy, resolve_images
 from diffserve.scheduler.jobs import Job
 
@@ -31,8 +36,9 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         return await asyncio.get_running_loop().run_in_executor(None, resolve_images, params, self.image_policy)
 
     def _job(self, job_id: str) -> Job:
+        """The caller's job; NOT_FOUND also for a job of another principal (no existence leak)."""
         job = self.engine.get_job(job_id)
-        if job is None:
+        if job is None or not current_principal().can_access(job.principal):
             raise errors.not_found("job", job_id)
         return job
 
@@ -43,7 +49,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         try:
             timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else None
             params = await self._resolve_images(request.params)
-            job, created = self.engine.submit(params, request.client_request_id, timeout)
+            job, created = self.engine.submit(params, request.client_request_id, timeout, current_principal().name)
         except errors.RequestError as exc:
             await errors.abort(context, exc.status)
         return pb.SubmitJobResponse(job=self._proto(job), created=created)
@@ -51,7 +57,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     async def Generate(self, request: pb.GenerateRequest, context):
         try:
             params = await self._resolve_images(request.params)
-            job, created = self.engine.submit(params, request.client_request_id, context.time_remaining())
+            job, created = self.engine.submit(params, request.client_request_id, context.time_remaining(), current_principal().name)
         except errors.RequestError as exc:
             await errors.abort(context, exc.status)
         try:
