@@ -100,7 +100,11 @@ def serve(args: argparse.Namespace) -> int:
 
     def started(port: int) -> None:
         if args.ready_file:
-            Path(args.ready_file).write_text(str(port))
+            # Written whole, then renamed: a reader never sees the file empty.
+            ready = Path(args.ready_file)
+            partial = ready.with_name(ready.name + ".partial")
+            partial.write_text(str(port))
+            os.replace(partial, ready)
 
     return run(config, started)
 
