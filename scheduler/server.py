@@ -14,7 +14,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from diffserve.v1 import generation_pb2 as pb
-from diffserve.v1 import generation_pb2_grpc as pb_grpc
 from diffserve.v1.limits import MESSAGE_SIZE_OPTIONS
 
 from diffserve.scheduler import errors
@@ -22,7 +21,7 @@ from diffserve.scheduler.artifacts import ArtifactStore
 from diffserve.scheduler.engine import Engine, EngineConfig
 from diffserve.scheduler.images import ImagePolicy
 from diffserve.scheduler.launcher import LocalWorkers, LocalWorkerSpec
-from diffserve.scheduler.service import GenerationService
+from diffserve.scheduler.service import GenerationService, add_to_server
 from diffserve.scheduler.workers import WorkerLink
 
 log = logging.getLogger(__name__)
@@ -55,7 +54,7 @@ class SchedulerServer:
         self.workers = LocalWorkers(self.link.address, config.local_workers, self.engine.worker_lost, config.restart_workers, self._fatal)
         self.exit_code = 0
         self.server = grpc.aio.server(options=list(MESSAGE_SIZE_OPTIONS))
-        pb_grpc.add_GenerationServiceServicer_to_server(GenerationService(self.engine, config.images), self.server)
+        add_to_server(GenerationService(self.engine, config.images), self.server)  # malformed bodies → INVALID_ARGUMENT
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = 0
