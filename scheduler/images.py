@@ -211,7 +211,8 @@ def _fetch(url: str, policy: ImagePolicy, watchdog: _Watchdog) -> bytes:
         try:
             path = parts.path or "/"
             conn.request("GET", path + (f"?{parts.query}" if parts.query else ""), headers={"User-Agent": "diffserve", "Accept": "image/*"})
-            conn.sock.settimeout(watchdog.remaining())
+            sock = conn.sock  # the reply keeps using it after the connection lets go (Connection: close)
+            sock.settimeout(watchdog.remaining())
             reply = conn.getresponse()
             if reply.status in (301, 302, 303, 307, 308) and reply.getheader("Location"):
                 url = urljoin(url, reply.getheader("Location"))
@@ -226,7 +227,7 @@ def _fetch(url: str, policy: ImagePolicy, watchdog: _Watchdog) -> bytes:
                 raise ImageRefused(f"{url[:100]} is {length[:30]} bytes, over the {policy.max_bytes}-byte limit")
             data = bytearray()
             while len(data) <= policy.max_bytes:
-                conn.sock.settimeout(watchdog.remaining())
+                sock.settimeout(watchdog.remaining())
                 chunk = reply.read1(min(READ_CHUNK, policy.max_bytes + 1 - len(data)))
                 if not chunk:
                     break

@@ -92,14 +92,17 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     async def _checked(self, params: pb.GenerationParams, client_request_id: str) -> pb.GenerationParams:
         """The submit path's order: bounds first (no I/O), then whether the model takes images at
-        all, and only then the image fetches, on their own pool (images.FETCH_POOL) and stopped
-        when this call ends."""
+        all, and only then the image fetches, on their own pool (images.FETCH_POOL, apart from
+        the artifact saves) and stopped when this call ends."""
         check_request(params, client_request_id, self.engine.list_models() if params.images else None)
         if not params.images:
             return params
+        # URLs on the fetch pool; bytes and paths (local, quick) on the default one, never queued
+        # behind slow URLs.
+        pool = FETCH_POOL if any(image.WhichOneof("source") == "url" for image in params.images) else None
         cancel = threading.Event()
         try:
-            return await asyncio.get_running_loop().run_in_executor(FETCH_POOL, resolve_images, params, self.image_policy, cancel)
+            return await asyncio.get_running_loop().run_in_executor(pool, resolve_images, params, self.image_policy, cancel)
         finally:
             cancel.set()  # the call was cancelled: stop the fetch under way
 
