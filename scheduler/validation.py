@@ -19,7 +19,7 @@ from collections.abc import Iterable
 
 from diffserve.v1 import generation_pb2 as pb
 
-from diffserve.scheduler.errors import invalid_argument
+from diffserve.scheduler.errors import RequestError, invalid_argument, unavailable
 from diffserve.scheduler.images import ImageRefused, edit_output_size, image_size
 from diffserve.scheduler.requests import num_experts, uses_cfg
 
@@ -84,13 +84,26 @@ def check_request(params: pb.GenerationParams, client_request_id: str = "", mode
     and the request has images, one whose model takes fewer images. Raises RequestError."""
     bad = _check_string("client_request_id", client_request_id, MAX_CLIENT_REQUEST_ID_BYTES)
     bad += check_strings(params)
-    if not bad and params.images and models is not None:
-        served = {m.name: m for m in models}
-        model = served.get(params.model) if params.model else (next(iter(served.values())) if len(served) == 1 else None)
-        if model is not None and len(params.images) > model.limits.max_images:
-            bad.append(("params.images", f"model {model.name} takes at most {model.limits.max_images} input images"))
     if bad:
         raise invalid_argument(bad)
+    if params.images and models is not None:
+        model = _served_model(params.model, {m.name: m for m in models})
+        if len(params.images) > model.limits.max_images:
+            raise invalid_argument([("params.images", f"model {model.name} takes at most {model.limits.max_images} input images")])
+
+
+def _served_model(name: str, served: dict[str, pb.Model]) -> pb.Model:
+    """The card `name` selects, refused as admission would refuse it (registry.model_for): so that
+    no image is fetched for a request that cannot be admitted."""
+    if not served:
+        raise RequestError(unavailable("no model is loaded yet; retry when health is SERVING", "NO_MODEL"))
+    if not name:
+        if len(served) == 1:
+            return next(iter(served.values()))
+        raise invalid_argument([("params.model", f"required when several models are served: {sorted(served)}")])
+    if name not in served:
+        raise invalid_argument([("params.model", f"unknown model {name!r}; served: {sorted(served)}")])
+    return served[name]
 
 
 def timeout_seconds(timeout) -> float:

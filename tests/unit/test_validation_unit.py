@@ -254,7 +254,13 @@ def test_images_refused_for_a_model_that_takes_none():
     with pytest.raises(RequestError) as info:
         check_request(params, "", [MODEL])
     assert "takes at most 0" in violations(info.value)["params.images"]
-    check_request(params, "", [])  # model unknown: admission names params.model later
+    check_request(params)  # no cards given: the model's own check comes at admission
+    with pytest.raises(RequestError) as info:
+        check_request(params, "", [])  # no model loaded yet: nothing is fetched
+    assert info.value.code.name == "UNAVAILABLE"
+    with pytest.raises(RequestError) as info:
+        check_request(pb.GenerationParams(prompt="x", model="other", images=params.images), "", [MODEL])
+    assert "params.model" in violations(info.value)
 
 
 @pytest.mark.parametrize("seconds,nanos,ok", [
