@@ -186,10 +186,12 @@ class _Watchdog:
         self._done.set()
 
 
-def fetch_url(url: str, policy: ImagePolicy, cancel: threading.Event | None = None) -> bytes:
+def fetch_url(url: str, policy: ImagePolicy, cancel: threading.Event | None = None, not_after: float | None = None) -> bytes:
     """GETs an image URL under the policy's limits, all of it (connect, redirects, every read)
-    within policy.timeout_s; `cancel` set ends it early. Blocking: call from a thread."""
-    watchdog = _Watchdog(time.monotonic() + policy.timeout_s, cancel)
+    within policy.timeout_s, and by `not_after` (time.monotonic()) if given; `cancel` set ends it
+    early. Blocking: call from a thread."""
+    deadline = time.monotonic() + policy.timeout_s
+    watchdog = _Watchdog(deadline if not_after is None else min(deadline, not_after), cancel)
     try:
         return _fetch(url, policy, watchdog)
     finally:
@@ -313,9 +315,11 @@ def edit_output_size(width: int, height: int, multiple: int) -> tuple[int, int]:
     return w // multiple * multiple, h // multiple * multiple
 
 
-def resolve_images(params: pb.GenerationParams, policy: ImagePolicy, cancel: threading.Event | None = None) -> pb.GenerationParams:
+def resolve_images(params: pb.GenerationParams, policy: ImagePolicy, cancel: threading.Event | None = None,
+                   not_after: float | None = None) -> pb.GenerationParams:
     """Returns params whose images are all checked bytes; raises RequestError naming the field.
-    `cancel` set (the call ended) stops a fetch under way and skips the rest.
+    `cancel` set (the call ended) stops a fetch under way and skips the rest; no fetch goes on
+    past `not_after` (time.monotonic(); the service counts the wait for a pool thread in it).
     Blocking (file and network I/O): call from a thread, FETCH_POOL in the service."""
     if not params.images:
         return params
@@ -333,7 +337,7 @@ def resolve_images(params: pb.GenerationParams, policy: ImagePolicy, cancel: thr
             elif source == "path":
                 data = read_path(image.path, policy)
             elif source == "url":
-                data = fetch_url(image.url, policy, cancel)
+                data = fetch_url(image.url, policy, cancel, not_after)
             else:
                 raise ImageRefused("set one of data, path or url")
             check_image(data, policy)

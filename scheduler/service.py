@@ -99,10 +99,13 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
             return params
         # URLs on the fetch pool; bytes and paths (local, quick) on the default one, never queued
         # behind slow URLs.
-        pool = FETCH_POOL if any(image.WhichOneof("source") == "url" for image in params.images) else None
+        urls = sum(image.WhichOneof("source") == "url" for image in params.images)
+        pool = FETCH_POOL if urls else None
+        # Waiting for a fetch thread counts: the request's fetches end by timeout_s per URL from now.
+        not_after = time.monotonic() + self.image_policy.timeout_s * max(1, urls)
         cancel = threading.Event()
         try:
-            return await asyncio.get_running_loop().run_in_executor(pool, resolve_images, params, self.image_policy, cancel)
+            return await asyncio.get_running_loop().run_in_executor(pool, resolve_images, params, self.image_policy, cancel, not_after)
         finally:
             cancel.set()  # the call was cancelled: stop the fetch under way
 
