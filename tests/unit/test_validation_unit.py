@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
 
+from diffserve.scheduler import errors
 from diffserve.scheduler.errors import RequestError
-from diffserve.scheduler.validation import resolve_params
+from diffserve.scheduler.validation import (
+    MAX_CLIENT_REQUEST_ID_BYTES, MAX_IMAGES, MAX_PROMPT_BYTES, MAX_TIMEOUT_S, check_request, resolve_params, timeout_seconds, visible,
+)
 from diffserve.v1 import generation_pb2 as pb
 
 MODEL = pb.Model(
@@ -170,13 +175,6 @@ def test_edit_without_image_is_refused_on_images_only():
 
 
 # ---- bounds on every input (issue 12, part 5) ----
-
-from diffserve.scheduler import errors  # noqa: E402
-from diffserve.scheduler.validation import (  # noqa: E402
-    MAX_CLIENT_REQUEST_ID_BYTES, MAX_IMAGES, MAX_PROMPT_BYTES, MAX_TIMEOUT_S, check_request, timeout_seconds, visible,
-)
-from google.protobuf import duration_pb2  # noqa: E402
-from google.rpc import error_details_pb2  # noqa: E402
 
 
 def violations(exc: RequestError) -> dict[str, str]:
