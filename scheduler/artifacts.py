@@ -1,7 +1,9 @@
 """Artifact store: encodes decoded frames as PNG / MP4 (H.264) / NPY into the output directory.
 
 Files are named after the job id. PNG carries the prompt and seed as text chunks; MP4 carries
-them in its container metadata (title = prompt, comment = JSON of the parameters).
+them in its container metadata (title = prompt, comment = JSON of the parameters), handed to
+ffmpeg as an ffmetadata file, never on its command line (a long prompt would overflow argv and
+a NUL would cut it).
 """
 
 from __future__ import annotations
@@ -10,6 +12,8 @@ import hashlib
 import io
 import json
 import os
+import subprocess
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -42,30 +46,40 @@ def encode_png(frames: np.ndarray, params: pb.GenerationParams) -> bytes:
     return buf.getvalue()
 
 
+def ffmetadata(tags: dict[str, str]) -> str:
+    """An ffmetadata file (ffmpeg's -f ffmetadata) holding `tags` as global metadata: '=', ';',
+    '#', '\\' and newlines escaped with a backslash; NUL, which the format cannot carry, dropped."""
+    def escape(text: str) -> str:
+        text = text.replace("\0", "")
+        for special in ("\\", "=", ";", "#", "\n"):
+            text = text.replace(special, "\\" + special)
+        return text
+
+    return ";FFMETADATA1\n" + "".join(f"{escape(key)}={escape(value)}\n" for key, value in tags.items())
+
+
 def encode_mp4(frames: np.ndarray, params: pb.GenerationParams, path: Path) -> None:
+    """H.264 (libx264, CRF 18, yuv420p) with the prompt and parameters as container metadata,
+    read by ffmpeg from a metadata file beside the output (nothing user-given in argv)."""
     import imageio_ffmpeg
 
     _, height, width, _ = frames.shape
-    writer = imageio_ffmpeg.write_frames(
-        str(path),
-        (width, height),
-        fps=params.fps,
-        codec="libx264",
-        pix_fmt_out="yuv420p",
-        quality=None,
-        macro_block_size=1,
-        output_params=[
-            "-crf", "18",
-            "-metadata", f"title={params.prompt}",
-            "-metadata", f"comment={json.dumps(describe(params))}",
-            "-movflags", "+faststart",
-        ],
-        ffmpeg_log_level="error",
-    )
-    writer.send(None)
-    for frame in frames:
-        writer.send(np.ascontiguousarray(frame))
-    writer.close()
+    with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".ffmeta", dir=path.parent, delete=False) as meta:
+        meta.write(ffmetadata({"title": params.prompt, "comment": json.dumps(describe(params))}))
+    try:
+        cmd = [
+            imageio_ffmpeg.get_ffmpeg_exe(), "-y",
+            "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}", "-pix_fmt", "rgb24", "-r", str(params.fps), "-i", "-",
+            "-f", "ffmetadata", "-i", meta.name,
+            "-map", "0:v:0", "-map_metadata", "1",
+            "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", "-movflags", "+faststart",
+            "-v", "error", str(path),
+        ]
+        proc = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
+        if proc.returncode != 0:
+            raise RuntimeError(f"ffmpeg exited with {proc.returncode}: {proc.stderr.decode(errors='replace')[-500:]}")
+    finally:
+        os.unlink(meta.name)
 
 
 class ArtifactStore:

@@ -2,6 +2,10 @@
 
 Every error a client sees is a google.rpc.Status with details: BadRequest field violations for
 invalid input, RetryInfo when the server is overloaded, ErrorInfo with a machine-readable reason.
+
+Every status is bounded (`bounded`): its message at most MAX_MESSAGE_BYTES and each field
+violation's description at most MAX_DESCRIPTION_BYTES, so an error that echoes a long input still
+fits gRPC's 16 KiB trailer limit and the caller sees its real code (not RESOURCE_EXHAUSTED).
 """
 
 from __future__ import annotations
@@ -15,6 +19,18 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from diffserve.v1.limits import STATUS_DETAILS_KEY
 
 DOMAIN = "diffserve.dev"
+MAX_MESSAGE_BYTES = 1024  # google.rpc.Status.message, also sent as grpc-message
+MAX_DESCRIPTION_BYTES = 256  # one BadRequest field violation's description
+MAX_VIOLATIONS = 16  # field violations kept in one status (the rest are counted in the message)
+MAX_STATUS_BYTES = 8 << 10  # the serialized status (grpc-status-details-bin, base64 in the trailer)
+
+
+def truncate(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` UTF-8 bytes (on a character boundary), marked with "…"."""
+    raw = text.encode("utf-8", "replace")
+    if len(raw) <= limit:
+        return text
+    return raw[: max(0, limit - 3)].decode("utf-8", "ignore") + "…"
 
 
 class RequestError(Exception):
@@ -37,7 +53,7 @@ def grpc_code(code: int) -> grpc.StatusCode:
 
 
 def make_status(code: int, message: str, reason: str = "", details: Iterable = ()) -> status_pb2.Status:
-    status = status_pb2.Status(code=code, message=message)
+    status = status_pb2.Status(code=code, message=truncate(message, MAX_MESSAGE_BYTES))
     if reason:
         status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain=DOMAIN))
     for detail in details:
@@ -48,9 +64,11 @@ def make_status(code: int, message: str, reason: str = "", details: Iterable = (
 def invalid_argument(violations: list[tuple[str, str]]) -> RequestError:
     """violations: (field path, description) pairs, e.g. ("params.width", "must be a multiple of 16")."""
     bad = error_details_pb2.BadRequest()
-    for field, description in violations:
-        bad.field_violations.add(field=field, description=description)
-    message = "; ".join(f"{f}: {d}" for f, d in violations)
+    for field, description in violations[:MAX_VIOLATIONS]:
+        bad.field_violations.add(field=truncate(field, 128), description=truncate(description, MAX_DESCRIPTION_BYTES))
+    message = "; ".join(f"{v.field}: {v.description}" for v in bad.field_violations)
+    if len(violations) > MAX_VIOLATIONS:
+        message = f"{len(violations)} invalid fields, the first {MAX_VIOLATIONS}: {message}"
     return RequestError(make_status(code_pb2.INVALID_ARGUMENT, message, "INVALID_ARGUMENT", [bad]))
 
 
@@ -83,8 +101,23 @@ def internal(message: str, reason: str = "INTERNAL") -> status_pb2.Status:
     return make_status(code_pb2.INTERNAL, message, reason)
 
 
+def bounded(status: status_pb2.Status) -> status_pb2.Status:
+    """`status` with its message truncated to MAX_MESSAGE_BYTES and, should its serialized form
+    still be over MAX_STATUS_BYTES, without details (the code and message stay)."""
+    message = truncate(status.message, MAX_MESSAGE_BYTES)
+    if message == status.message and status.ByteSize() <= MAX_STATUS_BYTES:
+        return status
+    out = status_pb2.Status()
+    out.CopyFrom(status)
+    out.message = message
+    if out.ByteSize() > MAX_STATUS_BYTES:
+        del out.details[:]
+    return out
+
+
 async def abort(context, status: status_pb2.Status) -> None:
-    """Ends a grpc.aio call with `status`, details in the standard trailing metadata."""
+    """Ends a grpc.aio call with `status` (bounded), details in the standard trailing metadata."""
+    status = bounded(status)
     await context.abort(
         grpc_code(status.code), status.message, trailing_metadata=((STATUS_DETAILS_KEY, status.SerializeToString()),)
     )

@@ -14,7 +14,6 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from diffserve.v1 import generation_pb2 as pb
-from diffserve.v1 import generation_pb2_grpc as pb_grpc
 from diffserve.v1.limits import MESSAGE_SIZE_OPTIONS
 
 from diffserve.scheduler import errors
@@ -24,7 +23,7 @@ from diffserve.scheduler.engine import Engine, EngineConfig
 from diffserve.scheduler.grpc_auth import TlsConfig, TokenInterceptor
 from diffserve.scheduler.images import ImagePolicy
 from diffserve.scheduler.launcher import LocalWorkers, LocalWorkerSpec
-from diffserve.scheduler.service import GenerationService
+from diffserve.scheduler.service import GenerationService, add_to_server
 from diffserve.scheduler.workers import WorkerLink
 
 log = logging.getLogger(__name__)
@@ -61,7 +60,7 @@ class SchedulerServer:
         self.tokens = Tokens(config.auth_tokens) if config.auth_tokens else None  # raises TokensFileError
         interceptors = [TokenInterceptor(self.tokens)] if self.tokens is not None else []
         self.server = grpc.aio.server(options=list(MESSAGE_SIZE_OPTIONS), interceptors=interceptors)
-        pb_grpc.add_GenerationServiceServicer_to_server(GenerationService(self.engine, config.images), self.server)
+        add_to_server(GenerationService(self.engine, config.images), self.server)  # malformed bodies → INVALID_ARGUMENT
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
         self.port = 0

@@ -8,8 +8,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 
+import grpc
+from google.protobuf.message import DecodeError
 
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.v1 import generation_pb2_grpc as pb_grpc
@@ -17,10 +20,72 @@ from diffserve.v1 import generation_pb2_grpc as pb_grpc
 from diffserve.scheduler import errors
 from diffserve.scheduler.engine import Engine
 from diffserve.scheduler.grpc_auth import current_principal
-from diffserve.scheduler.images import ImagePolicy, resolve_images
+from diffserve.scheduler.images import FETCH_POOL, ImagePolicy, resolve_images
 from diffserve.scheduler.jobs import Job
+from diffserve.scheduler.validation import check_request, timeout_seconds
 
 log = logging.getLogger(__name__)
+
+SERVICE = pb.DESCRIPTOR.services_by_name["GenerationService"]
+
+
+class MalformedRequest:
+    """What a request body that does not parse deserializes to: the handler answers
+    INVALID_ARGUMENT (grpc would answer UNKNOWN for a deserializer that raises)."""
+
+    def __init__(self, why: str):
+        self.why = why
+
+
+def _deserializer(message_cls):
+    def parse(data: bytes):
+        try:
+            return message_cls.FromString(data)
+        except (DecodeError, ValueError, RuntimeError) as exc:
+            return MalformedRequest(f"the body is not a valid {message_cls.DESCRIPTOR.full_name}: {exc}")
+
+    return parse
+
+
+async def _refuse(context, request: MalformedRequest) -> None:
+    await errors.abort(context, errors.invalid_argument([("request", request.why)]).status)
+
+
+def _unary(behavior):
+    async def handle(request, context):
+        if isinstance(request, MalformedRequest):
+            await _refuse(context, request)
+        return await behavior(request, context)
+
+    return handle
+
+
+def _streaming(behavior):
+    async def handle(request, context):
+        if isinstance(request, MalformedRequest):
+            await _refuse(context, request)
+            return
+        async for reply in behavior(request, context):
+            yield reply
+
+    return handle
+
+
+def add_to_server(service: "GenerationService", server) -> None:
+    """Registers `service` as the generated add_GenerationServiceServicer_to_server does, but a
+    body that does not parse is answered INVALID_ARGUMENT naming the field "request"."""
+    handlers = {}
+    for method in SERVICE.methods:
+        request_cls, reply_cls = getattr(pb, method.input_type.name), getattr(pb, method.output_type.name)
+        behavior = getattr(service, method.name)
+        make = grpc.unary_stream_rpc_method_handler if method.server_streaming else grpc.unary_unary_rpc_method_handler
+        handlers[method.name] = make(
+            (_streaming if method.server_streaming else _unary)(behavior),
+            request_deserializer=_deserializer(request_cls),
+            response_serializer=reply_cls.SerializeToString,
+        )
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE.full_name, handlers),))
+    server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
 
 class GenerationService(pb_grpc.GenerationServiceServicer):
@@ -30,10 +95,24 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         self.engine = engine
         self.image_policy = image_policy or ImagePolicy()
 
-    async def _resolve_images(self, params: pb.GenerationParams) -> pb.GenerationParams:
+    async def _checked(self, params: pb.GenerationParams, client_request_id: str) -> pb.GenerationParams:
+        """The submit path's order: bounds first (no I/O), then whether the model takes images at
+        all, and only then the image fetches, on their own pool (images.FETCH_POOL, apart from
+        the artifact saves) and stopped when this call ends."""
+        check_request(params, client_request_id, self.engine.list_models() if params.images else None)
         if not params.images:
             return params
-        return await asyncio.get_running_loop().run_in_executor(None, resolve_images, params, self.image_policy)
+        # URLs on the fetch pool; bytes and paths (local, quick) on the default one, never queued
+        # behind slow URLs.
+        urls = sum(image.WhichOneof("source") == "url" for image in params.images)
+        pool = FETCH_POOL if urls else None
+        # Waiting for a fetch thread counts: the request's fetches end by timeout_s per URL from now.
+        not_after = time.monotonic() + self.image_policy.timeout_s * max(1, urls)
+        cancel = threading.Event()
+        try:
+            return await asyncio.get_running_loop().run_in_executor(pool, resolve_images, params, self.image_policy, cancel, not_after)
+        finally:
+            cancel.set()  # the call was cancelled: stop the fetch under way
 
     def _job(self, job_id: str) -> Job:
         """The caller's job; NOT_FOUND also for a job of another principal (no existence leak)."""
@@ -47,8 +126,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     async def SubmitJob(self, request: pb.SubmitJobRequest, context) -> pb.SubmitJobResponse:
         try:
-            timeout = request.timeout.ToTimedelta().total_seconds() if request.HasField("timeout") else None
-            params = await self._resolve_images(request.params)
+            timeout = timeout_seconds(request.timeout) if request.HasField("timeout") else None
+            params = await self._checked(request.params, request.client_request_id)
             job, created = self.engine.submit(params, request.client_request_id, timeout, current_principal().name)
         except errors.RequestError as exc:
             await errors.abort(context, exc.status)
@@ -56,7 +135,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
 
     async def Generate(self, request: pb.GenerateRequest, context):
         try:
-            params = await self._resolve_images(request.params)
+            params = await self._checked(request.params, request.client_request_id)
             job, created = self.engine.submit(params, request.client_request_id, context.time_remaining(), current_principal().name)
         except errors.RequestError as exc:
             await errors.abort(context, exc.status)

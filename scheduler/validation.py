@@ -3,21 +3,119 @@
 Pure functions over protobuf messages: the scheduler calls `resolve_params` at admission, so a
 bad request is refused with INVALID_ARGUMENT naming each bad field before it costs GPU time.
 A request may only set the guidance its model uses (`check_guidance`; docs/api.md, "Guidance").
+
+Bounds on every input (`check_request`, run by the service before anything is fetched, and again
+inside `resolve_params`): every string has a length limit in UTF-8 bytes and no NUL byte, a
+required prompt needs a visible character (not only spaces, zero-width or format characters), the
+image count is capped, output_format must be a known value and a timeout lies in (0, 7 days].
 """
 
 from __future__ import annotations
 
 import math
 import secrets
+import unicodedata
+from collections.abc import Iterable
 
 from diffserve.v1 import generation_pb2 as pb
 
-from diffserve.scheduler.errors import invalid_argument
+from diffserve.scheduler.errors import RequestError, invalid_argument, unavailable
 from diffserve.scheduler.images import ImageRefused, edit_output_size, image_size
 from diffserve.scheduler.requests import num_experts, uses_cfg
 
 MAX_PROMPT_CHARS = 20_000
+MAX_PROMPT_BYTES = 4 * MAX_PROMPT_CHARS  # UTF-8: 20,000 characters of any script, emoji included
+MAX_CLIENT_REQUEST_ID_BYTES = 128
+MAX_MODEL_NAME_BYTES = 256
+MAX_IMAGES = 16  # per request, before the model's own max_images
+MAX_IMAGE_PATH_BYTES = 4096
+MAX_IMAGE_URL_BYTES = 8192
+MAX_TIMEOUT_S = 7 * 24 * 3600
 MAX_FPS = 120
+
+# Characters that draw nothing: a prompt made only of these is empty. Categories Cc (controls),
+# Cf (format: zero-width space / joiners, bidi marks, BOM, tags), Zs / Zl / Zp (separators),
+# Mn / Me (combining marks with no base), Co / Cn / Cs (private use, unassigned, surrogates), and
+# blank letters / symbols: Hangul fillers, the braille blank.
+_INVISIBLE_CATEGORIES = frozenset({"Cc", "Cf", "Zs", "Zl", "Zp", "Mn", "Me", "Co", "Cn", "Cs"})
+_BLANK_CHARS = frozenset("\u115f\u1160\u3164\uffa0\u2800")
+
+
+def visible(text: str) -> bool:
+    """Whether `text` has at least one character that draws something."""
+    return any(c not in _BLANK_CHARS and unicodedata.category(c) not in _INVISIBLE_CATEGORIES for c in text)
+
+
+def _check_string(field: str, value: str, max_bytes: int) -> list[tuple[str, str]]:
+    if "\0" in value:
+        return [(field, "must not contain NUL bytes")]
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > max_bytes:
+        return [(field, f"must be at most {max_bytes} bytes in UTF-8 (got {size})")]
+    return []
+
+
+def check_strings(params: pb.GenerationParams) -> list[tuple[str, str]]:
+    """(field, why) for each string, count or enum of `params` out of bounds; needs no model."""
+    bad = _check_string("params.model", params.model, MAX_MODEL_NAME_BYTES)
+    for field, value in (("params.prompt", params.prompt), ("params.negative_prompt", params.negative_prompt)):
+        wrong = _check_string(field, value, MAX_PROMPT_BYTES)
+        if not wrong and len(value) > MAX_PROMPT_CHARS:
+            wrong = [(field, f"must be at most {MAX_PROMPT_CHARS} characters")]
+        bad += wrong
+    if params.output_format not in pb.OutputFormat.values():
+        names = ", ".join(pb.OutputFormat.keys())
+        bad.append(("params.output_format", f"unknown value {params.output_format}; one of {names}"))
+    if len(params.images) > MAX_IMAGES:
+        bad.append(("params.images", f"at most {MAX_IMAGES} images per request (got {len(params.images)})"))
+    else:
+        for i, image in enumerate(params.images):
+            source = image.WhichOneof("source")
+            if source == "path":
+                bad += _check_string(f"params.images[{i}].path", image.path, MAX_IMAGE_PATH_BYTES)
+            elif source == "url":
+                bad += _check_string(f"params.images[{i}].url", image.url, MAX_IMAGE_URL_BYTES)
+    return bad
+
+
+def check_request(params: pb.GenerationParams, client_request_id: str = "", models: Iterable[pb.Model] | None = None) -> None:
+    """Refuses, before any image is fetched, a request whose fields are out of bounds
+    (check_strings, client_request_id) or, when `models` (the served models' cards) are given
+    and the request has images, one whose model takes fewer images. Raises RequestError."""
+    bad = _check_string("client_request_id", client_request_id, MAX_CLIENT_REQUEST_ID_BYTES)
+    bad += check_strings(params)
+    if bad:
+        raise invalid_argument(bad)
+    if params.images and models is not None:
+        model = _served_model(params.model, {m.name: m for m in models})
+        if len(params.images) > model.limits.max_images:
+            raise invalid_argument([("params.images", f"model {model.name} takes at most {model.limits.max_images} input images")])
+
+
+def _served_model(name: str, served: dict[str, pb.Model]) -> pb.Model:
+    """The card `name` selects, refused as admission would refuse it (registry.model_for): so that
+    no image is fetched for a request that cannot be admitted."""
+    if not served:
+        raise RequestError(unavailable("no model is loaded yet; retry when health is SERVING", "NO_MODEL"))
+    if not name:
+        if len(served) == 1:
+            return next(iter(served.values()))
+        raise invalid_argument([("params.model", f"required when several models are served: {sorted(served)}")])
+    if name not in served:
+        raise invalid_argument([("params.model", f"unknown model {name!r}; served: {sorted(served)}")])
+    return served[name]
+
+
+def timeout_seconds(timeout) -> float:
+    """Seconds of a google.protobuf.Duration job timeout, which must lie in (0, MAX_TIMEOUT_S];
+    raises RequestError (field "timeout") otherwise."""
+    seconds, nanos = timeout.seconds, timeout.nanos
+    if not -999_999_999 <= nanos <= 999_999_999 or (seconds > 0 and nanos < 0) or (seconds < 0 and nanos > 0):
+        raise invalid_argument([("timeout", "is not a valid duration")])
+    value = seconds + nanos / 1e9
+    if not 0 < value <= MAX_TIMEOUT_S:
+        raise invalid_argument([("timeout", f"must be more than 0 and at most {MAX_TIMEOUT_S} s (7 days); got {value:g} s")])
+    return value
 
 
 def resolve_params(params: pb.GenerationParams, model: pb.Model) -> pb.GenerationParams:
@@ -42,12 +140,9 @@ def resolve_params(params: pb.GenerationParams, model: pb.Model) -> pb.Generatio
         out.output_format = pb.OUTPUT_FORMAT_PNG if out.num_frames == 1 else pb.OUTPUT_FORMAT_MP4
 
     bad: list[tuple[str, str]] = check_guidance(params, out, model)
-    if lim.prompt_required and not out.prompt.strip():
-        bad.append(("params.prompt", "must not be empty"))
-    if len(out.prompt) > MAX_PROMPT_CHARS:
-        bad.append(("params.prompt", f"must be at most {MAX_PROMPT_CHARS} characters"))
-    if len(out.negative_prompt) > MAX_PROMPT_CHARS:
-        bad.append(("params.negative_prompt", f"must be at most {MAX_PROMPT_CHARS} characters"))
+    if lim.prompt_required and not visible(out.prompt):
+        bad.append(("params.prompt", "must not be empty" if not out.prompt.strip() else "must have a visible character (not only spaces, zero-width or format characters)"))
+    bad += [v for v in check_strings(out) if v[0] != "params.model"]  # the model is known: it was found by name
     for name, limit in (("height", lim.max_height), ("width", lim.max_width)):
         value = getattr(out, name)
         if value == 0 and getattr(d, name) == 0 and not out.images:

@@ -39,6 +39,12 @@ BAD = [
     (dict(fps=0), "params.fps"),
     (dict(num_frames=5, output_format="png"), "params.output_format"),
     (dict(images=[tiny_png()]), "params.images"),  # a valid image, but the T2V model takes none
+    (dict(images=["http://203.0.113.7/never-fetched.png"]), "params.images"),  # refused before any fetch
+    (dict(output_format=99), "params.output_format"),
+    (dict(prompt="a\0b"), "params.prompt"),
+    (dict(prompt="\u200b\u200d\u2060"), "params.prompt"),  # only invisible characters
+    (dict(prompt="x" * 80_001), "params.prompt"),
+    (dict(client_request_id="k" * 129), "client_request_id"),
 ]
 
 

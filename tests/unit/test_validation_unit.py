@@ -3,9 +3,14 @@
 from __future__ import annotations
 
 import pytest
+from google.protobuf import duration_pb2
+from google.rpc import error_details_pb2
 
+from diffserve.scheduler import errors
 from diffserve.scheduler.errors import RequestError
-from diffserve.scheduler.validation import resolve_params
+from diffserve.scheduler.validation import (
+    MAX_CLIENT_REQUEST_ID_BYTES, MAX_IMAGES, MAX_PROMPT_BYTES, MAX_TIMEOUT_S, check_request, resolve_params, timeout_seconds, visible,
+)
 from diffserve.v1 import generation_pb2 as pb
 
 MODEL = pb.Model(
@@ -167,3 +172,125 @@ def test_edit_size_of_a_very_wide_image():
 def test_edit_without_image_is_refused_on_images_only():
     message = refused(EDIT)
     assert "params.images:" in message and "params.height" not in message and "params.width" not in message
+
+
+# ---- bounds on every input (issue 12, part 5) ----
+
+
+def violations(exc: RequestError) -> dict[str, str]:
+    bad = error_details_pb2.BadRequest()
+    for detail in exc.status.details:
+        if detail.Is(bad.DESCRIPTOR):
+            detail.Unpack(bad)
+    return {v.field: v.description for v in bad.field_violations}
+
+
+INVISIBLE = ["\u200b", "\u200b\u200c\u200d\u2060\ufeff", " \u00a0\u3000\t\n", "\u202e\u2066\u2069", "\u3164\u2800", "\U000e0041\U000e0042", "\u034f"]
+
+
+@pytest.mark.parametrize("prompt", INVISIBLE, ids=range(len(INVISIBLE)))
+def test_invisible_prompt_is_empty(prompt):
+    assert not visible(prompt)
+    with pytest.raises(RequestError) as info:
+        resolve_params(pb.GenerationParams(prompt=prompt), MODEL)
+    assert "params.prompt" in violations(info.value)
+
+
+@pytest.mark.parametrize("prompt", ["a", "\u200bcat\u200b", "猫", "😀", "é"])
+def test_visible_prompt_accepted(prompt):
+    assert visible(prompt)
+    assert resolve_params(pb.GenerationParams(prompt=prompt), MODEL).prompt == prompt
+
+
+BOUNDS = [
+    (dict(prompt="a\0b"), "params.prompt"),
+    (dict(negative_prompt="x\0"), "params.negative_prompt"),
+    (dict(model="m\0"), "params.model"),
+    (dict(prompt="😀" * (MAX_PROMPT_BYTES // 4 + 1)), "params.prompt"),  # bytes, not characters
+    (dict(negative_prompt="x" * (MAX_PROMPT_BYTES + 1)), "params.negative_prompt"),
+    (dict(model="m" * 1000), "params.model"),
+    (dict(output_format=99), "params.output_format"),
+    (dict(images=[pb.ImageInput(path="a\0.png")]), "params.images[0].path"),
+    (dict(images=[pb.ImageInput(url="http://x/\0")]), "params.images[0].url"),
+    (dict(images=[pb.ImageInput(url="http://x/" + "a" * 10_000)]), "params.images[0].url"),
+    (dict(images=[pb.ImageInput(data=b"x")] * (MAX_IMAGES + 1)), "params.images"),
+]
+
+
+@pytest.mark.parametrize("fields,field", BOUNDS, ids=[f"{f}-{i}" for i, (_, f) in enumerate(BOUNDS)])
+def test_bounds_refused_before_anything_is_fetched(fields, field):
+    params = pb.GenerationParams(**{"prompt": "x", **fields})
+    with pytest.raises(RequestError) as info:
+        check_request(params)
+    assert info.value.code.name == "INVALID_ARGUMENT" and field in violations(info.value)
+
+
+def test_bounds_also_checked_at_admission():
+    for fields, field in BOUNDS:
+        if field.startswith("params.images") or field == "params.model":
+            continue  # images: the model takes none (its own refusal); the model name: resolved already
+        with pytest.raises(RequestError) as info:
+            resolve_params(pb.GenerationParams(**{"prompt": "x", **fields}), MODEL)
+        assert field in violations(info.value), fields
+
+
+def test_a_20000_emoji_prompt_is_within_bounds():
+    check_request(pb.GenerationParams(prompt="😀" * 20_000))
+    assert resolve_params(pb.GenerationParams(prompt="😀" * 20_000), MODEL).prompt == "😀" * 20_000
+
+
+def test_client_request_id_bounded():
+    check_request(pb.GenerationParams(prompt="x"), "k" * MAX_CLIENT_REQUEST_ID_BYTES)
+    for key in ("k" * (MAX_CLIENT_REQUEST_ID_BYTES + 1), "é" * 65, "a\0b"):
+        with pytest.raises(RequestError) as info:
+            check_request(pb.GenerationParams(prompt="x"), key)
+        assert "client_request_id" in violations(info.value)
+
+
+def test_images_refused_for_a_model_that_takes_none():
+    params = pb.GenerationParams(prompt="x", images=[pb.ImageInput(url="http://203.0.113.9/never-fetched.png")])
+    with pytest.raises(RequestError) as info:
+        check_request(params, "", [MODEL])
+    assert "takes at most 0" in violations(info.value)["params.images"]
+    check_request(params)  # no cards given: the model's own check comes at admission
+    with pytest.raises(RequestError) as info:
+        check_request(params, "", [])  # no model loaded yet: nothing is fetched
+    assert info.value.code.name == "UNAVAILABLE"
+    with pytest.raises(RequestError) as info:
+        check_request(pb.GenerationParams(prompt="x", model="other", images=params.images), "", [MODEL])
+    assert "params.model" in violations(info.value)
+
+
+@pytest.mark.parametrize("seconds,nanos,ok", [
+    (1, 0, True), (0, 1, True), (MAX_TIMEOUT_S, 0, True), (0, 0, False), (-1, 0, False), (MAX_TIMEOUT_S, 1, False),
+    (2**63 - 1, 0, False), (-(2**63), 0, False), (1, -5, False),
+])
+def test_timeout_bounds(seconds, nanos, ok):
+    duration = duration_pb2.Duration(seconds=seconds, nanos=nanos)
+    if ok:
+        assert 0 < timeout_seconds(duration) <= MAX_TIMEOUT_S
+    else:
+        with pytest.raises(RequestError) as info:
+            timeout_seconds(duration)
+        assert "timeout" in violations(info.value)
+
+
+def test_error_echoing_a_long_input_stays_small():
+    huge = "é" * 1_000_000
+    exc = errors.invalid_argument([("params.model", f"unknown model {huge!r}")] * 40)
+    assert len(exc.status.message.encode()) <= errors.MAX_MESSAGE_BYTES
+    assert exc.status.ByteSize() <= errors.MAX_STATUS_BYTES
+    assert all(len(d.encode()) <= errors.MAX_DESCRIPTION_BYTES for d in violations(exc).values())
+    assert exc.status.message.startswith("40 invalid fields")
+    status = errors.make_status(3, "x" * 100_000)
+    assert len(status.message) <= errors.MAX_MESSAGE_BYTES
+    big = errors.make_status(3, "m")
+    for _ in range(100):
+        big.details.add().Pack(error_details_pb2.ErrorInfo(reason="R" * 500))
+    assert errors.bounded(big).ByteSize() <= errors.MAX_STATUS_BYTES and errors.bounded(big).code == 3
+
+
+def test_truncate_keeps_characters_whole():
+    assert errors.truncate("ab", 10) == "ab"
+    cut = errors.truncate("😀" * 10, 9)
+    assert cut == "😀…" and len(cut.encode()) <= 9
