@@ -23,7 +23,7 @@ from diffserve.scheduler.engine import Engine, EngineConfig
 from diffserve.scheduler.images import ImagePolicy
 from diffserve.scheduler.launcher import LocalWorkers, LocalWorkerSpec
 from diffserve.scheduler.service import GenerationService
-from diffserve.scheduler.workers import WorkerLink
+from diffserve.scheduler.workers import WorkerAuth, WorkerLink
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +35,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port
     worker_bind: str = "tcp://127.0.0.1:0"  # ZeroMQ address workers connect to
+    worker_auth: WorkerAuth = field(default_factory=WorkerAuth)  # CURVE keys (state folder) or loopback plain TCP
     output_dir: str = "outputs"
     engine: EngineConfig = field(default_factory=EngineConfig)
     local_workers: list[LocalWorkerSpec] = field(default_factory=list)
@@ -48,11 +49,12 @@ class SchedulerServer:
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.link = WorkerLink(config.worker_bind)
+        self.link = WorkerLink(config.worker_bind, config.worker_auth)
         self.engine = Engine(config.engine, self.link, ArtifactStore(config.output_dir))
         self.health = health.aio.HealthServicer()
         self.engine.watch_serving(self._on_serving_change)
-        self.workers = LocalWorkers(self.link.address, config.local_workers, self.engine.worker_lost, config.restart_workers, self._fatal)
+        self.workers = LocalWorkers(self.link.address, config.local_workers, self.engine.worker_lost, config.restart_workers, self._fatal,
+                                    auth_args=self.link.local_worker_argv())
         self.exit_code = 0
         self.server = grpc.aio.server(options=list(MESSAGE_SIZE_OPTIONS))
         pb_grpc.add_GenerationServiceServicer_to_server(GenerationService(self.engine, config.images), self.server)

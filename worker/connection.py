@@ -5,6 +5,9 @@ results leave through `send()`. Heartbeats go out from the I/O thread, so a work
 long step still answers, and a dead worker is noticed by its silence alone. `stop()` flushes:
 whatever was handed to `send()` before it goes out (bounded by FLUSH_LINGER_MS), so a worker
 that exits right after its last Result does not lose it.
+
+With `curve` (CurveKeys) the socket is a CURVE client: it proves the worker's key to the scheduler
+and checks the scheduler's; without it, plain TCP (the scheduler's --insecure-worker-plaintext).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import zmq
 
@@ -27,14 +31,39 @@ HELLO_RETRY_S = 3.0
 FLUSH_LINGER_MS = 2000  # how long stop() waits for queued messages to reach the scheduler
 
 
+@dataclass(frozen=True)
+class CurveKeys:
+    """The worker's CURVE keypair and the scheduler's public key (z85, 40 bytes each)."""
+
+    public: bytes
+    secret: bytes
+    server: bytes
+
+    @classmethod
+    def load(cls, key_file: str, scheduler_key: str) -> CurveKeys:
+        """From the worker's .key_secret file and the scheduler's public key (z85 text or a key file)."""
+        import zmq.auth
+
+        public, secret = zmq.auth.load_certificate(key_file)
+        if not secret:
+            raise ValueError(f"{key_file} holds no secret key (give the .key_secret file)")
+        if len(scheduler_key) == 40 and not os.path.exists(scheduler_key):
+            server = scheduler_key.encode()
+        else:
+            server, _ = zmq.auth.load_certificate(scheduler_key)
+        return cls(public, secret, server)
+
+
 class SchedulerConnection:
     """Registers with the scheduler (Hello → Welcome), keeps heartbeats going, moves messages.
 
     On Reregister (the scheduler does not know this worker) it puts a FreeAll on `commands`, so
     the compute loop drops every request, and says Hello again."""
 
-    def __init__(self, address: str, worker_id: str, hello: wpb.Hello, status: Callable[[], pb.WorkerStatus], parent_pid: int | None = None):
+    def __init__(self, address: str, worker_id: str, hello: wpb.Hello, status: Callable[[], pb.WorkerStatus], parent_pid: int | None = None,
+                 curve: CurveKeys | None = None):
         self.address = address
+        self.curve = curve
         self.worker_id = worker_id
         self.hello = hello
         self.status = status
@@ -61,6 +90,10 @@ class SchedulerConnection:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, self.worker_id.encode())
         sock.setsockopt(zmq.LINGER, FLUSH_LINGER_MS)
+        if self.curve is not None:
+            sock.setsockopt(zmq.CURVE_SERVERKEY, self.curve.server)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, self.curve.public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve.secret)
         sock.connect(self.address)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
