@@ -67,6 +67,7 @@ class _NamedKeys:
     def __init__(self, store):
         self.store = store
         self.names: dict[bytes, str] = {}
+        self._refused: set[bytes] = set()  # logged once each (a refused peer retries every 100 ms)
 
     def callback(self, domain: str, key: bytes) -> bool:
         try:
@@ -75,6 +76,11 @@ class _NamedKeys:
             log.error("cannot read the worker keys: %s", exc)
             return False
         if key not in self.names:
+            if key in self._refused:
+                return False
+            if len(self._refused) > 1000:
+                self._refused.clear()
+            self._refused.add(key)
             log.warning("refused a worker connection: its CURVE key %s is not listed (diffserve keys add NAME KEY)", key.decode(errors="replace"))
             return False
         return True

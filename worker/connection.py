@@ -21,6 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.v1 import worker_pb2 as wpb
@@ -29,6 +30,8 @@ log = logging.getLogger(__name__)
 
 HELLO_RETRY_S = 3.0
 FLUSH_LINGER_MS = 2000  # how long stop() waits for queued messages to reach the scheduler
+_EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "key not allowed", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol mismatch",
+           zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed"}
 
 
 @dataclass(frozen=True)
@@ -94,9 +97,15 @@ class SchedulerConnection:
             sock.setsockopt(zmq.CURVE_SERVERKEY, self.curve.server)
             sock.setsockopt(zmq.CURVE_PUBLICKEY, self.curve.public)
             sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve.secret)
+        # Handshake failures (a key the scheduler does not list, a wrong scheduler key) are only
+        # visible as socket events: log them, since the worker otherwise just retries in silence.
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                          | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         sock.connect(self.address)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        told = False
         welcomed = False
         interval = 1.0
         last_hello = last_beat = 0.0
@@ -117,7 +126,14 @@ class SchedulerConnection:
                     log.error("parent process %d is gone; shutting down", self.parent_pid)
                     self.commands.put(wpb.Command(shutdown=wpb.Shutdown()))
                     self.parent_pid = None
-                if not poller.poll(50):
+                ready = dict(poller.poll(50))
+                if monitor in ready:
+                    event = recv_monitor_message(monitor)["event"]
+                    if not told:
+                        log.error("the scheduler at %s refused the connection (%s): is this worker's key listed there "
+                                  "(diffserve keys add) and --scheduler-key right? retrying", self.address, _EVENTS.get(event, event))
+                        told = True
+                if sock not in ready:
                     continue
                 command = wpb.Command()
                 command.ParseFromString(sock.recv())
@@ -138,6 +154,8 @@ class SchedulerConnection:
             # Flush: the compute loop's last messages (e.g. the Result before a broken group
             # exits) were queued before stop(); ZeroMQ's linger then bounds their delivery.
             self._send_queued(sock)
+            sock.disable_monitor()
+            monitor.close(0)
             sock.close(linger=FLUSH_LINGER_MS)
             ctx.term()
 
