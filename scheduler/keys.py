@@ -119,7 +119,7 @@ class KeyStore:
     """The key files in one state folder; `open()` creates what is missing (0700 folders)."""
 
     def __init__(self, state_dir: str | Path):
-        self.root = Path(state_dir)
+        self.root = Path(state_dir).absolute()  # local workers get paths under it, whatever their cwd
         self.keys = self.root / "keys"
         self.workers = self.keys / "workers"
 
