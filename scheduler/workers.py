@@ -113,6 +113,7 @@ class WorkerLink:
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
         self._authenticator = None
         self._owners: dict[bytes, str] = {}  # routing id -> name of the key that uses it
+        self._squatters: set[tuple[bytes, str]] = set()  # (routing id, key) pairs already logged
         self.keys = None
         if auth.plaintext:
             log.warning("worker endpoint %s: plain TCP, no authentication (--insecure-worker-plaintext)", bind)
@@ -175,7 +176,9 @@ class WorkerLink:
         if owner is None:
             self._owners[routing_id] = owner = user
         if owner != user:
-            log.warning("dropping a message from key %r using worker id %r, which belongs to key %r", user, name, owner)
+            if (routing_id, user) not in self._squatters:  # once per (id, key): a squatter may send a lot
+                self._squatters.add((routing_id, user))
+                log.warning("dropping messages from key %r using worker id %r, which belongs to key %r", user, name, owner)
             return False
         return True
 
