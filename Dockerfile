@@ -23,6 +23,19 @@ RUN if [ -n "$TORCH_INDEX_URL" ]; then \
 COPY . .
 RUN pip install -e ".[worker]"
 
-# 50051: gRPC (clients). 5555: ZeroMQ (workers), as docker-compose.yml configures it.
-EXPOSE 50051 5555
-CMD ["diffserve", "serve", "--host", "0.0.0.0", "--port", "50051", "--worker-bind", "tcp://0.0.0.0:5555", "--output-dir", "/outputs"]
+# Runs as an unprivileged user. /state (CURVE keys; 0700), /outputs (artifacts) and /worker-keys
+# (a worker's keypair) are owned by it, so named volumes mounted there start with that owner.
+RUN useradd --create-home --uid 10001 --user-group diffserve \
+    && mkdir -p /state /outputs /worker-keys \
+    && chown diffserve:diffserve /state /outputs /worker-keys \
+    && chmod 700 /state /worker-keys
+USER diffserve
+ENV HOME=/home/diffserve
+
+# 50051: gRPC (clients; published). 5555: ZeroMQ (workers, CURVE-authenticated) stays on the
+# internal network in docker-compose.yml and is not published.
+EXPOSE 50051
+# gRPC needs bearer tokens (mount the token file, see docker-compose.yml); workers need a CURVE key
+# listed in /state (`diffserve keys`).
+CMD ["diffserve", "serve", "--host", "0.0.0.0", "--port", "50051", "--worker-bind", "tcp://0.0.0.0:5555", \
+     "--output-dir", "/outputs", "--state-dir", "/state", "--auth-tokens", "/run/secrets/diffserve-tokens"]

@@ -1,10 +1,11 @@
-"""The `diffserve` command: generate, serve, worker, models.
+"""The `diffserve` command: generate, serve, worker, keys, models.
 
 The client commands live here: `generate` runs one job with a progress bar and saves the
 artifact, `models` lists a server's models. The rest is delegated by process, not by import (the
 client package imports only the protos): `serve` execs the composition root (`python -m
 diffserve.scheduler.app`, which wires the scheduler to its local workers), `worker` execs
-`python -m diffserve.worker`. `generate --model-path` starts a one-job local server as a subprocess
+`python -m diffserve.worker`, `keys` execs the key store's command (`python -m
+diffserve.scheduler.keys`). `generate --model-path` starts a one-job local server as a subprocess
 on a free port (client/local.py) and stops it afterwards; with --server it uses a running server
 instead. The worker flags are defined once, in diffserve.worker.v1.launch.
 """
@@ -27,7 +28,7 @@ from diffserve.client.local import local_server
 from diffserve.worker.v1.launch import add_worker_flags
 
 # Subcommands that are other programs: the composition root and the worker process.
-DELEGATED = {"serve": "diffserve.scheduler.app", "worker": "diffserve.worker"}
+DELEGATED = {"serve": "diffserve.scheduler.app", "worker": "diffserve.worker", "keys": "diffserve.scheduler.keys"}
 EXTENSIONS = {pb.OUTPUT_FORMAT_PNG: ".png", pb.OUTPUT_FORMAT_MP4: ".mp4", pb.OUTPUT_FORMAT_NPY: ".npy"}
 
 
@@ -95,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     w = sub.add_parser("worker", help="run a worker that connects to a scheduler", add_help=False)
     w.add_argument("rest", nargs=argparse.REMAINDER)
+
+    k = sub.add_parser("keys", help="manage the worker protocol's CURVE keys (new, add, list, remove, scheduler)", add_help=False)
+    k.add_argument("rest", nargs=argparse.REMAINDER)
 
     m = sub.add_parser("models", help="list a server's models")
     m.add_argument("--server", default="127.0.0.1:50051")

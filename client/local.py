@@ -23,7 +23,7 @@ def local_server(args: argparse.Namespace, workdir: str | Path, log_level: str =
     `args` (add_worker_flags(outer=True)); yields (process, "127.0.0.1:PORT") and stops it on exit."""
     ready = Path(workdir) / "port"
     cmd = [sys.executable, "-m", SERVER_MODULE, *worker_argv(args, outer=True), "--port", "0",
-           "--output-dir", str(Path(workdir) / "outputs"), "--ready-file", str(ready), "--log-level", log_level,
+           "--output-dir", str(Path(workdir) / "outputs"), "--state-dir", str(Path(workdir) / "state"), "--ready-file", str(ready), "--log-level", log_level,
            "--no-restart-workers", "--max-queue", "1"]
     proc = subprocess.Popen(cmd)
     try:

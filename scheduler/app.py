@@ -29,6 +29,10 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
     s.add_argument("--worker-bind", default="tcp://127.0.0.1:0", help="ZeroMQ address workers connect to")
+    # Worker-protocol authentication (CURVE keys in the state folder; docs/cli.md "Worker keys").
+    s.add_argument("--state-dir", default=".diffserve", help="state folder: CURVE keys (created 0700 at first start; default ./.diffserve)")
+    s.add_argument("--insecure-worker-plaintext", action="store_true",
+                   help="no CURVE on the worker endpoint (plain TCP); refused unless --worker-bind is loopback")
     s.add_argument("--output-dir", default="outputs")
     s.add_argument("--max-queue", type=int, default=256, help="queued jobs beyond which SubmitJob answers RESOURCE_EXHAUSTED")
     s.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds of worker silence before its jobs fail")
@@ -77,6 +81,8 @@ def serve(args: argparse.Namespace) -> int:
     from diffserve.scheduler.images import ImagePolicy
     from diffserve.scheduler.launcher import LocalWorkerSpec
     from diffserve.scheduler.server import ServerConfig, run
+    from diffserve.scheduler.keys import KeyStoreError
+    from diffserve.scheduler.workers import WorkerAuth, WorkerAuthError, is_loopback_endpoint
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s scheduler %(levelname)s %(name)s: %(message)s")
     if args.num_gpus < 1:
@@ -86,13 +92,17 @@ def serve(args: argparse.Namespace) -> int:
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
+    if args.insecure_worker_plaintext and not is_loopback_endpoint(args.worker_bind):
+        print(f"error: --insecure-worker-plaintext needs a loopback --worker-bind (127.0.0.1, ::1, ipc://), not {args.worker_bind}", file=sys.stderr)
+        return 2
+    auth = WorkerAuth(state_dir=args.state_dir, plaintext=args.insecure_worker_plaintext)
     # The layout itself is checked by the worker (it knows the model); an impossible one stops serve.
     specs = [LocalWorkerSpec("local-0", worker_argv(args), world_size=args.num_gpus)] if args.model_path else []
     config = ServerConfig(
         host=args.host, port=args.port, worker_bind=args.worker_bind, output_dir=args.output_dir,
         engine=EngineConfig(max_queue=args.max_queue, max_batch_size=args.max_batch_size, heartbeat_timeout_s=args.heartbeat_timeout,
                             max_worker_message_bytes=args.max_worker_message_bytes),
-        local_workers=specs, restart_workers=not args.no_restart_workers, drain_timeout_s=args.drain_timeout,
+        worker_auth=auth, local_workers=specs, restart_workers=not args.no_restart_workers, drain_timeout_s=args.drain_timeout,
         images=ImagePolicy(allowed_dir=Path(args.image_dir) if args.image_dir else None, allow_private_urls=args.allow_private_image_urls,
                            max_bytes=args.max_image_bytes, timeout_s=args.image_fetch_timeout),
         tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None, auth_tokens=args.auth_tokens,
@@ -106,7 +116,11 @@ def serve(args: argparse.Namespace) -> int:
             partial.write_text(str(port))
             os.replace(partial, ready)
 
-    return run(config, started)
+    try:
+        return run(config, started)
+    except (WorkerAuthError, KeyStoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
 
 
 def main(argv=None, prog: str = "") -> int:

@@ -32,8 +32,10 @@ class LocalWorkerSpec:
 class LocalWorkers:
     """Owns the local worker subprocesses."""
 
-    def __init__(self, scheduler_address: str, specs: list[LocalWorkerSpec], on_exit, restart: bool = True, on_fatal=None):
+    def __init__(self, scheduler_address: str, specs: list[LocalWorkerSpec], on_exit, restart: bool = True, on_fatal=None,
+                 auth_args: list[str] = ()):
         self.address = scheduler_address
+        self.auth_args = list(auth_args)  # the key files' paths (never a secret in argv), or the plain-TCP flag
         self.specs = specs
         self.on_exit = on_exit  # on_exit(worker_id, reason)
         self.restart = restart
@@ -44,7 +46,7 @@ class LocalWorkers:
 
     def _start(self, spec: LocalWorkerSpec) -> None:
         cmd = [sys.executable, "-m", "diffserve.worker", "--scheduler", self.address, "--worker-id", spec.worker_id,
-               "--parent-pid", str(os.getpid()), *spec.args]
+               "--parent-pid", str(os.getpid()), *self.auth_args, *spec.args]
         group = []
         if spec.world_size > 1:
             with socket.socket() as s:  # a free port for the group's torch.distributed rendezvous

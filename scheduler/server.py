@@ -24,7 +24,7 @@ from diffserve.scheduler.grpc_auth import TlsConfig, TokenInterceptor
 from diffserve.scheduler.images import ImagePolicy
 from diffserve.scheduler.launcher import LocalWorkers, LocalWorkerSpec
 from diffserve.scheduler.service import GenerationService, add_to_server
-from diffserve.scheduler.workers import WorkerLink
+from diffserve.scheduler.workers import WorkerAuth, WorkerLink
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class ServerConfig:
     host: str = "127.0.0.1"
     port: int = 50051  # 0 picks a free port
     worker_bind: str = "tcp://127.0.0.1:0"  # ZeroMQ address workers connect to
+    worker_auth: WorkerAuth = field(default_factory=WorkerAuth)  # CURVE keys (state folder) or loopback plain TCP
     output_dir: str = "outputs"
     engine: EngineConfig = field(default_factory=EngineConfig)
     local_workers: list[LocalWorkerSpec] = field(default_factory=list)
@@ -51,11 +52,12 @@ class SchedulerServer:
 
     def __init__(self, config: ServerConfig):
         self.config = config
-        self.link = WorkerLink(config.worker_bind, config.engine.max_worker_message_bytes)
+        self.link = WorkerLink(config.worker_bind, config.worker_auth, config.engine.max_worker_message_bytes)
         self.engine = Engine(config.engine, self.link, ArtifactStore(config.output_dir))
         self.health = health.aio.HealthServicer()
         self.engine.watch_serving(self._on_serving_change)
-        self.workers = LocalWorkers(self.link.address, config.local_workers, self.engine.worker_lost, config.restart_workers, self._fatal)
+        self.workers = LocalWorkers(self.link.address, config.local_workers, self.engine.worker_lost, config.restart_workers, self._fatal,
+                                    auth_args=self.link.local_worker_argv())
         self.exit_code = 0
         self.tokens = Tokens(config.auth_tokens) if config.auth_tokens else None  # raises TokensFileError
         interceptors = [TokenInterceptor(self.tokens)] if self.tokens is not None else []

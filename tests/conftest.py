@@ -59,7 +59,7 @@ class ServerProcess:
         ready = workdir / "port"
         self.output_dir = workdir / "outputs"
         cmd = [sys.executable, "-m", "diffserve.client.cli", "serve", "--model-path", str(model_path), "--port", "0",
-               "--output-dir", str(self.output_dir), "--ready-file", str(ready), "--log-level", "WARNING", *extra]
+               "--output-dir", str(self.output_dir), "--state-dir", str(workdir / "state"), "--ready-file", str(ready), "--log-level", "WARNING", *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(cmd, env=env)
         deadline = time.monotonic() + 60

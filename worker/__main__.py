@@ -15,7 +15,7 @@ import sys
 import uuid
 
 from diffserve.worker.v1 import worker_pb2 as wpb
-from diffserve.worker.v1.launch import EXIT_CANNOT_LOAD, add_worker_flags
+from diffserve.worker.v1.launch import EXIT_CANNOT_LOAD, add_worker_auth_flags, add_worker_flags
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -26,6 +26,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=0, help="this process's rank in the group (rank 0 talks to the scheduler)")
     p.add_argument("--dist-init", default="", help="torch.distributed init method, e.g. tcp://127.0.0.1:29500")
     p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
+    add_worker_auth_flags(p)  # CURVE keys: --key-file, --scheduler-key (or --insecure-worker-plaintext)
     return p.parse_args(argv)
 
 
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
     import torch
 
     from diffserve.worker import loading
-    from diffserve.worker.connection import SchedulerConnection
+    from diffserve.worker.connection import CurveKeys, SchedulerConnection
     from diffserve.worker.registry import load_pipeline
     from diffserve.worker.runtime import Runtime
 
@@ -57,6 +58,16 @@ def main(argv=None) -> int:
     from diffserve.worker.parallel import ParallelState
 
     log = logging.getLogger("diffserve.worker")
+    curve = None
+    if args.rank == 0 and not args.insecure_worker_plaintext:  # before loading the model: a wrong key fails fast
+        if not (args.key_file and args.scheduler_key):
+            log.error("give --key-file and --scheduler-key (CURVE keys, see `diffserve keys`), or --insecure-worker-plaintext for a loopback scheduler started with it")
+            return EXIT_CANNOT_LOAD
+        try:
+            curve = CurveKeys.load(args.key_file, args.scheduler_key)
+        except (OSError, ValueError) as exc:
+            log.error("cannot read the CURVE keys: %s", exc)
+            return EXIT_CANNOT_LOAD
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     if args.num_gpus < 1:
         log.error("impossible parallel layout: --num-gpus must be >= 1 (got %d)", args.num_gpus)
@@ -119,7 +130,7 @@ def main(argv=None) -> int:
         max_resident=args.max_resident,
         world_size=parallel.world_size,
     )
-    conn = SchedulerConnection(args.scheduler, worker_id, hello, runtime.status, args.parent_pid or None)
+    conn = SchedulerConnection(args.scheduler, worker_id, hello, runtime.status, args.parent_pid or None, curve=curve)
     conn.start()
     try:
         runtime.serve(conn)

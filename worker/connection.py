@@ -5,6 +5,9 @@ results leave through `send()`. Heartbeats go out from the I/O thread, so a work
 long step still answers, and a dead worker is noticed by its silence alone. `stop()` flushes:
 whatever was handed to `send()` before it goes out (bounded by FLUSH_LINGER_MS), so a worker
 that exits right after its last Result does not lose it.
+
+With `curve` (CurveKeys) the socket is a CURVE client: it proves the worker's key to the scheduler
+and checks the scheduler's; without it, plain TCP (the scheduler's --insecure-worker-plaintext).
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.v1 import worker_pb2 as wpb
@@ -25,6 +30,31 @@ log = logging.getLogger(__name__)
 
 HELLO_RETRY_S = 3.0
 FLUSH_LINGER_MS = 2000  # how long stop() waits for queued messages to reach the scheduler
+_EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "key not allowed", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol mismatch",
+           zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed"}
+
+
+@dataclass(frozen=True)
+class CurveKeys:
+    """The worker's CURVE keypair and the scheduler's public key (z85, 40 bytes each)."""
+
+    public: bytes
+    secret: bytes
+    server: bytes
+
+    @classmethod
+    def load(cls, key_file: str, scheduler_key: str) -> CurveKeys:
+        """From the worker's .key_secret file and the scheduler's public key (z85 text or a key file)."""
+        import zmq.auth
+
+        public, secret = zmq.auth.load_certificate(key_file)
+        if not secret:
+            raise ValueError(f"{key_file} holds no secret key (give the .key_secret file)")
+        if len(scheduler_key) == 40 and not os.path.exists(scheduler_key):
+            server = scheduler_key.encode()
+        else:
+            server, _ = zmq.auth.load_certificate(scheduler_key)
+        return cls(public, secret, server)
 
 
 class SchedulerConnection:
@@ -33,8 +63,10 @@ class SchedulerConnection:
     On Reregister (the scheduler does not know this worker) it puts a FreeAll on `commands`, so
     the compute loop drops every request, and says Hello again."""
 
-    def __init__(self, address: str, worker_id: str, hello: wpb.Hello, status: Callable[[], pb.WorkerStatus], parent_pid: int | None = None):
+    def __init__(self, address: str, worker_id: str, hello: wpb.Hello, status: Callable[[], pb.WorkerStatus], parent_pid: int | None = None,
+                 curve: CurveKeys | None = None):
         self.address = address
+        self.curve = curve
         self.worker_id = worker_id
         self.hello = hello
         self.status = status
@@ -61,9 +93,19 @@ class SchedulerConnection:
         sock = ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.ROUTING_ID, self.worker_id.encode())
         sock.setsockopt(zmq.LINGER, FLUSH_LINGER_MS)
+        if self.curve is not None:
+            sock.setsockopt(zmq.CURVE_SERVERKEY, self.curve.server)
+            sock.setsockopt(zmq.CURVE_PUBLICKEY, self.curve.public)
+            sock.setsockopt(zmq.CURVE_SECRETKEY, self.curve.secret)
+        # Handshake failures (a key the scheduler does not list, a wrong scheduler key) are only
+        # visible as socket events: log them, since the worker otherwise just retries in silence.
+        monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_FAILED_AUTH | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+                                          | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL)
         sock.connect(self.address)
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
+        poller.register(monitor, zmq.POLLIN)
+        told = False
         welcomed = False
         interval = 1.0
         last_hello = last_beat = 0.0
@@ -84,7 +126,14 @@ class SchedulerConnection:
                     log.error("parent process %d is gone; shutting down", self.parent_pid)
                     self.commands.put(wpb.Command(shutdown=wpb.Shutdown()))
                     self.parent_pid = None
-                if not poller.poll(50):
+                ready = dict(poller.poll(50))
+                if monitor in ready:
+                    event = recv_monitor_message(monitor)["event"]
+                    if not told:
+                        log.error("the scheduler at %s refused the connection (%s): is this worker's key listed there "
+                                  "(diffserve keys add) and --scheduler-key right? retrying", self.address, _EVENTS.get(event, event))
+                        told = True
+                if sock not in ready:
                     continue
                 command = wpb.Command()
                 command.ParseFromString(sock.recv())
@@ -105,6 +154,8 @@ class SchedulerConnection:
             # Flush: the compute loop's last messages (e.g. the Result before a broken group
             # exits) were queued before stop(); ZeroMQ's linger then bounds their delivery.
             self._send_queued(sock)
+            sock.disable_monitor()
+            monitor.close(0)
             sock.close(linger=FLUSH_LINGER_MS)
             ctx.term()
 

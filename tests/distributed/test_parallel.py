@@ -196,6 +196,6 @@ def test_bad_layouts_named(dims, world, words):
 
 def test_impossible_layout_refused_at_start(tiny_wan, tmp_path):
     done = subprocess.run([sys.executable, "-m", "diffserve.client.cli", "serve", "--model-path", str(tiny_wan), "--port", "0",
-                           "--num-gpus", "3", "--ulysses-degree", "3", "--output-dir", str(tmp_path)], capture_output=True, text=True, timeout=120)
+                           "--num-gpus", "3", "--ulysses-degree", "3", "--output-dir", str(tmp_path), "--state-dir", str(tmp_path / "state")], capture_output=True, text=True, timeout=120)
     assert done.returncode != 0
     assert "impossible parallel layout" in done.stderr and "heads do not divide by ulysses 3" in done.stderr

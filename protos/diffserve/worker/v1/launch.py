@@ -56,6 +56,16 @@ WORKER_FLAGS: tuple[Flag, ...] = (
 )
 
 
+def add_worker_auth_flags(parser: argparse.ArgumentParser) -> None:
+    """The worker's side of the worker-protocol authentication (CURVE keys; docs/cli.md). The scheduler
+    passes its local workers the key files of its state folder; a remote worker is given them by hand.
+    Only paths and public keys here: no secret ever goes on a command line."""
+    parser.add_argument("--key-file", default="", help="this worker's CURVE keypair (NAME.key_secret from `diffserve keys new NAME`)")
+    parser.add_argument("--scheduler-key", default="", help="the scheduler's public key: its 40-character text (`diffserve keys scheduler`) or its key file")
+    parser.add_argument("--insecure-worker-plaintext", action="store_true",
+                        help="connect without CURVE (only to a scheduler started with the same flag, on loopback)")
+
+
 def _dest(name: str) -> str:
     return name.removeprefix("--").replace("-", "_")
 
