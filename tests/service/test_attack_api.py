@@ -95,7 +95,7 @@ class SecureServer:
         ready.unlink(missing_ok=True)
         self.pki = pki
         cmd = [sys.executable, "-m", "diffserve.client.cli", "serve", "--port", "0", "--output-dir", str(workdir / "outputs"),
-               "--ready-file", str(ready), "--log-level", "WARNING", "--tls-cert", str(pki["server.pem"]),
+               "--ready-file", str(ready), "--log-level", "WARNING", "--state-dir", str(workdir / "state"), "--tls-cert", str(pki["server.pem"]),
                "--tls-key", str(pki["server.key"]), *flags]
         if model_path is not None:
             cmd += ["--model-path", str(model_path), "--warmup-shape", "32x32x1"]
@@ -363,6 +363,6 @@ def test_serve_refuses_unsafe_security_flags(pki, tmp_path, mode, flags, message
     write_tokens(tokens, TOKENS)
     tokens.chmod(mode)
     args = [f.format(tokens=tokens, cert=pki["server.pem"], missing=tmp_path / "missing") for f in flags]
-    done = subprocess.run([sys.executable, "-m", "diffserve.client.cli", "serve", "--port", "0", *args],
+    done = subprocess.run([sys.executable, "-m", "diffserve.client.cli", "serve", "--port", "0", "--state-dir", str(tmp_path / "state"), *args],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and message in done.stderr, done.stderr

@@ -1,5 +1,7 @@
-"""Attacks on the scheduler's worker endpoint by a peer that can reach it (plain ZeroMQ on
-loopback, as `diffserve serve --worker-bind tcp://127.0.0.1:PORT` offers it): forged Results with
+"""Attacks on the scheduler's worker endpoint by a peer that reaches the engine. CURVE keeps
+unlisted peers out (test_attack_worker_auth.py); the engine's own checks are the line behind it,
+for a peer that holds a listed key. Here the endpoint runs in its loopback plain-TCP mode
+(`--insecure-worker-plaintext`), so a test peer gets as far as such a peer would: forged Results with
 guessed command ids and malformed messages while a job runs, a peer that registers and then
 sends a malformed tensor, a card that raises the limits, and the size cap on a bare WorkerLink.
 Each attack runs over real sockets against a real `diffserve serve` on the tiny Wan checkpoint;
@@ -38,7 +40,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def server(tiny_wan, tmp_path_factory):
     address = f"tcp://127.0.0.1:{_free_port()}"
-    proc = ServerProcess(tiny_wan, tmp_path_factory.mktemp("attacked"), "--worker-bind", address, "--max-batch-size", "1")
+    proc = ServerProcess(tiny_wan, tmp_path_factory.mktemp("attacked"), "--worker-bind", address, "--insecure-worker-plaintext", "--max-batch-size", "1")
     proc.worker_address = address
     yield proc
     proc.stop()
@@ -200,10 +202,10 @@ def test_worker_link_caps_message_size():
     """A frame over the cap never reaches the engine (ZeroMQ drops the peer); frames over the cap
     together are a ProtocolError naming the sender; the link goes on receiving."""
     from diffserve.scheduler.wire import ProtocolError
-    from diffserve.scheduler.workers import WorkerLink
+    from diffserve.scheduler.workers import WorkerAuth, WorkerLink
 
     async def main():
-        link = WorkerLink("tcp://127.0.0.1:0", max_message_bytes=4096)
+        link = WorkerLink("tcp://127.0.0.1:0", WorkerAuth(plaintext=True), max_message_bytes=4096)
         big, split, good = Peer(link.address, b"big"), Peer(link.address, b"split"), Peer(link.address, b"good")
         try:
             hello = _message(hello=wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2))
