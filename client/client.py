@@ -103,9 +103,9 @@ def _auth_metadata(token: str | None) -> tuple:
     return (("authorization", f"Bearer {token}"),) if token else ()
 
 
-def _credentials(root_certificates: bytes | None, private_key: bytes | None, certificate_chain: bytes | None):
-    """TLS channel credentials, or None for a plaintext channel."""
-    if root_certificates is None and private_key is None and certificate_chain is None:
+def _credentials(tls: bool, root_certificates: bytes | None, private_key: bytes | None, certificate_chain: bytes | None):
+    """TLS channel credentials (tls alone: the system's roots), or None for a plaintext channel."""
+    if not tls and root_certificates is None and private_key is None and certificate_chain is None:
         return None
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
 
@@ -120,9 +120,7 @@ class Client:
     def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, tls: bool = False,
                  root_certificates: bytes | None = None, private_key: bytes | None = None, certificate_chain: bytes | None = None):
         self._metadata = _auth_metadata(token)
-        credentials = _credentials(root_certificates, private_key, certificate_chain)
-        if credentials is None and tls:
-            credentials = grpc.ssl_channel_credentials()
+        credentials = _credentials(tls, root_certificates, private_key, certificate_chain)
         if credentials is not None:
             self.channel = grpc.secure_channel(target, credentials, options=_channel_options())
         else:
@@ -204,9 +202,7 @@ class AsyncClient:
     def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, tls: bool = False,
                  root_certificates: bytes | None = None, private_key: bytes | None = None, certificate_chain: bytes | None = None):
         self._metadata = _auth_metadata(token)
-        credentials = _credentials(root_certificates, private_key, certificate_chain)
-        if credentials is None and tls:
-            credentials = grpc.ssl_channel_credentials()
+        credentials = _credentials(tls, root_certificates, private_key, certificate_chain)
         if credentials is not None:
             self.channel = grpc.aio.secure_channel(target, credentials, options=_channel_options())
         else:
