@@ -7,6 +7,8 @@ Contract:
 - `place()` moves queued jobs, oldest first, to a worker with room (registry.place); each gets
   ADMIT and its worker an `Admit`, sent before anything else of the job, so the worker knows
   the request before its first stage. Jobs no worker can take stay queued, in order.
+- `requeue(job)` puts a job that went back to QUEUED (Event.REQUEUE) into the queue again, ahead
+  of every job submitted after it (the bound does not apply: an accepted job is never dropped).
 - `withdraw(job, status)` cancels a queued job. Every change of the queue re-announces the
   positions that changed (a `queued` event per job).
 Quotas per principal land here.
@@ -14,6 +16,7 @@ Quotas per principal land here.
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections import deque
 from typing import TYPE_CHECKING
@@ -76,6 +79,10 @@ class Admission:
             return 0
         return self._queue.index(job) + 1
 
+    def requeue(self, job: Job) -> None:
+        bisect.insort(self._queue, job, key=_submitted)
+        self._announce_positions()
+
     def withdraw(self, job: Job, status: status_pb2.Status) -> None:
         self._queue.remove(job)
         job.advance(Event.CANCEL, status=status)
@@ -102,3 +109,7 @@ class Admission:
             last = job.events[-1] if job.events else None
             if last is None or last.WhichOneof("event") != "queued" or last.queued.position != position:
                 job.emit(queued=pb.Queued(position=position))
+
+
+def _submitted(job: Job) -> tuple[int, int]:
+    return (job.created.seconds, job.created.nanos)

@@ -40,6 +40,10 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-worker-message-bytes", type=int, default=2 << 30,
                    help="largest message a worker may send, all frames (default 2 GiB; a worker whose model can output more is refused)")
     s.add_argument("--no-restart-workers", action="store_true", help="do not restart a local worker that died")
+    s.add_argument("--replicas", type=int, default=1,
+                   help="local worker groups serving the model, each on its own --num-gpus devices (jobs go to the least loaded)")
+    s.add_argument("--max-attempts", type=int, default=2,
+                   help="runs of a job whose worker group is lost before it fails (it restarts from step 0 elsewhere)")
     s.add_argument("--drain-timeout", type=float, default=60.0, help="seconds Ctrl-C waits for running jobs")
     s.add_argument("--image-dir", default="", help="folder whose images requests may name by path (default: paths refused)")
     s.add_argument("--allow-private-image-urls", action="store_true", help="let image URLs reach private, loopback and link-local addresses")
@@ -74,20 +78,40 @@ def api_security_problem(args: argparse.Namespace) -> str:
     return ""
 
 
+def replica_specs(args: argparse.Namespace, environ: dict[str, str] | None = None) -> list:
+    """One local worker group per --replicas, named local-0, local-1, ...; with more than one, each
+    sees only its own --num-gpus devices (CUDA_VISIBLE_DEVICES: consecutive slices of the visible
+    ones, or of 0..N-1). On a machine with fewer devices the worker's own checks refuse it."""
+    from diffserve.scheduler.launcher import LocalWorkerSpec
+
+    environ = os.environ if environ is None else environ
+    argv = worker_argv(args)
+    if args.replicas == 1:
+        return [LocalWorkerSpec("local-0", argv, world_size=args.num_gpus)]
+    visible = environ.get("CUDA_VISIBLE_DEVICES", "")
+    devices = [d for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(args.replicas * args.num_gpus)]
+    specs = []
+    for i in range(args.replicas):
+        mine = devices[i * args.num_gpus:(i + 1) * args.num_gpus]
+        env = {"CUDA_VISIBLE_DEVICES": ",".join(mine)} if len(mine) == args.num_gpus else {}
+        specs.append(LocalWorkerSpec(f"local-{i}", argv, env=env, world_size=args.num_gpus))
+    return specs
+
+
 def serve(args: argparse.Namespace) -> int:
     """Runs the scheduler (gRPC) and, with --model-path, its local worker group until Ctrl-C."""
     from diffserve.scheduler.engine import EngineConfig
     from diffserve.scheduler.grpc_auth import TlsConfig
     from diffserve.scheduler.images import ImagePolicy
-    from diffserve.scheduler.launcher import LocalWorkerSpec
     from diffserve.scheduler.server import ServerConfig, run
     from diffserve.scheduler.keys import KeyStoreError
     from diffserve.scheduler.workers import WorkerAuth, WorkerAuthError, is_loopback_endpoint
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s scheduler %(levelname)s %(name)s: %(message)s")
-    if args.num_gpus < 1:
-        print("error: --num-gpus must be >= 1", file=sys.stderr)
-        return 2
+    for flag, value in (("--num-gpus", args.num_gpus), ("--replicas", args.replicas), ("--max-attempts", args.max_attempts)):
+        if value < 1:
+            print(f"error: {flag} must be >= 1", file=sys.stderr)
+            return 2
     problem = api_security_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -97,11 +121,11 @@ def serve(args: argparse.Namespace) -> int:
         return 2
     auth = WorkerAuth(state_dir=args.state_dir, plaintext=args.insecure_worker_plaintext)
     # The layout itself is checked by the worker (it knows the model); an impossible one stops serve.
-    specs = [LocalWorkerSpec("local-0", worker_argv(args), world_size=args.num_gpus)] if args.model_path else []
+    specs = replica_specs(args) if args.model_path else []
     config = ServerConfig(
         host=args.host, port=args.port, worker_bind=args.worker_bind, output_dir=args.output_dir,
         engine=EngineConfig(max_queue=args.max_queue, max_batch_size=args.max_batch_size, heartbeat_timeout_s=args.heartbeat_timeout,
-                            max_worker_message_bytes=args.max_worker_message_bytes),
+                            max_worker_message_bytes=args.max_worker_message_bytes, max_attempts=args.max_attempts),
         worker_auth=auth, local_workers=specs, restart_workers=not args.no_restart_workers, drain_timeout_s=args.drain_timeout,
         images=ImagePolicy(allowed_dir=Path(args.image_dir) if args.image_dir else None, allow_private_urls=args.allow_private_image_urls,
                            max_bytes=args.max_image_bytes, timeout_s=args.image_fetch_timeout),

@@ -59,6 +59,7 @@ class EngineConfig:
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 5.0
     retry_after_s: float = 5.0  # RetryInfo sent with RESOURCE_EXHAUSTED
+    max_attempts: int = 2  # runs of a job whose worker group is lost, before it fails
     max_worker_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # also the WorkerLink's cap; a card with a larger output is refused
 
 
@@ -73,7 +74,7 @@ class Engine:
         self._registry = WorkerRegistry()
         self._admission = Admission(self._jobs, self._registry, link, config.max_queue, config.retry_after_s)
         self._steps = StepLoop(link, config.max_batch_size)
-        self._results = Results(self._registry, artifacts)
+        self._results = Results(self._registry, artifacts, self._admission.requeue, config.max_attempts)
         self._on_serving_change: Callable[[dict[str, bool]], None] = lambda serving: None
         self._wake = asyncio.Event()
         self._peer_log = Throttled(log)  # lines a peer can trigger at will
@@ -132,7 +133,8 @@ class Engine:
         self._on_serving_change = callback
 
     def worker_lost(self, worker_id: str, reason: str) -> None:
-        """Fails the jobs running on a worker that died or stopped answering."""
+        """A worker died, stopped answering or left: its jobs go back to the queue (or fail past
+        their attempts)."""
         worker = self._registry.remove(worker_id)
         if worker is None:
             return
@@ -216,6 +218,8 @@ class Engine:
             await self._on_heartbeat(worker_id, msg.heartbeat)
         elif kind == "result":
             self._on_result(worker_id, msg.result, frames)
+        elif kind == "goodbye" and self._registry.get(worker_id) is not None:
+            self.worker_lost(worker_id, f"it is shutting down ({peer(msg.goodbye.reason)})")
 
     def _malformed(self, worker_id: str | None, reason: str) -> None:
         """A registered worker that broke the protocol is disconnected (its jobs fail); anything

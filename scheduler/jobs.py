@@ -33,7 +33,7 @@ class Job:
     """One generation request: its resolved parameters, phase, progress, outcome and event log.
 
     Read any field; write the lifecycle fields (phase, step, worker_id, in_flight, cancel_status,
-    artifact, error, started, ended) only through `advance`."""
+    artifact, error, started, ended, attempt) only through `advance`."""
 
     params: pb.GenerationParams
     client_request_id: str = ""
@@ -51,6 +51,8 @@ class Job:
     started: timestamp_pb2.Timestamp | None = None
     ended: timestamp_pb2.Timestamp | None = None
     admitted_at: float = 0.0
+    priority: int = 0  # higher is served sooner (the request's, else its principal's default)
+    attempt: int = 1  # 1 + the times it went back to the queue (Event.REQUEUE)
     events: list[pb.JobEvent] = field(default_factory=list)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -86,13 +88,14 @@ class Job:
         artifact: pb.Artifact | None = None,
         step_ms: float = 0.0,
         batch_jobs: int = 0,
+        reason: str = "",
     ) -> Phase:
         """Applies one lifecycle event; returns the new phase. Raises IllegalTransition for an
         event the phase does not allow (lifecycle.TRANSITIONS), leaving the job unchanged.
 
         ADMIT takes the worker_id; STEP the step's time and batch size; SAVE's DONE the
         artifact; CANCEL_LATER, CANCEL and FAIL the status (CANCEL defaults to the one that
-        CANCEL_LATER recorded)."""
+        CANCEL_LATER recorded); REQUEUE the reason its `restarted` event gives."""
         target = next_phase(self.phase, event)
         if event is Event.DISPATCH and self.in_flight:
             raise IllegalTransition(f"job {self.id} is already in a command")
@@ -102,6 +105,8 @@ class Job:
             raise IllegalTransition(f"{event.name} for job {self.id}, which is in no command")
         if event is Event.DONE and self.phase is Phase.DENOISE and self.step < self.total_steps:
             raise IllegalTransition(f"job {self.id} has {self.total_steps - self.step} steps left")
+        if event is Event.REQUEUE and self.cancel_status is not None:
+            raise IllegalTransition(f"job {self.id} has a cancel pending: cancel it instead")
 
         if event is Event.ADMIT:
             self.worker_id = worker_id
@@ -126,6 +131,14 @@ class Job:
                 self.artifact = artifact
         elif event is Event.CANCEL_LATER:
             self.cancel_status = status
+        elif event is Event.REQUEUE:
+            self.in_flight = False
+            self.worker_id = None
+            self.step = 0
+            self.started = None
+            self.admitted_at = 0.0
+            self.attempt += 1
+            self.emit(restarted=pb.Restarted(attempt=self.attempt, reason=reason))
         self.phase = target
         if target.terminal:
             if event is Event.CANCEL and status is None:  # the cancel that waited for the boundary
@@ -172,6 +185,8 @@ class Job:
             total_steps=self.total_steps,
             queue_position=queue_position,
             create_time=self.created,
+            priority=self.priority,
+            attempt=self.attempt,
         )
         if self.started is not None:
             job.start_time.CopyFrom(self.started)

@@ -2,6 +2,8 @@
 
     QUEUED ─ADMIT─► ENCODE ─DONE─► PREPARE ─DONE─► DENOISE ─STEP─► DENOISE … ─DONE─► DECODE ─DONE─► SAVE ─DONE─► SUCCEEDED
        any phase that is not terminal ─FAIL─► FAILED, ─CANCEL─► CANCELLED
+       any running phase ─REQUEUE─► QUEUED (attempt + 1: its worker group was lost, or the
+       scheduler restarted; it runs again from step 0)
 
 ENCODE, PREPARE, DENOISE and DECODE run on the job's worker; SAVE runs on the scheduler. Two
 events keep the phase: DISPATCH (the job is part of a command its worker is now running) and
@@ -57,6 +59,7 @@ class Event(enum.Enum):
     CANCEL_LATER = "cancel_later"  # cancel requested while busy (in a command, or saving)
     CANCEL = "cancel"
     FAIL = "fail"
+    REQUEUE = "requeue"  # back to the queue from a running phase, to start again from step 0
 
 
 TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELLED})
@@ -76,6 +79,7 @@ TRANSITIONS: dict[tuple[Phase, Event], Phase] = {
     **{(phase, Event.CANCEL_LATER): phase for phase in RUNNING},
     **{(phase, Event.CANCEL): Phase.CANCELLED for phase in (Phase.QUEUED, *RUNNING)},
     **{(phase, Event.FAIL): Phase.FAILED for phase in (Phase.QUEUED, *RUNNING)},
+    **{(phase, Event.REQUEUE): Phase.QUEUED for phase in RUNNING},
 }
 
 _JOB_STATE = {

@@ -8,7 +8,10 @@ Contract:
   SUCCEEDED, FAILED (ARTIFACT_SAVE_FAILED) or, when a cancel arrived meanwhile, CANCELLED with
   the file deleted.
 - `end(job, event, status)` ends a job now (CANCEL or FAIL) and releases it from its worker.
-- `worker_lost(worker, status)` fails the jobs resident on a lost worker; saving ones finish.
+- `worker_lost(worker, status)` puts the jobs resident on a lost worker back in the queue
+  (REQUEUE, via the `requeue` callback) while they have attempts left (`max_attempts`), and fails
+  the others with `status` naming the attempts; a pending cancel ends its job CANCELLED; saving
+  jobs were decoded already and finish.
 A DECODE result must carry uint8 frames of exactly the job's (num_frames, height, width, 3);
 anything else raises wire.ProtocolError before the job moves (the engine then drops the worker).
 Result handling never blocks the event loop; a durable job store is written from here.
@@ -22,6 +25,8 @@ import logging
 from google.rpc import status_pb2
 
 from diffserve.worker.v1 import worker_pb2 as wpb
+
+from collections.abc import Callable
 
 from diffserve.scheduler import errors
 from diffserve.scheduler.artifacts import ArtifactStore
@@ -37,9 +42,11 @@ log = logging.getLogger(__name__)
 class Results:
     """Owns the artifact saves in progress."""
 
-    def __init__(self, registry: WorkerRegistry, artifacts: ArtifactStore):
+    def __init__(self, registry: WorkerRegistry, artifacts: ArtifactStore, requeue: Callable[[Job], None], max_attempts: int = 2):
         self.registry = registry
         self.artifacts = artifacts
+        self.requeue = requeue
+        self.max_attempts = max_attempts
         self._tasks: set[asyncio.Task] = set()
 
     def apply(self, worker_id: str, plan: Plan, result: wpb.Result, frames: list) -> None:
@@ -73,9 +80,19 @@ class Results:
             worker.release(job.id)
 
     def worker_lost(self, worker: WorkerHandle, status: status_pb2.Status) -> None:
-        for job in list(worker.jobs.values()):
-            if not job.done and job.phase is not Phase.SAVE:  # a saving job was decoded already: it finishes
-                job.advance(Event.FAIL, status=status)
+        for job in sorted(worker.jobs.values(), key=lambda j: j.admitted_at):
+            if job.done or job.phase is Phase.SAVE:  # a saving job was decoded already: it finishes
+                continue
+            if job.cancel_status is not None:
+                job.advance(Event.CANCEL)
+            elif job.attempt < self.max_attempts:
+                job.advance(Event.REQUEUE, reason=status.message)
+                self.requeue(job)
+            else:
+                failed = status_pb2.Status()
+                failed.CopyFrom(status)
+                failed.message = f"{status.message} (attempt {job.attempt} of {self.max_attempts})"
+                job.advance(Event.FAIL, status=failed)
         worker.jobs.clear()
         worker.take_finished()
 

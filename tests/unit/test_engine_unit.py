@@ -72,9 +72,9 @@ async def until(predicate, what: str, timeout_s: float = 5.0):
 
 
 class Harness:
-    def __init__(self, tmp_path, max_batch_size: int = 1):
+    def __init__(self, tmp_path, max_batch_size: int = 1, max_attempts: int = 2):
         self.link = FakeLink()
-        self.engine = Engine(EngineConfig(heartbeat_timeout_s=60), self.link, ArtifactStore(tmp_path))
+        self.engine = Engine(EngineConfig(heartbeat_timeout_s=60, max_attempts=max_attempts), self.link, ArtifactStore(tmp_path))
         self.max_batch_size = max_batch_size
 
     async def __aenter__(self):
@@ -207,20 +207,56 @@ def test_unknown_worker_is_asked_to_reregister(tmp_path):
 
 def test_lost_worker_fails_its_jobs_and_late_results_are_ignored(tmp_path):
     async def main():
-        async with Harness(tmp_path) as h:
+        async with Harness(tmp_path, max_attempts=1) as h:
             serving = []
             h.engine.watch_serving(serving.append)
             await h.register()
             job, _ = h.engine.submit(PARAMS)
             encode = await h.next_compute(1)
             h.engine.worker_lost("w1", "test")
-            assert job.phase is Phase.FAILED and "was lost: test" in job.error.message
+            assert job.phase is Phase.FAILED and "was lost: test (attempt 1 of 1)" in job.error.message
             assert serving == [{"m": True}, {"m": False}] and not h.engine.any_worker_alive()
             await h.answer(encode)  # arrives after the loss
             await asyncio.sleep(0.05)
             assert job.phase is Phase.FAILED
             (model,) = h.engine.list_models()
             assert model.state == pb.SERVING_STATE_NOT_SERVING
+
+    run(main())
+
+
+def test_a_lost_workers_jobs_go_back_to_the_queue_and_finish_elsewhere(tmp_path):
+    """Attempt 1 dies mid-denoise on w1: the job is QUEUED again (attempt 2, a `restarted` event
+    with the reason), a late Result from w1 changes nothing, it runs from step 0 on w2 and
+    succeeds. Lost again on its last attempt, a job fails naming the attempts."""
+    async def main():
+        async with Harness(tmp_path) as h:
+            await h.register("w1")
+            job, _ = h.engine.submit(PARAMS)
+            await h.run_through(1, 3)  # encode, prepare, step 1
+            late = await h.next_compute(4)  # step 2, in flight
+            assert job.step == 1
+            h.engine.worker_lost("w1", "test")
+            assert job.phase is Phase.QUEUED and job.attempt == 2 and job.step == 0 and job.worker_id is None
+            restarted, queued = job.events[-2:]
+            assert queued.queued.position == 1
+            assert restarted.restarted.attempt == 2 and "was lost: test" in restarted.restarted.reason
+            assert h.engine.job_proto(job).attempt == 2
+            await h.answer(late, "w1")
+            await h.register("w2")
+            await _drive(h, "w2", job)
+            assert job.phase is Phase.SUCCEEDED and job.attempt == 2
+            steps = [e.step_completed.step for e in job.events if e.WhichOneof("event") == "step_completed"]
+            assert steps == [1, 1, 2]  # one step on w1, then both again on w2
+
+            again, _ = h.engine.submit(PARAMS)
+            await until(lambda: again.phase is Phase.ENCODE, "admitted to w2")
+            h.engine.worker_lost("w2", "first")
+            assert again.phase is Phase.QUEUED
+            await h.register("w3")
+            await until(lambda: again.worker_id == "w3", "admitted to w3")
+            h.engine.worker_lost("w3", "second")
+            assert again.phase is Phase.FAILED and "(attempt 2 of 2)" in again.error.message
 
     run(main())
 
@@ -353,7 +389,7 @@ def test_a_malformed_message_disconnects_only_its_sender(tmp_path, kind):
     at_decode, frames = MALFORMED[kind]
 
     async def main():
-        async with Harness(tmp_path) as h:
+        async with Harness(tmp_path, max_attempts=1) as h:  # its job fails at once (no second run)
             on_w1, on_w2 = await _two_workers_two_jobs(h)
             command_id = 0
             if at_decode:

@@ -59,3 +59,18 @@ def test_shared_constants_defined_once():
     assert client.STATUS_DETAILS_KEY is errors.STATUS_DETAILS_KEY is limits.STATUS_DETAILS_KEY
     assert launcher.EXIT_CANNOT_LOAD is worker_main.EXIT_CANNOT_LOAD is launch.EXIT_CANNOT_LOAD
     assert dict(client._channel_options())["grpc.max_send_message_length"] == limits.MAX_MESSAGE_BYTES
+
+
+def test_replicas_get_their_own_devices():
+    from diffserve.scheduler.app import replica_specs
+
+    args = serve_parser().parse_args(["--model-path", "/m", "--num-gpus", "2", "--replicas", "3"])
+    specs = replica_specs(args, environ={})
+    assert [s.worker_id for s in specs] == ["local-0", "local-1", "local-2"]
+    assert [s.env["CUDA_VISIBLE_DEVICES"] for s in specs] == ["0,1", "2,3", "4,5"]
+    assert all(s.world_size == 2 and s.args == specs[0].args for s in specs)
+    # slices of the devices this process may see; too few: no override (the worker refuses)
+    specs = replica_specs(args, environ={"CUDA_VISIBLE_DEVICES": "4,5,6,7"})
+    assert [s.env for s in specs] == [{"CUDA_VISIBLE_DEVICES": "4,5"}, {"CUDA_VISIBLE_DEVICES": "6,7"}, {}]
+    one = replica_specs(serve_parser().parse_args(["--model-path", "/m"]), environ={})
+    assert [(s.worker_id, s.env) for s in one] == [("local-0", {})]

@@ -116,7 +116,7 @@ class ImageInput(_message.Message):
     def __init__(self, data: _Optional[bytes] = ..., path: _Optional[str] = ..., url: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("id", "client_request_id", "state", "params", "stage", "step", "total_steps", "queue_position", "create_time", "start_time", "end_time", "artifact", "error")
+    __slots__ = ("id", "client_request_id", "state", "params", "stage", "step", "total_steps", "queue_position", "create_time", "start_time", "end_time", "artifact", "error", "priority", "attempt")
     ID_FIELD_NUMBER: _ClassVar[int]
     CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -130,6 +130,8 @@ class Job(_message.Message):
     END_TIME_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     id: str
     client_request_id: str
     state: JobState
@@ -143,7 +145,9 @@ class Job(_message.Message):
     end_time: _timestamp_pb2.Timestamp
     artifact: Artifact
     error: _status_pb2.Status
-    def __init__(self, id: _Optional[str] = ..., client_request_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., stage: _Optional[_Union[Stage, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., queue_position: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., artifact: _Optional[_Union[Artifact, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
+    priority: int
+    attempt: int
+    def __init__(self, id: _Optional[str] = ..., client_request_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., params: _Optional[_Union[GenerationParams, _Mapping]] = ..., stage: _Optional[_Union[Stage, str]] = ..., step: _Optional[int] = ..., total_steps: _Optional[int] = ..., queue_position: _Optional[int] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., artifact: _Optional[_Union[Artifact, _Mapping]] = ..., error: _Optional[_Union[_status_pb2.Status, _Mapping]] = ..., priority: _Optional[int] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class Artifact(_message.Message):
     __slots__ = ("id", "file_name", "media_type", "size_bytes", "width", "height", "num_frames", "sha256")
@@ -166,7 +170,7 @@ class Artifact(_message.Message):
     def __init__(self, id: _Optional[str] = ..., file_name: _Optional[str] = ..., media_type: _Optional[str] = ..., size_bytes: _Optional[int] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_frames: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...
 
 class JobEvent(_message.Message):
-    __slots__ = ("job_id", "sequence", "time", "queued", "stage_started", "step_completed", "completed", "failed", "cancelled")
+    __slots__ = ("job_id", "sequence", "time", "queued", "stage_started", "step_completed", "completed", "failed", "cancelled", "restarted")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
@@ -176,6 +180,7 @@ class JobEvent(_message.Message):
     COMPLETED_FIELD_NUMBER: _ClassVar[int]
     FAILED_FIELD_NUMBER: _ClassVar[int]
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    RESTARTED_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     sequence: int
     time: _timestamp_pb2.Timestamp
@@ -185,7 +190,8 @@ class JobEvent(_message.Message):
     completed: Completed
     failed: Failed
     cancelled: Cancelled
-    def __init__(self, job_id: _Optional[str] = ..., sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., stage_started: _Optional[_Union[StageStarted, _Mapping]] = ..., step_completed: _Optional[_Union[StepCompleted, _Mapping]] = ..., completed: _Optional[_Union[Completed, _Mapping]] = ..., failed: _Optional[_Union[Failed, _Mapping]] = ..., cancelled: _Optional[_Union[Cancelled, _Mapping]] = ...) -> None: ...
+    restarted: Restarted
+    def __init__(self, job_id: _Optional[str] = ..., sequence: _Optional[int] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., queued: _Optional[_Union[Queued, _Mapping]] = ..., stage_started: _Optional[_Union[StageStarted, _Mapping]] = ..., step_completed: _Optional[_Union[StepCompleted, _Mapping]] = ..., completed: _Optional[_Union[Completed, _Mapping]] = ..., failed: _Optional[_Union[Failed, _Mapping]] = ..., cancelled: _Optional[_Union[Cancelled, _Mapping]] = ..., restarted: _Optional[_Union[Restarted, _Mapping]] = ...) -> None: ...
 
 class Queued(_message.Message):
     __slots__ = ("position",)
@@ -229,15 +235,25 @@ class Cancelled(_message.Message):
     status: _status_pb2.Status
     def __init__(self, status: _Optional[_Union[_status_pb2.Status, _Mapping]] = ...) -> None: ...
 
+class Restarted(_message.Message):
+    __slots__ = ("attempt", "reason")
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    attempt: int
+    reason: str
+    def __init__(self, attempt: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class SubmitJobRequest(_message.Message):
-    __slots__ = ("params", "client_request_id", "timeout")
+    __slots__ = ("params", "client_request_id", "timeout", "priority")
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     params: GenerationParams
     client_request_id: str
     timeout: _duration_pb2.Duration
-    def __init__(self, params: _Optional[_Union[GenerationParams, _Mapping]] = ..., client_request_id: _Optional[str] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+    priority: int
+    def __init__(self, params: _Optional[_Union[GenerationParams, _Mapping]] = ..., client_request_id: _Optional[str] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class SubmitJobResponse(_message.Message):
     __slots__ = ("job", "created")
@@ -248,12 +264,14 @@ class SubmitJobResponse(_message.Message):
     def __init__(self, job: _Optional[_Union[Job, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("params", "client_request_id")
+    __slots__ = ("params", "client_request_id", "priority")
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     CLIENT_REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
     params: GenerationParams
     client_request_id: str
-    def __init__(self, params: _Optional[_Union[GenerationParams, _Mapping]] = ..., client_request_id: _Optional[str] = ...) -> None: ...
+    priority: int
+    def __init__(self, params: _Optional[_Union[GenerationParams, _Mapping]] = ..., client_request_id: _Optional[str] = ..., priority: _Optional[int] = ...) -> None: ...
 
 class StreamJobEventsRequest(_message.Message):
     __slots__ = ("job_id",)
