@@ -4,7 +4,7 @@
 (b) `diffserve serve --artifact-store s3://...` with the tiny Wan worker runs a job whose download
     matches its sha256; (c) a second scheduler (no worker) sharing the bucket serves that artifact
     by id to its owner and to admin, and answers NOT_FOUND to another principal exactly as for a
-    missing id; (d) a bucket that does not exist, or an endpoint nobody answers, stops `serve` at
+    missing id (the local folder store likewise, for a scheduler on the same --output-dir); (d) a bucket that does not exist, or an endpoint nobody answers, stops `serve` at
     start with exit code 2 and a message naming the flag.
 
 Dummy credentials in the environment (and no config files) keep everything off real accounts.
@@ -187,6 +187,24 @@ def test_serve_keeps_artifacts_in_s3_and_any_scheduler_sharing_it_serves_them(s3
             missing = uuid.uuid4().hex
             assert not_found(bob, job.id).message == not_found(bob, missing).message.replace(missing, job.id)
             not_found(alice, "../" + job.id)
+    finally:
+        other.stop()
+
+
+def test_a_scheduler_sharing_the_output_folder_serves_its_artifacts(tiny_wan, start_server, tmp_path):
+    """The local store too: the description beside the file is enough (a restart, or a second
+    scheduler on the same folder)."""
+    server = start_server(tiny_wan, "--warmup-shape", "32x32x1")
+    job = server.client.wait(server.client.submit(**SMALL).id)
+    assert job.state == pb.JOB_STATE_SUCCEEDED, job.error
+    data = server.client.download(job.id)
+    assert (server.output_dir / f"{job.id}.json").is_file()
+    (tmp_path / "second").mkdir()
+    other = BareScheduler(tmp_path / "second", "--output-dir", str(server.output_dir))
+    try:
+        with Client(other.target) as client:
+            assert client.download(job.id) == data and hashlib.sha256(data).hexdigest() == job.artifact.sha256
+            not_found(client, uuid.uuid4().hex)
     finally:
         other.stop()
 
