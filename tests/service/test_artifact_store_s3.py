@@ -187,6 +187,14 @@ def test_serve_keeps_artifacts_in_s3_and_any_scheduler_sharing_it_serves_them(s3
             missing = uuid.uuid4().hex
             assert not_found(bob, job.id).message == not_found(bob, missing).message.replace(missing, job.id)
             not_found(alice, "../" + job.id)
+            # gone from the bucket behind the schedulers' backs: the one that knows the job cannot
+            # read it (UNAVAILABLE, logged), the other finds nothing
+            s3_client(s3_endpoint).delete_object(Bucket=BUCKET, Key=f"shared/{job.artifact.file_name}")
+            not_found(alice, job.id)
+        with Client(server.target, token=TOKENS["alice"]) as first:
+            with pytest.raises(DiffserveError) as info:
+                first.download(job.id)
+            assert info.value.code == grpc.StatusCode.UNAVAILABLE and info.value.reason == "ARTIFACT_STORE_UNAVAILABLE", info.value
     finally:
         other.stop()
 
