@@ -33,7 +33,12 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--state-dir", default=".diffserve", help="state folder: CURVE keys (created 0700 at first start; default ./.diffserve)")
     s.add_argument("--insecure-worker-plaintext", action="store_true",
                    help="no CURVE on the worker endpoint (plain TCP); refused unless --worker-bind is loopback")
-    s.add_argument("--output-dir", default="outputs")
+    s.add_argument("--output-dir", default="outputs", help="folder of the local artifact store (default ./outputs)")
+    # The artifact store (docs/cli.md "Artifact store"): a folder by default, or S3-compatible object storage.
+    s.add_argument("--artifact-store", default="", metavar="s3://BUCKET[/PREFIX]",
+                   help="keep artifacts in this S3 bucket (credentials from AWS_* / profile / role) instead of --output-dir")
+    s.add_argument("--s3-endpoint-url", default="", metavar="URL", help="S3-compatible server (MinIO, Ceph, ...), e.g. http://minio:9000")
+    s.add_argument("--s3-region", default="", help="region of the bucket (default: AWS_REGION / AWS_DEFAULT_REGION / profile)")
     s.add_argument("--max-queue", type=int, default=256, help="queued jobs beyond which SubmitJob answers RESOURCE_EXHAUSTED")
     s.add_argument("--heartbeat-timeout", type=float, default=5.0, help="seconds of worker silence before its jobs fail")
     # The default is scheduler/wire.py's DEFAULT_MAX_MESSAGE_BYTES (not imported here: numpy).
@@ -103,6 +108,7 @@ def serve(args: argparse.Namespace) -> int:
     from diffserve.scheduler.engine import EngineConfig
     from diffserve.scheduler.grpc_auth import TlsConfig
     from diffserve.scheduler.images import ImagePolicy
+    from diffserve.scheduler.artifacts import ArtifactStoreError
     from diffserve.scheduler.server import ServerConfig, run
     from diffserve.scheduler.keys import KeyStoreError
     from diffserve.scheduler.workers import WorkerAuth, WorkerAuthError, is_loopback_endpoint
@@ -124,6 +130,7 @@ def serve(args: argparse.Namespace) -> int:
     specs = replica_specs(args) if args.model_path else []
     config = ServerConfig(
         host=args.host, port=args.port, worker_bind=args.worker_bind, output_dir=args.output_dir,
+        artifact_store=args.artifact_store, s3_endpoint_url=args.s3_endpoint_url, s3_region=args.s3_region,
         engine=EngineConfig(max_queue=args.max_queue, max_batch_size=args.max_batch_size, heartbeat_timeout_s=args.heartbeat_timeout,
                             max_worker_message_bytes=args.max_worker_message_bytes, max_attempts=args.max_attempts),
         worker_auth=auth, local_workers=specs, restart_workers=not args.no_restart_workers, drain_timeout_s=args.drain_timeout,
@@ -142,7 +149,7 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         return run(config, started)
-    except (WorkerAuthError, KeyStoreError) as exc:
+    except (WorkerAuthError, KeyStoreError, ArtifactStoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -1,128 +1,139 @@
-"""Artifact store: encodes decoded frames as PNG / MP4 (H.264) / NPY into the output directory.
+"""Artifact stores: where a job's encoded output lives, and how any scheduler reads it back.
 
-Files are named after the job id. PNG carries the prompt and seed as text chunks; MP4 carries
-them in its container metadata (title = prompt, comment = JSON of the parameters), handed to
-ffmpeg as an ffmetadata file, never on its command line (a long prompt would overflow argv and
-a NUL would cut it).
+    ArtifactStore                         the interface (below)
+    artifact_local.LocalArtifactStore     a folder, --output-dir (the default)
+    artifact_s3.S3ArtifactStore           S3-compatible object storage, --artifact-store s3://BUCKET/PREFIX
+    artifact_encoding                     frames → PNG / MP4 / NPY and their pb.Artifact description
+
+Contract of every store:
+- save(job_id, frames, params, principal) -> pb.Artifact encodes the frames and stores the
+  artifact as `<job id><ext>` together with its description and owning principal; it appears
+  whole or not at all. Blocking: call from a thread.
+- lookup(artifact_id) -> StoredArtifact | None: the description and owner, read from the store
+  alone, so a scheduler that never ran the job (another one sharing the store, or this one after a
+  restart) can serve it. None for no such artifact and for an id that cannot name one. Blocking.
+- chunks(artifact) -> an iterator of bytes, at most CHUNK_BYTES each, streamed from the store
+  (never the whole artifact in memory). Blocking reads: iterate from a thread.
+- delete(artifact) removes the artifact and its description; a missing one is fine.
+A store that cannot be read or written raises ArtifactStoreError (its message is for operators,
+not for API callers: it may name files, buckets and endpoints).
+
+Who may download what is the service's rule (auth.Principal.can_access), applied to the principal
+the store returns; the store itself checks nothing.
 """
 
 from __future__ import annotations
 
-import hashlib
-import io
+import abc
 import json
-import os
-import subprocess
-import tempfile
-from pathlib import Path
+import logging
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
 
 import numpy as np
 from google.protobuf import json_format
 
 from diffserve.v1 import generation_pb2 as pb
 
+from diffserve.scheduler.artifact_encoding import MEDIA_TYPES
+
+log = logging.getLogger(__name__)
+
 CHUNK_BYTES = 1 << 20
-_EXT = {pb.OUTPUT_FORMAT_PNG: ".png", pb.OUTPUT_FORMAT_MP4: ".mp4", pb.OUTPUT_FORMAT_NPY: ".npy"}
-_MEDIA = {".png": "image/png", ".mp4": "video/mp4", ".npy": "application/x-npy"}
+# Artifact ids are job ids (uuid4 hex); anything else cannot name a stored artifact (and never
+# reaches a file name or an object key).
+ARTIFACT_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")
+DESCRIPTION_VERSION = 1
 
 
-def describe(params: pb.GenerationParams) -> dict:
-    """The metadata written into every artifact."""
-    meta = json_format.MessageToDict(params, preserving_proto_field_name=True)
-    meta.pop("images", None)  # may be large; not needed to reproduce a text-only job
-    meta["seed"] = str(params.seed)
-    return meta
+class ArtifactStoreError(Exception):
+    """The store cannot be used (unreachable, refused, corrupt); the message says where and why."""
 
 
-def encode_png(frames: np.ndarray, params: pb.GenerationParams) -> bytes:
-    from PIL import Image, PngImagePlugin
+@dataclass(frozen=True)
+class StoredArtifact:
+    """What a store knows about one artifact: its description and the principal that owns it."""
 
-    info = PngImagePlugin.PngInfo()
-    info.add_text("prompt", params.prompt)
-    info.add_text("seed", str(params.seed))
-    info.add_text("parameters", json.dumps(describe(params)))
-    buf = io.BytesIO()
-    Image.fromarray(frames[0]).save(buf, format="PNG", pnginfo=info)
-    return buf.getvalue()
+    artifact: pb.Artifact
+    principal: str
 
 
-def ffmetadata(tags: dict[str, str]) -> str:
-    """An ffmetadata file (ffmpeg's -f ffmetadata) holding `tags` as global metadata: '=', ';',
-    '#', '\\' and newlines escaped with a backslash; NUL, which the format cannot carry, dropped."""
-    def escape(text: str) -> str:
-        text = text.replace("\0", "")
-        for special in ("\\", "=", ";", "#", "\n"):
-            text = text.replace(special, "\\" + special)
-        return text
-
-    return ";FFMETADATA1\n" + "".join(f"{escape(key)}={escape(value)}\n" for key, value in tags.items())
+def valid_id(artifact_id: str) -> bool:
+    return bool(ARTIFACT_ID_RE.fullmatch(artifact_id))
 
 
-def encode_mp4(frames: np.ndarray, params: pb.GenerationParams, path: Path) -> None:
-    """H.264 (libx264, CRF 18, yuv420p) with the prompt and parameters as container metadata,
-    read by ffmpeg from a metadata file beside the output (nothing user-given in argv)."""
-    import imageio_ffmpeg
+def description_json(artifact: pb.Artifact, principal: str) -> str:
+    """The description kept beside an artifact (a sidecar file, an object's metadata): one line of
+    ASCII JSON, small (S3 allows 2 KiB of user metadata)."""
+    return json.dumps({
+        "version": DESCRIPTION_VERSION,
+        "principal": principal,
+        "artifact": json_format.MessageToDict(artifact, preserving_proto_field_name=True),
+    }, separators=(",", ":"), sort_keys=True)
 
-    _, height, width, _ = frames.shape
-    with tempfile.NamedTemporaryFile("w", encoding="utf-8", suffix=".ffmeta", dir=path.parent, delete=False) as meta:
-        meta.write(ffmetadata({"title": params.prompt, "comment": json.dumps(describe(params))}))
+
+def parse_description(text: str, artifact_id: str, where: str) -> StoredArtifact:
+    """The StoredArtifact of a description written by description_json for `artifact_id`.
+    Raises ArtifactStoreError naming `where` when it is not one (corrupt, or another id's)."""
     try:
-        cmd = [
-            imageio_ffmpeg.get_ffmpeg_exe(), "-y",
-            "-f", "rawvideo", "-vcodec", "rawvideo", "-s", f"{width}x{height}", "-pix_fmt", "rgb24", "-r", str(params.fps), "-i", "-",
-            "-f", "ffmetadata", "-i", meta.name,
-            "-map", "0:v:0", "-map_metadata", "1",
-            "-vcodec", "libx264", "-pix_fmt", "yuv420p", "-crf", "18", "-movflags", "+faststart",
-            "-v", "error", str(path),
-        ]
-        proc = subprocess.run(cmd, input=np.ascontiguousarray(frames).tobytes(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, check=False)
-        if proc.returncode != 0:
-            raise RuntimeError(f"ffmpeg exited with {proc.returncode}: {proc.stderr.decode(errors='replace')[-500:]}")
-    finally:
-        os.unlink(meta.name)
+        data = json.loads(text)
+        if not isinstance(data, dict) or data.get("version") != DESCRIPTION_VERSION:
+            raise ValueError(f"not a version {DESCRIPTION_VERSION} artifact description")
+        principal = data["principal"]
+        if not isinstance(principal, str) or not principal:
+            raise ValueError("no principal")
+        artifact = json_format.ParseDict(data["artifact"], pb.Artifact())
+    except (ValueError, KeyError, TypeError, json_format.ParseError) as exc:
+        raise ArtifactStoreError(f"{where}: unreadable artifact description ({exc})") from None
+    ext = artifact.file_name[len(artifact_id):]
+    if artifact.id != artifact_id or not artifact.file_name.startswith(artifact_id) or MEDIA_TYPES.get(ext) != artifact.media_type:
+        raise ArtifactStoreError(f"{where}: the description is of {artifact.id!r} ({artifact.file_name!r}), not of {artifact_id!r}")
+    return StoredArtifact(artifact, principal)
 
 
-class ArtifactStore:
-    """Writes and reads artifacts under one directory; ids are job ids."""
+class ArtifactStore(abc.ABC):
+    """Where artifacts live; see the module docstring for the contract."""
 
-    def __init__(self, root: str | os.PathLike):
-        self.root = Path(root).resolve()
-        self.root.mkdir(parents=True, exist_ok=True)
-
-    def save(self, job_id: str, frames: np.ndarray, params: pb.GenerationParams) -> pb.Artifact:
+    @abc.abstractmethod
+    def save(self, job_id: str, frames: np.ndarray, params: pb.GenerationParams, principal: str) -> pb.Artifact:
         """frames: uint8 (F, H, W, 3). Blocking: call from a thread."""
-        assert frames.dtype == np.uint8 and frames.ndim == 4 and frames.shape[-1] == 3, frames.shape
-        ext = _EXT[params.output_format]
-        path = self.root / f"{job_id}{ext}"
-        tmp = path.with_name(f"{job_id}.part{ext}")  # ffmpeg picks the container from the extension
-        if ext == ".png":
-            tmp.write_bytes(encode_png(frames, params))
-        elif ext == ".npy":
-            with open(tmp, "wb") as f:
-                np.save(f, frames)
-        else:
-            encode_mp4(frames, params, tmp)
-        os.replace(tmp, path)
-        data = path.read_bytes()
-        return pb.Artifact(
-            id=job_id,
-            file_name=path.name,
-            media_type=_MEDIA[ext],
-            size_bytes=len(data),
-            width=frames.shape[2],
-            height=frames.shape[1],
-            num_frames=frames.shape[0],
-            sha256=hashlib.sha256(data).hexdigest(),
-        )
 
-    def path_of(self, artifact: pb.Artifact) -> Path:
-        return self.root / artifact.file_name
+    @abc.abstractmethod
+    def lookup(self, artifact_id: str) -> StoredArtifact | None:
+        """The stored artifact's description and owner, or None. Blocking."""
 
+    @abc.abstractmethod
+    def chunks(self, artifact: pb.Artifact) -> Iterator[bytes]:
+        """The artifact's bytes, CHUNK_BYTES at most per piece. Blocking reads: iterate from a thread."""
+
+    @abc.abstractmethod
     def delete(self, artifact: pb.Artifact) -> None:
-        self.path_of(artifact).unlink(missing_ok=True)
+        """Removes the artifact and its description (missing is fine)."""
 
-    def chunks(self, artifact: pb.Artifact):
-        """Yields the file in CHUNK_BYTES pieces. Blocking reads: iterate from a thread."""
-        with open(self.path_of(artifact), "rb") as f:
-            while chunk := f.read(CHUNK_BYTES):
-                yield chunk
+    @abc.abstractmethod
+    def where(self) -> str:
+        """The store in words, for logs."""
+
+
+def open_store(spec: str, output_dir: str, *, endpoint_url: str = "", region: str = "") -> ArtifactStore:
+    """The store `--artifact-store` names: "" is the folder `output_dir`; `s3://BUCKET[/PREFIX]` is
+    that bucket (at `endpoint_url` when given, for MinIO and other S3-compatible servers), checked
+    now: a bucket that does not exist or cannot be reached, or refused credentials, raise
+    ArtifactStoreError, as do a malformed spec and S3 options without an S3 store."""
+    if not spec:
+        if endpoint_url or region:
+            raise ArtifactStoreError("--s3-endpoint-url and --s3-region need --artifact-store s3://BUCKET[/PREFIX]")
+        from diffserve.scheduler.artifact_local import LocalArtifactStore
+
+        store: ArtifactStore = LocalArtifactStore(output_dir)
+    elif spec.startswith("s3://"):
+        from diffserve.scheduler.artifact_s3 import S3ArtifactStore, parse_s3_url
+
+        bucket, prefix = parse_s3_url(spec)
+        store = S3ArtifactStore(bucket, prefix, endpoint_url=endpoint_url, region=region)
+        store.check()
+    else:
+        raise ArtifactStoreError(f"--artifact-store {spec!r}: expected s3://BUCKET[/PREFIX] (a local folder is --output-dir)")
+    log.info("artifacts: %s", store.where())
+    return store

@@ -37,7 +37,7 @@ from diffserve.worker.v1 import worker_pb2 as wpb
 
 from diffserve.scheduler import errors
 from diffserve.scheduler.admission import Admission
-from diffserve.scheduler.artifacts import ArtifactStore
+from diffserve.scheduler.artifacts import ArtifactStore, StoredArtifact
 from diffserve.scheduler.auth import ANONYMOUS_NAME
 from diffserve.scheduler.jobs import Job, JobTable
 from diffserve.scheduler.lifecycle import RUNNING, Event, Phase
@@ -116,6 +116,12 @@ class Engine:
     def artifact_chunks(self, artifact: pb.Artifact) -> Iterator[bytes]:
         """The artifact's bytes in chunks (blocking reads: iterate on a thread pool)."""
         return self._artifacts.chunks(artifact)
+
+    def find_artifact(self, artifact_id: str) -> StoredArtifact | None:
+        """An artifact as its store describes it, with its owner: also one this scheduler never ran
+        (another scheduler sharing the store did). Blocking (the store may be remote): call on a
+        thread pool. Raises artifacts.ArtifactStoreError."""
+        return self._artifacts.lookup(artifact_id)
 
     # ---- models and workers ----
 

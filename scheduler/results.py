@@ -98,13 +98,16 @@ class Results:
 
     async def _save(self, job: Job, video) -> None:
         try:
-            artifact = await asyncio.get_running_loop().run_in_executor(None, self.artifacts.save, job.id, video, job.params)
+            artifact = await asyncio.get_running_loop().run_in_executor(None, self.artifacts.save, job.id, video, job.params, job.principal)
         except Exception as exc:  # disk full, encoder missing: this job fails, the server goes on
             log.exception("saving the artifact of job %s failed", job.id)
             job.advance(Event.FAIL, status=errors.internal(f"saving the artifact failed: {exc}", "ARTIFACT_SAVE_FAILED"))
             return
         if job.cancel_status is not None:
-            self.artifacts.delete(artifact)
+            try:  # on a thread: the store may be remote (S3)
+                await asyncio.get_running_loop().run_in_executor(None, self.artifacts.delete, artifact)
+            except Exception:
+                log.exception("deleting the artifact of cancelled job %s failed", job.id)
             job.advance(Event.CANCEL)
         else:
             job.advance(Event.DONE, artifact=artifact)

@@ -17,7 +17,7 @@ from diffserve.v1 import generation_pb2 as pb
 from diffserve.v1.limits import MESSAGE_SIZE_OPTIONS
 
 from diffserve.scheduler import errors
-from diffserve.scheduler.artifacts import ArtifactStore
+from diffserve.scheduler.artifacts import open_store
 from diffserve.scheduler.auth import Tokens
 from diffserve.scheduler.engine import Engine, EngineConfig
 from diffserve.scheduler.grpc_auth import TlsConfig, TokenInterceptor
@@ -37,7 +37,10 @@ class ServerConfig:
     port: int = 50051  # 0 picks a free port
     worker_bind: str = "tcp://127.0.0.1:0"  # ZeroMQ address workers connect to
     worker_auth: WorkerAuth = field(default_factory=WorkerAuth)  # CURVE keys (state folder) or loopback plain TCP
-    output_dir: str = "outputs"
+    output_dir: str = "outputs"  # the local artifact store (when artifact_store is "")
+    artifact_store: str = ""  # s3://BUCKET[/PREFIX]; "" keeps artifacts in output_dir
+    s3_endpoint_url: str = ""  # MinIO and other S3-compatible servers; "" is AWS
+    s3_region: str = ""  # "" is boto3's default chain
     engine: EngineConfig = field(default_factory=EngineConfig)
     local_workers: list[LocalWorkerSpec] = field(default_factory=list)
     restart_workers: bool = True
@@ -52,8 +55,10 @@ class SchedulerServer:
 
     def __init__(self, config: ServerConfig):
         self.config = config
+        # First: a store that cannot be used stops the start (artifacts.ArtifactStoreError) before any socket opens.
+        self.artifacts = open_store(config.artifact_store, config.output_dir, endpoint_url=config.s3_endpoint_url, region=config.s3_region)
         self.link = WorkerLink(config.worker_bind, config.worker_auth, config.engine.max_worker_message_bytes)
-        self.engine = Engine(config.engine, self.link, ArtifactStore(config.output_dir))
+        self.engine = Engine(config.engine, self.link, self.artifacts)
         self.health = health.aio.HealthServicer()
         self.engine.watch_serving(self._on_serving_change)
         self.workers = LocalWorkers(self.link.address, config.local_workers, self.engine.worker_lost, config.restart_workers, self._fatal,

@@ -7,6 +7,7 @@ another principal is answered exactly like a job that does not exist (NOT_FOUND)
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -18,6 +19,7 @@ from diffserve.v1 import generation_pb2 as pb
 from diffserve.v1 import generation_pb2_grpc as pb_grpc
 
 from diffserve.scheduler import errors
+from diffserve.scheduler.artifacts import ArtifactStoreError
 from diffserve.scheduler.engine import Engine
 from diffserve.scheduler.grpc_auth import current_principal
 from diffserve.scheduler.images import FETCH_POOL, ImagePolicy, resolve_images
@@ -184,25 +186,49 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     async def ListModels(self, request: pb.ListModelsRequest, context) -> pb.ListModelsResponse:
         return pb.ListModelsResponse(models=self.engine.list_models())
 
-    async def DownloadArtifact(self, request: pb.DownloadArtifactRequest, context):
-        try:
-            job = self._job(request.artifact_id)
+    async def _artifact(self, artifact_id: str) -> pb.Artifact:
+        """The caller's artifact: its job's, when this scheduler knows the job (the job must have
+        SUCCEEDED); otherwise as the shared store describes it (a job of another scheduler, or one
+        this scheduler has forgotten). Another principal's artifact is NOT_FOUND, exactly like a
+        missing one, in both cases."""
+        if self.engine.get_job(artifact_id) is not None:
+            job = self._job(artifact_id)
             if job.artifact is None or job.state != pb.JOB_STATE_SUCCEEDED:
                 raise errors.failed_precondition(f"job {job.id} has no artifact (state {pb.JobState.Name(job.state)})", "NO_ARTIFACT")
+            return job.artifact
+        try:
+            stored = await asyncio.get_running_loop().run_in_executor(None, self.engine.find_artifact, artifact_id)
+        except ArtifactStoreError as exc:
+            log.error("looking up artifact %r: %s", artifact_id, exc)
+            raise errors.RequestError(errors.unavailable("the artifact store cannot be read now", "ARTIFACT_STORE_UNAVAILABLE")) from None
+        if stored is None or not current_principal().can_access(stored.principal):
+            raise errors.not_found("job", artifact_id)
+        return stored.artifact
+
+    async def DownloadArtifact(self, request: pb.DownloadArtifactRequest, context):
+        try:
+            artifact = await self._artifact(request.artifact_id)
         except errors.RequestError as exc:
             await errors.abort(context, exc.status)
-        artifact = job.artifact
         loop = asyncio.get_running_loop()
         chunks = self.engine.artifact_chunks(artifact)
         first = True
-        while True:
-            chunk = await loop.run_in_executor(None, next, chunks, None)
-            if chunk is None:
-                return
-            reply = pb.DownloadArtifactResponse(data=chunk)
-            if first:
-                reply.media_type = artifact.media_type
-                reply.total_bytes = artifact.size_bytes
-                reply.file_name = artifact.file_name
-                first = False
-            yield reply
+        try:
+            while True:
+                try:
+                    chunk = await loop.run_in_executor(None, next, chunks, None)
+                except ArtifactStoreError as exc:
+                    log.error("reading artifact %s: %s", artifact.id, exc)
+                    await errors.abort(context, errors.unavailable("the artifact store cannot be read now", "ARTIFACT_STORE_UNAVAILABLE"))
+                if chunk is None:
+                    return
+                reply = pb.DownloadArtifactResponse(data=chunk)
+                if first:
+                    reply.media_type = artifact.media_type
+                    reply.total_bytes = artifact.size_bytes
+                    reply.file_name = artifact.file_name
+                    first = False
+                yield reply
+        finally:
+            with contextlib.suppress(ValueError):  # ValueError: still running on a pool thread (the caller went away); GC closes it
+                chunks.close()  # releases the file / the S3 connection now

@@ -14,7 +14,7 @@ import asyncio
 import numpy as np
 import pytest
 
-from diffserve.scheduler.artifacts import ArtifactStore
+from diffserve.scheduler.artifact_local import LocalArtifactStore
 from diffserve.scheduler.engine import Engine, EngineConfig
 from diffserve.scheduler.errors import RequestError, cancelled
 from diffserve.scheduler.lifecycle import Phase
@@ -74,7 +74,7 @@ async def until(predicate, what: str, timeout_s: float = 5.0):
 class Harness:
     def __init__(self, tmp_path, max_batch_size: int = 1, max_attempts: int = 2):
         self.link = FakeLink()
-        self.engine = Engine(EngineConfig(heartbeat_timeout_s=60, max_attempts=max_attempts), self.link, ArtifactStore(tmp_path))
+        self.engine = Engine(EngineConfig(heartbeat_timeout_s=60, max_attempts=max_attempts), self.link, LocalArtifactStore(tmp_path))
         self.max_batch_size = max_batch_size
 
     async def __aenter__(self):
