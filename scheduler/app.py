@@ -118,10 +118,9 @@ def serve(args: argparse.Namespace) -> int:
         if value < 1:
             print(f"error: {flag} must be >= 1", file=sys.stderr)
             return 2
-    for flag, value in (("--job-ttl", args.job_ttl), ("--max-jobs", args.max_jobs)):
-        if value < 0:
-            print(f"error: {flag} must be >= 0", file=sys.stderr)
-            return 2
+    if args.job_ttl < 0 or args.max_jobs < 1:
+        print("error: --job-ttl must be >= 0 (0 keeps finished jobs for ever) and --max-jobs >= 1", file=sys.stderr)
+        return 2
     problem = api_security_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)

@@ -249,6 +249,8 @@ class JobStore:
         """Writes every saved job and deletion in one transaction. StoreError when it cannot (the
         jobs stay marked, for the next flush)."""
         self._scheduled = False
+        if self._db is None:  # closed at exit: what changes after that is not kept
+            return
         if not self._dirty and not self._deleted:
             return
         dirty, deleted = self._dirty, self._deleted
