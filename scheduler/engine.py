@@ -292,6 +292,8 @@ class Engine:
             await asyncio.sleep(0.2)
             now = time.monotonic()
             self._jobs.evict()  # cheap: looks at the oldest finished job
+            if self._jobs.store is not None:
+                self._jobs.store.checkpoint_soon()
             for job in self._jobs:
                 if not job.done and job.deadline is not None and now > job.deadline:
                     self.cancel(job, errors.deadline_exceeded())

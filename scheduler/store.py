@@ -21,7 +21,10 @@ Contract:
 
 Durability: WAL with synchronous=NORMAL. A commit is in the WAL file (the OS page cache) before
 `flush` returns, so it survives a SIGKILL of the scheduler; a power loss can lose the last
-commits before a checkpoint (sqlite.org/wal.html). Measured cost of one flush: notes d13-store.
+commits before a checkpoint (sqlite.org/wal.html). Checkpoints (the fsyncs) are not left to the
+committing call on the event loop: `checkpoint_soon()` runs a passive one on a thread with its
+own connection (the engine calls it every few seconds; close() does a last one). Measured cost
+of one flush: notes d13-store.
 
 Parameters (which may hold input images) live in their own table, written once at submit; the
 phase writes rewrite only the small row in `jobs`.
@@ -143,6 +146,8 @@ class JobStore:
         self._logs: dict[str, tuple[int, bytearray]] = {}  # encoded event logs of unfinished jobs
         self._scheduled = False
         self.writes = 0  # flushes that wrote something (tests, and the cost measurement)
+        self._checkpointing = False
+        self._last_checkpoint = time.monotonic()
 
     # ---- opening ----
 
@@ -169,6 +174,27 @@ class JobStore:
         self._db.close()
         self._db = None
         os.close(self._lock_fd)
+
+    def checkpoint_soon(self, every_s: float = 5.0) -> None:
+        """Copies the WAL into the database file on a thread, at most every `every_s` (a passive
+        checkpoint: it never blocks the writer). Call it from the event loop."""
+        if self._checkpointing or self._db is None or time.monotonic() - self._last_checkpoint < every_s:
+            return
+        self._checkpointing = True
+        self._last_checkpoint = time.monotonic()
+        asyncio.get_running_loop().run_in_executor(None, self._checkpoint)
+
+    def _checkpoint(self) -> None:
+        try:
+            db = sqlite3.connect(self.path)
+            try:
+                db.execute("PRAGMA wal_checkpoint(PASSIVE)")
+            finally:
+                db.close()
+        except sqlite3.Error as exc:
+            log.warning("checkpointing the job store %s failed: %s", self.path, exc)
+        finally:
+            self._checkpointing = False
 
     # ---- reading ----
 
@@ -346,6 +372,7 @@ def _connect(path: Path, migrations: list[tuple[str, ...]]) -> sqlite3.Connectio
         if db.execute("PRAGMA journal_mode=WAL").fetchone()[0].lower() != "wal":
             raise StoreError(f"the job store {path} cannot be put in WAL mode (is its folder on a network file system?)")
         db.execute("PRAGMA synchronous=NORMAL")
+        db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoint_soon(), on a thread
         if version < len(migrations):
             _migrate(db, path, version, migrations)
     except sqlite3.DatabaseError as exc:  # "file is not a database", "database disk image is malformed"

@@ -9,6 +9,7 @@ No sockets, no torch: the engine runs no loop here (restore needs none).
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
 
@@ -109,6 +110,37 @@ def test_written_on_phase_changes_not_on_steps(tmp_path):
     # ADMIT, ENCODE→PREPARE, PREPARE→DENOISE, the last STEP (→DECODE), DECODE→SAVE, SAVE→SUCCEEDED
     assert store.writes == 1 + 6
     assert len(job.events) > 50
+    store.close()
+
+
+def test_under_a_loop_a_submit_is_written_at_once_and_phase_changes_once_per_turn(tmp_path):
+    """add() commits before it returns; the phase changes of one loop turn go out together in the
+    next one (read back through a second connection, as a restarted scheduler would)."""
+    import asyncio
+
+    store = store_at(tmp_path)
+    table = JobTable()
+    table.attach(store)
+    reader = sqlite3.connect(tmp_path / "state" / "jobs.sqlite3")
+
+    def phases() -> list[str]:
+        return [row[0] for row in reader.execute("SELECT phase FROM jobs ORDER BY seq")]
+
+    async def main():
+        a, b = Job(params=PARAMS), Job(params=PARAMS)
+        table.add(a)
+        table.add(b)
+        assert phases() == ["queued", "queued"] and store.writes == 2
+        a.advance(Event.ADMIT, worker_id="w1")
+        a.advance(Event.DISPATCH)
+        a.advance(Event.DONE)
+        b.advance(Event.CANCEL, status=errors.cancelled())
+        assert phases() == ["queued", "queued"]  # not yet: at the end of this turn
+        await asyncio.sleep(0)
+        assert phases() == ["prepare", "cancelled"] and store.writes == 3  # one transaction
+
+    asyncio.run(main())
+    reader.close()
     store.close()
 
 
@@ -248,7 +280,6 @@ def test_the_engine_restores_every_job_where_it_belongs(tmp_path):
     done_events = list(done.events)
     first._jobs.store._db.close()  # "killed": no close(), no final flush
     first._jobs.store._db = None
-    import os
     os.close(first._jobs.store._lock_fd)
 
     engine = Engine(EngineConfig(max_attempts=2), link=None, artifacts=outputs)
