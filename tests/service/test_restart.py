@@ -81,7 +81,7 @@ def test_a_killed_scheduler_restarts_with_every_job(tiny_wan, tmp_path):
         starts = [client.get(job.id).start_time.ToNanoseconds() for job in (running, *queued, keyed)]
         assert starts == sorted(starts)
         # Each output equals the same request's solo run.
-        for job, params in ((running, RUNNING), (queued[0], dict(SHORT, seed=11)), (keyed, dict(SHORT, seed=13))):
+        for job, params in ((running, RUNNING), (queued[0], dict(SHORT, seed=11)), (queued[1], dict(SHORT, seed=12)), (keyed, dict(SHORT, seed=13))):
             solo = client.submit(**params)
             np.testing.assert_array_equal(npy_output(client, solo.id), outputs[job.id])
     finally:

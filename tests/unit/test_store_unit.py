@@ -331,3 +331,17 @@ def test_a_draining_queue_sends_one_event_per_band_change(tmp_path):
     total = sum(1 for j in jobs for e in j.events if e.HasField("queued"))
     assert total < 20 * len(jobs)
     assert admission.position(last) == 1
+
+
+def test_retention_flags(capsys):
+    import argparse
+
+    from diffserve.scheduler.app import add_serve_flags, main
+
+    parser = argparse.ArgumentParser()
+    add_serve_flags(parser)
+    defaults = parser.parse_args([])
+    assert (defaults.job_ttl, defaults.max_jobs, defaults.state_dir) == (7 * 24 * 3600, 10_000, ".diffserve")
+    for bad in (["--max-jobs", "0"], ["--job-ttl", "-1"]):
+        assert main(bad) == 2  # refused before anything starts
+        assert "--max-jobs >= 1" in capsys.readouterr().err
