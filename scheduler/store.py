@@ -154,14 +154,20 @@ class JobStore:
     @classmethod
     def open(cls, path: str | os.PathLike, migrations: list[tuple[str, ...]] = MIGRATIONS) -> JobStore:
         path = Path(path).absolute()
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        lock_fd = _lock(path)
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            lock_fd = _lock(path)
+        except OSError as exc:
+            raise StoreError(_unusable(path, exc)) from None
         try:
             if not path.exists():
                 _create(path, migrations)
             elif path.stat().st_size == 0:  # ours are never empty (_create)
                 raise StoreError(_damaged(path, "the file is empty (truncated?)"))
             db = _connect(path, migrations)
+        except (OSError, sqlite3.OperationalError) as exc:  # permissions, disk full, I/O: not damage
+            os.close(lock_fd)
+            raise StoreError(_unusable(path, exc)) from None
         except BaseException:
             os.close(lock_fd)
             raise
@@ -334,7 +340,7 @@ def _lock(path: Path) -> int:
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError:
+    except BlockingIOError:
         os.close(fd)
         raise StoreError(f"the job store {path} is in use by another diffserve scheduler (it holds {lock_path}); "
                          f"give each scheduler its own --state-dir") from None
@@ -375,6 +381,9 @@ def _connect(path: Path, migrations: list[tuple[str, ...]]) -> sqlite3.Connectio
         db.execute("PRAGMA wal_autocheckpoint=0")  # checkpoint_soon(), on a thread
         if version < len(migrations):
             _migrate(db, path, version, migrations)
+    except sqlite3.OperationalError:  # cannot open, read-only, I/O error: JobStore.open says so
+        db.close()
+        raise
     except sqlite3.DatabaseError as exc:  # "file is not a database", "database disk image is malformed"
         db.close()
         raise StoreError(_damaged(path, str(exc))) from None
@@ -398,6 +407,10 @@ def _migrate(db: sqlite3.Connection, path: Path, version: int, migrations: list[
             raise
         if version:
             log.info("upgraded the job store %s to schema version %d", path, target)
+
+
+def _unusable(path: Path, exc: Exception) -> str:
+    return f"cannot open the job store {path}: {exc} (check the state folder's owner, permissions and free space)"
 
 
 def _damaged(path: Path, why: str) -> str:

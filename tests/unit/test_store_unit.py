@@ -195,6 +195,13 @@ def test_damaged_files_are_refused_naming_the_file(tmp_path):
     assert "not a diffserve job store" in str(info.value)
 
 
+def test_a_state_folder_that_cannot_be_used_is_named(tmp_path):
+    (tmp_path / "state").write_text("a file where the folder should be")
+    with pytest.raises(StoreError) as info:
+        store_at(tmp_path)
+    assert "cannot open the job store" in str(info.value) and str(tmp_path / "state") in str(info.value)
+
+
 def test_a_second_scheduler_cannot_open_a_store_in_use(tmp_path):
     store = store_at(tmp_path)
     with pytest.raises(StoreError) as info:
