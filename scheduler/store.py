@@ -148,6 +148,7 @@ class JobStore:
         self.writes = 0  # flushes that wrote something (tests, and the cost measurement)
         self._checkpointing = False
         self._last_checkpoint = time.monotonic()
+        self._last_error = float("-inf")
 
     # ---- opening ----
 
@@ -275,7 +276,9 @@ class JobStore:
         try:
             self.flush()
         except StoreError as exc:  # kept marked: the next flush tries again (a job's advance never fails for it)
-            log.error("%s", exc)
+            if time.monotonic() - self._last_error >= 60:  # one line a minute while it lasts
+                self._last_error = time.monotonic()
+                log.error("%s (retrying with the next change)", exc)
 
     def flush(self) -> None:
         """Writes every saved job and deletion in one transaction. StoreError when it cannot (the
