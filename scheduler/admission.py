@@ -9,8 +9,11 @@ Contract:
   the request before its first stage. Jobs no worker can take stay queued, in order.
 - `requeue(job)` puts a job that went back to QUEUED (Event.REQUEUE) into the queue again, ahead
   of every job submitted after it (the bound does not apply: an accepted job is never dropped).
-- `withdraw(job, status)` cancels a queued job. Every change of the queue re-announces the
-  positions that changed (a `queued` event per job).
+- `restore(jobs)` queues jobs reloaded from the store (all QUEUED, in submission order) again.
+- `withdraw(job, status)` cancels a queued job. Every change of the queue re-announces a job's
+  position when it moved to another band (`position_band`: each of 1-10, then 11-20, 21-50,
+  51-100, 101-200, 201-500, ...), not on every move: a long queue costs O(n log n) events, not
+  O(n²). The exact position is always in GetJob (Job.queue_position).
 Quotas per principal land here.
 """
 
@@ -104,11 +107,32 @@ class Admission:
         if admitted:
             self._announce_positions()
 
+    def restore(self, jobs: list[Job]) -> None:
+        """Jobs reloaded from the store, QUEUED, oldest submission first: queued again in that order
+        (the bound does not apply: they were accepted)."""
+        for job in jobs:
+            bisect.insort(self._queue, job, key=_submitted)
+        self._announce_positions()
+
     def _announce_positions(self) -> None:
         for position, job in enumerate(self._queue, start=1):
             last = job.events[-1] if job.events else None
-            if last is None or last.WhichOneof("event") != "queued" or last.queued.position != position:
+            if last is None or last.WhichOneof("event") != "queued" or position_band(last.queued.position) != position_band(position):
                 job.emit(queued=pb.Queued(position=position))
+
+
+def position_band(position: int) -> int:
+    """The band of a queue position, named by its last position: 1-10 each their own, then
+    11-20, 21-50, 51-100, 101-200, 201-500, 501-1000, ... (1-2-5 steps). A `queued` event is sent
+    when a job's position enters another band."""
+    if position <= 10:
+        return position
+    bound = 10
+    while True:
+        for factor in (2, 5, 10):
+            if position <= bound * factor:
+                return bound * factor
+        bound *= 10
 
 
 def _submitted(job: Job) -> tuple[int, int]:

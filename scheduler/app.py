@@ -30,7 +30,8 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
     s.add_argument("--worker-bind", default="tcp://127.0.0.1:0", help="ZeroMQ address workers connect to")
     # Worker-protocol authentication (CURVE keys in the state folder; docs/cli.md "Worker keys").
-    s.add_argument("--state-dir", default=".diffserve", help="state folder: CURVE keys (created 0700 at first start; default ./.diffserve)")
+    s.add_argument("--state-dir", default=".diffserve",
+                   help="state folder: CURVE keys and the job store jobs.sqlite3 (created 0700 at first start; default ./.diffserve)")
     s.add_argument("--insecure-worker-plaintext", action="store_true",
                    help="no CURVE on the worker endpoint (plain TCP); refused unless --worker-bind is loopback")
     s.add_argument("--output-dir", default="outputs", help="folder of the local artifact store (default ./outputs)")
@@ -49,6 +50,10 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
                    help="local worker groups serving the model, each on its own --num-gpus devices (jobs go to the least loaded)")
     s.add_argument("--max-attempts", type=int, default=2,
                    help="runs of a job whose worker group is lost before it fails (it restarts from step 0 elsewhere)")
+    s.add_argument("--job-ttl", type=float, default=7 * 24 * 3600.0, metavar="SECONDS",
+                   help="finished jobs older than this are deleted with their artifacts (default 604800: 7 days; 0 keeps them)")
+    s.add_argument("--max-jobs", type=int, default=10_000,
+                   help="finished jobs kept; beyond this the oldest finished are deleted with their artifacts")
     s.add_argument("--drain-timeout", type=float, default=60.0, help="seconds Ctrl-C waits for running jobs")
     s.add_argument("--image-dir", default="", help="folder whose images requests may name by path (default: paths refused)")
     s.add_argument("--allow-private-image-urls", action="store_true", help="let image URLs reach private, loopback and link-local addresses")
@@ -111,6 +116,7 @@ def serve(args: argparse.Namespace) -> int:
     from diffserve.scheduler.artifacts import ArtifactStoreError
     from diffserve.scheduler.server import ServerConfig, run
     from diffserve.scheduler.keys import KeyStoreError
+    from diffserve.scheduler.store import StoreError
     from diffserve.scheduler.workers import WorkerAuth, WorkerAuthError, is_loopback_endpoint
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s scheduler %(levelname)s %(name)s: %(message)s")
@@ -118,6 +124,9 @@ def serve(args: argparse.Namespace) -> int:
         if value < 1:
             print(f"error: {flag} must be >= 1", file=sys.stderr)
             return 2
+    if args.job_ttl < 0 or args.max_jobs < 1:
+        print("error: --job-ttl must be >= 0 (0 keeps finished jobs for ever) and --max-jobs >= 1", file=sys.stderr)
+        return 2
     problem = api_security_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
@@ -132,11 +141,13 @@ def serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, worker_bind=args.worker_bind, output_dir=args.output_dir,
         artifact_store=args.artifact_store, s3_endpoint_url=args.s3_endpoint_url, s3_region=args.s3_region,
         engine=EngineConfig(max_queue=args.max_queue, max_batch_size=args.max_batch_size, heartbeat_timeout_s=args.heartbeat_timeout,
-                            max_worker_message_bytes=args.max_worker_message_bytes, max_attempts=args.max_attempts),
+                            max_worker_message_bytes=args.max_worker_message_bytes, max_attempts=args.max_attempts,
+                            max_jobs=args.max_jobs, job_ttl_s=args.job_ttl or None),
         worker_auth=auth, local_workers=specs, restart_workers=not args.no_restart_workers, drain_timeout_s=args.drain_timeout,
         images=ImagePolicy(allowed_dir=Path(args.image_dir) if args.image_dir else None, allow_private_urls=args.allow_private_image_urls,
                            max_bytes=args.max_image_bytes, timeout_s=args.image_fetch_timeout),
         tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None, auth_tokens=args.auth_tokens,
+        state_dir=args.state_dir,
     )
 
     def started(port: int) -> None:
@@ -149,7 +160,7 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         return run(config, started)
-    except (WorkerAuthError, KeyStoreError, ArtifactStoreError) as exc:
+    except (WorkerAuthError, KeyStoreError, ArtifactStoreError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -44,6 +44,7 @@ from diffserve.scheduler.lifecycle import RUNNING, Event, Phase
 from diffserve.scheduler.registry import WorkerRegistry
 from diffserve.scheduler.results import Results
 from diffserve.scheduler.steps import StepLoop
+from diffserve.scheduler.store import JobStore
 from diffserve.scheduler.wire import DEFAULT_MAX_MESSAGE_BYTES, ProtocolError, Throttled, peer
 
 if TYPE_CHECKING:  # the link is the only part that needs sockets; unit tests pass a fake
@@ -61,6 +62,8 @@ class EngineConfig:
     retry_after_s: float = 5.0  # RetryInfo sent with RESOURCE_EXHAUSTED
     max_attempts: int = 2  # runs of a job whose worker group is lost, before it fails
     max_worker_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # also the WorkerLink's cap; a card with a larger output is refused
+    max_jobs: int = 10_000  # finished jobs kept (oldest finished dropped first, with their artifacts)
+    job_ttl_s: float | None = 7 * 24 * 3600.0  # finished jobs older than this are dropped, with their artifacts
 
 
 class Engine:
@@ -70,7 +73,7 @@ class Engine:
         self.config = config
         self._link = link
         self._artifacts = artifacts
-        self._jobs = JobTable()
+        self._jobs = JobTable(config.max_jobs, config.job_ttl_s, on_drop=self._delete_artifact)
         self._registry = WorkerRegistry()
         self._admission = Admission(self._jobs, self._registry, link, config.max_queue, config.retry_after_s)
         self._steps = StepLoop(link, config.max_batch_size)
@@ -122,6 +125,60 @@ class Engine:
         (another scheduler sharing the store did). Blocking (the store may be remote): call on a
         thread pool. Raises artifacts.ArtifactStoreError."""
         return self._artifacts.lookup(artifact_id)
+
+    # ---- the durable store ----
+
+    def restore(self, store: JobStore) -> None:
+        """Attaches the durable store and reloads its jobs (before the API accepts calls): finished
+        jobs answer again; queued jobs are queued again in their order; jobs that were running
+        start again from step 0 (REQUEUE, "the scheduler restarted", attempt + 1), or fail past
+        max_attempts; a cancel that was waiting ends its job. Then applies retention."""
+        jobs = store.load()
+        self._jobs.attach(store)
+        self._jobs.restore(jobs)
+        restarted = failed = 0
+        for job in jobs:
+            if job.done or job.phase is Phase.QUEUED:
+                continue
+            if job.cancel_status is not None:
+                job.advance(Event.CANCEL)
+            elif job.attempt < self.config.max_attempts:
+                job.advance(Event.REQUEUE, reason="the scheduler restarted")
+                restarted += 1
+            else:
+                message = f"the scheduler restarted while it ran (attempt {job.attempt} of {self.config.max_attempts})"
+                job.advance(Event.FAIL, status=errors.unavailable(message, "SCHEDULER_RESTARTED"))
+                failed += 1
+        queued = [job for job in jobs if job.phase is Phase.QUEUED]
+        self._admission.restore(queued)
+        dropped = self._jobs.evict()
+        store.flush()
+        log.info("job store %s: %d jobs reloaded (%d queued again, %d of them restarted; %d failed past their attempts; %d dropped by retention)",
+                 store.path, len(jobs), len(queued), restarted, failed, len(dropped))
+        if queued:
+            self.wake()
+
+    def close_store(self) -> None:
+        """Writes what is pending and closes the store (at exit)."""
+        if self._jobs.store is not None:
+            self._jobs.store.close()
+
+    def _delete_artifact(self, job: Job) -> None:
+        """A dropped job's artifact goes too (on the thread pool: the store may be remote)."""
+        if job.artifact is None:
+            return
+        artifact = job.artifact
+
+        def delete() -> None:
+            try:
+                self._artifacts.delete(artifact)
+            except Exception:
+                log.exception("deleting the artifact of job %s failed", job.id)
+
+        try:
+            asyncio.get_running_loop().run_in_executor(None, delete)
+        except RuntimeError:  # no loop
+            delete()
 
     # ---- models and workers ----
 
@@ -240,6 +297,9 @@ class Engine:
         while True:
             await asyncio.sleep(0.2)
             now = time.monotonic()
+            self._jobs.evict()  # cheap: looks at the oldest finished job
+            if self._jobs.store is not None:
+                self._jobs.store.checkpoint_soon()
             for job in self._jobs:
                 if not job.done and job.deadline is not None and now > job.deadline:
                     self.cancel(job, errors.deadline_exceeded())

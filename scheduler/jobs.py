@@ -11,6 +11,7 @@ import asyncio
 import time
 import uuid
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from google.protobuf import timestamp_pb2
@@ -18,6 +19,7 @@ from google.rpc import status_pb2
 
 from diffserve.v1 import generation_pb2 as pb
 
+from diffserve.scheduler import errors
 from diffserve.scheduler.auth import ANONYMOUS_NAME
 from diffserve.scheduler.lifecycle import Event, IllegalTransition, Phase, next_phase
 
@@ -55,6 +57,8 @@ class Job:
     attempt: int = 1  # 1 + the times it went back to the queue (Event.REQUEUE)
     events: list[pb.JobEvent] = field(default_factory=list)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
+    # Called after every phase change (and a cancel that waits): the JobTable's write-through.
+    on_change: Callable[[Job], None] | None = field(default=None, repr=False)
 
     @property
     def total_steps(self) -> int:
@@ -96,6 +100,7 @@ class Job:
         ADMIT takes the worker_id; STEP the step's time and batch size; SAVE's DONE the
         artifact; CANCEL_LATER, CANCEL and FAIL the status (CANCEL defaults to the one that
         CANCEL_LATER recorded); REQUEUE the reason its `restarted` event gives."""
+        before = self.phase
         target = next_phase(self.phase, event)
         if event is Event.DISPATCH and self.in_flight:
             raise IllegalTransition(f"job {self.id} is already in a command")
@@ -144,6 +149,8 @@ class Job:
             if event is Event.CANCEL and status is None:  # the cancel that waited for the boundary
                 status = self.cancel_status
             self._finish(status)
+        if self.on_change is not None and (target is not before or event is Event.CANCEL_LATER):
+            self.on_change(self)
         return target
 
     def _finish(self, error: status_pb2.Status | None) -> None:
@@ -199,20 +206,53 @@ class Job:
         return job
 
 
-class JobTable:
-    """All jobs by id and by (principal, client request id); forgets the oldest finished jobs past
-    `max_finished`. Idempotency keys are per principal: two callers' "job-1" are two jobs."""
+class StoreError(RuntimeError):
+    """The job store cannot be used; the message names the file and what to do (raised by store.py)."""
 
-    def __init__(self, max_finished: int = 10_000):
+
+class JobTable:
+    """All jobs by id and by (principal, client request id), their write-through to the durable
+    store (when one is attached), and retention. Idempotency keys are per principal: two callers'
+    "job-1" are two jobs.
+
+    Retention: finished jobs beyond `max_finished` (oldest finished first), and finished jobs that
+    ended more than `ttl_s` ago, are dropped: from the table, from the store, and `on_drop(job)`
+    (the engine deletes the artifact; after the store's commit)."""
+
+    def __init__(self, max_finished: int = 10_000, ttl_s: float | None = None, on_drop: Callable[[Job], None] | None = None):
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._by_client_id: dict[tuple[str, str], str] = {}
+        self._finished: OrderedDict[str, Job] = OrderedDict()  # in the order they ended
         self._max_finished = max_finished
+        self._ttl_s = ttl_s
+        self._on_drop = on_drop
+        self.store = None  # store.JobStore, once attached
+
+    def attach(self, store) -> None:
+        """Writes every job through to `store` (store.JobStore) from now on."""
+        self.store = store
 
     def add(self, job: Job) -> None:
-        self._jobs[job.id] = job
-        if job.client_request_id:
-            self._by_client_id[(job.principal, job.client_request_id)] = job.id
-        self._evict()
+        """A new job: on disk (with a store) before this returns; errors.RequestError (UNAVAILABLE)
+        when it cannot be written."""
+        self._index(job)
+        if self.store is not None:
+            self.store.save(job)
+            try:
+                self.store.flush()
+            except StoreError as exc:  # not durable: the client is told, nothing is kept
+                self.store.discard(job.id)
+                self._unindex(job)
+                raise errors.RequestError(errors.unavailable(f"the job was not accepted: {exc}", "STORE_UNAVAILABLE")) from None
+        if job.done:
+            self._ended(job)
+
+    def restore(self, jobs: list[Job]) -> None:
+        """Jobs loaded from the store (submission order): indexed, not written again."""
+        for job in jobs:
+            self._index(job)
+        for job in sorted((j for j in jobs if j.done), key=lambda j: (j.ended.seconds, j.ended.nanos) if j.ended else (0, 0)):
+            self._finished[job.id] = job
 
     def get(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
@@ -225,9 +265,53 @@ class JobTable:
     def __iter__(self):
         return iter(list(self._jobs.values()))
 
-    def _evict(self) -> None:
-        finished = [j for j in self._jobs.values() if j.done]
-        for job in finished[: max(0, len(finished) - self._max_finished)]:
-            del self._jobs[job.id]
-            if self._by_client_id.get((job.principal, job.client_request_id)) == job.id:
-                del self._by_client_id[(job.principal, job.client_request_id)]
+    def __len__(self) -> int:
+        return len(self._jobs)
+
+    def evict(self, now: float | None = None) -> list[Job]:
+        """Drops the finished jobs past the retention limits (`now`: time.time()); returns them."""
+        dropped = []
+        while len(self._finished) > self._max_finished:
+            dropped.append(self._finished.popitem(last=False)[1])
+        if self._ttl_s is not None and self._finished:
+            cutoff = (time.time() if now is None else now) - self._ttl_s
+            while self._finished:
+                oldest = next(iter(self._finished.values()))
+                if oldest.ended is not None and oldest.ended.seconds + oldest.ended.nanos / 1e9 >= cutoff:
+                    break
+                dropped.append(self._finished.popitem(last=False)[1])
+        for job in dropped:
+            self._drop(job)
+        return dropped
+
+    def _index(self, job: Job) -> None:
+        self._jobs[job.id] = job
+        if job.client_request_id:
+            self._by_client_id[(job.principal, job.client_request_id)] = job.id
+        job.on_change = self._changed
+
+    def _unindex(self, job: Job) -> None:
+        self._jobs.pop(job.id, None)
+        self._finished.pop(job.id, None)
+        if self._by_client_id.get((job.principal, job.client_request_id)) == job.id:
+            del self._by_client_id[(job.principal, job.client_request_id)]
+        job.on_change = None
+
+    def _changed(self, job: Job) -> None:
+        if self.store is not None:
+            self.store.save(job)
+        if job.done:
+            self._ended(job)
+
+    def _ended(self, job: Job) -> None:
+        self._finished[job.id] = job
+        if len(self._finished) > self._max_finished:
+            self.evict()
+
+    def _drop(self, job: Job) -> None:
+        self._unindex(job)
+        then = (lambda: self._on_drop(job)) if self._on_drop is not None else None
+        if self.store is not None:
+            self.store.delete(job.id, then)
+        elif then is not None:
+            then()

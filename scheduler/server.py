@@ -8,6 +8,7 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -24,6 +25,8 @@ from diffserve.scheduler.grpc_auth import TlsConfig, TokenInterceptor
 from diffserve.scheduler.images import ImagePolicy
 from diffserve.scheduler.launcher import LocalWorkers, LocalWorkerSpec
 from diffserve.scheduler.service import GenerationService, add_to_server
+from diffserve.scheduler.store import FILE_NAME as STORE_FILE
+from diffserve.scheduler.store import JobStore
 from diffserve.scheduler.workers import WorkerAuth, WorkerLink
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,7 @@ class ServerConfig:
     images: ImagePolicy = field(default_factory=ImagePolicy)
     tls: TlsConfig | None = None  # None: plaintext gRPC (loopback)
     auth_tokens: str = ""  # tokens file; empty: every RPC open, one anonymous principal
+    state_dir: str = ""  # the job store (store.FILE_NAME) lives here; empty: jobs are kept in memory only
 
 
 class SchedulerServer:
@@ -94,6 +98,8 @@ class SchedulerServer:
             asyncio.get_running_loop().create_task(self.stop())
 
     async def start(self) -> int:
+        if self.config.state_dir:  # reloaded before anything listens; StoreError stops the start
+            self.engine.restore(JobStore.open(Path(self.config.state_dir) / STORE_FILE))
         address = f"{self.config.host}:{self.config.port}"
         if self.config.tls is not None:
             self.port = self.server.add_secure_port(address, self.config.tls.credentials())
@@ -127,6 +133,7 @@ class SchedulerServer:
         for task in self._tasks:
             task.cancel()
         self.link.close()
+        self.engine.close_store()
         self._stopped.set()
 
 

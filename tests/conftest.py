@@ -52,13 +52,15 @@ def tiny_wan(tmp_path_factory) -> Path:
 
 
 class ServerProcess:
-    """A `diffserve serve` subprocess with its local worker, on a free port."""
+    """A `diffserve serve` subprocess with its local worker, on a free port (or `port`). A second
+    one on the same workdir uses the same state and output folders (a restart)."""
 
-    def __init__(self, model_path: Path, workdir: Path, *extra: str):
+    def __init__(self, model_path: Path, workdir: Path, *extra: str, port: int = 0):
         self.workdir = workdir
         ready = workdir / "port"
+        ready.unlink(missing_ok=True)
         self.output_dir = workdir / "outputs"
-        cmd = [sys.executable, "-m", "diffserve.client.cli", "serve", "--model-path", str(model_path), "--port", "0",
+        cmd = [sys.executable, "-m", "diffserve.client.cli", "serve", "--model-path", str(model_path), "--port", str(port),
                "--output-dir", str(self.output_dir), "--state-dir", str(workdir / "state"), "--ready-file", str(ready), "--log-level", "WARNING", *extra]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         self.proc = subprocess.Popen(cmd, env=env)
@@ -67,7 +69,8 @@ class ServerProcess:
             assert self.proc.poll() is None, f"server exited with {self.proc.returncode}"
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.05)
-        self.target = f"127.0.0.1:{ready.read_text()}"
+        self.port = int(ready.read_text())
+        self.target = f"127.0.0.1:{self.port}"
         from diffserve.client import Client
 
         self.client = Client(self.target)
