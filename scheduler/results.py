@@ -14,7 +14,7 @@ Contract:
   jobs were decoded already and finish.
 A DECODE result must carry uint8 frames of exactly the job's (num_frames, height, width, 3);
 anything else raises wire.ProtocolError before the job moves (the engine then drops the worker).
-Result handling never blocks the event loop; a durable job store is written from here.
+Result handling never blocks the event loop; the job store is written through Job.advance (store.py).
 """
 
 from __future__ import annotations
