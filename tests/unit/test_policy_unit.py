@@ -299,3 +299,22 @@ def test_a_requeued_job_keeps_its_place_by_submission_time():
     first.advance(Event.REQUEUE, reason="lost")
     adm.requeue(first)
     assert [adm.position(j) for j in (first, *later)] == [1, 2, 3]
+
+
+def test_serve_priority_flags():
+    import argparse
+
+    from diffserve.scheduler.app import add_serve_flags, priority_rule
+
+    parser = argparse.ArgumentParser()
+    add_serve_flags(parser)
+    args = parser.parse_args(["--principal-priority", "alice=5", "--principal-priority", " bob = -2"])
+    rule, problem = priority_rule(args)
+    assert problem == "" and rule.defaults == {"alice": 5, "bob": -2} and args.priority_aging == 30.0
+    assert (rule.default("alice"), rule.default("carol")) == (5, 0)
+    for bad, words in ((["--principal-priority", "alice"], "NAME=N"), (["--principal-priority", "alice=x"], "integer"),
+                       (["--principal-priority", "al ice=1"], "NAME=N"), (["--principal-priority", "alice=101"], "-100 to 100"),
+                       (["--principal-priority", "a=1", "--principal-priority", "a=2"], "twice"),
+                       (["--priority-aging", "-1"], ">= 0"), (["--priority-aging", "nan"], ">= 0")):
+        rule, problem = priority_rule(parser.parse_args(bad))
+        assert rule is None and words in problem, (bad, problem)
