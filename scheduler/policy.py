@@ -106,26 +106,35 @@ class Accounts:
 
 
 def next_plan(jobs: Iterable[Job], max_batch: int, accounts: Accounts | None = None) -> Plan | None:
-    resident = [j for j in jobs if j.phase.on_worker]
-    ready = sorted((j for j in resident if not j.in_flight), key=_order)
-    for job in ready:
-        if job.phase in STAGES:
-            return Plan(job.phase, [job])
-    accounts = accounts if accounts is not None else Accounts()
-    accounts.sync({j.shape_key for j in resident if j.phase is Phase.DENOISE})
+    stage: Job | None = None
+    shapes: set[Shape] = set()
     groups: dict[Shape, list[Job]] = {}
-    for job in ready:
-        if job.phase is Phase.DENOISE:
-            groups.setdefault(job.shape_key, []).append(job)
+    for job in jobs:  # one pass; each job's shape read once (protobuf fields are not free)
+        phase = job.phase
+        if phase is Phase.DENOISE:
+            shape = job.shape_key
+            shapes.add(shape)
+            if not job.in_flight:
+                groups.setdefault(shape, []).append(job)
+        elif phase in STAGES and not job.in_flight and (stage is None or _order(job) < _order(stage)):
+            stage = job
+    if stage is not None:
+        return Plan(stage.phase, [stage])
+    accounts = accounts if accounts is not None else Accounts()
+    accounts.sync(shapes)
     if not groups:
         return None
+    for shape, group in groups.items():
+        if len(group) > 1:
+            group.sort(key=_order)
+        del group[max_batch:]
 
     def finish(shape: Shape) -> tuple[float, int, float]:
-        batch = groups[shape][:max_batch]
+        batch = groups[shape]
         estimate = accounts.last_s[shape] / sum(weight(j.priority) for j in batch)
         return (accounts.vtime[shape] + estimate, accounts.served[shape], min(j.admitted_at for j in batch))
 
-    return Plan(Phase.DENOISE, groups[min(groups, key=finish)][:max_batch])
+    return Plan(Phase.DENOISE, groups[min(groups, key=finish)] if len(groups) > 1 else next(iter(groups.values())))
 
 
 class FairShare:
