@@ -85,6 +85,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--image-path", action="append", default=[], metavar="PATH_OR_URL",
                    help="conditioning image (image-to-video, editing): a local file (sent as bytes) or an http(s) URL the server fetches; repeatable")
     g.add_argument("--output-format", choices=["png", "mp4", "npy"], default="")
+    g.add_argument("--priority", type=int, default=None, metavar="N",
+                   help="with --server: higher runs sooner (-100..100; default: your principal's default, also the most you may ask for)")
     g.add_argument("--save-output", action="store_true", help="write the artifact (to --output-path)")
     g.add_argument("--output-path", default="outputs", help="file, or folder for an automatic name (default: outputs/)")
     g.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
@@ -154,7 +156,8 @@ def run_job(client: Client, args: argparse.Namespace) -> int:
     bar = None
     job_id = ""
     try:
-        for event in client.generate(params=params):
+        # A private server (--model-path) runs this job alone: its priority would change nothing.
+        for event in client.generate(params=params, priority=args.priority if args.server else None):
             job_id = event.job_id
             kind = event.WhichOneof("event")
             if kind == "queued":

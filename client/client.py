@@ -149,16 +149,17 @@ class Client:
         except grpc.RpcError as err:
             raise DiffserveError.from_rpc_error(err) from None
 
-    def submit(self, prompt: str = "", *, params: pb.GenerationParams | None = None, client_request_id: str = "", timeout_s: float | None = None, **fields) -> pb.Job:
-        """Creates a job (or returns the one with this client_request_id) without waiting for it."""
-        request = pb.SubmitJobRequest(params=params or make_params(prompt, **fields), client_request_id=client_request_id)
+    def submit(self, prompt: str = "", *, params: pb.GenerationParams | None = None, client_request_id: str = "", timeout_s: float | None = None, priority: int | None = None, **fields) -> pb.Job:
+        """Creates a job (or returns the one with this client_request_id) without waiting for it.
+        `priority` (higher runs sooner, -100..100) defaults to the principal's default."""
+        request = pb.SubmitJobRequest(params=params or make_params(prompt, **fields), client_request_id=client_request_id, priority=priority)
         if timeout_s:
             request.timeout.FromMilliseconds(int(timeout_s * 1000))
         return self._call(self.stub.SubmitJob, request).job
 
-    def generate(self, prompt: str = "", *, params: pb.GenerationParams | None = None, client_request_id: str = "", timeout_s: float | None = None, **fields) -> Iterator[pb.JobEvent]:
+    def generate(self, prompt: str = "", *, params: pb.GenerationParams | None = None, client_request_id: str = "", timeout_s: float | None = None, priority: int | None = None, **fields) -> Iterator[pb.JobEvent]:
         """Creates a job bound to this stream: closing the iterator early or the timeout expiring cancels it."""
-        request = pb.GenerateRequest(params=params or make_params(prompt, **fields), client_request_id=client_request_id)
+        request = pb.GenerateRequest(params=params or make_params(prompt, **fields), client_request_id=client_request_id, priority=priority)
         call = self.stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
         try:
             yield from self._stream(call)
@@ -232,14 +233,14 @@ class AsyncClient:
         except grpc.RpcError as err:
             raise DiffserveError.from_rpc_error(err) from None
 
-    async def submit(self, prompt: str = "", *, params: pb.GenerationParams | None = None, client_request_id: str = "", timeout_s: float | None = None, **fields) -> pb.Job:
-        request = pb.SubmitJobRequest(params=params or make_params(prompt, **fields), client_request_id=client_request_id)
+    async def submit(self, prompt: str = "", *, params: pb.GenerationParams | None = None, client_request_id: str = "", timeout_s: float | None = None, priority: int | None = None, **fields) -> pb.Job:
+        request = pb.SubmitJobRequest(params=params or make_params(prompt, **fields), client_request_id=client_request_id, priority=priority)
         if timeout_s:
             request.timeout.FromMilliseconds(int(timeout_s * 1000))
         return (await self._call(self.stub.SubmitJob, request)).job
 
-    async def generate(self, prompt: str = "", *, params: pb.GenerationParams | None = None, client_request_id: str = "", timeout_s: float | None = None, **fields) -> AsyncIterator[pb.JobEvent]:
-        request = pb.GenerateRequest(params=params or make_params(prompt, **fields), client_request_id=client_request_id)
+    async def generate(self, prompt: str = "", *, params: pb.GenerationParams | None = None, client_request_id: str = "", timeout_s: float | None = None, priority: int | None = None, **fields) -> AsyncIterator[pb.JobEvent]:
+        request = pb.GenerateRequest(params=params or make_params(prompt, **fields), client_request_id=client_request_id, priority=priority)
         call = self.stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
         try:
             async for event in self._stream(call):

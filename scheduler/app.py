@@ -55,6 +55,10 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-jobs", type=int, default=10_000,
                    help="finished jobs kept; beyond this the oldest finished are deleted with their artifacts")
     s.add_argument("--drain-timeout", type=float, default=60.0, help="seconds Ctrl-C waits for running jobs")
+    s.add_argument("--priority-aging", type=float, default=30.0, metavar="SECONDS",
+                   help="a queued job's priority grows by 1 per SECONDS waited, so none starves (default 30; 0: strict priorities)")
+    s.add_argument("--principal-priority", action="append", default=[], metavar="NAME=N",
+                   help="default priority of principal NAME (-100..100; unlisted: 0), also the most it may ask for (admin: any); repeat per principal")
     s.add_argument("--image-dir", default="", help="folder whose images requests may name by path (default: paths refused)")
     s.add_argument("--allow-private-image-urls", action="store_true", help="let image URLs reach private, loopback and link-local addresses")
     s.add_argument("--max-image-bytes", type=int, default=20 << 20, help="largest input image, fetched or sent (default 20 MiB)")
@@ -108,6 +112,29 @@ def replica_specs(args: argparse.Namespace, environ: dict[str, str] | None = Non
     return specs
 
 
+def priority_rule(args: argparse.Namespace):
+    """(auth.PriorityRule from --principal-priority, "") or (None, the problem with the flags)."""
+    import math
+
+    from diffserve.scheduler.auth import PriorityRule, parse_principal_priority
+    from diffserve.scheduler.validation import MAX_PRIORITY, MIN_PRIORITY
+
+    if not (math.isfinite(args.priority_aging) and args.priority_aging >= 0):
+        return None, f"--priority-aging must be a number of seconds >= 0, not {args.priority_aging}"
+    defaults: dict[str, int] = {}
+    for text in args.principal_priority:
+        try:
+            name, value = parse_principal_priority(text)
+        except ValueError as exc:
+            return None, f"--principal-priority: {exc}"
+        if not MIN_PRIORITY <= value <= MAX_PRIORITY:
+            return None, f"--principal-priority {text}: the priority must be from {MIN_PRIORITY} to {MAX_PRIORITY}"
+        if name in defaults:
+            return None, f"--principal-priority: {name} is given twice"
+        defaults[name] = value
+    return PriorityRule(defaults), ""
+
+
 def serve(args: argparse.Namespace) -> int:
     """Runs the scheduler (gRPC) and, with --model-path, its local worker group until Ctrl-C."""
     from diffserve.scheduler.engine import EngineConfig
@@ -127,7 +154,8 @@ def serve(args: argparse.Namespace) -> int:
     if args.job_ttl < 0 or args.max_jobs < 1:
         print("error: --job-ttl must be >= 0 (0 keeps finished jobs for ever) and --max-jobs >= 1", file=sys.stderr)
         return 2
-    problem = api_security_problem(args)
+    priorities, problem = priority_rule(args)
+    problem = problem or api_security_problem(args)
     if problem:
         print(f"error: {problem}", file=sys.stderr)
         return 2
@@ -142,7 +170,8 @@ def serve(args: argparse.Namespace) -> int:
         artifact_store=args.artifact_store, s3_endpoint_url=args.s3_endpoint_url, s3_region=args.s3_region,
         engine=EngineConfig(max_queue=args.max_queue, max_batch_size=args.max_batch_size, heartbeat_timeout_s=args.heartbeat_timeout,
                             max_worker_message_bytes=args.max_worker_message_bytes, max_attempts=args.max_attempts,
-                            max_jobs=args.max_jobs, job_ttl_s=args.job_ttl or None),
+                            max_jobs=args.max_jobs, job_ttl_s=args.job_ttl or None,
+                            priority_aging_s=args.priority_aging, priorities=priorities),
         worker_auth=auth, local_workers=specs, restart_workers=not args.no_restart_workers, drain_timeout_s=args.drain_timeout,
         images=ImagePolicy(allowed_dir=Path(args.image_dir) if args.image_dir else None, allow_private_urls=args.allow_private_image_urls,
                            max_bytes=args.max_image_bytes, timeout_s=args.image_fetch_timeout),

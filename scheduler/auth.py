@@ -14,6 +14,11 @@ inode, size and mtime); a file that no longer parses keeps the previous tokens a
 
 Only SHA-256 digests of the tokens are kept, and every lookup compares the caller's digest with
 all of them in constant time (hmac.compare_digest, no early exit).
+
+Priorities (`PriorityRule`): a principal's default priority is set with `--principal-priority
+NAME=N` (0 when not listed; `anonymous` may be listed for a server without tokens). The default is
+also the highest priority the principal may ask for, so a user cannot move ahead of the others by
+asking; `admin` may ask for any priority in the valid range.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ import logging
 import os
 import re
 import stat
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -159,3 +165,40 @@ class Tokens:
             if hmac.compare_digest(known, digest):
                 found = principal
         return Principal(found) if found is not None else None
+
+
+class PriorityRefused(ValueError):
+    """A principal asked for a priority above its own default (the message says which)."""
+
+
+def parse_principal_priority(text: str) -> tuple[str, int]:
+    """`NAME=N` (a --principal-priority value) → (name, N). Raises ValueError naming the problem;
+    the range of N is checked by the caller (validation.check_priority)."""
+    name, sep, value = text.partition("=")
+    name = name.strip()
+    if not sep or not PRINCIPAL_RE.fullmatch(name):
+        raise ValueError(f"expected NAME=N with a principal name, got {text!r}")
+    try:
+        return name, int(value.strip())
+    except ValueError:
+        raise ValueError(f"expected NAME=N with an integer N, got {text!r}") from None
+
+
+@dataclass(frozen=True)
+class PriorityRule:
+    """Per-principal default priorities; the default is also the principal's cap (admin: none)."""
+
+    defaults: Mapping[str, int] = field(default_factory=dict)
+
+    def default(self, principal: str) -> int:
+        return self.defaults.get(principal, 0)
+
+    def resolve(self, principal: str, requested: int | None) -> int:
+        """The priority a job of `principal` gets: `requested`, else the default. Raises
+        PriorityRefused when a principal other than admin asks for more than its default."""
+        default = self.default(principal)
+        if requested is None:
+            return default
+        if requested > default and principal != ADMIN:
+            raise PriorityRefused(f"{requested} is above the highest priority principal {principal!r} may ask for ({default}, its default)")
+        return requested

@@ -27,7 +27,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from google.rpc import status_pb2
@@ -38,7 +38,7 @@ from diffserve.worker.v1 import worker_pb2 as wpb
 from diffserve.scheduler import errors
 from diffserve.scheduler.admission import Admission
 from diffserve.scheduler.artifacts import ArtifactStore, StoredArtifact
-from diffserve.scheduler.auth import ANONYMOUS_NAME
+from diffserve.scheduler.auth import ANONYMOUS_NAME, PriorityRule
 from diffserve.scheduler.jobs import Job, JobTable
 from diffserve.scheduler.lifecycle import RUNNING, Event, Phase
 from diffserve.scheduler.registry import WorkerRegistry
@@ -64,6 +64,8 @@ class EngineConfig:
     max_worker_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES  # also the WorkerLink's cap; a card with a larger output is refused
     max_jobs: int = 10_000  # finished jobs kept (oldest finished dropped first, with their artifacts)
     job_ttl_s: float | None = 7 * 24 * 3600.0  # finished jobs older than this are dropped, with their artifacts
+    priority_aging_s: float = 30.0  # a queued job's priority grows by 1 per this many seconds waited (0: no aging)
+    priorities: PriorityRule = field(default_factory=PriorityRule)  # per-principal default (and cap) priorities
 
 
 class Engine:
@@ -75,7 +77,8 @@ class Engine:
         self._artifacts = artifacts
         self._jobs = JobTable(config.max_jobs, config.job_ttl_s, on_drop=self._delete_artifact)
         self._registry = WorkerRegistry()
-        self._admission = Admission(self._jobs, self._registry, link, config.max_queue, config.retry_after_s)
+        self._admission = Admission(self._jobs, self._registry, link, config.max_queue, config.retry_after_s,
+                                    config.priorities, config.priority_aging_s)
         self._steps = StepLoop(link, config.max_batch_size)
         self._results = Results(self._registry, artifacts, self._admission.requeue, config.max_attempts)
         self._on_serving_change: Callable[[dict[str, bool]], None] = lambda serving: None
@@ -85,9 +88,10 @@ class Engine:
     # ---- jobs (the service) ----
 
     def submit(self, params: pb.GenerationParams, client_request_id: str = "", timeout_s: float | None = None,
-               principal: str = ANONYMOUS_NAME) -> tuple[Job, bool]:
-        """Validates and queues a job owned by `principal`; returns (job, created). Raises errors.RequestError."""
-        job, created = self._admission.submit(params, client_request_id, timeout_s, principal)
+               principal: str = ANONYMOUS_NAME, priority: int | None = None) -> tuple[Job, bool]:
+        """Validates and queues a job owned by `principal` (`priority` None: the principal's default);
+        returns (job, created). Raises errors.RequestError."""
+        job, created = self._admission.submit(params, client_request_id, timeout_s, principal, priority)
         if created:
             self.wake()
         return job, created

@@ -90,6 +90,11 @@ def add_to_server(service: "GenerationService", server) -> None:
     server.add_registered_method_handlers(SERVICE.full_name, handlers)
 
 
+def _priority(request: pb.SubmitJobRequest | pb.GenerateRequest) -> int | None:
+    """The priority a request asks for; None when unset (the principal's default applies)."""
+    return request.priority if request.HasField("priority") else None
+
+
 class GenerationService(pb_grpc.GenerationServiceServicer):
     """Maps RPCs to Engine calls and RequestErrors to google.rpc statuses."""
 
@@ -130,7 +135,7 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
         try:
             timeout = timeout_seconds(request.timeout) if request.HasField("timeout") else None
             params = await self._checked(request.params, request.client_request_id)
-            job, created = self.engine.submit(params, request.client_request_id, timeout, current_principal().name)
+            job, created = self.engine.submit(params, request.client_request_id, timeout, current_principal().name, _priority(request))
         except errors.RequestError as exc:
             await errors.abort(context, exc.status)
         return pb.SubmitJobResponse(job=self._proto(job), created=created)
@@ -138,7 +143,8 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
     async def Generate(self, request: pb.GenerateRequest, context):
         try:
             params = await self._checked(request.params, request.client_request_id)
-            job, created = self.engine.submit(params, request.client_request_id, context.time_remaining(), current_principal().name)
+            job, created = self.engine.submit(params, request.client_request_id, context.time_remaining(), current_principal().name,
+                                              _priority(request))
         except errors.RequestError as exc:
             await errors.abort(context, exc.status)
         try:

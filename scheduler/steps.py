@@ -11,17 +11,19 @@ Contract:
   and for a Result from any worker but the one the command was sent to. Only the right
   worker's Result removes the command: a peer guessing command ids cannot take one away.
 - `forget(worker_id)` drops the commands of a lost worker, so their late Results are ignored.
-At most one compute command is in flight per worker.
+At most one compute command is in flight per worker. The policy's fair share (policy.FairShare)
+is charged with each command's time as measured here, from send to Result.
 """
 
 from __future__ import annotations
 
+import time
 from typing import TYPE_CHECKING
 
 from diffserve.worker.v1 import worker_pb2 as wpb
 
 from diffserve.scheduler.lifecycle import Event, Phase
-from diffserve.scheduler.policy import Plan, next_plan
+from diffserve.scheduler.policy import FairShare, Plan
 from diffserve.scheduler.registry import WorkerHandle
 from diffserve.scheduler.requests import worker_stage
 
@@ -35,10 +37,11 @@ class StepLoop:
     def __init__(self, link: WorkerLink, max_batch_size: int):
         self.link = link
         self.max_batch_size = max_batch_size
-        self._commands: dict[int, tuple[str, Plan]] = {}
+        self.policy = FairShare()
+        self._commands: dict[int, tuple[str, Plan, float]] = {}  # id -> (worker id, plan, sent at)
 
     async def dispatch(self, worker: WorkerHandle) -> bool:
-        plan = next_plan(worker.jobs.values(), min(self.max_batch_size, worker.hello.max_batch_size or 1))
+        plan = self.policy.next_plan(worker.id, worker.jobs.values(), min(self.max_batch_size, worker.hello.max_batch_size or 1))
         finished = worker.take_finished()
         if plan is None:
             if finished:
@@ -53,7 +56,7 @@ class StepLoop:
         for job in plan.jobs:
             job.advance(Event.DISPATCH)
         worker.in_flight = command.id
-        self._commands[command.id] = (worker.id, plan)
+        self._commands[command.id] = (worker.id, plan, time.monotonic())
         return await self.link.send(worker.id, command)
 
     def complete(self, worker: WorkerHandle | None, command_id: int) -> Plan | None:
@@ -62,8 +65,10 @@ class StepLoop:
             return None
         del self._commands[command_id]
         worker.in_flight = 0
+        self.policy.charge(worker.id, entry[1], time.monotonic() - entry[2])
         return entry[1]
 
     def forget(self, worker_id: str) -> None:
-        for command_id in [c for c, (w, _) in self._commands.items() if w == worker_id]:
+        for command_id in [c for c, (w, _, _) in self._commands.items() if w == worker_id]:
             del self._commands[command_id]
+        self.policy.forget(worker_id)

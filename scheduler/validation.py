@@ -7,7 +7,8 @@ A request may only set the guidance its model uses (`check_guidance`; docs/api.m
 Bounds on every input (`check_request`, run by the service before anything is fetched, and again
 inside `resolve_params`): every string has a length limit in UTF-8 bytes and no NUL byte, a
 required prompt needs a visible character (not only spaces, zero-width or format characters), the
-image count is capped, output_format must be a known value and a timeout lies in (0, 7 days].
+image count is capped, output_format must be a known value, a timeout lies in (0, 7 days] and a
+priority in [MIN_PRIORITY, MAX_PRIORITY] (`check_priority`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ MAX_IMAGE_PATH_BYTES = 4096
 MAX_IMAGE_URL_BYTES = 8192
 MAX_TIMEOUT_S = 7 * 24 * 3600
 MAX_FPS = 120
+MIN_PRIORITY, MAX_PRIORITY = -100, 100  # a job's priority (higher runs sooner)
 
 # Characters that draw nothing: a prompt made only of these is empty. Categories Cc (controls),
 # Cf (format: zero-width space / joiners, bidi marks, BOM, tags), Zs / Zl / Zp (separators),
@@ -230,3 +232,11 @@ def _derive_size(out: pb.GenerationParams, model: pb.Model) -> set[str]:
         if name in unset:
             setattr(out, name, value)
     return set(unset)
+
+
+def check_priority(priority: int) -> int:
+    """The priority, which must lie in [MIN_PRIORITY, MAX_PRIORITY]; raises RequestError (field
+    "priority") otherwise."""
+    if not MIN_PRIORITY <= priority <= MAX_PRIORITY:
+        raise invalid_argument([("priority", f"must be from {MIN_PRIORITY} to {MAX_PRIORITY}; got {priority}")])
+    return priority
