@@ -44,7 +44,7 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
                    help="local worker groups serving the model, each on its own --num-gpus devices (jobs go to the least loaded)")
     s.add_argument("--max-attempts", type=int, default=2,
                    help="runs of a job whose worker group is lost before it fails (it restarts from step 0 elsewhere)")
-    s.add_argument("--drain-timeout", type=float, default=60.0, help="seconds Ctrl-C waits for running jobs")
+    s.add_argument("--drain-timeout", type=float, default=60.0, help="on the first SIGINT / SIGTERM, seconds running jobs get to finish (queued jobs stay queued; a second signal exits at once)")
     s.add_argument("--image-dir", default="", help="folder whose images requests may name by path (default: paths refused)")
     s.add_argument("--allow-private-image-urls", action="store_true", help="let image URLs reach private, loopback and link-local addresses")
     s.add_argument("--max-image-bytes", type=int, default=20 << 20, help="largest input image, fetched or sent (default 20 MiB)")
@@ -56,6 +56,9 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--auth-tokens", default="", metavar="FILE",
                    help="'principal token' per line (mode 600): every RPC but health and reflection needs a bearer token")
     s.add_argument("--ready-file", default="", help=argparse.SUPPRESS)
+    # For `generate --model-path`: stop when that process dies, and remove its temporary folder.
+    s.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
+    s.add_argument("--cleanup-dir", default="", help=argparse.SUPPRESS)
     s.add_argument("--log-level", default="INFO")
 
 
@@ -130,6 +133,7 @@ def serve(args: argparse.Namespace) -> int:
         images=ImagePolicy(allowed_dir=Path(args.image_dir) if args.image_dir else None, allow_private_urls=args.allow_private_image_urls,
                            max_bytes=args.max_image_bytes, timeout_s=args.image_fetch_timeout),
         tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None, auth_tokens=args.auth_tokens,
+        parent_pid=args.parent_pid, cleanup_dir=args.cleanup_dir,
     )
 
     def started(port: int) -> None:
