@@ -51,12 +51,12 @@ class _Tail:
         self._thread.start()
 
     def _pump(self, stream) -> None:
-        out = sys.stderr.buffer
         for line in iter(stream.readline, b""):
-            self.lines.append(line.decode(errors="replace").rstrip())
+            text = line.decode(errors="replace")
+            self.lines.append(text.rstrip())
             try:
-                out.write(line)
-                out.flush()
+                sys.stderr.write(text)
+                sys.stderr.flush()
             except (OSError, ValueError):  # our stderr is gone: keep draining the pipe
                 pass
         stream.close()
