@@ -129,11 +129,13 @@ class LocalWorkers:
                 tails = [self._tails.pop(p.pid) for p in group if p.pid in self._tails]
                 self.on_exit(spec.worker_id, reason)
                 if proc.returncode == EXIT_CANNOT_LOAD or spec.worker_id not in self._ever_registered:
-                    last = "\n".join(t.text() for t in tails if t.lines).rstrip()
+                    last = "\n".join(text for text in (t.text() for t in tails) if text)
                     why = "cannot load its model" if proc.returncode == EXIT_CANNOT_LOAD else "exited before it registered"
-                    log.error("%s: the worker %s; not restarting it%s", reason, why, f". Its last lines:\n{last}" if last else "")
+                    fatal = f"worker {spec.worker_id} {why} ({reason}; not restarting it)" + (f"; its last lines:\n{last}" if last else "")
                     if self.on_fatal is not None:
-                        self.on_fatal(f"worker {spec.worker_id} {why} ({reason})" + (f"; its last lines:\n{last}" if last else ""))
+                        self.on_fatal(fatal)
+                    else:
+                        log.error("%s", fatal)
                     continue
                 if time.monotonic() - self._started_at[spec.worker_id] > 60:
                     delays[spec.worker_id] = 1.0  # it ran fine for a while: restart promptly

@@ -101,8 +101,10 @@ class SchedulerServer:
             loop.create_task(self.health.set(f"{SERVICE_NAME}/{model}", model_status))
 
     def _fatal(self, reason: str) -> None:
-        """A local worker can never serve: stop rather than wait forever."""
-        if not self.engine.any_worker_alive() and not self.workers.procs:
+        """A local worker can never serve: stop rather than wait forever (unless another serves)."""
+        if self.engine.any_worker_alive() or self.workers.procs:
+            log.error("going on (other workers serve or start): %s", reason)
+        else:
             log.error("stopping: %s", reason)
             self.exit_code = 3
             self.config.drain_timeout_s = 0
