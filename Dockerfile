@@ -37,5 +37,8 @@ ENV HOME=/home/diffserve
 EXPOSE 50051
 # gRPC needs bearer tokens (mount the token file, see docker-compose.yml); workers need a CURVE key
 # listed in /state (`diffserve keys`).
+# SIGTERM drains (docs/cli.md, "Signals"): give `docker stop` more time than --drain-timeout
+# (`docker run --init --stop-timeout 75 ...`; docker-compose.yml sets init and stop_grace_period).
+STOPSIGNAL SIGTERM
 CMD ["diffserve", "serve", "--host", "0.0.0.0", "--port", "50051", "--worker-bind", "tcp://0.0.0.0:5555", \
      "--output-dir", "/outputs", "--state-dir", "/state", "--auth-tokens", "/run/secrets/diffserve-tokens"]

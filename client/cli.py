@@ -8,6 +8,9 @@ diffserve.scheduler.app`, which wires the scheduler to its local workers), `work
 diffserve.scheduler.keys`). `generate --model-path` starts a one-job local server as a subprocess
 on a free port (client/local.py) and stops it afterwards; with --server it uses a running server
 instead. The worker flags are defined once, in diffserve.worker.v1.launch.
+
+`generate` on SIGINT (Ctrl-C) or SIGTERM cancels its job (CancelJob), stops its local server if it
+started one, removes its temporary folder and exits 130 (SIGINT) or 143 (SIGTERM).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,7 +33,17 @@ from diffserve.worker.v1.launch import add_worker_flags
 
 # Subcommands that are other programs: the composition root and the worker process.
 DELEGATED = {"serve": "diffserve.scheduler.app", "worker": "diffserve.worker", "keys": "diffserve.scheduler.keys"}
+EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143
 EXTENSIONS = {pb.OUTPUT_FORMAT_PNG: ".png", pb.OUTPUT_FORMAT_MP4: ".mp4", pb.OUTPUT_FORMAT_NPY: ".npy"}
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt is for SIGINT, so the same cleanup runs."""
+
+
+def _on_sigterm(signum, frame) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
+    raise Terminated()
 
 
 def seed_type(text: str) -> int:
@@ -144,6 +158,17 @@ def image_arg(path_or_url: str) -> bytes | str:
         raise SystemExit(f"error: --image-path {path_or_url}: {exc.strerror}") from None
 
 
+def cancel_on_interrupt(client: Client, job_id: str) -> None:
+    """Ctrl-C or SIGTERM while a job runs: cancel it before leaving."""
+    if not job_id:
+        return
+    try:
+        client.cancel(job_id, timeout_s=5)
+        print(f"job {job_id} cancelled", file=sys.stderr)
+    except DiffserveError as err:
+        print(f"could not cancel job {job_id}: {err}", file=sys.stderr)
+
+
 def run_job(client: Client, args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -184,6 +209,12 @@ def run_job(client: Client, args: argparse.Namespace) -> int:
         for field, description in err.field_violations:
             print(f"  {field}: {description}", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, Terminated):
+        if bar is not None:
+            bar.close()
+            bar = None
+        cancel_on_interrupt(client, job_id)
+        raise
     finally:
         if bar is not None:
             bar.close()
@@ -205,7 +236,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.server:
         with connect(args, args.server) as client:
             return run_job(client, args)
-    with tempfile.TemporaryDirectory(prefix="diffserve-") as workdir, local_server(args, workdir, args.log_level) as (proc, target):
+    # The server removes the folder too (when it exits, even after `generate` was SIGKILLed).
+    with tempfile.TemporaryDirectory(prefix="diffserve-", ignore_cleanup_errors=True) as workdir, \
+            local_server(args, workdir, args.log_level) as (proc, target):
         with Client(target) as client:
             wait_serving(client, proc, args.startup_timeout)
             return run_job(client, args)
@@ -228,10 +261,13 @@ def main(argv=None) -> int:
         env = {**os.environ, "DIFFSERVE_PROG": f"diffserve {argv[0]}"}
         os.execve(sys.executable, [sys.executable, "-m", module, *argv[1:]], env)
     args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         return {"generate": cmd_generate, "models": cmd_models}[args.command](args)
     except KeyboardInterrupt:
-        return 130
+        return EXIT_SIGINT
+    except Terminated:
+        return EXIT_SIGTERM
 
 
 if __name__ == "__main__":

@@ -178,8 +178,8 @@ class Client:
     def get(self, job_id: str) -> pb.Job:
         return self._call(self.stub.GetJob, pb.GetJobRequest(job_id=job_id)).job
 
-    def cancel(self, job_id: str) -> pb.Job:
-        return self._call(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id)).job
+    def cancel(self, job_id: str, timeout_s: float | None = None) -> pb.Job:
+        return self._call(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id), timeout=timeout_s).job
 
     def list_models(self) -> list[pb.Model]:
         return list(self._call(self.stub.ListModels, pb.ListModelsRequest()).models)

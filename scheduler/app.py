@@ -54,7 +54,7 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
                    help="finished jobs older than this are deleted with their artifacts (default 604800: 7 days; 0 keeps them)")
     s.add_argument("--max-jobs", type=int, default=10_000,
                    help="finished jobs kept; beyond this the oldest finished are deleted with their artifacts")
-    s.add_argument("--drain-timeout", type=float, default=60.0, help="seconds Ctrl-C waits for running jobs")
+    s.add_argument("--drain-timeout", type=float, default=60.0, help="on the first SIGINT / SIGTERM, seconds running jobs get to finish (queued jobs stay queued; a second signal exits at once)")
     s.add_argument("--priority-aging", type=float, default=30.0, metavar="SECONDS",
                    help="a queued job's priority grows by 1 per SECONDS waited, so none starves (default 30; 0: strict priorities)")
     s.add_argument("--principal-priority", action="append", default=[], metavar="NAME=N",
@@ -70,6 +70,9 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--auth-tokens", default="", metavar="FILE",
                    help="'principal token' per line (mode 600): every RPC but health and reflection needs a bearer token")
     s.add_argument("--ready-file", default="", help=argparse.SUPPRESS)
+    # For `generate --model-path`: stop when that process dies, and remove its temporary folder.
+    s.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
+    s.add_argument("--cleanup-dir", default="", help=argparse.SUPPRESS)
     s.add_argument("--log-level", default="INFO")
 
 
@@ -177,6 +180,7 @@ def serve(args: argparse.Namespace) -> int:
                            max_bytes=args.max_image_bytes, timeout_s=args.image_fetch_timeout),
         tls=TlsConfig(args.tls_cert, args.tls_key, args.tls_client_ca) if args.tls_cert else None, auth_tokens=args.auth_tokens,
         state_dir=args.state_dir,
+        parent_pid=args.parent_pid, cleanup_dir=args.cleanup_dir,
     )
 
     def started(port: int) -> None:

@@ -187,13 +187,21 @@ class Engine:
     # ---- models and workers ----
 
     def list_models(self) -> list[pb.Model]:
-        return self._registry.list_models()
+        """The models and their workers; while draining every model is NOT_SERVING (no new jobs)."""
+        models = self._registry.list_models()
+        if not self.accepting:
+            for model in models:
+                model.state = pb.SERVING_STATE_NOT_SERVING
+        return models
 
     def serving(self) -> dict[str, bool]:
         return self._registry.serving()
 
     def any_worker_alive(self) -> bool:
         return self._registry.any_alive()
+
+    def worker_registered(self, worker_id: str) -> bool:
+        return self._registry.get(worker_id) is not None
 
     def watch_serving(self, callback: Callable[[dict[str, bool]], None]) -> None:
         """callback(serving) runs whenever a worker registers or is lost."""
@@ -222,22 +230,27 @@ class Engine:
         return self._admission.accepting
 
     def stop_accepting(self) -> None:
-        """New jobs are refused with UNAVAILABLE (SHUTTING_DOWN) from now on."""
+        """New jobs are refused with UNAVAILABLE (SHUTTING_DOWN) from now on, and queued jobs are
+        no longer placed on workers: they stay queued (for the next start, with a job store)."""
         self._admission.accepting = False
 
     def busy(self) -> bool:
         """Jobs are queued, or running (on a worker or being saved)."""
         return bool(len(self._admission)) or any(j.phase in RUNNING for j in self._jobs)
 
-    async def drain(self, timeout_s: float, status: status_pb2.Status) -> None:
-        """Waits up to timeout_s for queued and running jobs to finish, then cancels the rest."""
+    def running(self) -> int:
+        """Jobs on a worker or being saved."""
+        return sum(j.phase in RUNNING for j in self._jobs)
+
+    async def drain(self, timeout_s: float) -> tuple[int, int]:
+        """Waits up to timeout_s for the running jobs to finish; returns (running, queued) jobs
+        left. Call after stop_accepting(): queued jobs are not started. Nothing is cancelled: a job
+        left stays in its phase, as after a crash (a job store runs it again at the next start)."""
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout_s
-        while self.busy() and loop.time() < deadline:
-            await asyncio.sleep(0.2)
-        for job in self._jobs:
-            if not job.done:
-                self.cancel(job, status)
+        while self.running() and loop.time() < deadline:
+            await asyncio.sleep(0.1)
+        return self.running(), len(self._admission)
 
     async def shutdown_workers(self) -> None:
         for worker in self._registry:
@@ -252,7 +265,8 @@ class Engine:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            await self._admission.place()
+            if self.accepting:  # draining: queued jobs stay queued
+                await self._admission.place()
             for worker in self._registry.idle():
                 if not await self._steps.dispatch(worker):
                     self.worker_lost(worker.id, "its socket is gone")

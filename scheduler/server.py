@@ -1,11 +1,26 @@
 """Assembles and runs the scheduler service: gRPC (GenerationService, grpc.health.v1, reflection)
 on uvloop, the ZeroMQ worker link, the engine, and the local worker processes.
+
+Signals (SIGINT, SIGTERM; a terminal's Ctrl-C reaches the scheduler alone, its local workers run
+in their own sessions): the first one drains. Health goes NOT_SERVING at once for every name
+("", the service, each model) and ListModels says NOT_SERVING, so load balancers stop sending;
+submits are refused (UNAVAILABLE, SHUTTING_DOWN); queued jobs are not started and not cancelled
+(they stay for the next start); running jobs get up to drain_timeout_s to finish (those left stay
+as they are, as after a crash). Then every registered worker is told to shut down, the local ones
+are reaped, and the process exits 0. A second signal exits at once: local workers are killed and
+the process exits 128 + the signal (130 for SIGINT, 143 for SIGTERM).
+
+With parent_pid (`generate --model-path` starts a private server) the server gets SIGHUP when
+that process dies, however it died, and stops as on a first SIGTERM; cleanup_dir is removed when
+the server exits.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import shutil
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +31,14 @@ from grpc_reflection.v1alpha import reflection
 
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.v1.limits import MESSAGE_SIZE_OPTIONS
+from diffserve.worker.v1.launch import die_with_parent
 
-from diffserve.scheduler import errors
 from diffserve.scheduler.artifacts import open_store
 from diffserve.scheduler.auth import Tokens
 from diffserve.scheduler.engine import Engine, EngineConfig
 from diffserve.scheduler.grpc_auth import TlsConfig, TokenInterceptor
 from diffserve.scheduler.images import ImagePolicy
+from diffserve.scheduler.lifecycle import Phase
 from diffserve.scheduler.launcher import LocalWorkers, LocalWorkerSpec
 from diffserve.scheduler.service import GenerationService, add_to_server
 from diffserve.scheduler.store import FILE_NAME as STORE_FILE
@@ -52,6 +68,8 @@ class ServerConfig:
     tls: TlsConfig | None = None  # None: plaintext gRPC (loopback)
     auth_tokens: str = ""  # tokens file; empty: every RPC open, one anonymous principal
     state_dir: str = ""  # the job store (store.FILE_NAME) lives here; empty: jobs are kept in memory only
+    parent_pid: int = 0  # stop (as on SIGTERM) when this process dies; 0: no parent to watch
+    cleanup_dir: str = ""  # a temporary folder (generate's) removed when the server exits
 
 
 class SchedulerServer:
@@ -66,7 +84,7 @@ class SchedulerServer:
         self.health = health.aio.HealthServicer()
         self.engine.watch_serving(self._on_serving_change)
         self.workers = LocalWorkers(self.link.address, config.local_workers, self.engine.worker_lost, config.restart_workers, self._fatal,
-                                    auth_args=self.link.local_worker_argv())
+                                    auth_args=self.link.local_worker_argv(), registered=self.engine.worker_registered)
         self.exit_code = 0
         self.tokens = Tokens(config.auth_tokens) if config.auth_tokens else None  # raises TokensFileError
         interceptors = [TokenInterceptor(self.tokens)] if self.tokens is not None else []
@@ -77,6 +95,8 @@ class SchedulerServer:
         self.port = 0
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
+        self._stop_task: asyncio.Task | None = None
+        self.forced = False
 
     def _on_serving_change(self, serving: dict[str, bool]) -> None:
         any_serving = any(serving.values())
@@ -90,12 +110,14 @@ class SchedulerServer:
             loop.create_task(self.health.set(f"{SERVICE_NAME}/{model}", model_status))
 
     def _fatal(self, reason: str) -> None:
-        """A local worker can never serve: stop rather than wait forever."""
-        if not self.engine.any_worker_alive() and not self.workers.procs:
+        """A local worker can never serve: stop rather than wait forever (unless another serves)."""
+        if self.engine.any_worker_alive() or self.workers.procs:
+            log.error("going on (other workers serve or start): %s", reason)
+        else:
             log.error("stopping: %s", reason)
             self.exit_code = 3
             self.config.drain_timeout_s = 0
-            asyncio.get_running_loop().create_task(self.stop())
+            self._begin_stop()
 
     async def start(self) -> int:
         if self.config.state_dir:  # reloaded before anything listens; StoreError stops the start
@@ -119,41 +141,103 @@ class SchedulerServer:
     async def wait(self) -> None:
         await self._stopped.wait()
 
+    def on_signal(self, sig: int) -> None:
+        """The first SIGINT / SIGTERM drains, a second one exits at once."""
+        name = signal.Signals(sig).name
+        if self._stop_task is None:
+            log.warning("%s: stopping after a drain (%s again exits at once)", name, name)
+            self._begin_stop()
+        elif not self.forced:
+            self.force_stop(sig)
+
+    def _counts(self) -> tuple[int, int]:
+        """(running, queued) jobs."""
+        jobs = self.engine.list_jobs()
+        return self.engine.running(), sum(job.phase is Phase.QUEUED for job in jobs)
+
+    def _begin_stop(self) -> None:
+        if self._stop_task is None:
+            self._stop_task = asyncio.get_running_loop().create_task(self.stop())
+
     async def stop(self) -> None:
-        """Refuses new jobs, lets queued and running ones finish (up to drain_timeout_s), then exits."""
-        if not self.engine.accepting:
-            return
+        """Drains (see the module docstring), shuts the workers down, then stops serving."""
         self.engine.stop_accepting()
-        log.info("draining: waiting up to %.0f s for running jobs", self.config.drain_timeout_s)
-        await self.engine.drain(self.config.drain_timeout_s, errors.cancelled("the server shut down"))
-        await self.health.enter_graceful_shutdown()
+        await self.health.enter_graceful_shutdown()  # every name NOT_SERVING now, and it stays so
+        running, queued = self._counts()
+        log.warning("draining: %d running job(s) get up to %.0f s to finish; %d queued job(s) stay queued for the next start",
+                    running, self.config.drain_timeout_s, queued)
+        running, queued = await self.engine.drain(self.config.drain_timeout_s)
+        if running:
+            log.warning("%d running job(s) did not finish within the drain timeout (%.0f s); they stay as they are",
+                        running, self.config.drain_timeout_s)
+        log.info("drained: %d queued job(s) stay queued for the next start", queued)
+        for task in self._tasks:  # nothing moves any more: no placement, no loss handling, no restart
+            task.cancel()
         await self.engine.shutdown_workers()
         await self.workers.stop()
         await self.server.stop(grace=2.0)
-        for task in self._tasks:
-            task.cancel()
         self.link.close()
         self.engine.close_store()
         self._stopped.set()
 
+    def force_stop(self, sig: int) -> None:
+        """Exits now: local workers killed, jobs left as they are (as after a crash)."""
+        self.forced = True
+        log.warning("%s again: exiting now (%d running and %d queued job(s) left as they are)", signal.Signals(sig).name, *self._counts())
+        self.exit_code = 128 + sig
+        self.workers.kill()
+        try:  # what is marked but not yet written goes out in one transaction (each one is atomic)
+            self.engine.close_store()
+        except Exception:
+            log.exception("writing the job store at exit failed; its last committed state stands")
+        for task in [*self._tasks, self._stop_task]:
+            if task is not None:
+                task.cancel()
+        self._stopped.set()
+
+    def on_parent_gone(self) -> None:
+        """The parent-death signal, SIGHUP (sent again as each thread of a threaded parent exits,
+        hence not SIGTERM, whose second one would force the exit): stops once, as on SIGTERM."""
+        if self._stop_task is None:
+            log.warning("parent process %d is gone: stopping", self.config.parent_pid)
+            self._begin_stop()
+
+    async def _watch_parent(self, parent_pid: int) -> None:
+        """Where no parent-death signal exists: polls for the parent."""
+        while os.getppid() == parent_pid:
+            await asyncio.sleep(0.5)
+        self.on_parent_gone()
+
 
 async def serve(config: ServerConfig, on_started=None) -> int:
-    """Runs until SIGINT / SIGTERM, then drains."""
+    """Runs until SIGINT / SIGTERM (or its parent's death), then drains; returns the exit code."""
     server = SchedulerServer(config)
     port = await server.start()
-    if on_started is not None:
-        on_started(port)
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, lambda: loop.create_task(server.stop()))
+        loop.add_signal_handler(sig, server.on_signal, sig)
+    if config.parent_pid:
+        loop.add_signal_handler(signal.SIGHUP, server.on_parent_gone)
+        if not die_with_parent(config.parent_pid, signal.SIGHUP):
+            loop.create_task(server._watch_parent(config.parent_pid))
+    if on_started is not None:
+        on_started(port)
     await server.wait()
+    if server.forced:
+        await server.server.stop(None)
+        server.link.close()
     return server.exit_code
 
 
 def run(config: ServerConfig, on_started=None) -> int:
     """Serves until SIGINT / SIGTERM; returns the process exit code."""
     try:
-        import uvloop
-    except ImportError:  # uvloop is not built for every platform
-        return asyncio.run(serve(config, on_started))
-    return uvloop.run(serve(config, on_started))
+        try:
+            import uvloop
+        except ImportError:  # uvloop is not built for every platform
+            return asyncio.run(serve(config, on_started))
+        return uvloop.run(serve(config, on_started))
+    finally:
+        if config.cleanup_dir:
+            shutil.rmtree(config.cleanup_dir, ignore_errors=True)
+

@@ -2,6 +2,13 @@
 
 Loads the model, says Hello to the scheduler (which makes it SERVING), then runs commands
 until told to shut down.
+
+Signals (SIGTERM from a process manager, SIGINT from a terminal): while loading, the worker exits
+at once (code 0, with a line saying so). Once serving, rank 0 finishes the command it is running,
+says Goodbye (the scheduler puts its jobs back in the queue at once) and exits 0; the other ranks
+follow rank 0's Shutdown. A second signal exits at once (128 + the signal). Started with
+--parent-pid (by `diffserve serve`), it is SIGKILLed when that process dies (Linux; elsewhere
+it notices within a poll).
 """
 
 from __future__ import annotations
@@ -10,12 +17,13 @@ import argparse
 import logging
 import os
 import platform
+import signal
 import socket
 import sys
 import uuid
 
 from diffserve.worker.v1 import worker_pb2 as wpb
-from diffserve.worker.v1.launch import EXIT_CANNOT_LOAD, add_worker_auth_flags, add_worker_flags
+from diffserve.worker.v1.launch import EXIT_CANNOT_LOAD, add_worker_auth_flags, add_worker_flags, die_with_parent
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -42,9 +50,42 @@ def model_name_for(path: str) -> str:
     return os.path.basename(os.path.normpath(path)) or path
 
 
+class Signals:
+    """SIGTERM / SIGINT handling (see the module docstring). The handler only sets fields: the
+    connection's I/O thread turns a leave request into a Goodbye after the running command."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+        self.conn = None  # rank 0 once serving: SchedulerConnection
+        self.serving = False
+        self.received = 0
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame) -> None:
+        name = signal.Signals(signum).name
+        log = logging.getLogger("diffserve.worker")
+        self.received += 1
+        if self.received > 1:
+            log.warning("%s again: exiting now", name)
+            logging.shutdown()
+            os._exit(128 + signum)
+        if not self.serving:
+            log.warning("%s while loading: exiting", name)
+            raise SystemExit(0)
+        if self.conn is not None:
+            log.warning("%s: leaving after the running command (its jobs go back to the scheduler's queue)", name)
+            self.conn.leave(f"{name} on {platform.node()} pid {os.getpid()}")
+        else:
+            log.warning("%s: rank %d follows rank 0, which stops the group", name, self.rank)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
+    signals = Signals(args.rank)
+    if args.parent_pid:  # never outlive the scheduler that started us, even a SIGKILLed one
+        die_with_parent(args.parent_pid, signal.SIGKILL)
     import torch
 
     from diffserve.worker import loading
@@ -118,6 +159,7 @@ def main(argv=None) -> int:
         warm_up(pipeline, shapes or None)
     captured_collectives = graphs and parallel.world_size > 1
     if args.rank != 0:
+        signals.serving = True
         runtime.serve(None)  # follows rank 0's commands until Shutdown
         return _exit(0, captured_collectives)
     from diffserve.worker.card import model_card
@@ -131,6 +173,7 @@ def main(argv=None) -> int:
         world_size=parallel.world_size,
     )
     conn = SchedulerConnection(args.scheduler, worker_id, hello, runtime.status, args.parent_pid or None, curve=curve)
+    signals.conn, signals.serving = conn, True
     conn.start()
     try:
         runtime.serve(conn)

@@ -6,6 +6,10 @@ long step still answers, and a dead worker is noticed by its silence alone. `sto
 whatever was handed to `send()` before it goes out (bounded by FLUSH_LINGER_MS), so a worker
 that exits right after its last Result does not lose it.
 
+`leave(reason)` (safe in a signal handler: it only sets a field) asks the worker to leave: the I/O
+thread puts a `Leave` on `commands`, behind the command the compute loop is running, which then
+says Goodbye (runtime.py) so the scheduler puts its jobs back in the queue at once.
+
 With `curve` (CurveKeys) the socket is a CURVE client: it proves the worker's key to the scheduler
 and checks the scheduler's; without it, plain TCP (the scheduler's --insecure-worker-plaintext).
 """
@@ -32,6 +36,13 @@ HELLO_RETRY_S = 3.0
 FLUSH_LINGER_MS = 2000  # how long stop() waits for queued messages to reach the scheduler
 _EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "key not allowed", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol mismatch",
            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed"}
+
+
+@dataclass(frozen=True)
+class Leave:
+    """Not a wire message: put on `commands` when the worker was asked to leave (SIGTERM)."""
+
+    reason: str
 
 
 @dataclass(frozen=True)
@@ -71,7 +82,9 @@ class SchedulerConnection:
         self.hello = hello
         self.status = status
         self.parent_pid = parent_pid
-        self.commands: queue.Queue[wpb.Command] = queue.Queue()
+        self.commands: queue.Queue[wpb.Command | Leave] = queue.Queue()
+        self._leave_reason = ""  # set by leave(), from a signal handler: no lock taken there
+        self._gone = False  # Goodbye queued: no more heartbeats or Hellos
         self._outgoing: queue.Queue[list] = queue.Queue()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="zmq-io", daemon=True)
@@ -83,6 +96,16 @@ class SchedulerConnection:
         """Sends what `send()` queued so far (up to FLUSH_LINGER_MS), then closes the socket."""
         self._stop.set()
         self._thread.join(timeout=FLUSH_LINGER_MS / 1000 + 3)
+
+    def leave(self, reason: str) -> None:
+        """Asks the compute loop to say Goodbye after its running command (within ~50 ms)."""
+        self._leave_reason = reason
+
+    def goodbye(self, reason: str) -> None:
+        """Queues Goodbye (after everything sent before it); the worker says nothing more after it,
+        so the scheduler, which dropped it, never sees it again (no heartbeat, no Hello)."""
+        self.send(wpb.WorkerMessage(goodbye=wpb.Goodbye(reason=reason)))
+        self._gone = True
 
     def send(self, message: wpb.WorkerMessage, frames: list = ()) -> None:
         """Queues a message and its raw tensor frames (bytes-like objects) for sending."""
@@ -106,6 +129,7 @@ class SchedulerConnection:
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
         told = False
+        left = False
         welcomed = False
         interval = 1.0
         last_hello = last_beat = 0.0
@@ -113,15 +137,18 @@ class SchedulerConnection:
         try:
             while not self._stop.is_set():
                 now = time.monotonic()
-                if not welcomed and now - last_hello > HELLO_RETRY_S:
+                if not self._gone and not welcomed and now - last_hello > HELLO_RETRY_S:
                     sock.send(wpb.WorkerMessage(hello=self.hello).SerializeToString())
                     last_hello = now
-                if welcomed and now - last_beat > interval:
+                if not self._gone and welcomed and now - last_beat > interval:
                     sequence += 1
                     beat = wpb.Heartbeat(sequence=sequence, status=self.status())
                     sock.send(wpb.WorkerMessage(heartbeat=beat).SerializeToString())
                     last_beat = now
                 self._send_queued(sock)
+                if self._leave_reason and not left:
+                    self.commands.put(Leave(self._leave_reason))
+                    left = True
                 if self.parent_pid and os.getppid() != self.parent_pid:
                     log.error("parent process %d is gone; shutting down", self.parent_pid)
                     self.commands.put(wpb.Command(shutdown=wpb.Shutdown()))
@@ -138,6 +165,8 @@ class SchedulerConnection:
                 command = wpb.Command()
                 command.ParseFromString(sock.recv())
                 kind = command.WhichOneof("body")
+                if self._gone:  # said Goodbye: the scheduler has nothing more for us
+                    continue
                 if kind == "welcome":
                     welcomed = True
                     interval = command.welcome.heartbeat_interval_s or interval

@@ -17,7 +17,7 @@ from google.rpc import code_pb2, status_pb2
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.v1 import worker_pb2 as wpb
 
-from diffserve.worker.connection import SchedulerConnection
+from diffserve.worker.connection import Leave, SchedulerConnection
 from diffserve.worker.parallel import ParallelState
 from diffserve.worker.parallel.cfg import split_rows
 from diffserve.worker.pipelines.base import Pipeline, RequestState
@@ -55,11 +55,17 @@ class Runtime:
 
     def serve(self, conn: SchedulerConnection | None) -> None:
         """Runs commands until Shutdown. Rank 0 takes them from the scheduler connection and
-        broadcasts each to the other ranks, which pass conn=None and only follow."""
+        broadcasts each to the other ranks, which pass conn=None and only follow. When rank 0 is
+        asked to leave (conn.leave, on SIGTERM) it says Goodbye after the command it was running
+        and the group shuts down."""
         parallel = self.parallel
         while True:
             if conn is not None:
                 command = conn.commands.get()
+                if isinstance(command, Leave):
+                    log.info("leaving (%s): saying goodbye to the scheduler", command.reason)
+                    conn.goodbye(command.reason)
+                    command = wpb.Command(shutdown=wpb.Shutdown())
                 if parallel.distributed:
                     parallel.broadcast_bytes(command.SerializeToString())
             else:

@@ -15,15 +15,22 @@ from jobs_util import wait_for, wait_step
 
 
 def test_sigint_drains_running_job_then_exits(tiny_wan, start_server):
-    server = start_server(tiny_wan)
+    """Health and ListModels say NOT_SERVING at once; the running job finishes, the queued one is
+    neither started nor cancelled (it stays for the next start); exit code 0. More signal cases:
+    test_signals.py."""
+    server = start_server(tiny_wan, "--max-resident", "1")
     client = server.client
     job = client.submit(prompt="drain me", height=32, width=32, num_frames=1, num_inference_steps=150, output_format="npy")
+    queued = client.submit(prompt="wait for me", height=32, width=32, num_frames=1, num_inference_steps=2, output_format="npy")
     wait_step(client, job.id, 1)
     workers = [psutil.Process(pid) for pid in server.worker_pids()]
     server.proc.send_signal(signal.SIGINT)
+    wait_for(lambda: client.health() == "NOT_SERVING", timeout_s=2, what="NOT_SERVING at once")
+    assert [m.state for m in client.list_models()] == [pb.SERVING_STATE_NOT_SERVING]
     with pytest.raises(DiffserveError) as info:
-        wait_for(lambda: client.submit(prompt="too late", num_inference_steps=1) and False, timeout_s=5, what="refusal")
+        client.submit(prompt="too late", num_inference_steps=1)
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
+    assert client.get(queued.id).state == pb.JOB_STATE_QUEUED
     assert client.wait(job.id).state == pb.JOB_STATE_SUCCEEDED
     assert server.proc.wait(timeout=30) == 0
     for worker in workers:

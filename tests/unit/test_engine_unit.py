@@ -262,22 +262,42 @@ def test_a_lost_workers_jobs_go_back_to_the_queue_and_finish_elsewhere(tmp_path)
 
 
 def test_stop_accepting_and_drain(tmp_path):
+    """Draining refuses submits and says NOT_SERVING; a running job gets the drain time, is left as
+    it is after it (nothing is cancelled) and still runs to the end while the server lives."""
     async def main():
         async with Harness(tmp_path) as h:
             await h.register()
             job, _ = h.engine.submit(PARAMS)
+            encode = await h.next_compute(1)
             h.engine.stop_accepting()
             assert not h.engine.accepting
             with pytest.raises(RequestError) as info:
                 h.engine.submit(PARAMS)
             assert "shutting down" in info.value.status.message
-            encode = await h.next_compute(1)
+            assert [m.state for m in h.engine.list_models()] == [pb.SERVING_STATE_NOT_SERVING]
             assert h.engine.busy()
-            await h.engine.drain(0.05, cancelled("the server shut down"))
-            assert job.cancel_status.message == "the server shut down" and not job.done  # in a command
+            assert await h.engine.drain(0.05) == (1, 0)  # (running, queued) left
+            assert job.cancel_status is None and job.phase is Phase.ENCODE  # in a command, not cancelled
             await h.answer(encode)
-            await until(lambda: job.done, "the cancel at the step boundary")
-            assert job.phase is Phase.CANCELLED and not h.engine.busy()
+            await _drive(h, "w1", job)
+            assert job.phase is Phase.SUCCEEDED and not h.engine.busy()
+            assert await h.engine.drain(1.0) == (0, 0)
+
+    run(main())
+
+
+def test_drain_leaves_queued_jobs_queued(tmp_path):
+    """Queued jobs are neither started nor cancelled while draining: they stay for the next start."""
+    async def main():
+        async with Harness(tmp_path) as h:
+            await h.register("w1")
+            h.engine.worker_lost("w1", "gone")  # the model stays known; no worker serves it
+            job, _ = h.engine.submit(PARAMS)
+            h.engine.stop_accepting()
+            await h.register("w2")
+            assert await h.engine.drain(0.3) == (0, 1)
+            assert job.phase is Phase.QUEUED and job.cancel_status is None
+            assert not [c for w, c in h.link.sent if w == "w2" and c.WhichOneof("body") == "admit"]
 
     run(main())
 

@@ -10,11 +10,37 @@ flags back into the worker's argv. Imports only argparse (the scheduler never im
 from __future__ import annotations
 
 import argparse
+import os
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
 EXIT_OK = 0
 EXIT_CANNOT_LOAD = 2  # the model cannot be loaded or the layout is impossible: the launcher does not restart it
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent_pid: int, sig: int) -> bool:
+    """Asks the kernel to send `sig` to this process when its parent dies (Linux prctl
+    PR_SET_PDEATHSIG), for processes that must not outlive the one that started them, even when it
+    is SIGKILLed. Returns False where unsupported (then poll os.getppid()). A parent already gone
+    (not `parent_pid` any more) gets the signal sent at once. Used by `serve` under `generate` and
+    by local workers; the parent must start the child from its main thread (the signal follows
+    the thread that forked)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(_PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent_pid:  # it died before prctl
+        os.kill(os.getpid(), sig)
+    return True
 
 
 @dataclass(frozen=True)
