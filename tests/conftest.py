@@ -115,12 +115,14 @@ class ServerProcess:
 
 @pytest.fixture
 def start_server(tmp_path):
-    """Factory: start_server(model_path, *flags) -> ServerProcess, stopped at teardown."""
+    """Factory: start_server(model_path, *flags, workdir=None) -> ServerProcess, stopped at
+    teardown. Give the workdir of a stopped server to restart it on the same state and outputs."""
     servers: list[ServerProcess] = []
 
-    def start(model_path: Path, *extra: str) -> ServerProcess:
-        workdir = tmp_path / f"server{len(servers)}"
-        workdir.mkdir()
+    def start(model_path: Path, *extra: str, workdir: Path | None = None) -> ServerProcess:
+        if workdir is None:
+            workdir = tmp_path / f"server{len(servers)}"
+            workdir.mkdir()
         servers.append(ServerProcess(model_path, workdir, *extra))
         return servers[-1]
 

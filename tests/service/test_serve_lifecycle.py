@@ -16,8 +16,8 @@ from jobs_util import wait_for, wait_step
 
 def test_sigint_drains_running_job_then_exits(tiny_wan, start_server):
     """Health and ListModels say NOT_SERVING at once; the running job finishes, the queued one is
-    neither started nor cancelled (it stays for the next start); exit code 0. More signal cases:
-    test_signals.py."""
+    neither started nor cancelled: it stays in the job store and runs after the next start; exit
+    code 0. More signal cases: test_signals.py."""
     server = start_server(tiny_wan, "--max-resident", "1")
     client = server.client
     job = client.submit(prompt="drain me", height=32, width=32, num_frames=1, num_inference_steps=150, output_format="npy")
@@ -35,6 +35,10 @@ def test_sigint_drains_running_job_then_exits(tiny_wan, start_server):
     assert server.proc.wait(timeout=30) == 0
     for worker in workers:
         worker.wait(timeout=10)  # the worker exited too
+
+    again = start_server(tiny_wan, "--max-resident", "1", workdir=server.workdir)  # the same state folder
+    assert again.client.wait(queued.id).state == pb.JOB_STATE_SUCCEEDED
+    assert again.client.get(job.id).state == pb.JOB_STATE_SUCCEEDED
 
 
 def test_async_client_round_trip(wan_server):
