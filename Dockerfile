@@ -21,7 +21,7 @@ RUN if [ -n "$TORCH_INDEX_URL" ]; then \
     fi
 
 COPY . .
-RUN pip install -e ".[worker]"
+RUN pip install -e ".[worker,s3]"
 
 # Runs as an unprivileged user. /state (CURVE keys; 0700), /outputs (artifacts) and /worker-keys
 # (a worker's keypair) are owned by it, so named volumes mounted there start with that owner.
