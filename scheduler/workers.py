@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 ZAP_DOMAIN = "diffserve-workers"
 LOCAL_ID_PREFIX = "local-"  # the ids of the workers `diffserve serve` starts (launcher.py)
+CLOSE_LINGER_MS = 1000  # close() waits this long for queued commands (the Shutdowns) to reach connected workers
 
 
 class WorkerAuthError(ValueError):
@@ -200,7 +201,8 @@ class WorkerLink:
             return parse_message([p.buffer for p in parts], self.max_message_bytes)
 
     def close(self) -> None:
-        self._sock.close(0)
+        # Not 0: the Shutdown just sent to each remote worker would be dropped with the socket.
+        self._sock.close(linger=CLOSE_LINGER_MS)
         if self._authenticator is not None:
             self._authenticator.stop()
         self._ctx.term()
