@@ -192,6 +192,7 @@ class Engine:
         while True:
             try:
                 worker_id, msg, frames = await self._link.recv()
+                received = time.perf_counter()
             except ProtocolError as exc:
                 self._malformed(exc.worker_id, str(exc))
                 continue
@@ -206,6 +207,8 @@ class Engine:
             except Exception as exc:  # a message we cannot handle: its worker's state is unknown now
                 log.exception("handling a message from worker %s failed", peer(worker_id))
                 self._malformed(worker_id, f"handling it failed ({type(exc).__name__})")
+            if self._steps.trace is not None and msg.HasField("result"):
+                self._steps.trace.ready(worker_id, received)
             self.wake()
 
     async def _handle(self, worker_id: str, msg: wpb.WorkerMessage, frames: list) -> None:
