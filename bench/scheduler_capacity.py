@@ -37,9 +37,14 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+def log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def free_port() -> int:
@@ -120,8 +125,9 @@ def run_config(args: argparse.Namespace, groups: int, work: Path) -> dict:
     try:
         port = wait_for(lambda: ready.exists() and ready.read_text(), 60, "the scheduler to start", scheduler)
         stats = work / "worker-stats.json"
+        wprofile = [] if not args.profile else ["-m", "cProfile", "-o", str(Path(args.profile).resolve() / f"worker-G{groups}.prof")]
         worker = subprocess.Popen(
-            [sys.executable, "-m", "diffserve.worker.simulated", "--scheduler", address, "--groups", str(groups), "--step-ms", str(args.step_ms),
+            [sys.executable, *wprofile, "-m", "diffserve.worker.simulated", "--scheduler", address, "--groups", str(groups), "--step-ms", str(args.step_ms),
              "--stage-ms", str(args.stage_ms), "--max-batch-size", str(args.max_batch_size), "--max-resident", str(args.max_resident),
              "--worker-id", "bench", "--stats-file", str(stats), "--ready-file", str(work / "worker-ready"), "--log-level", "WARNING", *auth_worker],
             env=env, cwd=work)
@@ -130,11 +136,15 @@ def run_config(args: argparse.Namespace, groups: int, work: Path) -> dict:
         client = Client(f"127.0.0.1:{port}")
         wait_for(lambda: (work / "worker-ready").exists(), 60, "every simulated group to register", worker)
         wait_for(lambda: client.health() == "SERVING", 30, "health SERVING", scheduler)
-        ids = []
-        for i in range(jobs):
-            ids.append(client.submit(prompt=f"job {i}", seed=i, height=8, width=8, num_frames=1, num_inference_steps=args.steps, output_format="npy").id)
-        # every job denoising (each group full) before the warm-up counts
-        wait_for(lambda: all(client.get(i).stage == 3 for i in ids), 60, "every job to start denoising", scheduler)
+        log(f"G={groups}: {groups} groups registered; submitting {jobs} jobs")
+        started = time.monotonic()
+        with ThreadPoolExecutor(8) as pool:  # concurrent submits: the scheduler is busy with the first jobs' steps meanwhile
+            ids = list(pool.map(lambda i: client.submit(prompt=f"job {i}", seed=i, height=8, width=8, num_frames=1,
+                                                        num_inference_steps=args.steps, output_format="npy").id, range(jobs)))
+        submit_s = time.monotonic() - started
+        # every job resident (each group full, as the heartbeats say) before the warm-up counts
+        wait_for(lambda: sum(w.resident_jobs for m in client.list_models() for w in m.workers) == jobs, 60, "every job to be resident", scheduler)
+        log(f"G={groups}: submitted in {submit_s:.1f} s, all resident after {time.monotonic() - started:.1f} s; warm-up {args.warmup_s} s")
         time.sleep(args.warmup_s)
 
         def snapshot() -> dict:
@@ -153,7 +163,9 @@ def run_config(args: argparse.Namespace, groups: int, work: Path) -> dict:
         seen = json.loads(wait_for(lambda: stats.exists() and stats.read_text(), 5, "the worker's stats"))
         time.sleep(1.2)  # the trace is flushed once a second
         sched_gaps = trace_window(trace, start["t"], end["t"])
-        n_jobs_done = sum(1 for i in ids if client.get(i).state not in (1, 2))
+        started = time.monotonic()
+        n_jobs_done = sum(1 for i in ids[:64] if client.get(i).state not in (1, 2))
+        get_ms = (time.monotonic() - started) / len(ids[:64]) * 1e3  # GetJob while the scheduler runs every group
         client.close()
     finally:
         for proc in (scheduler, worker):  # the scheduler first: it sends each group Shutdown
@@ -204,6 +216,8 @@ def run_config(args: argparse.Namespace, groups: int, work: Path) -> dict:
         "machine_cpus": os.cpu_count(),
         "loadavg_1m": [round(start["load"], 2), round(end["load"], 2)],
         "jobs_ended_early": n_jobs_done,
+        "submit_s": round(submit_s, 2),
+        "get_job_ms_under_load": round(get_ms, 2),
         "profiled": bool(args.profile),
     }
 

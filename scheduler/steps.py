@@ -91,7 +91,9 @@ class StepLoop:
             return True
         command = wpb.Command(id=self.link.next_command_id(), finished_ids=finished)
         if plan.phase is Phase.DENOISE:
-            command.denoise_step.entries.extend(wpb.StepEntry(request_id=j.id, step_index=j.step) for j in plan.jobs)
+            entries = command.denoise_step.entries
+            for job in plan.jobs:
+                entries.add(request_id=job.id, step_index=job.step)
         else:
             command.run_stage.request_id = plan.jobs[0].id
             command.run_stage.stage = worker_stage(plan.stage)

@@ -200,11 +200,10 @@ class WorkerLink:
 
     async def _next_parts(self) -> list:
         """The next message's frames (zmq.Frame), waiting for one if none is there."""
+        sock = self._sock
         while True:
-            try:
-                return self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
-            except zmq.Again:
-                pass
+            if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # not recv until zmq.Again: an exception costs more than a message
+                return sock.recv_multipart(zmq.NOBLOCK, copy=False)
             loop = asyncio.get_running_loop()
             if self._loop is not loop:
                 if self._loop is not None and not self._loop.is_closed():
@@ -212,9 +211,6 @@ class WorkerLink:
                 loop.add_reader(self._sock.FD, self._on_signal)
                 self._loop = loop
             self._readable = loop.create_future()
-            if self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # arrived since the read above
-                self._readable = None
-                continue
             try:
                 await self._readable
             finally:

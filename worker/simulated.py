@@ -5,7 +5,8 @@
         [--model-name sim] [--step-ms 5] [--stage-ms 1] [--groups N] [--max-batch-size 4] [--max-resident 8]
 
 One process hosts N worker groups: N DEALER sockets, each with its own routing id (and worker
-id), served by one ZeroMQ poller loop on one thread, so 64 groups need one process. Each group
+id), served by one loop on one thread (epoll over the sockets' descriptors), so 64 groups need one
+process. Each group
 says Hello with a small fake model card (`sim_card`), heartbeats, and answers RunStage
 (ENCODE / PREPARE / DECODE) after --stage-ms and DenoiseStep after --step-ms, without blocking
 the other groups. It keeps per-request state as the real runtime does (runtime.py): a request
@@ -34,6 +35,7 @@ import logging
 import math
 import os
 import platform
+import selectors
 import signal
 import socket
 import sys
@@ -183,20 +185,22 @@ class Group:
 
     def _send(self, message: wpb.WorkerMessage, frames: list = ()) -> None:
         try:
-            self.sock.send_multipart([message.SerializeToString(), *frames], zmq.NOBLOCK, copy=False)
+            if frames:
+                self.sock.send_multipart([message.SerializeToString(), *frames], zmq.NOBLOCK, copy=False)
+            else:
+                self.sock.send(message.SerializeToString(), zmq.NOBLOCK)
         except zmq.Again:  # not connected (yet): a Hello or a beat is retried, a Result is the scheduler's loss
             pass
+        self.sim.recheck.add(self)  # a send may consume the descriptor's signal: look for input again
 
     # ---- commands ----
 
     def receive(self, now: float) -> None:
         """Every message waiting on the socket."""
-        while not self.closed:
-            try:
-                raw = self.sock.recv(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            command = wpb.Command.FromString(raw)
+        sock = self.sock
+        # ZMQ_EVENTS rather than recv until zmq.Again: an exception costs more than the message
+        while not self.closed and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            command = wpb.Command.FromString(sock.recv(zmq.NOBLOCK))
             kind = command.WhichOneof("body")
             if kind == "welcome":
                 self.welcomed = self.ever_welcomed = True
@@ -265,20 +269,23 @@ class Group:
     def _finish(self, command: wpb.Command, now: float) -> None:
         frames: list = []
         stats = self.sim.stats
+        message = wpb.WorkerMessage()
+        out = message.result
+        out.command_id = command.id
         if command.WhichOneof("body") == "denoise_step":
-            results = []
             ran = 0
             for entry in command.denoise_step.entries:
-                result = wpb.RequestResult(request_id=entry.request_id)
-                try:
-                    state = self._state(entry.request_id)
-                    if not state.prepared or entry.step_index != state.step:
-                        raise _Refused(code_pb2.FAILED_PRECONDITION, f"asked for step {entry.step_index}, request is at step {state.step}")
+                result = out.requests.add(request_id=entry.request_id)
+                state = self.states.get(entry.request_id)
+                if state is not None and state.prepared and entry.step_index == state.step:
                     state.step += 1
                     ran += 1
+                    continue
+                try:
+                    state = self._state(entry.request_id)
+                    raise _Refused(code_pb2.FAILED_PRECONDITION, f"asked for step {entry.step_index}, request is at step {state.step}")
                 except _Refused as exc:
                     result.status.CopyFrom(exc.status)
-                results.append(result)
             if ran:
                 self.counters.step_commands += 1
                 self.counters.batched_step_commands += int(ran > 1)
@@ -304,21 +311,25 @@ class Group:
                     raise _Refused(code_pb2.INVALID_ARGUMENT, f"unknown stage {stage.stage}")
             except _Refused as exc:
                 result.status.CopyFrom(exc.status)
-            results = [result]
+            out.requests.append(result)
             stats.stage_commands += 1
-        elapsed_ms = (now - self.started) * 1e3
-        self._send(wpb.WorkerMessage(result=wpb.Result(command_id=command.id, elapsed_ms=elapsed_ms, requests=results)), frames)
+        out.elapsed_ms = (now - self.started) * 1e3
+        self._send(message, frames)
         self.result_sent_at = time.monotonic()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
-            self.sim.poller.unregister(self.sock)
+            self.sim.selector.unregister(self.sock.FD)
+            self.sim.live -= 1
             self.sock.close(linger=FLUSH_LINGER_MS)
 
 
 class Simulator:
-    """N groups on one thread: a poller over their sockets and a heap of due compute commands."""
+    """N groups on one thread: epoll over their sockets' descriptors and a heap of due compute
+    commands. A ZeroMQ descriptor signals a change of the socket's state, not readability: a
+    signalled socket is read until empty, and so is every socket that sent (a send may take the
+    signal)."""
 
     def __init__(self, args: argparse.Namespace, curve):
         self.args = args
@@ -334,7 +345,8 @@ class Simulator:
             world_size=1,
         )
         self.ctx = zmq.Context()
-        self.poller = zmq.Poller()
+        self.selector = selectors.EpollSelector() if hasattr(selectors, "EpollSelector") else selectors.DefaultSelector()
+        self.recheck: set[Group] = set()
         self.stats = Stats()
         self._due: list[tuple[float, int, Group]] = []
         self._seq = 0
@@ -344,9 +356,9 @@ class Simulator:
         base = args.worker_id or f"sim-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
         ids = [base] if args.groups == 1 and args.worker_id else [f"{base}-{i}" for i in range(args.groups)]
         self.groups = [Group(self, wid) for wid in ids]
-        self._by_socket = {g.sock: g for g in self.groups}
+        self.live = len(self.groups)
         for g in self.groups:
-            self.poller.register(g.sock, zmq.POLLIN)
+            self.selector.register(g.sock.FD, selectors.EVENT_READ, g)
 
     def schedule(self, group: Group) -> None:
         self._seq += 1
@@ -364,14 +376,12 @@ class Simulator:
 
     def run(self) -> int:
         next_house = 0.0
-        while not self.stop_reason:
-            live = [g for g in self.groups if not g.closed]
-            if not live:
-                break
+        while not self.stop_reason and self.live:
             now = time.monotonic()
             if now >= next_house:
-                for g in live:
-                    g.tick(now)
+                for g in self.groups:
+                    if not g.closed:
+                        g.tick(now)
                 if self.args.parent_pid and os.getppid() != self.args.parent_pid:
                     log.error("parent process %d is gone; shutting down", self.args.parent_pid)
                     break
@@ -382,18 +392,25 @@ class Simulator:
             while self._due and self._due[0][0] <= now:
                 _, _, group = heapq.heappop(self._due)
                 group.advance(now)
+            while self.recheck:
+                group = self.recheck.pop()
+                if not group.closed:
+                    group.receive(now)
             wait = next_house - now
             if self._due:
                 wait = min(wait, self._due[0][0] - now)
-            events = self.poller.poll(max(0, math.ceil(wait * 1e3)))
+            ready = self.selector.select(max(0.0, wait))
             now = time.monotonic()
-            for sock, _ in events:
-                self._by_socket[sock].receive(now)
+            for key, _ in ready:
+                group = key.data
+                if not group.closed:
+                    group.receive(now)
         if self.stop_reason:
             log.info("stopping: %s", self.stop_reason)
         self.write_stats()
         for g in self.groups:
             g.close()
+        self.selector.close()
         self.ctx.term()
         return 0
 
