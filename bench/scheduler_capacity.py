@@ -43,6 +43,25 @@ from pathlib import Path
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
+# `python -c PROFILED OUT MODULE ARGS...`: runs MODULE as __main__ under cProfile timed by the main
+# thread's CPU clock (not wall time: on a busy machine a wall-clock profile charges a call for the
+# time other threads and processes ran meanwhile), writing OUT at exit.
+PROFILED = """
+import cProfile, runpy, sys, time
+out, module = sys.argv[1], sys.argv[2]
+sys.argv = [module] + sys.argv[3:]
+profile = cProfile.Profile(time.thread_time)
+profile.enable()
+try:
+    runpy.run_module(module, run_name="__main__", alter_sys=True)
+except SystemExit:
+    pass
+finally:
+    profile.disable()
+    profile.dump_stats(out)
+"""
+
+
 def log(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -112,25 +131,26 @@ def run_config(args: argparse.Namespace, groups: int, work: Path) -> dict:
         cli(env, "keys", "new", "bench", "--out", str(work / "keys"))
         cli(env, "keys", "--state-dir", str(state), "add", "bench", str(work / "keys" / "bench.key"))
         auth_worker, auth_serve = ["--key-file", str(work / "keys" / "bench.key_secret"), "--scheduler-key", str(state / "keys" / "scheduler.key")], []
-    jobs = groups * args.max_resident
+    resident = groups * args.max_resident
+    jobs = resident + args.queue
     ready = work / "port"
-    profile = [] if not args.profile else ["-m", "cProfile", "-o", str(Path(args.profile).resolve() / f"scheduler-G{groups}.prof")]
+    profile = [] if not args.profile else ["-c", PROFILED, str(Path(args.profile).resolve() / f"scheduler-G{groups}.prof"), "diffserve.scheduler.app"]
     sched_env = {**env, "DIFFSERVE_DISPATCH_TRACE": str(trace)}
     scheduler = subprocess.Popen(
-        [sys.executable, *profile, "-m", "diffserve.scheduler.app", "--port", "0", "--worker-bind", address, "--state-dir", str(state),
+        [sys.executable, *(profile or ["-m", "diffserve.scheduler.app"]), "--port", "0", "--worker-bind", address, "--state-dir", str(state),
          "--output-dir", str(work / "outputs"), "--ready-file", str(ready), "--log-level", "WARNING", "--max-queue", str(jobs + 16),
          "--max-batch-size", str(args.max_batch_size), "--drain-timeout", "0", *auth_serve],
-        env=sched_env, cwd=work)
+        env=sched_env, cwd=work, stderr=(work / "scheduler.log").open("w"))
     worker = None
     try:
         port = wait_for(lambda: ready.exists() and ready.read_text(), 60, "the scheduler to start", scheduler)
         stats = work / "worker-stats.json"
-        wprofile = [] if not args.profile else ["-m", "cProfile", "-o", str(Path(args.profile).resolve() / f"worker-G{groups}.prof")]
+        wprofile = ["-m"] if not args.profile else ["-c", PROFILED, str(Path(args.profile).resolve() / f"worker-G{groups}.prof")]
         worker = subprocess.Popen(
-            [sys.executable, *wprofile, "-m", "diffserve.worker.simulated", "--scheduler", address, "--groups", str(groups), "--step-ms", str(args.step_ms),
+            [sys.executable, *wprofile, "diffserve.worker.simulated", "--scheduler", address, "--groups", str(groups), "--step-ms", str(args.step_ms),
              "--stage-ms", str(args.stage_ms), "--max-batch-size", str(args.max_batch_size), "--max-resident", str(args.max_resident),
              "--worker-id", "bench", "--stats-file", str(stats), "--ready-file", str(work / "worker-ready"), "--log-level", "WARNING", *auth_worker],
-            env=env, cwd=work)
+            env=env, cwd=work, stderr=(work / "worker.log").open("w"))
         from diffserve.client import Client
 
         client = Client(f"127.0.0.1:{port}")
@@ -143,7 +163,7 @@ def run_config(args: argparse.Namespace, groups: int, work: Path) -> dict:
                                                         num_inference_steps=args.steps, output_format="npy").id, range(jobs)))
         submit_s = time.monotonic() - started
         # every job resident (each group full, as the heartbeats say) before the warm-up counts
-        wait_for(lambda: sum(w.resident_jobs for m in client.list_models() for w in m.workers) == jobs, 60, "every job to be resident", scheduler)
+        wait_for(lambda: sum(w.resident_jobs for m in client.list_models() for w in m.workers) == resident, 120, "every group to be full", scheduler)
         log(f"G={groups}: submitted in {submit_s:.1f} s, all resident after {time.monotonic() - started:.1f} s; warm-up {args.warmup_s} s")
         time.sleep(args.warmup_s)
 
@@ -198,6 +218,7 @@ def run_config(args: argparse.Namespace, groups: int, work: Path) -> dict:
         "max_batch_size": args.max_batch_size,
         "max_resident": args.max_resident,
         "jobs": jobs,
+        "queued": args.queue,
         "window_s": round(window, 3),
         "step_commands": commands,
         "step_commands_per_s": round(commands / window, 1),
@@ -245,6 +266,7 @@ def main() -> int:
     p.add_argument("--max-batch-size", type=int, default=4)
     p.add_argument("--max-resident", type=int, default=8)
     p.add_argument("--steps", type=int, default=100_000, help="steps per job: long, so no job ends in the window")
+    p.add_argument("--queue", type=int, default=0, help="jobs queued beyond every group's max_resident (they wait all along)")
     p.add_argument("--warmup-s", type=float, default=3.0)
     p.add_argument("--window-s", type=float, default=8.0)
     p.add_argument("--plaintext", action="store_true", help="plain TCP worker endpoint instead of CURVE")
@@ -259,6 +281,11 @@ def main() -> int:
         work = Path(tempfile.mkdtemp(prefix=f"capacity-G{groups}-"))
         try:
             row = run_config(args, groups, work)
+        except Exception:
+            for name in ("scheduler.log", "worker.log"):  # the processes' last words
+                if (work / name).exists():
+                    log(f"--- {name}:\n" + "\n".join((work / name).read_text(errors="replace").splitlines()[-20:]))
+            raise
         finally:
             shutil.rmtree(work, ignore_errors=True)
         row["machine"] = f"{platform.node()} {os.cpu_count()} CPUs, Python {platform.python_version()}"

@@ -31,6 +31,10 @@ from diffserve.scheduler.wire import DEFAULT_MAX_MESSAGE_BYTES, parse_message
 
 log = logging.getLogger(__name__)
 
+# pyzmq's constants are IntFlag enums, whose every `|` / `&` builds a new member (a Python call of
+# microseconds): the hot path uses their plain ints.
+_NOBLOCK, _SNDMORE, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.EVENTS), int(zmq.POLLIN)
+
 ZAP_DOMAIN = "diffserve-workers"
 LOCAL_ID_PREFIX = "local-"  # the ids of the workers `diffserve serve` starts (launcher.py)
 CLOSE_LINGER_MS = 1000  # close() waits this long for queued commands (the Shutdowns) to reach connected workers
@@ -171,10 +175,14 @@ class WorkerLink:
 
     async def send(self, worker_id: str, command: wpb.Command) -> bool:
         """Sends one command; False when the peer is gone (ROUTER_MANDATORY)."""
-        parts = [worker_id.encode(), command.SerializeToString()]
+        routing_id, body = worker_id.encode(), command.SerializeToString()
+        sock = self._sock
         while True:
             try:
-                self._sock.send_multipart(parts, zmq.NOBLOCK)
+                # Not send_multipart (IntFlag arithmetic per frame). A ROUTER takes the whole message
+                # or none of it: zmq.Again / EHOSTUNREACH come from the first frame.
+                sock.send(routing_id, _NOBLOCK | _SNDMORE)
+                sock.send(body, _NOBLOCK)
                 break
             except zmq.Again:  # the peer's queue is full (it stopped reading): wait, as a blocking send would
                 await asyncio.sleep(0.001)
@@ -188,12 +196,12 @@ class WorkerLink:
     def _check_readable(self) -> None:
         """Wakes recv() if a message is waiting (called on the descriptor's signal and after sends)."""
         waiter = self._readable
-        if waiter is not None and not waiter.done() and self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if waiter is not None and not waiter.done() and self._sock.getsockopt(_EVENTS) & _POLLIN:
             waiter.set_result(None)
 
     def _on_signal(self) -> None:
         # Reading ZMQ_EVENTS also clears the descriptor (level-triggered in the loop: it must be read).
-        if self._sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        if self._sock.getsockopt(_EVENTS) & _POLLIN:
             waiter = self._readable
             if waiter is not None and not waiter.done():
                 waiter.set_result(None)
@@ -202,8 +210,11 @@ class WorkerLink:
         """The next message's frames (zmq.Frame), waiting for one if none is there."""
         sock = self._sock
         while True:
-            if sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # not recv until zmq.Again: an exception costs more than a message
-                return sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            if sock.getsockopt(_EVENTS) & _POLLIN:  # not recv until zmq.Again: an exception costs more than a message
+                parts = [sock.recv(_NOBLOCK, copy=False)]
+                while parts[-1].more:  # the rest of a message is there once its first frame is
+                    parts.append(sock.recv(_NOBLOCK, copy=False))
+                return parts
             loop = asyncio.get_running_loop()
             if self._loop is not loop:
                 if self._loop is not None and not self._loop.is_closed():

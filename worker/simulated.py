@@ -53,6 +53,9 @@ from diffserve.worker.v1.launch import EXIT_CANNOT_LOAD, add_worker_auth_flags
 
 log = logging.getLogger("diffserve.worker.simulated")
 
+# Plain ints: pyzmq's IntFlag constants build a new enum member on every `|` / `&`.
+_NOBLOCK, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.EVENTS), int(zmq.POLLIN)
+
 HELLO_RETRY_S = 3.0  # as worker/connection.py
 FLUSH_LINGER_MS = 2000
 HOUSEKEEPING_S = 0.05  # hellos, heartbeats, parent check, signals
@@ -188,7 +191,7 @@ class Group:
             if frames:
                 self.sock.send_multipart([message.SerializeToString(), *frames], zmq.NOBLOCK, copy=False)
             else:
-                self.sock.send(message.SerializeToString(), zmq.NOBLOCK)
+                self.sock.send(message.SerializeToString(), _NOBLOCK)
         except zmq.Again:  # not connected (yet): a Hello or a beat is retried, a Result is the scheduler's loss
             pass
         self.sim.recheck.add(self)  # a send may consume the descriptor's signal: look for input again
@@ -199,8 +202,8 @@ class Group:
         """Every message waiting on the socket."""
         sock = self.sock
         # ZMQ_EVENTS rather than recv until zmq.Again: an exception costs more than the message
-        while not self.closed and sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            command = wpb.Command.FromString(sock.recv(zmq.NOBLOCK))
+        while not self.closed and sock.getsockopt(_EVENTS) & _POLLIN:
+            command = wpb.Command.FromString(sock.recv(_NOBLOCK))
             kind = command.WhichOneof("body")
             if kind == "welcome":
                 self.welcomed = self.ever_welcomed = True
