@@ -9,8 +9,8 @@ The loop is thin, as in vLLM's engine core: on every wake-up it places queued jo
 with room, then asks the policy for each idle worker's next command and sends it. Results move
 the jobs (Job.advance, the only writer of a job's phase); the worker's next command then goes out
 at once from the receive loop (`_next_command`), and only a Result after which a job left its
-worker (room for the queue, ids to free) wakes the full pass — so a step costs the same with 1 or
-64 workers and any queue length (docs/scaling.md). One compute
+worker (room for the queue, ids to free) wakes the full pass, and a heartbeat none — so a step
+costs the same with 1 or 64 workers and any queue length (docs/scaling.md). One compute
 command is in flight per worker group; each denoising step is one command carrying only request
 ids and step indices.
 
@@ -221,6 +221,8 @@ class Engine:
                 log.exception("handling a message from worker %s failed", peer(worker_id))
                 self._malformed(worker_id, f"handling it failed ({type(exc).__name__})")
             else:
+                if msg.HasField("heartbeat"):  # changes nothing the step loop acts on: no pass (with a
+                    continue                  # deep queue, a pass per heartbeat cost 64 × O(queue × workers) per second)
                 if msg.HasField("result") and await self._next_command(worker_id, received):
                     continue
             if self._steps.trace is not None and msg.HasField("result"):

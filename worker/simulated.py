@@ -6,8 +6,7 @@
 
 One process hosts N worker groups: N DEALER sockets, each with its own routing id (and worker
 id), served by one loop on one thread (epoll over the sockets' descriptors), so 64 groups need one
-process. Each group
-says Hello with a small fake model card (`sim_card`), heartbeats, and answers RunStage
+process. Each group says Hello with a small fake model card (`sim_card`), heartbeats, and answers RunStage
 (ENCODE / PREPARE / DECODE) after --stage-ms and DenoiseStep after --step-ms, without blocking
 the other groups. It keeps per-request state as the real runtime does (runtime.py): a request
 must be admitted, prepared before its steps, denoised step by step in order; finished_ids,
@@ -220,7 +219,7 @@ class Group:
                 self.tick(now)
                 continue
             if kind in COMPUTE and self.result_sent_at is not None:
-                self.sim.stats.gaps_s.append(now - self.result_sent_at)
+                self.sim.stats.gaps_s.append(time.monotonic() - self.result_sent_at)
                 self.result_sent_at = None
             self.pending.append(command)
         self.advance(now)
