@@ -25,9 +25,9 @@ from diffserve.scheduler.lifecycle import Event, IllegalTransition, Phase, next_
 
 
 def now_timestamp() -> timestamp_pb2.Timestamp:
-    ts = timestamp_pb2.Timestamp()
-    ts.GetCurrentTime()
-    return ts
+    # Not Timestamp.GetCurrentTime(): it goes through datetime (~15 µs; one per step event).
+    seconds, nanos = divmod(time.time_ns(), 1_000_000_000)
+    return timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos)
 
 
 @dataclass(eq=False)

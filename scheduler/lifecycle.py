@@ -31,6 +31,10 @@ class Phase(enum.Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
+    # Members are singletons: identity hashing, not Enum's hash of the name (a Python call on every
+    # set / dict lookup of the hot path; bench/scheduler_capacity.py).
+    __hash__ = object.__hash__
+
     @property
     def terminal(self) -> bool:
         return self in TERMINAL
@@ -60,6 +64,8 @@ class Event(enum.Enum):
     CANCEL = "cancel"
     FAIL = "fail"
     REQUEUE = "requeue"  # back to the queue from a running phase, to start again from step 0
+
+    __hash__ = object.__hash__  # as Phase
 
 
 TERMINAL = frozenset({Phase.SUCCEEDED, Phase.FAILED, Phase.CANCELLED})

@@ -13,10 +13,16 @@ Contract:
 - `forget(worker_id)` drops the commands of a lost worker, so their late Results are ignored.
 At most one compute command is in flight per worker. The policy's fair share (policy.FairShare)
 is charged with each command's time as measured here, from send to Result.
+
+With DIFFSERVE_DISPATCH_TRACE=FILE (bench/scheduler_capacity.py) the loop measures its dispatch
+latency: from the moment the Result that left a worker idle was received to the moment its next
+command was handed to the socket. Off by default (nothing is timed).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
 from typing import TYPE_CHECKING
 
@@ -31,6 +37,41 @@ if TYPE_CHECKING:  # the link is the only part that needs sockets; unit tests pa
     from diffserve.scheduler.workers import WorkerLink
 
 
+class DispatchTrace:
+    """Dispatch latency samples (seconds), appended to `path` once a second as JSON lines
+    {"t": wall time, "gaps_s": [...]}: a benchmark's instrument, not a production metric."""
+
+    FLUSH_S = 1.0
+
+    def __init__(self, path: str):
+        self.path = path
+        self._ready: dict[str, float] = {}
+        self._gaps: list[float] = []
+        self._flushed = time.monotonic()
+
+    @classmethod
+    def from_env(cls) -> DispatchTrace | None:
+        path = os.environ.get("DIFFSERVE_DISPATCH_TRACE", "")
+        return cls(path) if path else None
+
+    def ready(self, worker_id: str, received: float) -> None:
+        """A Result received at `received` (time.perf_counter) left the worker idle."""
+        self._ready[worker_id] = received
+
+    def sent(self, worker_id: str, command: bool) -> None:
+        """The worker's next command (command=True) was sent, or it has none to run."""
+        received = self._ready.pop(worker_id, None)
+        if received is not None and command:
+            self._gaps.append(time.perf_counter() - received)
+        now = time.monotonic()
+        if now - self._flushed >= self.FLUSH_S:
+            self._flushed = now
+            if self._gaps:
+                with open(self.path, "a") as f:
+                    f.write(json.dumps({"t": time.time(), "gaps_s": self._gaps}) + "\n")
+                self._gaps = []
+
+
 class StepLoop:
     """Owns the commands in flight (command id → worker id and plan)."""
 
@@ -39,17 +80,22 @@ class StepLoop:
         self.max_batch_size = max_batch_size
         self.policy = FairShare()
         self._commands: dict[int, tuple[str, Plan, float]] = {}  # id -> (worker id, plan, sent at)
+        self.trace = DispatchTrace.from_env()
 
     async def dispatch(self, worker: WorkerHandle) -> bool:
         plan = self.policy.next_plan(worker.id, worker.jobs.values(), min(self.max_batch_size, worker.hello.max_batch_size or 1))
         finished = worker.take_finished()
         if plan is None:
+            if self.trace is not None:
+                self.trace.sent(worker.id, False)
             if finished:
                 return await self.link.send(worker.id, wpb.Command(free=wpb.Free(request_ids=finished)))
             return True
         command = wpb.Command(id=self.link.next_command_id(), finished_ids=finished)
         if plan.phase is Phase.DENOISE:
-            command.denoise_step.entries.extend(wpb.StepEntry(request_id=j.id, step_index=j.step) for j in plan.jobs)
+            entries = command.denoise_step.entries
+            for job in plan.jobs:
+                entries.add(request_id=job.id, step_index=job.step)
         else:
             command.run_stage.request_id = plan.jobs[0].id
             command.run_stage.stage = worker_stage(plan.stage)
@@ -57,7 +103,10 @@ class StepLoop:
             job.advance(Event.DISPATCH)
         worker.in_flight = command.id
         self._commands[command.id] = (worker.id, plan, time.monotonic())
-        return await self.link.send(worker.id, command)
+        sent = await self.link.send(worker.id, command)
+        if self.trace is not None:
+            self.trace.sent(worker.id, True)
+        return sent
 
     def complete(self, worker: WorkerHandle | None, command_id: int) -> Plan | None:
         entry = self._commands.get(command_id)

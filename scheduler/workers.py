@@ -15,13 +15,13 @@ whose routing id belongs to another key is dropped here. Plain TCP only on loopb
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import logging
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
 import zmq
-import zmq.asyncio
 from zmq.auth.thread import ThreadAuthenticator
 
 from diffserve.scheduler.keys import LOCAL, KeyStore
@@ -31,8 +31,13 @@ from diffserve.scheduler.wire import DEFAULT_MAX_MESSAGE_BYTES, parse_message
 
 log = logging.getLogger(__name__)
 
+# pyzmq's constants are IntFlag enums, whose every `|` / `&` builds a new member (a Python call of
+# microseconds): the hot path uses their plain ints.
+_NOBLOCK, _SNDMORE, _EVENTS, _POLLIN = int(zmq.NOBLOCK), int(zmq.SNDMORE), int(zmq.EVENTS), int(zmq.POLLIN)
+
 ZAP_DOMAIN = "diffserve-workers"
 LOCAL_ID_PREFIX = "local-"  # the ids of the workers `diffserve serve` starts (launcher.py)
+CLOSE_LINGER_MS = 1000  # close() waits this long for queued commands (the Shutdowns) to reach connected workers
 
 
 class WorkerAuthError(ValueError):
@@ -105,14 +110,21 @@ class _Authenticator(ThreadAuthenticator):
 
 class WorkerLink:
     """Owns the ROUTER socket. `recv()` yields (worker id, WorkerMessage, extra frames) or raises
-    wire.ProtocolError for a malformed message; `max_message_bytes` caps a message's frames."""
+    wire.ProtocolError for a malformed message; `max_message_bytes` caps a message's frames.
+
+    The hot path of the scheduler (one Result in, one command out per step): a plain ZeroMQ socket
+    read and written without blocking, its file descriptor watched by the event loop
+    (loop.add_reader), rather than zmq.asyncio's future per message (bench/scheduler_capacity.py,
+    docs/scaling.md). `recv()` returns at once while messages are waiting, so a burst of Results is
+    handled before the step loop runs. The descriptor signals changes of the socket's state, not
+    readability: it is re-checked (ZMQ_EVENTS) after every read, send and wake-up."""
 
     def __init__(self, bind: str, auth: WorkerAuth | None = None, max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES):
         auth = auth or WorkerAuth()
         if auth.plaintext and not is_loopback_endpoint(bind):
             raise WorkerAuthError(f"--insecure-worker-plaintext needs a loopback --worker-bind (127.0.0.1, ::1, localhost, ipc://), not {bind}: "
                                   "anyone who reaches it could act as a worker; drop the flag to use CURVE keys")
-        self._ctx = zmq.asyncio.Context()
+        self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self.max_message_bytes = max_message_bytes
         # Per frame, before the bytes are buffered: the peer is disconnected. parse_message checks the sum.
@@ -147,6 +159,8 @@ class WorkerLink:
             self._sock.bind(bind)
         self.address = bind
         self._next_id = 0
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop watching the socket's descriptor
+        self._readable: asyncio.Future | None = None  # what recv() waits on when nothing is waiting
 
     def local_worker_argv(self) -> list[str]:
         """What a worker this scheduler starts needs to connect: the paths of its keypair and of the
@@ -161,12 +175,57 @@ class WorkerLink:
 
     async def send(self, worker_id: str, command: wpb.Command) -> bool:
         """Sends one command; False when the peer is gone (ROUTER_MANDATORY)."""
-        try:
-            await self._sock.send_multipart([worker_id.encode(), command.SerializeToString()])
-            return True
-        except zmq.ZMQError as exc:
-            log.warning("could not send to worker %s: %s", worker_id, exc)
-            return False
+        routing_id, body = worker_id.encode(), command.SerializeToString()
+        sock = self._sock
+        while True:
+            try:
+                # Not send_multipart (IntFlag arithmetic per frame). A ROUTER takes the whole message
+                # or none of it: zmq.Again / EHOSTUNREACH come from the first frame.
+                sock.send(routing_id, _NOBLOCK | _SNDMORE)
+                sock.send(body, _NOBLOCK)
+                break
+            except zmq.Again:  # the peer's queue is full (it stopped reading): wait, as a blocking send would
+                await asyncio.sleep(0.001)
+            except zmq.ZMQError as exc:
+                log.warning("could not send to worker %s: %s", worker_id, exc)
+                return False
+            finally:
+                self._check_readable()  # a send may have consumed the descriptor's signal
+        return True
+
+    def _check_readable(self) -> None:
+        """Wakes recv() if a message is waiting (called on the descriptor's signal and after sends)."""
+        waiter = self._readable
+        if waiter is not None and not waiter.done() and self._sock.getsockopt(_EVENTS) & _POLLIN:
+            waiter.set_result(None)
+
+    def _on_signal(self) -> None:
+        # Reading ZMQ_EVENTS also clears the descriptor (level-triggered in the loop: it must be read).
+        if self._sock.getsockopt(_EVENTS) & _POLLIN:
+            waiter = self._readable
+            if waiter is not None and not waiter.done():
+                waiter.set_result(None)
+
+    async def _next_parts(self) -> list:
+        """The next message's frames (zmq.Frame), waiting for one if none is there."""
+        sock = self._sock
+        while True:
+            if sock.getsockopt(_EVENTS) & _POLLIN:  # not recv until zmq.Again: an exception costs more than a message
+                parts = [sock.recv(_NOBLOCK, copy=False)]
+                while parts[-1].more:  # the rest of a message is there once its first frame is
+                    parts.append(sock.recv(_NOBLOCK, copy=False))
+                return parts
+            loop = asyncio.get_running_loop()
+            if self._loop is not loop:
+                if self._loop is not None and not self._loop.is_closed():
+                    self._loop.remove_reader(self._sock.FD)
+                loop.add_reader(self._sock.FD, self._on_signal)
+                self._loop = loop
+            self._readable = loop.create_future()
+            try:
+                await self._readable
+            finally:
+                self._readable = None
 
     def _owned(self, routing_id: bytes, frame: zmq.Frame) -> bool:
         """With CURVE: whether the key that sent `frame` may use `routing_id` (the first key to use an
@@ -194,13 +253,17 @@ class WorkerLink:
         """The next message from a peer allowed to use its routing id; raises wire.ProtocolError
         (naming the sender when known) for a malformed one."""
         while True:
-            parts = await self._sock.recv_multipart(copy=False)
+            parts = await self._next_parts()
             if len(parts) >= 2 and not self._owned(bytes(parts[0].buffer), parts[1]):
                 continue
             return parse_message([p.buffer for p in parts], self.max_message_bytes)
 
     def close(self) -> None:
-        self._sock.close(0)
+        if self._loop is not None and not self._loop.is_closed():
+            self._loop.remove_reader(self._sock.FD)
+            self._loop = None
+        # Not 0: the Shutdown just sent to each remote worker would be dropped with the socket.
+        self._sock.close(linger=CLOSE_LINGER_MS)
         if self._authenticator is not None:
             self._authenticator.stop()
         self._ctx.term()
