@@ -166,7 +166,8 @@ def test_cancel_then_kill_one_rank(tiny_wan, start_server):
 
     from jobs_util import LONG_JOB, final_event, resident_jobs, wait_for, wait_step
 
-    server = start_server(tiny_wan, "--num-gpus", "2", "--enable-cfg-parallel", "--no-restart-workers")
+    # one attempt: the job fails with the group (requeue is tests/service/test_replicas.py)
+    server = start_server(tiny_wan, "--num-gpus", "2", "--enable-cfg-parallel", "--no-restart-workers", "--max-attempts", "1")
     job = server.client.submit(**LONG_JOB)
     wait_step(server.client, job.id, 2)
     at_cancel = server.client.get(job.id).step
