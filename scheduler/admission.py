@@ -111,6 +111,8 @@ class Admission:
     async def place(self) -> None:
         admitted = False
         for job in list(self._queue):
+            if not self.registry.any_room():  # a deep queue costs nothing while every worker is full
+                break
             worker = self.registry.place(job)
             if worker is None:
                 continue

@@ -141,6 +141,10 @@ class WorkerRegistry:
     def any_alive(self) -> bool:
         return any(w.alive for w in self._workers.values())
 
+    def any_room(self) -> bool:
+        """Some live worker can take one more resident job (of its model)."""
+        return any(w.has_room for w in self._workers.values())
+
     def place(self, job: Job) -> WorkerHandle | None:
         candidates = [w for w in self._workers.values() if w.has_room and w.model.name == job.params.model]
         return min(candidates, key=lambda w: len(w.jobs)) if candidates else None
