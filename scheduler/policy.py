@@ -38,6 +38,8 @@ test_fairness.py measures it). Resident jobs never starve: each ready group gets
 
 from __future__ import annotations
 
+import functools
+
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -62,6 +64,7 @@ class Plan:
         return self.phase.stage
 
 
+@functools.lru_cache(maxsize=256)
 def weight(priority: int) -> float:
     """A job's share of its worker relative to a priority-0 job: doubles every 10 points."""
     return 2.0 ** (priority / 10)
