@@ -15,7 +15,6 @@ Imports nothing heavy at module level (the `diffserve` command builds its parser
 from __future__ import annotations
 
 import argparse
-import logging
 import os
 import sys
 from pathlib import Path
@@ -73,7 +72,9 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     # For `generate --model-path`: stop when that process dies, and remove its temporary folder.
     s.add_argument("--parent-pid", type=int, default=0, help=argparse.SUPPRESS)
     s.add_argument("--cleanup-dir", default="", help=argparse.SUPPRESS)
-    s.add_argument("--log-level", default="INFO")
+    s.add_argument("--log-level", default="INFO", help="log level of the scheduler (DEBUG, INFO, WARNING, ERROR)")
+    s.add_argument("--log-format", choices=("text", "json"), default="text",
+                   help="scheduler log lines as text, or one JSON object per line (time, level, logger, message, job_id, principal, ...)")
 
 
 def api_security_problem(args: argparse.Namespace) -> str:
@@ -149,7 +150,9 @@ def serve(args: argparse.Namespace) -> int:
     from diffserve.scheduler.store import StoreError
     from diffserve.scheduler.workers import WorkerAuth, WorkerAuthError, is_loopback_endpoint
 
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s scheduler %(levelname)s %(name)s: %(message)s")
+    from diffserve.scheduler.joblog import configure as configure_logging
+
+    configure_logging(args.log_level, args.log_format)
     for flag, value in (("--num-gpus", args.num_gpus), ("--replicas", args.replicas), ("--max-attempts", args.max_attempts)):
         if value < 1:
             print(f"error: {flag} must be >= 1", file=sys.stderr)

@@ -20,7 +20,7 @@ from google.rpc import status_pb2
 
 from diffserve.v1 import generation_pb2 as pb
 
-from diffserve.scheduler import errors
+from diffserve.scheduler import errors, joblog
 from diffserve.scheduler.auth import ANONYMOUS_NAME
 from diffserve.scheduler.lifecycle import Event, IllegalTransition, Phase, next_phase
 
@@ -162,8 +162,10 @@ class Job:
             if event is Event.CANCEL and status is None:  # the cancel that waited for the boundary
                 status = self.cancel_status
             self._finish(status)
-        if self.on_change is not None and (target is not before or event is Event.CANCEL_LATER):
-            self.on_change(self)
+        if target is not before or event is Event.CANCEL_LATER:
+            if self.on_change is not None:
+                self.on_change(self)
+            joblog.changed(self, before, event)  # one INFO line for the changes that matter
         return target
 
     def _finish(self, error: status_pb2.Status | None) -> None:
@@ -261,6 +263,7 @@ class JobTable:
                 self.store.discard(job.id)
                 self._unindex(job)
                 raise errors.RequestError(errors.unavailable(f"the job was not accepted: {exc}", "STORE_UNAVAILABLE")) from None
+        joblog.submitted(job)
         if job.done:
             self._ended(job)
 
