@@ -43,12 +43,16 @@ def cli(*args: str) -> None:
 class Scheduler:
     """`diffserve serve` without --model-path: workers join from outside."""
 
-    def __init__(self, workdir: Path, worker_address: str):
+    def __init__(self, workdir: Path, worker_address: str, *extra: str, stderr: Path | None = None):
         ready = workdir / f"port-{time.monotonic_ns()}"
         cmd = [sys.executable, "-m", "diffserve.client.cli", "serve", "--port", "0", "--worker-bind", worker_address,
                "--state-dir", str(workdir / "state"), "--output-dir", str(workdir / "outputs"), "--ready-file", str(ready),
-               "--log-level", "WARNING"]
-        self.proc = subprocess.Popen(cmd, env=ENV)
+               "--log-level", "WARNING", *extra]
+        if stderr is None:
+            self.proc = subprocess.Popen(cmd, env=ENV)
+        else:
+            with open(stderr, "wb") as err:
+                self.proc = subprocess.Popen(cmd, env=ENV, stderr=err)
         wait_for(lambda: ready.exists() or self.proc.poll() is not None, timeout_s=60, what="the scheduler to start")
         assert self.proc.poll() is None, f"serve exited with {self.proc.returncode}"
         from diffserve.client import Client
@@ -136,3 +140,31 @@ def test_without_keys_it_refuses_to_start():
     done = subprocess.run([sys.executable, "-m", "diffserve.worker.simulated", "--scheduler", "tcp://127.0.0.1:1"],
                           capture_output=True, text=True, timeout=30, env=ENV)
     assert done.returncode == 2 and "--key-file" in done.stderr
+
+
+def test_json_log_has_a_line_per_job_event(tmp_path):
+    """serve --log-format json: every stderr line is a JSON object; a job leaves submitted,
+    started and succeeded lines with its id and principal (docs/cli.md "Logs")."""
+    import json
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    log = tmp_path / "serve.err"
+    scheduler = Scheduler(tmp_path, address, "--insecure-worker-plaintext", "--log-level", "INFO", "--log-format", "json", stderr=log)
+    worker = subprocess.Popen([sys.executable, "-m", "diffserve.worker.simulated", "--scheduler", address, "--insecure-worker-plaintext",
+                               "--step-ms", "1", "--stage-ms", "1", "--log-level", "WARNING"], env=ENV)
+    try:
+        scheduler.serving()
+        job = scheduler.client.submit(**REQUESTS[0])
+        output(scheduler.client, job.id)
+        scheduler.stop()
+    finally:
+        scheduler.stop()
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+    assert all({"time", "level", "logger", "message"} <= line.keys() for line in lines)
+    mine = [line for line in lines if line.get("job_id") == job.id]
+    assert [line["job_event"] for line in mine] == ["submitted", "started", "succeeded"], lines
+    assert all(line["principal"] == "anonymous" and line["logger"] == "diffserve.scheduler.joblog" for line in mine)
+    assert mine[-1]["total_s"] >= mine[-1]["run_s"] >= 0
