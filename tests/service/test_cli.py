@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -43,3 +44,23 @@ def test_generate_needs_a_model(tmp_path):
     assert done.returncode == 2 and "--model-path" in done.stderr
     done = diffserve("generate", "--model-path", str(tmp_path / "missing"), "--prompt", "x")
     assert done.returncode != 0 and "model" in done.stderr
+
+
+def test_no_server_is_one_line_not_a_traceback(tmp_path):
+    with socket.socket() as s:  # a loopback port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    target = f"127.0.0.1:{port}"
+    line = f"error: no diffserve server at {target} (connection refused); start one with `diffserve serve`"
+    done = diffserve("models", "--server", target, timeout=60)
+    assert done.returncode != 0 and done.stdout == ""
+    assert done.stderr.splitlines() == [line]
+    done = diffserve("generate", "--server", target, "--prompt", "x", "--save-output", "--output-path", str(tmp_path), timeout=60)
+    assert done.returncode != 0
+    assert done.stderr.splitlines() == [line]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_version():
+    done = diffserve("--version", timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("diffserve ")
