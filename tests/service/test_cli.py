@@ -10,8 +10,8 @@ import imageio.v3 as iio
 from PIL import Image
 
 
-def diffserve(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "diffserve.client.cli", *args], capture_output=True, text=True, timeout=timeout)
+def diffserve(*args: str, timeout: float = 180, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "diffserve.client.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def test_generate_png_and_mp4(tiny_wan, tmp_path):
@@ -64,3 +64,12 @@ def test_no_server_is_one_line_not_a_traceback(tmp_path):
 def test_version():
     done = diffserve("--version", timeout=60)
     assert done.returncode == 0 and done.stdout.startswith("diffserve ")
+
+
+def test_one_shot_generate_leaves_only_its_file(tiny_wan, tmp_path):
+    """Default folders: the client's file in ./outputs, nothing of the private server's (its
+    artifact store, its state) in the working folder."""
+    done = diffserve("generate", "--model-path", str(tiny_wan), "--prompt", "a fox", "--height", "32", "--width", "32",
+                     "--num-frames", "1", "--num-inference-steps", "2", "--seed", "3", "--save-output", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["outputs", "outputs/a_fox_3.png"]
