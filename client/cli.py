@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from importlib import metadata
 from pathlib import Path
 
 from diffserve.v1 import generation_pb2 as pb
@@ -44,6 +45,45 @@ class Terminated(BaseException):
 def _on_sigterm(signum, frame) -> None:
     signal.signal(signal.SIGTERM, signal.SIG_DFL)  # a second SIGTERM ends the process at once
     raise Terminated()
+
+
+def package_version() -> str:
+    """The installed distribution's version (`diffserve --version`)."""
+    try:
+        return metadata.version("diffserve")
+    except metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def unreachable(err: DiffserveError, target: str) -> str | None:
+    """One line for a server that cannot be reached at all, or None for any other error.
+
+    gRPC reports both a transport failure (nothing listens, the name does not resolve) and a server
+    that refuses work (draining, store down) as UNAVAILABLE; the server's own refusals carry an
+    ErrorInfo reason, the transport's do not."""
+    if err.code.name != "UNAVAILABLE" or err.reason:
+        return None
+    text = err.message
+    if "Connection refused" in text:
+        why = "connection refused"
+    elif "resolving" in text or "DNS" in text:
+        why = "the host name does not resolve"
+    elif "timed out" in text.lower() or "Deadline" in text:
+        why = "connection timed out"
+    else:
+        why = text.rsplit(": ", 1)[-1].strip() or "unavailable"
+    return f"error: no diffserve server at {target} ({why}); start one with `diffserve serve`"
+
+
+def report_error(err: DiffserveError, target: str) -> None:
+    """A failed call as the CLI prints it: one line (plus the fields a bad request names)."""
+    line = unreachable(err, target)
+    if line is not None:
+        print(line, file=sys.stderr)
+        return
+    print(f"error: {err}", file=sys.stderr)
+    for field, description in err.field_violations:
+        print(f"  {field}: {description}", file=sys.stderr)
 
 
 def seed_type(text: str) -> int:
@@ -80,6 +120,8 @@ def connect(args: argparse.Namespace, target: str) -> Client:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="diffserve", description="Serve diffusion transformers.")
+    parser.add_argument("--version", action="version", version=f"diffserve {package_version()}",
+                        help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
 
     g = sub.add_parser("generate", help="run one job end to end and save its output")
@@ -117,7 +159,7 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("rest", nargs=argparse.REMAINDER)
 
     m = sub.add_parser("models", help="list a server's models")
-    m.add_argument("--server", default="127.0.0.1:50051")
+    m.add_argument("--server", default="127.0.0.1:50051", help="the server to ask (HOST:PORT; default 127.0.0.1:50051)")
     add_client_flags(m)
     return parser
 
@@ -205,9 +247,7 @@ def run_job(client: Client, args: argparse.Namespace) -> int:
                 print(f"job cancelled: {event.cancelled.status.message}", file=sys.stderr)
                 return 1
     except DiffserveError as err:
-        print(f"error: {err}", file=sys.stderr)
-        for field, description in err.field_violations:
-            print(f"  {field}: {description}", file=sys.stderr)
+        report_error(err, args.server or "the local server")
         return 2
     except (KeyboardInterrupt, Terminated):
         if bar is not None:
@@ -224,7 +264,14 @@ def run_job(client: Client, args: argparse.Namespace) -> int:
         print("output not written (pass --save-output)", file=sys.stderr)
         return 0
     path = output_file(args, job)
-    client.download(job.id, path)
+    try:
+        client.download_to(job.id, path)  # streamed to a temporary file beside `path`, then renamed
+    except DiffserveError as err:
+        report_error(err, args.server or "the local server")
+        return 2
+    except OSError as exc:
+        print(f"error: cannot write {path}: {exc.strerror or exc}", file=sys.stderr)
+        return 1
     print(path)
     return 0
 
@@ -248,7 +295,12 @@ def cmd_models(args: argparse.Namespace) -> int:
     from google.protobuf import json_format
 
     with connect(args, args.server) as client:
-        for model in client.list_models():
+        try:
+            models = client.list_models()
+        except DiffserveError as err:
+            report_error(err, args.server)
+            return 1
+        for model in models:
             print(json_format.MessageToJson(model, preserving_proto_field_name=True))
     return 0
 

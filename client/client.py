@@ -5,7 +5,7 @@
         job = c.submit("a red fox in the snow", num_frames=1, seed=7)
         for event in c.events(job.id):
             print(event)
-        c.download(job.id, "fox.png")
+        c.download_to(job.id, "fox.png")   # streamed to disk; c.download(job.id) returns the bytes
 
 Errors raise `DiffserveError` with the gRPC code, the message and the google.rpc details
 (field violations for bad input, retry delay when the server is overloaded).
@@ -20,7 +20,9 @@ TLS is used when root_certificates (or a client certificate for mutual TLS) is g
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,6 +94,12 @@ def make_params(prompt: str = "", *, output_format: str | int = "", images: list
 
 def is_terminal(event: pb.JobEvent) -> bool:
     return event.WhichOneof("event") in TERMINAL_EVENTS
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _channel_options() -> list:
@@ -190,6 +198,31 @@ class Client:
         if path is not None:
             Path(path).write_bytes(data)
         return data
+
+    def download_to(self, artifact_id: str, path: str | os.PathLike) -> Path:
+        """Streams the artifact to `path` without holding it in memory: each chunk is written as it
+        arrives to a temporary file beside `path` (same folder, so the rename cannot cross file
+        systems), flushed, and renamed onto `path` once the stream ends. On any error the temporary
+        file is removed and `path` is left as it was. Returns `path`."""
+        target = Path(path)
+        fd, part = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as out:
+                call = self.stub.DownloadArtifact(pb.DownloadArtifactRequest(artifact_id=artifact_id), metadata=self._metadata)
+                try:
+                    for reply in self._stream(call):
+                        out.write(reply.data)
+                finally:
+                    call.cancel()  # a no-op once the stream has ended; stops it after a write error
+                out.flush()
+                os.fsync(out.fileno())
+            os.chmod(part, 0o666 & ~_umask())  # mkstemp makes 0600; a plain write would honour the umask
+            os.replace(part, target)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(part)
+            raise
+        return target
 
     def health(self, service: str = "") -> str:
         """SERVING, NOT_SERVING, ... as the standard grpc.health.v1 service reports it."""

@@ -33,7 +33,7 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
                    help="state folder: CURVE keys and the job store jobs.sqlite3 (created 0700 at first start; default ./.diffserve)")
     s.add_argument("--insecure-worker-plaintext", action="store_true",
                    help="no CURVE on the worker endpoint (plain TCP); refused unless --worker-bind is loopback")
-    s.add_argument("--output-dir", default="outputs", help="folder of the local artifact store (default ./outputs)")
+    s.add_argument("--output-dir", default="artifacts", help="folder of the local artifact store (default ./artifacts; not ./outputs, which is where `generate` writes)")
     # The artifact store (docs/cli.md "Artifact store"): a folder by default, or S3-compatible object storage.
     s.add_argument("--artifact-store", default="", metavar="s3://BUCKET[/PREFIX]",
                    help="keep artifacts in this S3 bucket (credentials from AWS_* / profile / role) instead of --output-dir")

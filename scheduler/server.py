@@ -56,7 +56,7 @@ class ServerConfig:
     port: int = 50051  # 0 picks a free port
     worker_bind: str = "tcp://127.0.0.1:0"  # ZeroMQ address workers connect to
     worker_auth: WorkerAuth = field(default_factory=WorkerAuth)  # CURVE keys (state folder) or loopback plain TCP
-    output_dir: str = "outputs"  # the local artifact store (when artifact_store is "")
+    output_dir: str = "artifacts"  # the local artifact store (when artifact_store is ""); not "outputs": the client writes there
     artifact_store: str = ""  # s3://BUCKET[/PREFIX]; "" keeps artifacts in output_dir
     s3_endpoint_url: str = ""  # MinIO and other S3-compatible servers; "" is AWS
     s3_region: str = ""  # "" is boto3's default chain

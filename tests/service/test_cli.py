@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import sys
 
@@ -9,8 +10,8 @@ import imageio.v3 as iio
 from PIL import Image
 
 
-def diffserve(*args: str, timeout: float = 180) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "diffserve.client.cli", *args], capture_output=True, text=True, timeout=timeout)
+def diffserve(*args: str, timeout: float = 180, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "diffserve.client.cli", *args], capture_output=True, text=True, timeout=timeout, cwd=cwd)
 
 
 def test_generate_png_and_mp4(tiny_wan, tmp_path):
@@ -43,3 +44,32 @@ def test_generate_needs_a_model(tmp_path):
     assert done.returncode == 2 and "--model-path" in done.stderr
     done = diffserve("generate", "--model-path", str(tmp_path / "missing"), "--prompt", "x")
     assert done.returncode != 0 and "model" in done.stderr
+
+
+def test_no_server_is_one_line_not_a_traceback(tmp_path):
+    with socket.socket() as s:  # a loopback port that nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    target = f"127.0.0.1:{port}"
+    line = f"error: no diffserve server at {target} (connection refused); start one with `diffserve serve`"
+    done = diffserve("models", "--server", target, timeout=60)
+    assert done.returncode != 0 and done.stdout == ""
+    assert done.stderr.splitlines() == [line]
+    done = diffserve("generate", "--server", target, "--prompt", "x", "--save-output", "--output-path", str(tmp_path), timeout=60)
+    assert done.returncode != 0
+    assert done.stderr.splitlines() == [line]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_version():
+    done = diffserve("--version", timeout=60)
+    assert done.returncode == 0 and done.stdout.startswith("diffserve ")
+
+
+def test_one_shot_generate_leaves_only_its_file(tiny_wan, tmp_path):
+    """Default folders: the client's file in ./outputs, nothing of the private server's (its
+    artifact store, its state) in the working folder."""
+    done = diffserve("generate", "--model-path", str(tiny_wan), "--prompt", "a fox", "--height", "32", "--width", "32",
+                     "--num-frames", "1", "--num-inference-steps", "2", "--seed", "3", "--save-output", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["outputs", "outputs/a_fox_3.png"]
