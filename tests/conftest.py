@@ -51,6 +51,18 @@ def tiny_wan(tmp_path_factory) -> Path:
     return build("wan", tmp_path_factory.mktemp("ckpt") / "tiny-wan")
 
 
+def interrupt(proc: subprocess.Popen, timeout_s: float = 30) -> None:
+    """Ctrl-C for a `diffserve serve` subprocess (it drains and exits), killed if it has not exited
+    within timeout_s."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 class ServerProcess:
     """A `diffserve serve` subprocess with its local worker, on a free port (or `port`). A second
     one on the same workdir uses the same state and output folders (a restart)."""
@@ -103,13 +115,7 @@ class ServerProcess:
 
     def stop(self) -> int:
         self.client.close()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        interrupt(self.proc)
         return self.proc.returncode
 
 

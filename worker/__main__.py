@@ -89,7 +89,7 @@ def main(argv=None) -> int:
     import torch
 
     from diffserve.worker import loading
-    from diffserve.worker.connection import CurveKeys, SchedulerConnection
+    from diffserve.worker.connection import SchedulerConnection, worker_curve_keys
     from diffserve.worker.registry import load_pipeline
     from diffserve.worker.runtime import Runtime
 
@@ -100,14 +100,11 @@ def main(argv=None) -> int:
 
     log = logging.getLogger("diffserve.worker")
     curve = None
-    if args.rank == 0 and not args.insecure_worker_plaintext:  # before loading the model: a wrong key fails fast
-        if not (args.key_file and args.scheduler_key):
-            log.error("give --key-file and --scheduler-key (CURVE keys, see `diffserve keys`), or --insecure-worker-plaintext for a loopback scheduler started with it")
-            return EXIT_CANNOT_LOAD
+    if args.rank == 0:  # before loading the model: a wrong key fails fast
         try:
-            curve = CurveKeys.load(args.key_file, args.scheduler_key)
-        except (OSError, ValueError) as exc:
-            log.error("cannot read the CURVE keys: %s", exc)
+            curve = worker_curve_keys(args)
+        except ValueError as exc:
+            log.error("%s", exc)
             return EXIT_CANNOT_LOAD
     worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     if args.num_gpus < 1:

@@ -68,6 +68,21 @@ class CurveKeys:
         return cls(public, secret, server)
 
 
+def worker_curve_keys(args) -> CurveKeys | None:
+    """The CURVE keys a worker's flags name (--key-file, --scheduler-key), or None with
+    --insecure-worker-plaintext. Raises ValueError with the line to show when they are missing or
+    cannot be read (a wrong key fails before anything is loaded)."""
+    if args.insecure_worker_plaintext:
+        return None
+    if not (args.key_file and args.scheduler_key):
+        raise ValueError("give --key-file and --scheduler-key (CURVE keys, see `diffserve keys`), "
+                         "or --insecure-worker-plaintext for a loopback scheduler started with it")
+    try:
+        return CurveKeys.load(args.key_file, args.scheduler_key)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"cannot read the CURVE keys: {exc}") from None
+
+
 class SchedulerConnection:
     """Registers with the scheduler (Hello → Welcome), keeps heartbeats going, moves messages.
 

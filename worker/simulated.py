@@ -451,18 +451,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s simworker %(levelname)s %(name)s: %(message)s")
-    from diffserve.worker.connection import CurveKeys  # zmq and protos only
+    from diffserve.worker.connection import worker_curve_keys  # zmq and protos only
 
-    curve = None
-    if not args.insecure_worker_plaintext:
-        if not (args.key_file and args.scheduler_key):
-            log.error("give --key-file and --scheduler-key (CURVE keys, see `diffserve keys`), or --insecure-worker-plaintext for a loopback scheduler started with it")
-            return EXIT_CANNOT_LOAD
-        try:
-            curve = CurveKeys.load(args.key_file, args.scheduler_key)
-        except (OSError, ValueError) as exc:
-            log.error("cannot read the CURVE keys: %s", exc)
-            return EXIT_CANNOT_LOAD
+    try:
+        curve = worker_curve_keys(args)
+    except ValueError as exc:
+        log.error("%s", exc)
+        return EXIT_CANNOT_LOAD
     sim = Simulator(args, curve)
 
     def stop(signum, frame):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -28,6 +27,7 @@ import pytest
 
 from diffserve.client import Client, DiffserveError
 from diffserve.v1 import generation_pb2 as pb
+from conftest import interrupt
 
 BUCKET = "diffserve-artifacts"
 TOKENS = {"alice": "alice-" + "a" * 26, "bob": "bob-" + "b" * 28, "admin": "admin-" + "c" * 26}
@@ -146,13 +146,7 @@ class BareScheduler:
         self.target = f"127.0.0.1:{ready.read_text()}"
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        interrupt(self.proc)
 
 
 def not_found(client: Client, artifact_id: str) -> DiffserveError:

@@ -11,7 +11,6 @@ import asyncio
 import datetime
 import ipaddress
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,7 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoRe
 from diffserve.client import AsyncClient, Client, DiffserveError
 from diffserve.v1 import generation_pb2 as pb
 from jobs_util import wait_step
+from conftest import interrupt
 
 TOKENS = {"alice": "alice-" + "a" * 26, "bob": "bob-" + "b" * 28, "admin": "admin-" + "c" * 26}
 BOB_OLD = "bob-old-" + "d" * 24  # a second token of bob's, revoked by test_tokens_file_is_reloaded
@@ -125,13 +125,7 @@ class SecureServer:
         raise AssertionError("server never became SERVING")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        interrupt(self.proc)
 
 
 @pytest.fixture(scope="module")
