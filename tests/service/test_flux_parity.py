@@ -12,7 +12,7 @@ import torch
 
 from conftest import ServerProcess
 from diffserve.client import DiffserveError
-from jobs_util import npy_output, resident_jobs, wait_for, wait_step
+from jobs_util import npy_output, wait_for, wait_step
 from reference import max_level_diff
 from tests.fixtures.tiny.flux import build_tiny_flux
 
@@ -86,12 +86,22 @@ JOBS = [
 COMMON = dict(height=32, width=32, num_frames=1, output_format="npy")
 
 
+def settled(server, rows: int):
+    """The worker's counters once a heartbeat shows `rows` rows run and no resident job (counters
+    arrive with heartbeats, 1 s apart)."""
+
+    def status():
+        (worker,) = server.worker_status()
+        return worker if worker.resident_jobs == 0 and worker.denoise_rows >= rows else None
+
+    return wait_for(status, what=f"the worker to report {rows} rows and no resident jobs")
+
+
 def test_concurrent_jobs_equal_solo_and_share_steps(tiny_flux, start_server):
     server = start_server(tiny_flux, "--max-batch-size", "4")
     client = server.client
     solo = [npy_output(client, client.submit(**COMMON, **job).id) for job in JOBS]
-    wait_for(lambda: resident_jobs(server) == 0, what="the worker to report no resident jobs")
-    before = server.worker_status()[0]
+    before = settled(server, 16 + 6)  # the solo runs' rows, so a heartbeat from between them is not taken for after
 
     first = client.submit(**COMMON, **JOBS[0])
     wait_step(client, first.id, 2)  # the second joins while the first is at step >= 2
@@ -106,8 +116,7 @@ def test_concurrent_jobs_equal_solo_and_share_steps(tiny_flux, start_server):
     assert not np.array_equal(outputs[0], outputs[1])
     assert len(sizes[0]) == 16 and len(sizes[1]) == 6
     assert all(max(s) >= 2 for s in sizes), sizes
-    wait_for(lambda: resident_jobs(server) == 0, what="the worker to report no resident jobs")
-    after = server.worker_status()[0]
+    after = settled(server, 2 * (16 + 6))
     assert after.batched_step_commands > before.batched_step_commands
     assert after.step_commands - before.step_commands < 16 + 6
     assert after.denoise_rows - before.denoise_rows == 16 + 6  # guidance is embedded: one row per job and step
