@@ -1,0 +1,1 @@
+"""The scheduler's HTTP API (serve --http-port): OpenAI-compatible endpoints, metrics, the playground page."""
