@@ -42,7 +42,7 @@ def local_server(args: argparse.Namespace, workdir: str | Path, log_level: str =
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SystemExit(f"error: the local server did not start (exit code {proc.poll()})")
             time.sleep(0.05)
-        yield proc, f"127.0.0.1:{ready.read_text()}"
+        yield proc, f"127.0.0.1:{ready.read_text().split()[0]}"
     finally:
         stop(proc)
 

@@ -25,8 +25,11 @@ from diffserve.worker.v1.launch import add_worker_flags, worker_argv
 def add_serve_flags(s: argparse.ArgumentParser) -> None:
     """The flags of `diffserve serve`: the worker flags (outer spelling), then the scheduler's."""
     add_worker_flags(s, outer=True)
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default="127.0.0.1", help="address of the gRPC API (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
+    s.add_argument("--http-port", type=int, default=None, metavar="PORT",
+                   help="serve the HTTP API here: OpenAI-compatible /v1 endpoints, /metrics, the playground at / (default: off; 0 picks a free port)")
+    s.add_argument("--http-host", default="127.0.0.1", help="address of the HTTP API (default 127.0.0.1; same tokens and TLS as gRPC)")
     s.add_argument("--worker-bind", default="tcp://127.0.0.1:0", help="ZeroMQ address workers connect to")
     # Worker-protocol authentication (CURVE keys in the state folder; docs/cli.md "Worker keys").
     s.add_argument("--state-dir", default=".diffserve",
@@ -172,7 +175,7 @@ def serve(args: argparse.Namespace) -> int:
     # The layout itself is checked by the worker (it knows the model); an impossible one stops serve.
     specs = replica_specs(args) if args.model_path else []
     config = ServerConfig(
-        host=args.host, port=args.port, worker_bind=args.worker_bind, output_dir=args.output_dir,
+        host=args.host, port=args.port, http_host=args.http_host, http_port=args.http_port, worker_bind=args.worker_bind, output_dir=args.output_dir,
         artifact_store=args.artifact_store, s3_endpoint_url=args.s3_endpoint_url, s3_region=args.s3_region,
         engine=EngineConfig(max_queue=args.max_queue, max_batch_size=args.max_batch_size, heartbeat_timeout_s=args.heartbeat_timeout,
                             max_worker_message_bytes=args.max_worker_message_bytes, max_attempts=args.max_attempts,
@@ -186,12 +189,13 @@ def serve(args: argparse.Namespace) -> int:
         parent_pid=args.parent_pid, cleanup_dir=args.cleanup_dir,
     )
 
-    def started(port: int) -> None:
+    def started(port: int, http_port: int) -> None:
         if args.ready_file:
-            # Written whole, then renamed: a reader never sees the file empty.
+            # "GRPC_PORT" or, with --http-port, "GRPC_PORT HTTP_PORT". Written whole, then renamed:
+            # a reader never sees the file empty.
             ready = Path(args.ready_file)
             partial = ready.with_name(ready.name + ".partial")
-            partial.write_text(str(port))
+            partial.write_text(f"{port} {http_port}" if args.http_port is not None else str(port))
             os.replace(partial, ready)
 
     try:

@@ -1,5 +1,6 @@
 """Assembles and runs the scheduler service: gRPC (GenerationService, grpc.health.v1, reflection)
-on uvloop, the ZeroMQ worker link, the engine, and the local worker processes.
+on uvloop, the HTTP API (http/, with --http-port) on the same loop, the ZeroMQ worker link, the
+engine, and the local worker processes.
 
 Signals (SIGINT, SIGTERM; a terminal's Ctrl-C reaches the scheduler alone, its local workers run
 in their own sessions): the first one drains. Health goes NOT_SERVING at once for every name
@@ -36,6 +37,7 @@ from diffserve.worker.v1.launch import die_with_parent
 from diffserve.scheduler.artifacts import open_store
 from diffserve.scheduler.auth import Tokens
 from diffserve.scheduler.engine import Engine, EngineConfig
+from diffserve.scheduler.frontdoor import FrontDoor
 from diffserve.scheduler.grpc_auth import TlsConfig, TokenInterceptor
 from diffserve.scheduler.images import ImagePolicy
 from diffserve.scheduler.lifecycle import Phase
@@ -65,7 +67,9 @@ class ServerConfig:
     restart_workers: bool = True
     drain_timeout_s: float = 60.0
     images: ImagePolicy = field(default_factory=ImagePolicy)
-    tls: TlsConfig | None = None  # None: plaintext gRPC (loopback)
+    tls: TlsConfig | None = None  # None: plaintext gRPC (loopback); also the HTTP API's certificate
+    http_host: str = "127.0.0.1"
+    http_port: int | None = None  # the HTTP API (OpenAI-compatible, /metrics, the playground); None: off, 0 picks a free port
     auth_tokens: str = ""  # tokens file; empty: every RPC open, one anonymous principal
     state_dir: str = ""  # the job store (store.FILE_NAME) lives here; empty: jobs are kept in memory only
     parent_pid: int = 0  # stop (as on SIGTERM) when this process dies; 0: no parent to watch
@@ -89,14 +93,30 @@ class SchedulerServer:
         self.tokens = Tokens(config.auth_tokens) if config.auth_tokens else None  # raises TokensFileError
         interceptors = [TokenInterceptor(self.tokens)] if self.tokens is not None else []
         self.server = grpc.aio.server(options=list(MESSAGE_SIZE_OPTIONS), interceptors=interceptors)
-        add_to_server(GenerationService(self.engine, config.images), self.server)  # malformed bodies → INVALID_ARGUMENT
+        self.door = FrontDoor(self.engine, config.images)
+        add_to_server(GenerationService(self.door), self.server)  # malformed bodies → INVALID_ARGUMENT
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.http = self._http_server() if config.http_port is not None else None
         self.port = 0
+        self.http_port = 0
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
         self._stop_task: asyncio.Task | None = None
         self.forced = False
+
+    def _http_server(self):
+        from diffserve.scheduler.http.app import create_app
+        from diffserve.scheduler.http.server import HttpServer
+
+        app = create_app(self.door, self.tokens, self.serving)
+        tls = self.config.tls
+        return HttpServer(app, self.config.http_host, self.config.http_port,
+                          ssl_certfile=tls.cert if tls else "", ssl_keyfile=tls.key if tls else "")
+
+    def serving(self) -> bool:
+        """Submits are accepted and some model is served (the HTTP /health)."""
+        return self.engine.accepting and any(self.engine.serving().values())
 
     def _on_serving_change(self, serving: dict[str, bool]) -> None:
         any_serving = any(serving.values())
@@ -132,10 +152,15 @@ class SchedulerServer:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
+        if self.http is not None:
+            self.http_port = await self.http.start()
         self._tasks = [asyncio.create_task(self.engine.run()), asyncio.create_task(self.workers.run())]
         security = ("mutual TLS" if self.config.tls.client_ca else "TLS") if self.config.tls else "plaintext"
         log.info("scheduler listening on %s:%d (gRPC, %s, %s), workers connect to %s", self.config.host, self.port, security,
                  f"{len(self.tokens.principals())} principal(s) with tokens" if self.tokens else "no tokens", self.link.address)
+        if self.http is not None:
+            log.info("HTTP API on %s://%s:%d (OpenAI-compatible /v1, /metrics, playground at /)",
+                     "https" if self.config.tls else "http", self.config.http_host, self.http_port)
         return self.port
 
     async def wait(self) -> None:
@@ -176,6 +201,8 @@ class SchedulerServer:
         await self.engine.shutdown_workers()
         await self.workers.stop()
         await self.server.stop(grace=2.0)
+        if self.http is not None:
+            await self.http.stop()
         self.link.close()
         self.engine.close_store()
         self._stopped.set()
@@ -221,10 +248,12 @@ async def serve(config: ServerConfig, on_started=None) -> int:
         if not die_with_parent(config.parent_pid, signal.SIGHUP):
             loop.create_task(server._watch_parent(config.parent_pid))
     if on_started is not None:
-        on_started(port)
+        on_started(port, server.http_port)
     await server.wait()
     if server.forced:
         await server.server.stop(None)
+        if server.http is not None:
+            await server.http.stop()
         server.link.close()
     return server.exit_code
 

@@ -81,7 +81,9 @@ class ServerProcess:
             assert self.proc.poll() is None, f"server exited with {self.proc.returncode}"
             assert time.monotonic() < deadline, "server did not start"
             time.sleep(0.05)
-        self.port = int(ready.read_text())
+        ports = ready.read_text().split()  # the gRPC port, then the HTTP port with --http-port
+        self.port = int(ports[0])
+        self.http_port = int(ports[1]) if len(ports) > 1 else 0
         self.target = f"127.0.0.1:{self.port}"
         from diffserve.client import Client
 
