@@ -213,6 +213,10 @@ CASES = {
     "qwen-image": Case(QWEN, QWEN_IMAGE, dict(grid=(1, 64, 64), text=128), "1024x1024", exact_layers=dict(num_layers=30)),
     "hunyuan-video": Case(HUNYUAN, HUNYUAN_VIDEO, dict(latent=(16, 9, 90, 160), text=256), "720x1280x33", slow=True,
                           exact_shape=dict(latent=(16, 3, 90, 160), text=256), exact_label="720x1280x9"),
+    # Small shapes (issue 15): launch-bound, where the host's per-call work shows.
+    "wan-1.3b-image": Case(WAN, WAN_13B, dict(latent=(16, 1, 60, 104), text=512), "480x832x1"),
+    "flux.1-dev-512": Case(FLUX, FLUX_DEV, dict(grid=(32, 32), text=512), "512x512"),
+    "qwen-image-512": Case(QWEN, QWEN_IMAGE, dict(grid=(1, 32, 32), text=128), "512x512", exact_layers=dict(num_layers=30)),
 }
 
 

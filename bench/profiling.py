@@ -71,9 +71,15 @@ def profile_calls(fn, calls: int = 3, top: int = 10, active: bool = True) -> dic
         per_name[e.name] = per_name.get(e.name, 0.0) + ms
     busy = _union_ms([(e.time_range.start, e.time_range.end) for e in kernels]) / calls
     heaviest = sorted(per_name.items(), key=lambda kv: -kv[1])[:top]
+    # The host side: ops by self CPU time, and the calls that wait for the GPU (a sync per call
+    # stalls the launch queue: the GPU idles while the host catches up).
+    host = sorted(((a.key, a.self_cpu_time_total / 1e3 / calls, a.count // calls) for a in prof.key_averages()
+                   if a.device_type == torch.autograd.DeviceType.CPU), key=lambda r: -r[1])
+    syncs = {k: n for k, _, n in host if any(w in k for w in ("Synchronize", "_local_scalar_dense", "cudaMemcpy", "nonzero", "item"))}
     return dict(wall_ms=round(wall, 2), busy_ms=round(busy, 2), kernels_per_call=len(kernels) // calls,
                 buckets={k: round(v, 2) for k, v in sorted(per_bucket.items(), key=lambda kv: -kv[1])},
-                top=[(name[:90], round(ms, 3)) for name, ms in heaviest])
+                top=[(name[:90], round(ms, 3)) for name, ms in heaviest],
+                host_top=[(k[:90], round(ms, 3), n) for k, ms, n in host[:top]], syncs=syncs)
 
 
 def print_profile(label: str, p: dict) -> None:
@@ -85,3 +91,6 @@ def print_profile(label: str, p: dict) -> None:
     print("  buckets (summed kernel ms/call): " + ", ".join(f"{k} {v}" for k, v in p["buckets"].items()))
     for name, ms in p["top"]:
         print(f"  {ms:9.3f}  {name}")
+    print(f"  host, self CPU ms/call (calls/call); waits for the GPU: {p.get('syncs')}")
+    for name, ms, n in p.get("host_top", []):
+        print(f"  {ms:9.3f}  ({n:5d})  {name}")
