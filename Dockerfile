@@ -1,6 +1,10 @@
-# One image for both the scheduler (`diffserve serve`) and the worker (`diffserve worker`).
-# First version, untested: no Docker daemon ran where it was written.
-FROM python:3.11-slim
+# One image for both the scheduler (`diffserve serve`) and the worker (`diffserve worker`); its entry
+# points are the `diffserve` command line, nothing else.
+# Never built where it was written (no Docker daemon there). What was checked: docker-compose.yml
+# validates, and tests/service/test_compose.py runs the compose services' command lines as plain
+# processes and checks this file's CMD, EXPOSE, HEALTHCHECK and volume folders against them.
+# Pinned by exact version (Python 3.11.13, Debian 12 bookworm); add @sha256:... to pin the bytes.
+FROM python:3.11.13-slim-bookworm
 
 # torch is pinned to 2.13.0 by pyproject.toml's [worker] extra. With TORCH_INDEX_URL empty, pip
 # takes it from PyPI, where the linux/amd64 wheel is a CUDA build. Set TORCH_INDEX_URL to pick a
@@ -32,13 +36,21 @@ RUN useradd --create-home --uid 10001 --user-group diffserve \
 USER diffserve
 ENV HOME=/home/diffserve
 
-# 50051: gRPC (clients; published). 5555: ZeroMQ (workers, CURVE-authenticated) stays on the
-# internal network in docker-compose.yml and is not published.
-EXPOSE 50051
-# gRPC needs bearer tokens (mount the token file, see docker-compose.yml); workers need a CURVE key
-# listed in /state (`diffserve keys`).
+# 50051: gRPC, 8000: HTTP (OpenAI-compatible API, /health, /metrics); both for clients, with the
+# same bearer tokens. 5555: ZeroMQ (workers, CURVE-authenticated) stays on the internal network in
+# docker-compose.yml and is not published.
+EXPOSE 50051 8000
+# gRPC and HTTP need bearer tokens (mount the token file, see docker-compose.yml); workers need a
+# CURVE key listed in /state (`diffserve keys`).
 # SIGTERM drains (docs/cli.md, "Signals"): give `docker stop` more time than --drain-timeout
 # (`docker run --init --stop-timeout 75 ...`; docker-compose.yml sets init and stop_grace_period).
 STOPSIGNAL SIGTERM
-CMD ["diffserve", "serve", "--host", "0.0.0.0", "--port", "50051", "--worker-bind", "tcp://0.0.0.0:5555", \
-     "--output-dir", "/outputs", "--state-dir", "/state", "--auth-tokens", "/run/secrets/diffserve-tokens"]
+# Healthy when gRPC health says SERVING (a worker group has loaded its model) and GET /health on the
+# HTTP port answers 200 (deploy/healthcheck.py; neither needs a token). Meant for `serve` with the
+# default CMD's ports: run worker containers with --no-healthcheck (docker-compose.yml disables it
+# for them), and a scheduler on other ports or with TLS needs its own check.
+HEALTHCHECK --interval=10s --timeout=5s --start-period=600s --retries=3 \
+    CMD ["python", "/app/deploy/healthcheck.py", "--grpc", "127.0.0.1:50051", "--http", "http://127.0.0.1:8000/health"]
+CMD ["diffserve", "serve", "--host", "0.0.0.0", "--port", "50051", "--http-host", "0.0.0.0", "--http-port", "8000", \
+     "--worker-bind", "tcp://0.0.0.0:5555", "--output-dir", "/outputs", "--state-dir", "/state", \
+     "--auth-tokens", "/run/secrets/diffserve-tokens"]
