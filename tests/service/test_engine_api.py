@@ -117,12 +117,21 @@ def test_bad_arguments_raise_clear_errors(engine, tiny_wan, tmp_path):
 
 def test_close_and_garbage_collection_leave_no_process(tiny_wan):
     from diffserve import Engine
+    from diffserve.client.engine import JobError
 
     before = descendants()
     engine = Engine(tiny_wan)
     started = [p for p in descendants() if p not in before]
     assert len(started) >= 2  # the server and its worker
-    stream = engine.stream("a fox", seed=1, num_frames=1, height=32, width=32, num_inference_steps=500)
+    long = dict(seed=1, num_frames=1, height=32, width=32, num_inference_steps=500)
+    stream = engine.stream("a fox", **long)
+    next(e for e in stream if e.HasField("step_completed"))
+    engine.client.cancel(stream.job_id)  # a job cancelled elsewhere: JobError with its record
+    with pytest.raises(JobError, match="cancelled: CANCELLED: cancelled by CancelJob") as cancelled:
+        stream.result
+    assert cancelled.value.job.state == pb.JOB_STATE_CANCELLED and cancelled.value.job.id == stream.job_id
+
+    stream = engine.stream("a fox", **long)
     next(e for e in stream if e.HasField("step_completed"))
     engine.close()  # cancels what runs
     assert_all_gone(started)
