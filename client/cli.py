@@ -19,17 +19,15 @@ import argparse
 import os
 import re
 import signal
-import subprocess
 import sys
 import tempfile
-import time
 from importlib import metadata
 from pathlib import Path
 
 from diffserve.v1 import generation_pb2 as pb
 
-from diffserve.client.client import Client, DiffserveError, make_params
-from diffserve.client.local import local_server
+from diffserve.client.client import Client, DiffserveError, local_image, make_params
+from diffserve.client.local import ServerStartError, local_server, wait_serving
 from diffserve.worker.v1.launch import add_worker_flags
 
 # Subcommands that are other programs: the composition root and the worker process.
@@ -164,21 +162,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def wait_serving(client: Client, proc: subprocess.Popen | None, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
-    print("loading the model...", file=sys.stderr, flush=True)
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"error: the server exited (code {proc.returncode}) before the model loaded")
-        try:
-            if client.health() == "SERVING":
-                return
-        except DiffserveError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"error: the model did not load within {timeout_s:.0f} s")
-
-
 def output_file(args: argparse.Namespace, job: pb.Job) -> Path:
     ext = EXTENSIONS[job.params.output_format]
     target = Path(args.output_path)
@@ -192,10 +175,8 @@ def output_file(args: argparse.Namespace, job: pb.Job) -> Path:
 
 def image_arg(path_or_url: str) -> bytes | str:
     """A URL goes to the server as is; a local file is read here and sent as bytes."""
-    if path_or_url.startswith(("http://", "https://")):
-        return path_or_url
     try:
-        return Path(path_or_url).expanduser().read_bytes()
+        return local_image(path_or_url)
     except OSError as exc:
         raise SystemExit(f"error: --image-path {path_or_url}: {exc.strerror}") from None
 
@@ -284,11 +265,15 @@ def cmd_generate(args: argparse.Namespace) -> int:
         with connect(args, args.server) as client:
             return run_job(client, args)
     # The server removes the folder too (when it exits, even after `generate` was SIGKILLed).
-    with tempfile.TemporaryDirectory(prefix="diffserve-", ignore_cleanup_errors=True) as workdir, \
-            local_server(args, workdir, args.log_level) as (proc, target):
-        with Client(target) as client:
-            wait_serving(client, proc, args.startup_timeout)
-            return run_job(client, args)
+    try:
+        with tempfile.TemporaryDirectory(prefix="diffserve-", ignore_cleanup_errors=True) as workdir, \
+                local_server(args, workdir, args.log_level) as (proc, target):
+            with Client(target) as client:
+                print("loading the model...", file=sys.stderr, flush=True)
+                wait_serving(client, proc, args.startup_timeout)
+                return run_job(client, args)
+    except ServerStartError as exc:
+        raise SystemExit(f"error: {exc}") from None
 
 
 def cmd_models(args: argparse.Namespace) -> int:

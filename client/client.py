@@ -21,6 +21,7 @@ TLS is used when root_certificates (or a client certificate for mutual TLS) is g
 from __future__ import annotations
 
 import contextlib
+import io
 import os
 import tempfile
 from collections.abc import AsyncIterator, Iterator
@@ -37,6 +38,8 @@ from diffserve.v1.limits import MESSAGE_SIZE_OPTIONS, STATUS_DETAILS_KEY
 
 FORMATS = {"png": pb.OUTPUT_FORMAT_PNG, "mp4": pb.OUTPUT_FORMAT_MP4, "npy": pb.OUTPUT_FORMAT_NPY, "": pb.OUTPUT_FORMAT_UNSPECIFIED}
 TERMINAL_EVENTS = ("completed", "failed", "cancelled")
+# make_params keywords; prompt, output_format and images are its own arguments
+PARAM_FIELDS = frozenset(pb.GenerationParams.DESCRIPTOR.fields_by_name) - {"prompt", "output_format", "images"}
 
 
 @dataclass
@@ -56,33 +59,50 @@ class DiffserveError(Exception):
     def from_rpc_error(cls, err: grpc.RpcError) -> "DiffserveError":
         error = cls(code=err.code(), message=err.details() or "")
         for key, value in err.trailing_metadata() or ():
-            if key != STATUS_DETAILS_KEY:
-                continue
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                    bad = error_details_pb2.BadRequest()
-                    detail.Unpack(bad)
-                    error.field_violations += [(v.field, v.description) for v in bad.field_violations]
-                elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                    retry = error_details_pb2.RetryInfo()
-                    detail.Unpack(retry)
-                    error.retry_delay_s = retry.retry_delay.ToTimedelta().total_seconds()
-                elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                    info = error_details_pb2.ErrorInfo()
-                    detail.Unpack(info)
-                    error.reason = info.reason
+            if key == STATUS_DETAILS_KEY:
+                error.add_details(status_pb2.Status.FromString(value))
         return error
 
+    @classmethod
+    def from_status(cls, status: status_pb2.Status, **extra) -> "DiffserveError":
+        """From a google.rpc.Status carried as data (a failed job's Job.error)."""
+        codes = {code.value[0]: code for code in grpc.StatusCode}
+        error = cls(code=codes.get(status.code, grpc.StatusCode.UNKNOWN), message=status.message, **extra)
+        error.add_details(status)
+        return error
 
-def make_params(prompt: str = "", *, output_format: str | int = "", images: list[bytes | str] = (), **fields) -> pb.GenerationParams:
-    """GenerationParams from keyword fields; None values stay unset (model default)."""
+    def add_details(self, status: status_pb2.Status) -> None:
+        for detail in status.details:
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                self.field_violations += [(v.field, v.description) for v in bad.field_violations]
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                self.retry_delay_s = retry.retry_delay.ToTimedelta().total_seconds()
+            elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                self.reason = info.reason
+
+
+def make_params(prompt: str = "", *, output_format: str | int = "", images: list = (), **fields) -> pb.GenerationParams:
+    """GenerationParams from keyword fields named as in the proto; None values stay unset (model
+    default); a name that is no field raises TypeError. `images`: encoded bytes, a PIL image (sent
+    as PNG), an http(s) URL (the server fetches it) or a path on the server (under its --image-dir)."""
     params = pb.GenerationParams(prompt=prompt)
     params.output_format = FORMATS[output_format.lower()] if isinstance(output_format, str) else output_format
     for name, value in fields.items():
+        if name not in PARAM_FIELDS:
+            raise TypeError(f"unknown generation field {name!r} (fields: {', '.join(sorted(PARAM_FIELDS))})")
         if value is not None:
             setattr(params, name, value)
     for image in images:
+        if not isinstance(image, (bytes, str, os.PathLike)):  # a PIL image
+            buffer = io.BytesIO()
+            image.save(buffer, format="PNG")
+            image = buffer.getvalue()
         if isinstance(image, bytes):
             params.images.add(data=image)
         elif str(image).startswith(("http://", "https://")):
@@ -90,6 +110,14 @@ def make_params(prompt: str = "", *, output_format: str | int = "", images: list
         else:
             params.images.add(path=str(image))
     return params
+
+
+def local_image(path_or_url: str | os.PathLike) -> bytes | str:
+    """An image as a client on the caller's machine sends it: a URL as is (the server fetches it),
+    a local file read here and sent as bytes. Raises OSError for a file that cannot be read."""
+    if str(path_or_url).startswith(("http://", "https://")):
+        return str(path_or_url)
+    return Path(path_or_url).expanduser().read_bytes()
 
 
 def is_terminal(event: pb.JobEvent) -> bool:

@@ -1,11 +1,13 @@
-"""`diffserve generate --model-path`: a one-job local server, started as a subprocess by module
-name (the client imports no scheduler or worker code).
+"""A private `diffserve serve`, started as a subprocess by module name (the client imports no
+scheduler or worker code): the one-job server of `diffserve generate --model-path` and the
+in-process API's server (`diffserve.Engine`, client/engine.py) are both started here.
 
-The server dies with `generate`, however `generate` ends: it runs in its own session (a terminal's
-Ctrl-C reaches `generate` alone, which cancels its job and then stops the server), it is told
-`generate`'s pid (--parent-pid: a parent-death signal, so even a SIGKILLed `generate` stops it),
-and it removes the temporary folder it was given (--cleanup-dir) when it exits. Its workers die
-with it the same way (scheduler/launcher.py).
+The server dies with the process that started it, however that process ends: it runs in its own
+session (a terminal's Ctrl-C reaches the caller alone, which cancels its job and then stops the
+server), it is told the caller's pid (--parent-pid: a parent-death signal, so even a SIGKILLed
+caller stops it) and it removes the temporary folder it was given (--cleanup-dir) when it exits.
+Its workers die with it the same way (scheduler/launcher.py). The parent-death signal follows the
+thread that started the server (prctl): start it from a thread that outlives it.
 """
 
 from __future__ import annotations
@@ -17,32 +19,84 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from diffserve.client.client import Client, DiffserveError
 from diffserve.worker.v1.launch import worker_argv
 
 SERVER_MODULE = "diffserve.scheduler.app"  # the composition root
-STOP_WAIT_S = 30.0  # for the server to stop after SIGTERM (no drain: its one job is cancelled or done)
+READY_WAIT_S = 60.0  # for the server to listen (the model loads afterwards, see wait_serving)
+STOP_WAIT_S = 30.0  # for the server to stop after SIGTERM (no drain: its jobs are cancelled or done)
+# serve flags a private server's starter sets itself (start() appends them, so they win).
+OWNED_FLAGS = ("--port", "--ready-file", "--parent-pid", "--cleanup-dir")
+
+
+class ServerStartError(RuntimeError):
+    """The private server exited, or did not listen or load its model in time."""
+
+
+def private_flags(workdir: str | Path, log_level: str = "WARNING") -> list[str]:
+    """The serve flags that make `serve` a private server (its folders inside `workdir`, no worker
+    restarts, no drain: stopping it cancels what runs). They go first: a flag given again after
+    them wins (argparse keeps the last value)."""
+    workdir = Path(workdir)
+    return ["--output-dir", str(workdir / "outputs"), "--state-dir", str(workdir / "state"), "--log-level", log_level,
+            "--no-restart-workers", "--drain-timeout", "0"]
+
+
+def start(serve_argv: list[str], workdir: str | Path, *, stderr=None, stderr_tail: Callable[[], str] = lambda: "") -> tuple[subprocess.Popen, str]:
+    """Starts `python -m diffserve.scheduler.app *serve_argv` on a free loopback port and waits
+    until it listens; returns (process, "127.0.0.1:PORT"). `workdir` is temporary: the server
+    removes it when it exits. `stderr` is Popen's (default: inherited); `stderr_tail()` returns
+    what the server wrote last, for the error when it does not start."""
+    ready = Path(workdir) / "port"
+    cmd = [sys.executable, "-m", SERVER_MODULE, *serve_argv, "--port", "0", "--ready-file", str(ready),
+           "--parent-pid", str(os.getpid()), "--cleanup-dir", str(workdir)]
+    proc = subprocess.Popen(cmd, start_new_session=True, stderr=stderr)
+    try:
+        deadline = time.monotonic() + READY_WAIT_S
+        while not ready.exists():
+            if proc.poll() is not None:
+                raise ServerStartError(_with_tail(f"the local server exited (code {proc.returncode})", proc, stderr_tail))
+            if time.monotonic() > deadline:
+                raise ServerStartError(_with_tail(f"the local server did not listen within {READY_WAIT_S:.0f} s", proc, stderr_tail))
+            time.sleep(0.05)
+        return proc, f"127.0.0.1:{ready.read_text().split()[0]}"
+    except BaseException:
+        stop(proc)
+        raise
+
+
+def wait_serving(client: Client, proc: subprocess.Popen, timeout_s: float, stderr_tail: Callable[[], str] = lambda: "") -> None:
+    """Until the server reports SERVING (its worker group has loaded the model)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerStartError(_with_tail(f"the server exited (code {proc.returncode}) before the model loaded", proc, stderr_tail))
+        try:
+            if client.health() == "SERVING":
+                return
+        except DiffserveError:
+            pass
+        time.sleep(0.2)
+    raise ServerStartError(_with_tail(f"the model did not load within {timeout_s:.0f} s", proc, stderr_tail))
+
+
+def _with_tail(message: str, proc: subprocess.Popen, stderr_tail: Callable[[], str]) -> str:
+    if proc.poll() is None:
+        stop(proc)  # its last words, before reading them
+    tail = stderr_tail().rstrip()
+    return f"{message}; its stderr ended with:\n{tail}" if tail else message
 
 
 @contextlib.contextmanager
 def local_server(args: argparse.Namespace, workdir: str | Path, log_level: str = "WARNING") -> Iterator[tuple[subprocess.Popen, str]]:
-    """A one-job `diffserve serve` subprocess on a free port with the worker flags parsed into
-    `args` (add_worker_flags(outer=True)); yields (process, "127.0.0.1:PORT") and stops it on exit.
-    `workdir` is temporary: the server removes it when it exits."""
-    ready = Path(workdir) / "port"
-    cmd = [sys.executable, "-m", SERVER_MODULE, *worker_argv(args, outer=True), "--port", "0",
-           "--output-dir", str(Path(workdir) / "outputs"), "--state-dir", str(Path(workdir) / "state"), "--ready-file", str(ready), "--log-level", log_level,
-           "--no-restart-workers", "--max-queue", "1", "--drain-timeout", "0", "--parent-pid", str(os.getpid()), "--cleanup-dir", str(workdir)]
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    """`generate --model-path`'s one-job server, with the worker flags parsed into `args`
+    (add_worker_flags(outer=True)); yields (process, "127.0.0.1:PORT") and stops it on exit."""
+    proc, target = start([*worker_argv(args, outer=True), *private_flags(workdir, log_level), "--max-queue", "1"], workdir)
     try:
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise SystemExit(f"error: the local server did not start (exit code {proc.poll()})")
-            time.sleep(0.05)
-        yield proc, f"127.0.0.1:{ready.read_text().split()[0]}"
+        yield proc, target
     finally:
         stop(proc)
 
