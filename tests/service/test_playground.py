@@ -87,6 +87,10 @@ def browser(tmp_path_factory):
         assert not csp_violations(driver)
     finally:
         if driver is not None:
+            try:  # the renderers started since
+                processes = list({p.pid: p for p in [*processes, *processes[0].children(recursive=True)]}.values())
+            except (psutil.Error, IndexError):
+                pass
             driver.quit()
         _, alive = psutil.wait_procs(processes, timeout=20)
         for p in alive:
