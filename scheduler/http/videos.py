@@ -147,9 +147,9 @@ async def video_content(video_id: str, request: Request, variant: str = "video",
         _owned_video(request, video_id, principal)
     if variant not in VARIANTS:
         raise bad_request(f"variant: must be one of {', '.join(VARIANTS)} (got {variant[:20]!r})", "variant")
+    if variant != "video":
+        raise HttpError(400, f"variant {variant} is not made by diffserve: only variant=video (the MP4)", "UNSUPPORTED_VARIANT", "variant")
     artifact = await job_artifact(request, video_id, principal)  # 404 for another's, 409 NO_ARTIFACT before it exists
     if artifact.media_type != "video/mp4":
         raise HttpError(404, f"no video {video_id}", "NOT_FOUND")
-    if variant != "video":
-        raise HttpError(400, f"variant {variant} is not made by diffserve: only variant=video (the MP4)", "UNSUPPORTED_VARIANT", "variant")
     return await artifact_response(request, artifact)
