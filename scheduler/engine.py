@@ -116,6 +116,11 @@ class Engine:
             self._results.end(job, Event.CANCEL, status)
         self.wake()
 
+    def forget(self, job: Job) -> None:
+        """Drops a finished job and deletes its artifact now (DELETE /v1/videos/{id}); ValueError
+        for a job that has not ended (cancel it instead)."""
+        self._jobs.remove(job)
+
     def get_job(self, job_id: str) -> Job | None:
         return self._jobs.get(job_id)
 

@@ -304,6 +304,14 @@ class JobTable:
             self._drop(job)
         return dropped
 
+    def remove(self, job: Job) -> None:
+        """Drops a finished job now (its client deleted it), as retention would: from the table,
+        from the store, and on_drop(job)."""
+        if not job.done:
+            raise ValueError(f"job {job.id} has not ended: cancel it first")
+        if self._jobs.get(job.id) is job:
+            self._drop(job)
+
     def _index(self, job: Job) -> None:
         self._jobs[job.id] = job
         if job.client_request_id:

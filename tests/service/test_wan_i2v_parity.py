@@ -48,7 +48,7 @@ def servers(checkpoints, tmp_path_factory):
     from concurrent.futures import ThreadPoolExecutor
 
     def start(variant: str) -> ServerProcess:
-        return ServerProcess(checkpoints[variant], tmp_path_factory.mktemp(f"srv-{variant}"), "--max-batch-size", "4")
+        return ServerProcess(checkpoints[variant], tmp_path_factory.mktemp(f"srv-{variant}"), "--max-batch-size", "4", "--http-port", "0")
 
     with ThreadPoolExecutor(len(checkpoints)) as pool:
         started = dict(zip(checkpoints, pool.map(start, checkpoints)))
@@ -101,6 +101,46 @@ def test_without_cfg_matches_diffusers(servers, checkpoints):
     ref = i2v_reference(checkpoints[variant], png, prompt="a dog in the snow", negative_prompt="", height=32, width=32,
                         num_frames=1, steps=3, guidance=1.0, seed=5)
     assert max_level_diff(ours, ref) <= 2
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # the SDK marks its Videos API deprecated; the calls are unchanged
+def test_openai_videos_image_to_video(servers):
+    """input_reference through the official openai SDK (a multipart upload) and as a JSON data: URL
+    give the MP4 that gRPC gives with the same image in params.images, byte for byte."""
+    import base64
+    import time
+
+    import httpx2
+    import openai
+
+    server = servers("wan21-i2v")
+    png = make_png(shift=3)
+    params = dict(seed=9, num_inference_steps=3)
+    sdk = openai.OpenAI(base_url=f"http://127.0.0.1:{server.http_port}/v1", api_key="unused", max_retries=0)
+
+    def mp4(video_id: str) -> bytes:
+        deadline = time.monotonic() + 120
+        while (video := sdk.videos.retrieve(video_id)).status not in ("completed", "failed"):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert video.status == "completed", video.error
+        return sdk.videos.download_content(video_id).content
+
+    uploaded = sdk.videos.create(prompt="a cat", input_reference=("ref.png", png, "image/png"), seconds="0.25", size="48x32",
+                                 extra_body=params)
+    assert (uploaded.size, uploaded.num_frames) == ("48x32", 5)
+    data_url = "data:image/png;base64," + base64.b64encode(png).decode()
+    posted = httpx2.post(f"http://127.0.0.1:{server.http_port}/v1/videos", timeout=60, json={
+        "prompt": "a cat", "input_reference": {"image_url": data_url}, "seconds": "0.25", "size": "48x32", **params})
+    assert posted.status_code == 200, posted.text
+    client = server.client
+    job = client.submit(prompt="a cat", images=[png], height=32, width=48, num_frames=5, **params)
+    client.wait(job.id)
+    over_grpc = client.download(job.id)
+    assert over_grpc[4:8] == b"ftyp" and mp4(uploaded.id) == over_grpc and mp4(posted.json()["id"]) == over_grpc
+    with pytest.raises(openai.BadRequestError) as exc:  # an image-to-video model needs its image
+        sdk.videos.create(prompt="a cat", seconds="0.25", size="48x32")
+    assert exc.value.body["param"] == "input_reference"
 
 
 def test_card_and_missing_image(servers):
