@@ -26,6 +26,7 @@ from diffserve.scheduler.auth import Tokens
 from diffserve.scheduler.errors import RequestError
 from diffserve.scheduler.frontdoor import FrontDoor
 from diffserve.scheduler.http import jobs, models
+from diffserve.scheduler.http import images
 from diffserve.scheduler.http.errors import HttpError, bad_request, from_request_error
 from diffserve.scheduler.http.limits import BodyLimit, BodyTooLarge, too_large
 
@@ -86,6 +87,7 @@ def create_app(door: FrontDoor, tokens: Tokens | None, serving: Callable[[], boo
 
     app.include_router(models.router)
     app.include_router(jobs.router)
+    app.include_router(images.router)
     if metrics_app is not None:
         app.mount("/metrics", metrics_app)
     return BodyLimit(app, options.max_body_bytes)
