@@ -153,8 +153,8 @@ def check_supported(req: ImageRequest) -> None:
 
 
 def to_params(req: ImageRequest, images: list[bytes] = ()) -> pb.GenerationParams:
-    """The GenerationParams of the request's first image: one PNG frame; unset fields stay unset
-    (the model's defaults)."""
+    """The GenerationParams of each of the request's images (the caller sets each one's seed): one
+    PNG frame; fields the request leaves unset stay unset (the model's defaults)."""
     params = pb.GenerationParams(model=req.model or "", prompt=req.prompt, num_frames=1, output_format=pb.OUTPUT_FORMAT_PNG)
     size = parse_size(req.size)
     if size is not None:
