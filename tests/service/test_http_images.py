@@ -234,6 +234,15 @@ def test_edit_errors(edit_http):
     with pytest.raises(openai.BadRequestError) as info:
         client.images.generate(prompt="blue")
     assert info.value.body["param"] == "model" and "/v1/images/edits" in info.value.body["message"]
+    # what the SDK never sends, from a plain HTTP client
+    with httpx.Client(base_url=f"http://127.0.0.1:{edit_http.http_port}", timeout=30) as http:
+        file = {"image": ("in.png", input_png(), "image/png")}
+        for kwargs, param, words in [(dict(json={"prompt": "blue"}), "body", "multipart"), (dict(data={"prompt": "blue"}), "body", "multipart"),
+                                     (dict(data={"prompt": "blue"}, files={"mask": ("m.png", b"x", "image/png")}), "image", "at least one"),
+                                     (dict(data={"prompt": "blue", "image": "in.png"}, files={"x": ("x", b"", "text/plain")}), "image", "must be a file"),
+                                     (dict(data={"prompt": ["blue", "red"]}, files=file), "prompt", "more than once")]:
+            error = http.post("/v1/images/edits", **kwargs)
+            assert error.status_code == 400 and error.json()["error"]["param"] == param and words in error.json()["error"]["message"], (kwargs, error.text)
 
 
 # ---- the README's example, verbatim -----------------------------------------------------------------
