@@ -110,3 +110,114 @@ def test_errors_named_as_openai_names_them():
     assert openai_message("params.prompt: must not be empty; params.seed: x") == "prompt: must not be empty; seed: x"
     full = from_request_error(errors.resource_exhausted("the queue is full (1 jobs waiting)", 2.5), FIELDS)
     assert full.status == 429 and full.headers["Retry-After"] == "3" and full.code == "QUEUE_FULL"
+
+
+# ---- the call over a fake engine: all or nothing, one failure ends the call, a hang-up cancels -----
+
+class FakeJob:
+    def __init__(self, params: pb.GenerationParams, outcome: str):
+        self.id = f"job{params.seed}"
+        self.params = params
+        self.outcome = outcome  # "ok", "fail" or "never" (runs until cancelled)
+        self.polls = 0
+        self.cancelled = None
+        self.state = pb.JOB_STATE_RUNNING
+        self.error = None
+        self.artifact = pb.Artifact(id=self.id, width=32, height=16)
+        self.events = []
+
+    @property
+    def done(self) -> bool:
+        return self.state in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED)
+
+    async def wait_change(self, seen, timeout=None):
+        import asyncio
+
+        await asyncio.sleep(0)
+        self.polls += 1
+        if self.polls >= 2 and self.outcome == "ok":
+            self.state = pb.JOB_STATE_SUCCEEDED
+        elif self.polls >= 2 and self.outcome == "fail":
+            self.state, self.error = pb.JOB_STATE_FAILED, errors.internal("the worker broke")
+
+
+class FakeDoor:
+    def __init__(self, outcomes: list[str], refuse_at: int | None = None):
+        from types import SimpleNamespace
+
+        self.outcomes, self.refuse_at, self.jobs = list(outcomes), refuse_at, []
+        self.engine = SimpleNamespace(list_models=lambda: [pb.Model(name="m", task="text-to-image", limits=pb.ModelLimits(max_num_frames=1))],
+                                      config=SimpleNamespace(retry_after_s=2.0))
+
+    async def submit(self, params, principal, **kwargs):
+        if len(self.jobs) == self.refuse_at:
+            raise errors.resource_exhausted("the queue is full (2 jobs waiting)", 2.0)
+        self.jobs.append(FakeJob(params, self.outcomes[len(self.jobs)]))
+        return self.jobs[-1], True
+
+    def cancel(self, job, status):
+        if not job.done:
+            job.cancelled, job.state = status, pb.JOB_STATE_CANCELLED
+
+    def cancel_bound(self, job, created):
+        self.cancel(job, errors.cancelled())
+
+    async def artifact_bytes(self, artifact):
+        yield artifact.id.encode()
+
+
+class FakeRequest:
+    def __init__(self, door: FakeDoor, gone: bool = False):
+        from types import SimpleNamespace
+
+        from starlette.datastructures import URL
+
+        self.app = SimpleNamespace(state=SimpleNamespace(door=door))
+        self.gone = gone
+        self.base_url = URL("http://example.test:8000/")
+
+    async def is_disconnected(self) -> bool:
+        return self.gone
+
+
+def _call(door: FakeDoor, gone: bool = False, **fields):
+    import asyncio
+
+    from diffserve.scheduler.auth import ANONYMOUS
+    from diffserve.scheduler.http.images import _run
+
+    req = validated(ImageRequest, {"prompt": "a fox", "seed": 1, **fields})
+    return asyncio.run(_run(FakeRequest(door, gone), req, ANONYMOUS, "generations"))
+
+
+def test_call_answers_every_image():
+    door = FakeDoor(["ok", "ok"])
+    answer = _call(door, n=2)
+    assert [item["seed"] for item in answer["data"]] == [1, 2] and answer["size"] == "32x16"
+    assert [item["b64_json"] for item in answer["data"]] == ["am9iMQ==", "am9iMg=="]  # base64 of the artifact bytes "job1", "job2"
+    (item,) = _call(FakeDoor(["ok"]), response_format="url")["data"]
+    assert item == {"url": "http://example.test:8000/v1/jobs/job1/content", "job_id": "job1", "seed": 1}
+
+
+def test_a_refused_submit_cancels_the_jobs_queued_before_it():
+    door = FakeDoor(["never", "never", "never"], refuse_at=2)
+    with pytest.raises(HttpError) as refused:
+        _call(door, n=3)
+    assert refused.value.status == 429 and refused.value.headers["Retry-After"] == "2"
+    assert len(door.jobs) == 2 and all(job.state == pb.JOB_STATE_CANCELLED for job in door.jobs)
+
+
+def test_a_failed_job_ends_the_call_and_cancels_the_others():
+    door = FakeDoor(["ok", "fail", "never"])
+    with pytest.raises(HttpError) as failed:
+        _call(door, n=3)
+    assert failed.value.status == 500 and "the worker broke" in failed.value.message
+    assert [job.state for job in door.jobs] == [pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED]
+
+
+def test_a_client_gone_cancels_every_job():
+    door = FakeDoor(["never", "never"])
+    with pytest.raises(HttpError) as gone:
+        _call(door, gone=True, n=2)
+    assert gone.value.status == 499
+    assert all(job.state == pb.JOB_STATE_CANCELLED for job in door.jobs)
