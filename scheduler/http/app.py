@@ -25,7 +25,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from diffserve.scheduler.auth import Tokens
 from diffserve.scheduler.errors import RequestError
 from diffserve.scheduler.frontdoor import FrontDoor
-from diffserve.scheduler.http import jobs, models, playground, videos
+from diffserve.scheduler.http import images, jobs, models, playground, videos
 from diffserve.scheduler.http.errors import HttpError, bad_request, from_request_error
 from diffserve.scheduler.http.limits import BodyLimit, BodyTooLarge, too_large
 
@@ -86,6 +86,7 @@ def create_app(door: FrontDoor, tokens: Tokens | None, serving: Callable[[], boo
 
     app.include_router(models.router)
     app.include_router(jobs.router)
+    app.include_router(images.router)
     app.include_router(videos.router)
     app.include_router(playground.router)
     if metrics_app is not None:
