@@ -34,6 +34,7 @@ from PIL import Image
 from diffserve.v1 import generation_pb2 as pb
 
 from tests.conftest import ServerProcess
+from tests.readme import example
 
 ALICE = "alice-token-0123456789abcdef"
 SMALL = dict(size="32x32")
@@ -247,22 +248,7 @@ def test_edit_errors(edit_http):
 
 # ---- the README's example, verbatim -----------------------------------------------------------------
 
-README_EXAMPLE = '''
-import base64
-
-from openai import OpenAI
-
-client = OpenAI()  # OPENAI_BASE_URL=http://localhost:8000/v1, OPENAI_API_KEY=<your token> (any text without --auth-tokens)
-result = client.images.generate(
-    model=client.models.list().data[0].id,
-    prompt="a red fox in the snow",
-    size="256x256",
-    extra_body={"seed": 7, "num_inference_steps": 8},  # diffserve's own fields
-)
-with open("fox.png", "wb") as f:
-    f.write(base64.b64decode(result.data[0].b64_json))
-print("seed", result.data[0].seed, "job", result.data[0].job_id)
-'''
+README_EXAMPLE = example("openai-images")  # README.md, section "OpenAI-compatible HTTP API"
 
 
 def test_readme_example(wan_http, tmp_path, monkeypatch):

@@ -16,6 +16,7 @@ import openai
 import pytest
 
 from tests.conftest import ServerProcess
+from tests.readme import example
 
 # The SDK marks the Videos API deprecated (OpenAI's Sora API shuts down); the calls are unchanged.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -26,20 +27,7 @@ WAIT_S = 120  # every wait is bounded by this
 
 # The README's example, verbatim: run with OPENAI_BASE_URL=http://localhost:8000/v1 and OPENAI_API_KEY
 # (the token; any value without --auth-tokens) in the environment, as the README says.
-SDK_EXAMPLE = '''
-from openai import OpenAI
-
-client = OpenAI()  # OPENAI_BASE_URL=http://localhost:8000/v1, OPENAI_API_KEY=<your token>
-video = client.videos.create(
-    prompt="a red fox running through snow",
-    seconds="1",  # → frames at the model's fps (Wan: 16 fps, 4k+1 frames → 17)
-    size="64x64",
-    extra_body={"seed": 7, "num_inference_steps": 8},  # diffserve's own fields
-)
-video = client.videos.poll(video.id, poll_interval_ms=200)  # until completed or failed
-print(video.status, video.progress, video.seconds, video.seed)
-client.videos.download_content(video.id).write_to_file("fox.mp4")
-'''
+SDK_EXAMPLE = example("openai-videos")  # README.md, section "OpenAI-compatible HTTP API"
 
 
 @pytest.fixture(scope="module")
