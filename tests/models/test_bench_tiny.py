@@ -48,3 +48,32 @@ def test_parallel_step_and_profile_scripts_run_tiny(tmp_path):
     assert row["layout"] == "ulysses2 +graphs" and row["graph_err"] == 0 and row["gpus"] == 2 and row["step_ms"] > 0 and row["profile"]["wall_ms"] > 0, row
     (profile,) = tmp_path.glob("*-cpu-profile.json")
     assert {r["side"] for r in json.loads(profile.read_text())} == {"ours eager", "diffusers eager"}
+
+
+@pytest.mark.timeout(150)
+def test_serve_load_tiny_runs_service_and_diffusers(tmp_path):
+    """bench/serve_load.py --tiny: the mixed workload's first jobs through a real `diffserve serve`
+    (CPU, tiny Wan) and then one at a time through diffusers' WanPipeline; both rows are written,
+    every job is counted and the service / diffusers ratio is computed."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "bench/serve_load.py", "--tiny", "--workload", "mixed", "--max-batch-size", "2"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=140)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (result,) = tmp_path.glob("*-cpu-serve_load-mixed.json")
+    rows = json.loads(result.read_text())
+    assert [r["side"] for r in rows] == ["diffserve", "diffusers"]
+    keys = {"workload", "side", "model", "version", "card", "jobs", "jobs_per_min", "ratio", "wall_s", "latency_p50_s",
+            "latency_p90_s", "latency_p99_s", "queue_wait_p50_s", "queue_wait_p90_s", "gpu_busy_pct", "per_job"}
+    ours, theirs = rows
+    for row in rows:
+        assert keys <= set(row), row
+        assert row["workload"] == "mixed" and row["jobs"] == len(row["per_job"]) == 4, row
+        assert row["jobs_per_min"] > 0 and 0 < row["latency_p50_s"] <= row["latency_p90_s"] <= row["latency_p99_s"], row
+        assert row["gpu_busy_pct"] is None  # no GPU: not sampled
+        assert {(j["shape"], j["steps"]) for j in row["per_job"]} == {("32x32x1", 3), ("32x48x1", 2), ("32x32x1", 2), ("32x48x1", 3)}
+    assert ours["version"] == "max-batch 2" and theirs["ratio"] is None
+    assert ours["ratio"] == pytest.approx(ours["jobs_per_min"] / theirs["jobs_per_min"], rel=1e-2)
+    # every job waited for nothing or something, and its latency covers its queue wait
+    for job in ours["per_job"] + theirs["per_job"]:
+        assert 0 <= job["queue_wait_s"] <= job["latency_s"], job
+    assert max(j["mean_batch_jobs"] for j in ours["per_job"]) <= 2
