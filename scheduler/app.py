@@ -28,7 +28,7 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address of the gRPC API (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
     s.add_argument("--http-port", type=int, default=None, metavar="PORT",
-                   help="serve the HTTP API here: OpenAI-compatible /v1 endpoints, /metrics, the playground at / (default: off; 0 picks a free port)")
+                   help="serve the HTTP API here: OpenAI-compatible /v1 endpoints, /metrics (unless --metrics-port), the playground at / (default: off; 0 picks a free port)")
     s.add_argument("--http-host", default="127.0.0.1", help="address of the HTTP API (default 127.0.0.1; same tokens and TLS as gRPC)")
     s.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
                    help="serve Prometheus /metrics alone on this port (then not on --http-port); works without --http-port (default: off; 0 picks a free port)")
