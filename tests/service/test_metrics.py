@@ -93,7 +93,10 @@ def test_metrics_move_as_jobs_run(http_server):
         assert value(after, "diffserve_artifact_written_bytes_total", model=model) == int(done["artifact"]["size_bytes"]) > 0
         assert value(after, "diffserve_job_duration_seconds_count", model=model, outcome="succeeded") == 1
         assert value(after, "diffserve_job_queue_wait_seconds_count", model=model) == 2
-        assert value(after, "diffserve_worker_step_commands_total", worker="local-0", model=model) >= 0  # from heartbeats
+        # The worker's own counters (heartbeats, every second) catch up with the scheduler's count.
+        commands = value(after, "diffserve_step_commands_total", model=model)
+        beat = scrape_until(http, "a heartbeat with every step", "diffserve_worker_step_commands_total", commands, worker="local-0", model=model)
+        assert value(beat, "diffserve_worker_denoise_rows_total", worker="local-0", model=model) >= commands
         assert value(after, "diffserve_worker_gpu_memory_allocated_bytes", worker="local-0", model=model) == 0  # CPU worker
         assert value(after, "process_resident_memory_bytes") > 0
 

@@ -11,6 +11,7 @@ import asyncio
 import math
 from types import SimpleNamespace
 
+from google.rpc import code_pb2, status_pb2
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,9 +21,7 @@ from diffserve.scheduler.lifecycle import Phase
 from diffserve.scheduler.metrics import MAX_REASONS, Metrics, lost_reason
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.v1 import worker_pb2 as wpb
-from google.rpc import code_pb2, status_pb2
-
-from test_engine_unit import MODEL, PARAMS, Harness, run, until
+from tests.unit.test_engine_unit import MODEL, PARAMS, Harness, run, until
 
 
 def scrape(metrics: Metrics) -> dict:
