@@ -1,6 +1,7 @@
 """Assembles and runs the scheduler service: gRPC (GenerationService, grpc.health.v1, reflection)
-on uvloop, the HTTP API (http/, with --http-port) on the same loop, the ZeroMQ worker link, the
-engine, and the local worker processes.
+on uvloop, the HTTP API (http/, with --http-port) on the same loop, Prometheus /metrics (metrics.py:
+on the HTTP port, or alone with --metrics-port), the ZeroMQ worker link, the engine, and the local
+worker processes.
 
 Signals (SIGINT, SIGTERM; a terminal's Ctrl-C reaches the scheduler alone, its local workers run
 in their own sessions): the first one drains. Health goes NOT_SERVING at once for every name
