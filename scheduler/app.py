@@ -28,8 +28,11 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--host", default="127.0.0.1", help="address of the gRPC API (default 127.0.0.1: this machine only)")
     s.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
     s.add_argument("--http-port", type=int, default=None, metavar="PORT",
-                   help="serve the HTTP API here: OpenAI-compatible /v1 endpoints, /metrics, the playground at / (default: off; 0 picks a free port)")
+                   help="serve the HTTP API here: OpenAI-compatible /v1 endpoints, /metrics (unless --metrics-port), the playground at / (default: off; 0 picks a free port)")
     s.add_argument("--http-host", default="127.0.0.1", help="address of the HTTP API (default 127.0.0.1; same tokens and TLS as gRPC)")
+    s.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                   help="serve Prometheus /metrics alone on this port (then not on --http-port); works without --http-port (default: off; 0 picks a free port)")
+    s.add_argument("--metrics-host", default=None, metavar="HOST", help="address of --metrics-port (default: --http-host)")
     s.add_argument("--worker-bind", default="tcp://127.0.0.1:0", help="ZeroMQ address workers connect to")
     # Worker-protocol authentication (CURVE keys in the state folder; docs/cli.md "Worker keys").
     s.add_argument("--state-dir", default=".diffserve",
@@ -160,6 +163,10 @@ def serve(args: argparse.Namespace) -> int:
         if value < 1:
             print(f"error: {flag} must be >= 1", file=sys.stderr)
             return 2
+    if args.metrics_port is not None and args.http_port is not None and args.metrics_port == args.http_port != 0:
+        print(f"error: --metrics-port and --http-port are both {args.http_port}: give the metrics a port of their own, "
+              "or leave --metrics-port out (/metrics is on the HTTP port then)", file=sys.stderr)
+        return 2
     if args.job_ttl < 0 or args.max_jobs < 1:
         print("error: --job-ttl must be >= 0 (0 keeps finished jobs for ever) and --max-jobs >= 1", file=sys.stderr)
         return 2
@@ -176,6 +183,7 @@ def serve(args: argparse.Namespace) -> int:
     specs = replica_specs(args) if args.model_path else []
     config = ServerConfig(
         host=args.host, port=args.port, http_host=args.http_host, http_port=args.http_port, worker_bind=args.worker_bind, output_dir=args.output_dir,
+        metrics_port=args.metrics_port, metrics_host=args.metrics_host or "",
         artifact_store=args.artifact_store, s3_endpoint_url=args.s3_endpoint_url, s3_region=args.s3_region,
         engine=EngineConfig(max_queue=args.max_queue, max_batch_size=args.max_batch_size, heartbeat_timeout_s=args.heartbeat_timeout,
                             max_worker_message_bytes=args.max_worker_message_bytes, max_attempts=args.max_attempts,
@@ -189,13 +197,17 @@ def serve(args: argparse.Namespace) -> int:
         parent_pid=args.parent_pid, cleanup_dir=args.cleanup_dir,
     )
 
-    def started(port: int, http_port: int) -> None:
+    def started(port: int, http_port: int, metrics_port: int | None = None) -> None:
         if args.ready_file:
-            # "GRPC_PORT" or, with --http-port, "GRPC_PORT HTTP_PORT". Written whole, then renamed:
-            # a reader never sees the file empty.
+            # "GRPC_PORT", with --http-port "GRPC_PORT HTTP_PORT", with --metrics-port
+            # "GRPC_PORT HTTP_PORT METRICS_PORT" (HTTP_PORT 0 without --http-port). Written whole,
+            # then renamed: a reader never sees the file empty.
             ready = Path(args.ready_file)
             partial = ready.with_name(ready.name + ".partial")
-            partial.write_text(f"{port} {http_port}" if args.http_port is not None else str(port))
+            if metrics_port is not None:
+                partial.write_text(f"{port} {http_port} {metrics_port}")
+            else:
+                partial.write_text(f"{port} {http_port}" if args.http_port is not None else str(port))
             os.replace(partial, ready)
 
     try:

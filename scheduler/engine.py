@@ -44,7 +44,8 @@ from diffserve.scheduler.artifacts import ArtifactStore, StoredArtifact
 from diffserve.scheduler.auth import ANONYMOUS_NAME, PriorityRule
 from diffserve.scheduler.jobs import Job, JobTable
 from diffserve.scheduler.lifecycle import RUNNING, Event, Phase
-from diffserve.scheduler.registry import WorkerRegistry
+from diffserve.scheduler.metrics import Metrics
+from diffserve.scheduler.registry import WorkerHandle, WorkerRegistry
 from diffserve.scheduler.results import Results
 from diffserve.scheduler.steps import StepLoop
 from diffserve.scheduler.store import JobStore
@@ -79,11 +80,13 @@ class EngineConfig:
 class Engine:
     """Owns every job's state and drives the workers; the gRPC service is a thin layer on top."""
 
-    def __init__(self, config: EngineConfig, link: WorkerLink, artifacts: ArtifactStore):
+    def __init__(self, config: EngineConfig, link: WorkerLink, artifacts: ArtifactStore, metrics: Metrics | None = None):
         self.config = config
         self._link = link
         self._artifacts = artifacts
-        self._jobs = JobTable(config.max_jobs, config.job_ttl_s, on_drop=self._delete_artifact)
+        self.metrics = metrics or Metrics()  # its own registry: read at scrape time, told of job events
+        self.metrics.watch(self)
+        self._jobs = JobTable(config.max_jobs, config.job_ttl_s, on_drop=self._delete_artifact, observer=self.metrics)
         self._registry = WorkerRegistry()
         self._admission = Admission(self._jobs, self._registry, link, config.max_queue, config.retry_after_s,
                                     config.priorities, config.priority_aging_s)
@@ -216,6 +219,10 @@ class Engine:
     def worker_registered(self, worker_id: str) -> bool:
         return self._registry.get(worker_id) is not None
 
+    def workers(self) -> list[WorkerHandle]:
+        """The registered worker groups (read, never changed: the metrics' scrape)."""
+        return list(self._registry)
+
     def watch_serving(self, callback: Callable[[dict[str, bool]], None]) -> None:
         """callback(serving) runs whenever a worker registers or is lost."""
         self._on_serving_change = callback
@@ -227,6 +234,7 @@ class Engine:
         if worker is None:
             return
         log.error("worker %s lost: %s", peer(worker_id), reason)
+        self.metrics.worker_lost(worker.model.name, reason)
         self._steps.forget(worker_id)
         status = errors.unavailable(f"worker {worker_id} serving {worker.model.name} was lost: {reason}", "WORKER_LOST")
         self._results.worker_lost(worker, status)
@@ -396,4 +404,6 @@ class Engine:
         if plan is None:  # late (the worker was lost meanwhile) or not this worker's command
             self._peer_log.warning("stale", "dropping a Result for command %d from worker %s, which is not running it", result.command_id, peer(worker_id))
             return
+        if plan.phase is Phase.DENOISE:
+            self.metrics.step(worker.model.name, result.elapsed_ms, len(plan.jobs))
         self._results.apply(worker_id, plan, result, frames)

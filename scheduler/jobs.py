@@ -59,8 +59,9 @@ class Job:
     events: list[pb.JobEvent] = field(default_factory=list)
     _changed: asyncio.Event = field(default_factory=asyncio.Event)
     _waiting: int = 0  # wait_change calls waiting on _changed
-    # Called after every phase change (and a cancel that waits): the JobTable's write-through.
-    on_change: Callable[[Job], None] | None = field(default=None, repr=False)
+    # Called after every phase change (and a cancel that waits) with (job, before, event): the
+    # JobTable's write-through and its observer (metrics).
+    on_change: Callable[[Job, Phase, Event], None] | None = field(default=None, repr=False)
 
     @property
     def total_steps(self) -> int:
@@ -164,7 +165,7 @@ class Job:
             self._finish(status)
         if target is not before or event is Event.CANCEL_LATER:
             if self.on_change is not None:
-                self.on_change(self)
+                self.on_change(self, before, event)
             joblog.changed(self, before, event)  # one INFO line for the changes that matter
         return target
 
@@ -236,15 +237,20 @@ class JobTable:
 
     Retention: finished jobs beyond `max_finished` (oldest finished first), and finished jobs that
     ended more than `ttl_s` ago, are dropped: from the table, from the store, and `on_drop(job)`
-    (the engine deletes the artifact; after the store's commit)."""
+    (the engine deletes the artifact; after the store's commit).
 
-    def __init__(self, max_finished: int = 10_000, ttl_s: float | None = None, on_drop: Callable[[Job], None] | None = None):
+    `observer` (metrics.Metrics) hears of every new job (`submitted(job)`) and phase change
+    (`changed(job, before, event)`), beside the job log."""
+
+    def __init__(self, max_finished: int = 10_000, ttl_s: float | None = None, on_drop: Callable[[Job], None] | None = None,
+                 observer=None):
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._by_client_id: dict[tuple[str, str], str] = {}
         self._finished: OrderedDict[str, Job] = OrderedDict()  # in the order they ended
         self._max_finished = max_finished
         self._ttl_s = ttl_s
         self._on_drop = on_drop
+        self.observer = observer
         self.store = None  # store.JobStore, once attached
 
     def attach(self, store) -> None:
@@ -264,6 +270,8 @@ class JobTable:
                 self._unindex(job)
                 raise errors.RequestError(errors.unavailable(f"the job was not accepted: {exc}", "STORE_UNAVAILABLE")) from None
         joblog.submitted(job)
+        if self.observer is not None:
+            self.observer.submitted(job)
         if job.done:
             self._ended(job)
 
@@ -325,9 +333,11 @@ class JobTable:
             del self._by_client_id[(job.principal, job.client_request_id)]
         job.on_change = None
 
-    def _changed(self, job: Job) -> None:
+    def _changed(self, job: Job, before: Phase, event: Event) -> None:
         if self.store is not None:
             self.store.save(job)
+        if self.observer is not None:
+            self.observer.changed(job, before, event)
         if job.done:
             self._ended(job)
 

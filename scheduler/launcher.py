@@ -80,6 +80,7 @@ class LocalWorkers:
         self.registered = registered  # registered(worker_id): the engine knows it now
         self._ever_registered: set[str] = set()
         self._started_at: dict[str, float] = {}
+        self.restarts: dict[str, int] = {}  # worker id -> times its group was started again (metrics)
         self.procs: dict[str, list[subprocess.Popen]] = {}  # worker id -> its group's processes, rank order
         self._tails: dict[int, _Tail] = {}  # pid -> its stderr tail
         self._stopping = False
@@ -147,6 +148,7 @@ class LocalWorkers:
 
     def _restart(self, spec: LocalWorkerSpec) -> None:
         if not self._stopping and spec.worker_id not in self.procs:
+            self.restarts[spec.worker_id] = self.restarts.get(spec.worker_id, 0) + 1
             self._start(spec)
 
     def pids(self) -> dict[str, list[int]]:

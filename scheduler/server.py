@@ -1,6 +1,7 @@
 """Assembles and runs the scheduler service: gRPC (GenerationService, grpc.health.v1, reflection)
-on uvloop, the HTTP API (http/, with --http-port) on the same loop, the ZeroMQ worker link, the
-engine, and the local worker processes.
+on uvloop, the HTTP API (http/, with --http-port) on the same loop, Prometheus /metrics (metrics.py:
+on the HTTP port, or alone with --metrics-port), the ZeroMQ worker link, the engine, and the local
+worker processes.
 
 Signals (SIGINT, SIGTERM; a terminal's Ctrl-C reaches the scheduler alone, its local workers run
 in their own sessions): the first one drains. Health goes NOT_SERVING at once for every name
@@ -70,6 +71,8 @@ class ServerConfig:
     tls: TlsConfig | None = None  # None: plaintext gRPC (loopback); also the HTTP API's certificate
     http_host: str = "127.0.0.1"
     http_port: int | None = None  # the HTTP API (OpenAI-compatible, /metrics, the playground); None: off, 0 picks a free port
+    metrics_port: int | None = None  # /metrics alone on its own port (and then not on the HTTP port); None: off, 0 picks a free port
+    metrics_host: str = ""  # "" is http_host
     auth_tokens: str = ""  # tokens file; empty: every RPC open, one anonymous principal
     state_dir: str = ""  # the job store (store.FILE_NAME) lives here; empty: jobs are kept in memory only
     parent_pid: int = 0  # stop (as on SIGTERM) when this process dies; 0: no parent to watch
@@ -97,9 +100,13 @@ class SchedulerServer:
         add_to_server(GenerationService(self.door), self.server)  # malformed bodies → INVALID_ARGUMENT
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection((SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.server)
+        self.metrics = self.engine.metrics
+        self.metrics.local_workers = self.workers
         self.http = self._http_server() if config.http_port is not None else None
+        self.metrics_http = self._metrics_server() if config.metrics_port is not None else None
         self.port = 0
         self.http_port = 0
+        self.metrics_port = 0
         self._tasks: list[asyncio.Task] = []
         self._stopped = asyncio.Event()
         self._stop_task: asyncio.Task | None = None
@@ -109,10 +116,20 @@ class SchedulerServer:
         from diffserve.scheduler.http.app import create_app
         from diffserve.scheduler.http.server import HttpServer
 
-        app = create_app(self.door, self.tokens, self.serving)
+        # /metrics here unless --metrics-port puts it on a port of its own
+        metrics_app = self.metrics.asgi_app() if self.config.metrics_port is None else None
+        app = create_app(self.door, self.tokens, self.serving, metrics_app=metrics_app)
         tls = self.config.tls
         return HttpServer(app, self.config.http_host, self.config.http_port,
                           ssl_certfile=tls.cert if tls else "", ssl_keyfile=tls.key if tls else "")
+
+    def _metrics_server(self):
+        """/metrics alone (--metrics-port), with the HTTP API's TLS certificate when one is given."""
+        from diffserve.scheduler.http.server import HttpServer
+
+        tls = self.config.tls
+        return HttpServer(self.metrics.asgi_app(), self.config.metrics_host or self.config.http_host, self.config.metrics_port,
+                          ssl_certfile=tls.cert if tls else "", ssl_keyfile=tls.key if tls else "", name="metrics")
 
     def serving(self) -> bool:
         """Submits are accepted and some model is served (the HTTP /health)."""
@@ -154,13 +171,18 @@ class SchedulerServer:
         await self.server.start()
         if self.http is not None:
             self.http_port = await self.http.start()
+        if self.metrics_http is not None:
+            self.metrics_port = await self.metrics_http.start()
         self._tasks = [asyncio.create_task(self.engine.run()), asyncio.create_task(self.workers.run())]
         security = ("mutual TLS" if self.config.tls.client_ca else "TLS") if self.config.tls else "plaintext"
         log.info("scheduler listening on %s:%d (gRPC, %s, %s), workers connect to %s", self.config.host, self.port, security,
                  f"{len(self.tokens.principals())} principal(s) with tokens" if self.tokens else "no tokens", self.link.address)
+        scheme = "https" if self.config.tls else "http"
         if self.http is not None:
-            log.info("HTTP API on %s://%s:%d (OpenAI-compatible /v1, /metrics, playground at /)",
-                     "https" if self.config.tls else "http", self.config.http_host, self.http_port)
+            log.info("HTTP API on %s://%s:%d (OpenAI-compatible /v1, %splayground at /)",
+                     scheme, self.config.http_host, self.http_port, "" if self.metrics_http is not None else "/metrics, ")
+        if self.metrics_http is not None:
+            log.info("Prometheus metrics on %s://%s:%d/metrics", scheme, self.config.metrics_host or self.config.http_host, self.metrics_port)
         return self.port
 
     async def wait(self) -> None:
@@ -203,6 +225,8 @@ class SchedulerServer:
         await self.server.stop(grace=2.0)
         if self.http is not None:
             await self.http.stop()
+        if self.metrics_http is not None:
+            await self.metrics_http.stop()
         self.link.close()
         self.engine.close_store()
         self._stopped.set()
@@ -247,13 +271,16 @@ async def serve(config: ServerConfig, on_started=None) -> int:
         loop.add_signal_handler(signal.SIGHUP, server.on_parent_gone)
         if not die_with_parent(config.parent_pid, signal.SIGHUP):
             loop.create_task(server._watch_parent(config.parent_pid))
-    if on_started is not None:
-        on_started(port, server.http_port)
+    if on_started is not None:  # (grpc port, http port[, metrics port with --metrics-port])
+        ports = (port, server.http_port) + ((server.metrics_port,) if server.metrics_http is not None else ())
+        on_started(*ports)
     await server.wait()
     if server.forced:
         await server.server.stop(None)
         if server.http is not None:
             await server.http.stop()
+        if server.metrics_http is not None:
+            await server.metrics_http.stop()
         server.link.close()
     return server.exit_code
 

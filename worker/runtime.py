@@ -33,6 +33,17 @@ def error_status(exc: BaseException) -> status_pb2.Status:
     return status_pb2.Status(code=code_pb2.INTERNAL, message=f"{type(exc).__name__}: {exc}")
 
 
+def device_memory(device) -> tuple[int, int]:
+    """(allocated, reserved) bytes of torch's CUDA caching allocator on `device`; (0, 0) on the CPU
+    or before CUDA is initialised. Safe from another thread: it reads the allocator's counters and
+    names the device (no current-device lookup, which is per thread)."""
+    if device is None or torch.device(device).type != "cuda" or not torch.cuda.is_initialized():
+        return 0, 0
+    index = torch.device(device).index
+    index = 0 if index is None else index
+    return torch.cuda.memory_allocated(index), torch.cuda.memory_reserved(index)
+
+
 class Runtime:
     """Owns the resident request states and the counters the heartbeat reports."""
 
@@ -48,9 +59,11 @@ class Runtime:
         self.group_broken = False
 
     def status(self) -> pb.WorkerStatus:
+        """The heartbeat's status (called on the connection's I/O thread, once a second)."""
         status = pb.WorkerStatus()
         status.CopyFrom(self.counters)
         status.resident_jobs = len(self.states)
+        status.gpu_memory_allocated_bytes, status.gpu_memory_reserved_bytes = device_memory(getattr(self.pipeline, "device", None))
         return status
 
     def serve(self, conn: SchedulerConnection | None) -> None:

@@ -89,6 +89,6 @@ def create_app(door: FrontDoor, tokens: Tokens | None, serving: Callable[[], boo
     app.include_router(images.router)
     app.include_router(videos.router)
     app.include_router(playground.router)
-    if metrics_app is not None:
-        app.mount("/metrics", metrics_app)
+    if metrics_app is not None:  # a route, not a mount: a mount answers /metrics with a redirect to /metrics/
+        app.add_route("/metrics", metrics_app, methods=["GET", "HEAD"], include_in_schema=False)
     return BodyLimit(app, options.max_body_bytes)

@@ -384,20 +384,24 @@ class ModelLimits(_message.Message):
     def __init__(self, size_multiple: _Optional[int] = ..., max_height: _Optional[int] = ..., max_width: _Optional[int] = ..., max_pixels: _Optional[int] = ..., frame_step: _Optional[int] = ..., max_num_frames: _Optional[int] = ..., max_num_inference_steps: _Optional[int] = ..., prompt_required: _Optional[bool] = ..., image_required: _Optional[bool] = ..., max_images: _Optional[int] = ...) -> None: ...
 
 class WorkerStatus(_message.Message):
-    __slots__ = ("id", "alive", "resident_jobs", "step_commands", "batched_step_commands", "denoise_rows")
+    __slots__ = ("id", "alive", "resident_jobs", "step_commands", "batched_step_commands", "denoise_rows", "gpu_memory_allocated_bytes", "gpu_memory_reserved_bytes")
     ID_FIELD_NUMBER: _ClassVar[int]
     ALIVE_FIELD_NUMBER: _ClassVar[int]
     RESIDENT_JOBS_FIELD_NUMBER: _ClassVar[int]
     STEP_COMMANDS_FIELD_NUMBER: _ClassVar[int]
     BATCHED_STEP_COMMANDS_FIELD_NUMBER: _ClassVar[int]
     DENOISE_ROWS_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEMORY_ALLOCATED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    GPU_MEMORY_RESERVED_BYTES_FIELD_NUMBER: _ClassVar[int]
     id: str
     alive: bool
     resident_jobs: int
     step_commands: int
     batched_step_commands: int
     denoise_rows: int
-    def __init__(self, id: _Optional[str] = ..., alive: _Optional[bool] = ..., resident_jobs: _Optional[int] = ..., step_commands: _Optional[int] = ..., batched_step_commands: _Optional[int] = ..., denoise_rows: _Optional[int] = ...) -> None: ...
+    gpu_memory_allocated_bytes: int
+    gpu_memory_reserved_bytes: int
+    def __init__(self, id: _Optional[str] = ..., alive: _Optional[bool] = ..., resident_jobs: _Optional[int] = ..., step_commands: _Optional[int] = ..., batched_step_commands: _Optional[int] = ..., denoise_rows: _Optional[int] = ..., gpu_memory_allocated_bytes: _Optional[int] = ..., gpu_memory_reserved_bytes: _Optional[int] = ...) -> None: ...
 
 class DownloadArtifactRequest(_message.Message):
     __slots__ = ("artifact_id",)
