@@ -30,10 +30,11 @@ from pathlib import Path
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.v1 import generation_pb2_grpc as pb_grpc
-from diffserve.v1.limits import MESSAGE_SIZE_OPTIONS, STATUS_DETAILS_KEY
+from diffserve.v1.limits import MESSAGE_SIZE_OPTIONS
 
 FORMATS = {"png": pb.OUTPUT_FORMAT_PNG, "mp4": pb.OUTPUT_FORMAT_MP4, "npy": pb.OUTPUT_FORMAT_NPY, "": pb.OUTPUT_FORMAT_UNSPECIFIED}
 TERMINAL_EVENTS = ("completed", "failed", "cancelled")
@@ -54,25 +55,33 @@ class DiffserveError(Exception):
 
     @classmethod
     def from_rpc_error(cls, err: grpc.RpcError) -> "DiffserveError":
+        """The error of a failed call, with the google.rpc.Status details that grpcio-status's
+        rpc_status.from_call decodes from its trailers (none when the status is absent, or does not
+        match the call's code and message: then only the code and message)."""
         error = cls(code=err.code(), message=err.details() or "")
-        for key, value in err.trailing_metadata() or ():
-            if key != STATUS_DETAILS_KEY:
-                continue
-            status = status_pb2.Status.FromString(value)
-            for detail in status.details:
-                if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-                    bad = error_details_pb2.BadRequest()
-                    detail.Unpack(bad)
-                    error.field_violations += [(v.field, v.description) for v in bad.field_violations]
-                elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
-                    retry = error_details_pb2.RetryInfo()
-                    detail.Unpack(retry)
-                    error.retry_delay_s = retry.retry_delay.ToTimedelta().total_seconds()
-                elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-                    info = error_details_pb2.ErrorInfo()
-                    detail.Unpack(info)
-                    error.reason = info.reason
+        try:
+            status = rpc_status.from_call(err)
+        except ValueError:
+            status = None
+        if status is not None:
+            error.add_details(status)
         return error
+
+    def add_details(self, status: status_pb2.Status) -> None:
+        """Decodes the BadRequest, RetryInfo and ErrorInfo details of a google.rpc.Status."""
+        for detail in status.details:
+            if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+                bad = error_details_pb2.BadRequest()
+                detail.Unpack(bad)
+                self.field_violations += [(v.field, v.description) for v in bad.field_violations]
+            elif detail.Is(error_details_pb2.RetryInfo.DESCRIPTOR):
+                retry = error_details_pb2.RetryInfo()
+                detail.Unpack(retry)
+                self.retry_delay_s = retry.retry_delay.ToTimedelta().total_seconds()
+            elif detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
+                info = error_details_pb2.ErrorInfo()
+                detail.Unpack(info)
+                self.reason = info.reason
 
 
 def make_params(prompt: str = "", *, output_format: str | int = "", images: list[bytes | str] = (), **fields) -> pb.GenerationParams:
