@@ -23,6 +23,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 from importlib import metadata
 from pathlib import Path
 
@@ -35,6 +36,10 @@ from diffserve.worker.v1.launch import add_worker_flags
 # Subcommands that are other programs: the composition root and the worker process.
 DELEGATED = {"serve": "diffserve.scheduler.app", "worker": "diffserve.worker", "keys": "diffserve.scheduler.keys"}
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143
+# The CLI's deadline for its unary calls (ListModels, GetJob, CancelJob), waiting for the
+# connection included: a server that is starting gets this long, a closed port costs this long
+# (then one line saying why); the library's default (30 s) suits programs, not a terminal.
+CLI_TIMEOUT_S = 5.0
 EXTENSIONS = {pb.OUTPUT_FORMAT_PNG: ".png", pb.OUTPUT_FORMAT_MP4: ".mp4", pb.OUTPUT_FORMAT_NPY: ".npy"}
 
 
@@ -60,10 +65,15 @@ def unreachable(err: DiffserveError, target: str) -> str | None:
 
     gRPC reports both a transport failure (nothing listens, the name does not resolve) and a server
     that refuses work (draining, store down) as UNAVAILABLE; the server's own refusals carry an
-    ErrorInfo reason, the transport's do not."""
-    if err.code.name != "UNAVAILABLE" or err.reason:
+    ErrorInfo reason, the transport's do not. A unary call that waited for the connection
+    (wait_for_ready) ends DEADLINE_EXCEEDED instead; the client then says why in `unreachable`
+    (empty when the server was reached and only slow)."""
+    if err.code.name == "DEADLINE_EXCEEDED" and err.unreachable:
+        text = err.unreachable
+    elif err.code.name != "UNAVAILABLE" or err.reason:
         return None
-    text = err.message
+    else:
+        text = err.message
     if "Connection refused" in text:
         why = "connection refused"
     elif "resolving" in text or "DNS" in text:
@@ -115,7 +125,8 @@ def connect(args: argparse.Namespace, target: str) -> Client:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("error: --tls-cert and --tls-key go together")
     return Client(target, token=args.token, tls=args.tls, root_certificates=read("--tls-ca", args.tls_ca),
-                  certificate_chain=read("--tls-cert", args.tls_cert), private_key=read("--tls-key", args.tls_key))
+                  certificate_chain=read("--tls-cert", args.tls_cert), private_key=read("--tls-key", args.tls_key),
+                  timeout_s=CLI_TIMEOUT_S)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,7 +235,10 @@ def run_job(client: Client, args: argparse.Namespace) -> int:
     job_id = ""
     try:
         # A private server (--model-path) runs this job alone: its priority would change nothing.
-        for event in client.generate(params=params, priority=args.priority if args.server else None):
+        # With --server, a client_request_id makes the request safe to try again when the queue is
+        # full (the client waits the server's RetryInfo delay, a few times at most).
+        request_id = uuid.uuid4().hex if args.server else ""
+        for event in client.generate(params=params, priority=args.priority if args.server else None, client_request_id=request_id):
             job_id = event.job_id
             kind = event.WhichOneof("event")
             if kind == "queued":

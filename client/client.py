@@ -10,6 +10,13 @@
 Errors raise `DiffserveError` with the gRPC code, the message and the google.rpc details
 (field violations for bad input, retry delay when the server is overloaded).
 
+Deadlines and retries (docs/api.md "Client retries and deadlines"): unary calls wait for the
+channel to connect (`wait_for_ready`) and have a deadline (`timeout_s`, default 30 s); streams
+(Generate, StreamJobEvents, DownloadArtifact) have none beyond the caller's own timeout. The
+channel's service config retries the read-only calls on UNAVAILABLE; a SubmitJob / Generate that
+carries a client_request_id is retried on RESOURCE_EXHAUSTED after the server's RetryInfo delay
+(`retries` times at most).
+
 A server with TLS and tokens (`serve --tls-cert ... --auth-tokens ...`):
 
     Client("host:50051", token="...", root_certificates=open("ca.pem", "rb").read())
@@ -20,9 +27,12 @@ TLS is used when root_certificates (or a client certificate for mutual TLS) is g
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import tempfile
+import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -36,6 +46,23 @@ from diffserve.v1 import generation_pb2 as pb
 from diffserve.v1 import generation_pb2_grpc as pb_grpc
 from diffserve.v1.limits import MESSAGE_SIZE_OPTIONS
 
+DEFAULT_TIMEOUT_S = 30.0  # deadline of a unary call (waiting for the connection included)
+DEFAULT_RETRIES = 3  # RESOURCE_EXHAUSTED retries of a submit that carries a client_request_id
+MAX_RETRY_DELAY_S = 60.0  # a RetryInfo delay beyond this is cut to it
+PROBE_TIMEOUT_S = 2.0  # the fail-fast health check that says why a channel does not connect
+SERVICE = "diffserve.v1.GenerationService"
+# Calls that change nothing (CancelJob: a second cancel is a no-op): the channel retries them on
+# UNAVAILABLE, a stream only before its first reply. SubmitJob and Generate create jobs and are
+# not here (see Client._retry_delay).
+IDEMPOTENT = [{"service": SERVICE, "method": m} for m in ("GetJob", "ListModels", "CancelJob", "StreamJobEvents", "DownloadArtifact")] + [
+    {"service": "grpc.health.v1.Health", "method": "Check"}]
+SERVICE_CONFIG = {
+    "methodConfig": [{
+        "name": IDEMPOTENT,
+        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+}
 FORMATS = {"png": pb.OUTPUT_FORMAT_PNG, "mp4": pb.OUTPUT_FORMAT_MP4, "npy": pb.OUTPUT_FORMAT_NPY, "": pb.OUTPUT_FORMAT_UNSPECIFIED}
 TERMINAL_EVENTS = ("completed", "failed", "cancelled")
 
@@ -49,6 +76,9 @@ class DiffserveError(Exception):
     field_violations: list[tuple[str, str]] = field(default_factory=list)
     retry_delay_s: float | None = None
     reason: str = ""
+    # A unary call whose deadline passed while it waited for a connection (wait_for_ready): the
+    # transport's reason ("... Connection refused"); "" when the server was reached.
+    unreachable: str = ""
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
@@ -112,7 +142,33 @@ def _umask() -> int:
 
 
 def _channel_options() -> list:
-    return list(MESSAGE_SIZE_OPTIONS)
+    return [*MESSAGE_SIZE_OPTIONS, ("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(SERVICE_CONFIG))]
+
+
+class _Retries:
+    """What Client and AsyncClient share: the per-call deadline and the RESOURCE_EXHAUSTED retries."""
+
+    timeout_s: float | None = DEFAULT_TIMEOUT_S
+    wait_for_ready: bool = True
+    retries: int = DEFAULT_RETRIES
+
+    def _deadline(self, timeout_s: float | None) -> float | None:
+        return None if timeout_s is None else time.monotonic() + timeout_s
+
+    @staticmethod
+    def _left(deadline: float | None) -> float | None:
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def _retry_delay(self, error: DiffserveError, attempt: int, deadline: float | None) -> float | None:
+        """Seconds to wait before trying a refused submit again, or None to give up: only a
+        RESOURCE_EXHAUSTED with a RetryInfo, at most `retries` times, never past the deadline.
+        (gRPC's own retry policy cannot read RetryInfo, so this is done here.)"""
+        if error.code != grpc.StatusCode.RESOURCE_EXHAUSTED or error.retry_delay_s is None or attempt >= self.retries:
+            return None
+        delay = min(max(error.retry_delay_s, 0.0), MAX_RETRY_DELAY_S)
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            return None
+        return delay
 
 
 def _auth_metadata(token: str | None) -> tuple:
@@ -127,16 +183,21 @@ def _credentials(tls: bool, root_certificates: bytes | None, private_key: bytes 
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
 
 
-class Client:
+class Client(_Retries):
     """Blocking client. Methods raise DiffserveError.
 
     token: bearer token (default $DIFFSERVE_TOKEN, "" sends none). root_certificates: PEM bytes of
     the CA that signed the server's certificate (TLS); `tls=True` alone trusts the system's roots.
-    private_key / certificate_chain: the client's own PEM key and certificate (mutual TLS)."""
+    private_key / certificate_chain: the client's own PEM key and certificate (mutual TLS).
+    timeout_s: deadline of each unary call (None: none); wait_for_ready: unary calls wait (within
+    that deadline) for the server to be reachable instead of failing at once with UNAVAILABLE.
+    retries: how often a submit with a client_request_id is tried again after RESOURCE_EXHAUSTED."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, tls: bool = False,
-                 root_certificates: bytes | None = None, private_key: bytes | None = None, certificate_chain: bytes | None = None):
+                 root_certificates: bytes | None = None, private_key: bytes | None = None, certificate_chain: bytes | None = None,
+                 timeout_s: float | None = DEFAULT_TIMEOUT_S, wait_for_ready: bool = True, retries: int = DEFAULT_RETRIES):
         self._metadata = _auth_metadata(token)
+        self.timeout_s, self.wait_for_ready, self.retries = timeout_s, wait_for_ready, retries
         credentials = _credentials(tls, root_certificates, private_key, certificate_chain)
         if credentials is not None:
             self.channel = grpc.secure_channel(target, credentials, options=_channel_options())
@@ -154,11 +215,39 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
-    def _call(self, fn, *args, **kwargs):
+    def _error(self, err: grpc.RpcError, waited: bool) -> DiffserveError:
+        error = DiffserveError.from_rpc_error(err)
+        if waited and error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            error.unreachable = self._transport_problem()
+        return error
+
+    def _transport_problem(self) -> str:
+        """Why the channel does not connect ("" if it does): one fail-fast health check."""
         try:
-            return fn(*args, metadata=self._metadata, **kwargs)
+            self.health_stub.Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S, metadata=self._metadata)
         except grpc.RpcError as err:
-            raise DiffserveError.from_rpc_error(err) from None
+            probe = DiffserveError.from_rpc_error(err)
+            if probe.code == grpc.StatusCode.UNAVAILABLE and not probe.reason:
+                return probe.message or "unavailable"
+        return ""
+
+    _DEFAULT = object()
+
+    def _call(self, fn, request, timeout_s=_DEFAULT, *, retry: bool = False):
+        """A unary call with the client's deadline (or `timeout_s`) and wait_for_ready; `retry`:
+        RESOURCE_EXHAUSTED is tried again after the server's RetryInfo delay (_retry_delay)."""
+        deadline = self._deadline(self.timeout_s if timeout_s is Client._DEFAULT else timeout_s)
+        attempt = 0
+        while True:
+            try:
+                return fn(request, metadata=self._metadata, timeout=self._left(deadline), wait_for_ready=self.wait_for_ready)
+            except grpc.RpcError as err:
+                error = self._error(err, self.wait_for_ready)
+            delay = self._retry_delay(error, attempt, deadline) if retry else None
+            if delay is None:
+                raise error from None
+            time.sleep(delay)
+            attempt += 1
 
     def _stream(self, call):
         try:
@@ -172,16 +261,34 @@ class Client:
         request = pb.SubmitJobRequest(params=params or make_params(prompt, **fields), client_request_id=client_request_id, priority=priority)
         if timeout_s:
             request.timeout.FromMilliseconds(int(timeout_s * 1000))
-        return self._call(self.stub.SubmitJob, request).job
+        return self._call(self.stub.SubmitJob, request, retry=bool(client_request_id)).job
 
     def generate(self, prompt: str = "", *, params: pb.GenerationParams | None = None, client_request_id: str = "", timeout_s: float | None = None, priority: int | None = None, **fields) -> Iterator[pb.JobEvent]:
-        """Creates a job bound to this stream: closing the iterator early or the timeout expiring cancels it."""
+        """Creates a job bound to this stream: closing the iterator early or the timeout expiring cancels it.
+        No deadline but `timeout_s` (which also bounds waiting for the connection; without it a
+        server that cannot be reached fails at once). With a client_request_id, a RESOURCE_EXHAUSTED
+        before the first event is tried again after the server's RetryInfo delay."""
         request = pb.GenerateRequest(params=params or make_params(prompt, **fields), client_request_id=client_request_id, priority=priority)
-        call = self.stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
-        try:
-            yield from self._stream(call)
-        finally:
-            call.cancel()
+        deadline = self._deadline(timeout_s)
+        waits = self.wait_for_ready and timeout_s is not None
+        attempt = 0
+        while True:
+            call = self.stub.Generate(request, timeout=self._left(deadline), metadata=self._metadata, wait_for_ready=waits)
+            replied = False
+            try:
+                for event in call:
+                    replied = True
+                    yield event
+                return
+            except grpc.RpcError as err:
+                error = self._error(err, waits and not replied)
+                delay = None if replied or not client_request_id else self._retry_delay(error, attempt, deadline)
+                if delay is None:
+                    raise error from None
+            finally:
+                call.cancel()
+            time.sleep(delay)
+            attempt += 1
 
     def events(self, job_id: str) -> Iterator[pb.JobEvent]:
         """A job's events from the first until it ends."""
@@ -196,7 +303,8 @@ class Client:
         return self._call(self.stub.GetJob, pb.GetJobRequest(job_id=job_id)).job
 
     def cancel(self, job_id: str, timeout_s: float | None = None) -> pb.Job:
-        return self._call(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id), timeout=timeout_s).job
+        """timeout_s: this call's deadline (default: the client's)."""
+        return self._call(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id), self.timeout_s if timeout_s is None else timeout_s).job
 
     def list_models(self) -> list[pb.Model]:
         return list(self._call(self.stub.ListModels, pb.ListModelsRequest()).models)
@@ -239,12 +347,14 @@ class Client:
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
 
-class AsyncClient:
-    """asyncio twin of Client (same arguments)."""
+class AsyncClient(_Retries):
+    """asyncio twin of Client (same arguments, same deadlines and retries)."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, tls: bool = False,
-                 root_certificates: bytes | None = None, private_key: bytes | None = None, certificate_chain: bytes | None = None):
+                 root_certificates: bytes | None = None, private_key: bytes | None = None, certificate_chain: bytes | None = None,
+                 timeout_s: float | None = DEFAULT_TIMEOUT_S, wait_for_ready: bool = True, retries: int = DEFAULT_RETRIES):
         self._metadata = _auth_metadata(token)
+        self.timeout_s, self.wait_for_ready, self.retries = timeout_s, wait_for_ready, retries
         credentials = _credentials(tls, root_certificates, private_key, certificate_chain)
         if credentials is not None:
             self.channel = grpc.aio.secure_channel(target, credentials, options=_channel_options())
@@ -262,11 +372,32 @@ class AsyncClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def _call(self, fn, *args, **kwargs):
-        try:
-            return await fn(*args, metadata=self._metadata, **kwargs)
-        except grpc.RpcError as err:
-            raise DiffserveError.from_rpc_error(err) from None
+    async def _error(self, err: grpc.RpcError, waited: bool) -> DiffserveError:
+        error = DiffserveError.from_rpc_error(err)
+        if waited and error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            try:
+                await self.health_stub.Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S, metadata=self._metadata)
+            except grpc.RpcError as probe_err:
+                probe = DiffserveError.from_rpc_error(probe_err)
+                if probe.code == grpc.StatusCode.UNAVAILABLE and not probe.reason:
+                    error.unreachable = probe.message or "unavailable"
+        return error
+
+    _DEFAULT = object()
+
+    async def _call(self, fn, request, timeout_s=_DEFAULT, *, retry: bool = False):
+        deadline = self._deadline(self.timeout_s if timeout_s is AsyncClient._DEFAULT else timeout_s)
+        attempt = 0
+        while True:
+            try:
+                return await fn(request, metadata=self._metadata, timeout=self._left(deadline), wait_for_ready=self.wait_for_ready)
+            except grpc.RpcError as err:
+                error = await self._error(err, self.wait_for_ready)
+            delay = self._retry_delay(error, attempt, deadline) if retry else None
+            if delay is None:
+                raise error from None
+            await asyncio.sleep(delay)
+            attempt += 1
 
     async def _stream(self, call) -> AsyncIterator:
         try:
@@ -279,16 +410,30 @@ class AsyncClient:
         request = pb.SubmitJobRequest(params=params or make_params(prompt, **fields), client_request_id=client_request_id, priority=priority)
         if timeout_s:
             request.timeout.FromMilliseconds(int(timeout_s * 1000))
-        return (await self._call(self.stub.SubmitJob, request)).job
+        return (await self._call(self.stub.SubmitJob, request, retry=bool(client_request_id))).job
 
     async def generate(self, prompt: str = "", *, params: pb.GenerationParams | None = None, client_request_id: str = "", timeout_s: float | None = None, priority: int | None = None, **fields) -> AsyncIterator[pb.JobEvent]:
         request = pb.GenerateRequest(params=params or make_params(prompt, **fields), client_request_id=client_request_id, priority=priority)
-        call = self.stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
-        try:
-            async for event in self._stream(call):
-                yield event
-        finally:
-            call.cancel()
+        deadline = self._deadline(timeout_s)
+        waits = self.wait_for_ready and timeout_s is not None
+        attempt = 0
+        while True:
+            call = self.stub.Generate(request, timeout=self._left(deadline), metadata=self._metadata, wait_for_ready=waits)
+            replied = False
+            try:
+                async for event in call:
+                    replied = True
+                    yield event
+                return
+            except grpc.RpcError as err:
+                error = await self._error(err, waits and not replied)
+                delay = None if replied or not client_request_id else self._retry_delay(error, attempt, deadline)
+                if delay is None:
+                    raise error from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
+            attempt += 1
 
     async def events(self, job_id: str) -> AsyncIterator[pb.JobEvent]:
         async for event in self._stream(self.stub.StreamJobEvents(pb.StreamJobEventsRequest(job_id=job_id), metadata=self._metadata)):
@@ -302,8 +447,8 @@ class AsyncClient:
     async def get(self, job_id: str) -> pb.Job:
         return (await self._call(self.stub.GetJob, pb.GetJobRequest(job_id=job_id))).job
 
-    async def cancel(self, job_id: str) -> pb.Job:
-        return (await self._call(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id))).job
+    async def cancel(self, job_id: str, timeout_s: float | None = None) -> pb.Job:
+        return (await self._call(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id), self.timeout_s if timeout_s is None else timeout_s)).job
 
     async def list_models(self) -> list[pb.Model]:
         return list((await self._call(self.stub.ListModels, pb.ListModelsRequest())).models)

@@ -63,3 +63,70 @@ def test_no_status_or_a_mismatched_one_keeps_code_and_message():
     wire = _on_the_wire(errors.invalid_argument([("params.width", "bad")]).status)
     err = DiffserveError.from_rpc_error(_Failed(grpc.StatusCode.INTERNAL, "proxy error", wire.trailing_metadata()))
     assert (err.code, err.message, err.field_violations, err.reason) == (grpc.StatusCode.INTERNAL, "proxy error", [], "")
+
+
+# ---- retries and deadlines ----
+
+def _exhausted(delay_s: float | None = 2.0) -> DiffserveError:
+    return DiffserveError(grpc.StatusCode.RESOURCE_EXHAUSTED, "the queue is full", retry_delay_s=delay_s, reason="QUEUE_FULL")
+
+
+def _bare_client(**settings):
+    from diffserve.client.client import Client
+
+    client = Client.__new__(Client)  # no channel: _call only needs the function it is given
+    client._metadata = ()
+    client.timeout_s, client.wait_for_ready, client.retries = settings.get("timeout_s", 30.0), False, settings.get("retries", 3)
+    return client
+
+
+def test_retry_delay_honours_retry_info_and_is_bounded():
+    import time
+
+    from diffserve.client.client import MAX_RETRY_DELAY_S
+
+    client = _bare_client()
+    assert client._retry_delay(_exhausted(2.0), 0, None) == 2.0
+    assert client._retry_delay(_exhausted(2.0), 3, None) is None  # `retries` attempts at most
+    assert client._retry_delay(_exhausted(None), 0, None) is None  # no RetryInfo: not retried
+    assert client._retry_delay(_exhausted(1e6), 0, None) == MAX_RETRY_DELAY_S
+    assert client._retry_delay(_exhausted(2.0), 0, time.monotonic() + 1.0) is None  # past the deadline
+    assert client._retry_delay(DiffserveError(grpc.StatusCode.UNAVAILABLE, "x", retry_delay_s=1.0), 0, None) is None
+
+
+def test_call_retries_only_when_asked_and_gives_each_attempt_the_time_left(monkeypatch):
+    from diffserve.client import client as client_module
+
+    slept = []
+    monkeypatch.setattr(client_module.time, "sleep", slept.append)
+    wire = _on_the_wire(errors.resource_exhausted("the queue is full", 0.5).status)
+    calls = []
+
+    def submit(request, *, metadata, timeout, wait_for_ready):
+        calls.append(timeout)
+        if len(calls) < 3:
+            raise wire
+        return "job"
+
+    client = _bare_client(timeout_s=30.0)
+    assert client._call(submit, "request", retry=True) == "job"
+    assert slept == [0.5, 0.5] and len(calls) == 3 and all(0 < t <= 30.0 for t in calls)
+    calls.clear()
+    with pytest.raises(DiffserveError) as info:
+        client._call(submit, "request")  # no client_request_id: not idempotent, not retried
+    assert info.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED and len(calls) == 1
+
+
+def test_service_config_retries_only_idempotent_calls_on_unavailable():
+    import json
+
+    from diffserve.client.client import _channel_options
+
+    options = dict(_channel_options())
+    assert options["grpc.enable_retries"] == 1
+    (config,) = json.loads(options["grpc.service_config"])["methodConfig"]
+    methods = {(n["service"], n.get("method")) for n in config["name"]}
+    assert ("diffserve.v1.GenerationService", "GetJob") in methods and ("grpc.health.v1.Health", "Check") in methods
+    assert not {m for s, m in methods if m in ("SubmitJob", "Generate")}
+    assert config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
+    assert "timeout" not in config and "waitForReady" not in config  # per call, by the client (streams have none)
