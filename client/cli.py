@@ -176,18 +176,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def wait_serving(client: Client, proc: subprocess.Popen | None, timeout_s: float) -> None:
-    deadline = time.monotonic() + timeout_s
+    """Until the local server says SERVING (Health.Watch), or it exits, or timeout_s passes."""
     print("loading the model...", file=sys.stderr, flush=True)
-    while time.monotonic() < deadline:
+    alive = None if proc is None else (lambda: proc.poll() is None)
+    try:
+        client.wait_until_serving(timeout_s, alive=alive)
+    except DiffserveError as err:
         if proc is not None and proc.poll() is not None:
-            raise SystemExit(f"error: the server exited (code {proc.returncode}) before the model loaded")
-        try:
-            if client.health() == "SERVING":
-                return
-        except DiffserveError:
-            pass
-        time.sleep(0.2)
-    raise SystemExit(f"error: the model did not load within {timeout_s:.0f} s")
+            raise SystemExit(f"error: the server exited (code {proc.returncode}) before the model loaded") from None
+        if err.code.name == "DEADLINE_EXCEEDED":
+            raise SystemExit(f"error: the model did not load within {timeout_s:.0f} s") from None
+        raise SystemExit(f"error: {err}") from None
 
 
 def output_file(args: argparse.Namespace, job: pb.Job) -> Path:

@@ -33,7 +33,7 @@ import json
 import os
 import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +49,8 @@ from diffserve.v1.limits import MESSAGE_SIZE_OPTIONS
 DEFAULT_TIMEOUT_S = 30.0  # deadline of a unary call (waiting for the connection included)
 DEFAULT_RETRIES = 3  # RESOURCE_EXHAUSTED retries of a submit that carries a client_request_id
 MAX_RETRY_DELAY_S = 60.0  # a RetryInfo delay beyond this is cut to it
+MAX_RECONNECT_BACKOFF_MS = 5000
+WATCH_RETRY_S = 0.2  # pause before watching health again after the connection dropped
 PROBE_TIMEOUT_S = 2.0  # the fail-fast health check that says why a channel does not connect
 SERVICE = "diffserve.v1.GenerationService"
 # Calls that change nothing (CancelJob: a second cancel is a no-op): the channel retries them on
@@ -142,7 +144,10 @@ def _umask() -> int:
 
 
 def _channel_options() -> list:
-    return [*MESSAGE_SIZE_OPTIONS, ("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(SERVICE_CONFIG))]
+    # Reconnecting to a server that is down backs off to 5 s at most (gRPC's default: 120 s), so a
+    # call waiting for it (wait_for_ready) notices it up within 5 s.
+    return [*MESSAGE_SIZE_OPTIONS, ("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)]
 
 
 class _Retries:
@@ -181,6 +186,16 @@ def _credentials(tls: bool, root_certificates: bytes | None, private_key: bytes 
     if not tls and root_certificates is None and private_key is None and certificate_chain is None:
         return None
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+
+
+def _watch_error(err: grpc.RpcError, service: str, timeout_s: float | None, last: str) -> DiffserveError | None:
+    """The error that ends wait_until_serving, or None to watch again (the connection dropped)."""
+    error = DiffserveError.from_rpc_error(err)
+    if error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DiffserveError(error.code, f"{service or 'the server'} was not SERVING within {timeout_s:g} s (last {last})")
+    if error.code == grpc.StatusCode.UNAVAILABLE and not error.reason:
+        return None
+    return error
 
 
 class Client(_Retries):
@@ -346,6 +361,35 @@ class Client(_Retries):
         reply = self._call(self.health_stub.Check, health_pb2.HealthCheckRequest(service=service))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
+    def wait_until_serving(self, timeout_s: float | None = None, service: str = "", *, alive: Callable[[], bool] | None = None) -> None:
+        """Returns once the server's health for `service` ("" the server, "diffserve.v1.GenerationService/MODEL"
+        one model) is SERVING. Watches it (grpc.health.v1 Health.Watch: the server pushes each change,
+        nothing polls) and waits for the server to be reachable first (wait_for_ready); a dropped
+        connection is watched again. `alive`: for a server known to be up (one this program started),
+        a check that it still runs: the watch then does not wait for a connection, and ends with
+        UNAVAILABLE once alive() is false. Raises DiffserveError: DEADLINE_EXCEEDED when timeout_s
+        passes (its message says the last status seen), or the call's own error (UNIMPLEMENTED, ...)."""
+        deadline = self._deadline(timeout_s)
+        waits = self.wait_for_ready and alive is None
+        last = "no answer"
+        while True:
+            call = self.health_stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=self._left(deadline),
+                                          metadata=self._metadata, wait_for_ready=waits)
+            try:
+                for reply in call:
+                    last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+            except grpc.RpcError as err:
+                error = _watch_error(err, service, timeout_s, last)
+                if error is not None:
+                    raise error from None
+            finally:
+                call.cancel()
+            if alive is not None and not alive():
+                raise DiffserveError(grpc.StatusCode.UNAVAILABLE, f"the server stopped before {service or 'it'} was SERVING (last {last})")
+            time.sleep(WATCH_RETRY_S)
+
 
 class AsyncClient(_Retries):
     """asyncio twin of Client (same arguments, same deadlines and retries)."""
@@ -463,3 +507,26 @@ class AsyncClient(_Retries):
     async def health(self, service: str = "") -> str:
         reply = await self._call(self.health_stub.Check, health_pb2.HealthCheckRequest(service=service))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    async def wait_until_serving(self, timeout_s: float | None = None, service: str = "", *, alive: Callable[[], bool] | None = None) -> None:
+        """Client.wait_until_serving (Health.Watch)."""
+        deadline = self._deadline(timeout_s)
+        waits = self.wait_for_ready and alive is None
+        last = "no answer"
+        while True:
+            call = self.health_stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=self._left(deadline),
+                                          metadata=self._metadata, wait_for_ready=waits)
+            try:
+                async for reply in call:
+                    last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+            except grpc.RpcError as err:
+                error = _watch_error(err, service, timeout_s, last)
+                if error is not None:
+                    raise error from None
+            finally:
+                call.cancel()
+            if alive is not None and not alive():
+                raise DiffserveError(grpc.StatusCode.UNAVAILABLE, f"the server stopped before {service or 'it'} was SERVING (last {last})")
+            await asyncio.sleep(WATCH_RETRY_S)

@@ -83,10 +83,13 @@ class ServerProcess:
             time.sleep(0.05)
         self.port = int(ready.read_text())
         self.target = f"127.0.0.1:{self.port}"
-        from diffserve.client import Client
+        from diffserve.client import Client, DiffserveError
 
         self.client = Client(self.target)
-        self.wait_health("SERVING", timeout_s=120)
+        try:  # Health.Watch: returns as soon as the server says SERVING
+            self.client.wait_until_serving(120, alive=lambda: self.proc.poll() is None)
+        except DiffserveError as err:
+            raise AssertionError(f"not SERVING: {err} (server exit code {self.proc.poll()})") from None
 
     def wait_health(self, status: str, timeout_s: float = 30) -> None:
         from diffserve.client import DiffserveError

@@ -1,7 +1,8 @@
 """The client's retries against a real `diffserve serve` (no model: a simulated worker joins, no
 torch): a submit with a client_request_id refused with RESOURCE_EXHAUSTED (--max-queue 1) is tried
 again after the server's RetryInfo delay and gets in once the queue has room; without an id it is
-refused at once, as before. Every wait is bounded."""
+refused at once, as before. Readiness through Health.Watch (Client.wait_until_serving) is waited
+for before the server exists. Every wait is bounded."""
 
 from __future__ import annotations
 
@@ -42,27 +43,49 @@ def _stop(proc: subprocess.Popen) -> None:
 
 @pytest.fixture
 def sim_server(tmp_path):
-    """(client, target): serve --max-queue 1 with one simulated worker group of --max-resident 1."""
+    """(client, target): serve --max-queue 1 with one simulated worker group of --max-resident 1.
+
+    Also the readiness wait (Health.Watch): a client starts waiting before the server exists; it
+    returns once the worker has joined, not before."""
     worker_bind = f"tcp://127.0.0.1:{_free_port()}"
+    target = f"127.0.0.1:{_free_port()}"
     ready = tmp_path / "port"
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "diffserve.client.cli", "serve", "--port", "0", "--worker-bind", worker_bind,
-         "--insecure-worker-plaintext", "--state-dir", str(tmp_path / "state"), "--output-dir", str(tmp_path / "outputs"),
-         "--ready-file", str(ready), "--max-queue", "1", "--drain-timeout", "0", "--log-level", "WARNING"], env=ENV)
-    procs = [serve]
+    procs: list[subprocess.Popen] = []
+    client = Client(target)
+    early: list = []
+    waiter = threading.Thread(target=lambda: early.append(_outcome(client.wait_until_serving, 90)), daemon=True)
+    waiter.start()  # nothing listens yet: it waits for the connection (wait_for_ready)
     try:
-        wait_for(lambda: ready.exists() or serve.poll() is not None, 60, 0.05, "the scheduler to start")
-        assert serve.poll() is None
+        time.sleep(0.5)
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "diffserve.client.cli", "serve", "--port", target.rsplit(":", 1)[1], "--worker-bind", worker_bind,
+             "--insecure-worker-plaintext", "--state-dir", str(tmp_path / "state"), "--output-dir", str(tmp_path / "outputs"),
+             "--ready-file", str(ready), "--max-queue", "1", "--drain-timeout", "0", "--log-level", "WARNING"], env=ENV))
+        wait_for(lambda: ready.exists() or procs[0].poll() is not None, 60, 0.05, "the scheduler to start")
+        assert procs[0].poll() is None
+        with Client(target) as other, pytest.raises(DiffserveError) as info:  # no worker yet: NOT_SERVING until the deadline
+            other.wait_until_serving(1.0)
+        assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "NOT_SERVING" in info.value.message
+        assert waiter.is_alive() and not early
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "diffserve.worker.simulated", "--scheduler", worker_bind, "--insecure-worker-plaintext",
              "--max-resident", "1", "--max-batch-size", "1", "--step-ms", "50", "--log-level", "WARNING"], env=ENV))
-        target = f"127.0.0.1:{ready.read_text()}"
-        with Client(target) as client:
-            wait_for(lambda: client.health() == "SERVING", 60, 0.1, "SERVING")
-            yield client, target
+        waiter.join(timeout=90)
+        assert early == ["SERVING"]
+        assert client.health() == "SERVING"
+        yield client, target
     finally:
+        client.close()
         for proc in reversed(procs):
             _stop(proc)
+
+
+def _outcome(wait, timeout_s: float) -> str:
+    try:
+        wait(timeout_s)
+        return "SERVING"
+    except DiffserveError as err:
+        return str(err)
 
 
 def test_resource_exhausted_is_retried_after_retry_info(sim_server):

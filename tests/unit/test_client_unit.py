@@ -130,3 +130,17 @@ def test_service_config_retries_only_idempotent_calls_on_unavailable():
     assert not {m for s, m in methods if m in ("SubmitJob", "Generate")}
     assert config["retryPolicy"]["retryableStatusCodes"] == ["UNAVAILABLE"]
     assert "timeout" not in config and "waitForReady" not in config  # per call, by the client (streams have none)
+
+
+def test_watch_ends_on_its_deadline_or_a_real_error_and_rewatches_a_dropped_connection():
+    from diffserve.client.client import _watch_error
+
+    timed_out = _watch_error(_Failed(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"), "", 2.0, "NOT_SERVING")
+    assert timed_out.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert timed_out.message == "the server was not SERVING within 2 s (last NOT_SERVING)"
+    assert _watch_error(_Failed(grpc.StatusCode.UNAVAILABLE, "Socket closed"), "", 2.0, "NOT_SERVING") is None
+    unimplemented = _watch_error(_Failed(grpc.StatusCode.UNIMPLEMENTED, "no health"), "", 2.0, "no answer")
+    assert unimplemented.code == grpc.StatusCode.UNIMPLEMENTED
+    # the server's own UNAVAILABLE (it carries a reason) is not a dropped connection
+    refused = _on_the_wire(errors.unavailable("the server is shutting down", "SHUTTING_DOWN"))
+    assert _watch_error(refused, "", 2.0, "SERVING").reason == "SHUTTING_DOWN"
