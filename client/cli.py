@@ -31,7 +31,7 @@ from diffserve.v1 import generation_pb2 as pb
 
 from diffserve.client.client import Client, DiffserveError, make_params
 from diffserve.client.local import local_server
-from diffserve.worker.v1.launch import add_worker_flags
+from diffserve.worker.v1.launch import ENV_EPILOG, add_worker_flags, env_defaults
 
 # Subcommands that are other programs: the composition root and the worker process.
 DELEGATED = {"serve": "diffserve.scheduler.app", "worker": "diffserve.worker", "keys": "diffserve.scheduler.keys"}
@@ -129,8 +129,9 @@ def connect(args: argparse.Namespace, target: str) -> Client:
                   timeout_s=CLI_TIMEOUT_S)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffserve", description="Serve diffusion transformers.")
+def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """The `diffserve` command line; defaults from DIFFSERVE_* variables of `environ` (os.environ)."""
+    parser = argparse.ArgumentParser(prog="diffserve", description="Serve diffusion transformers.", epilog=ENV_EPILOG)
     parser.add_argument("--version", action="version", version=f"diffserve {package_version()}",
                         help="print the installed version and exit")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -172,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("models", help="list a server's models")
     m.add_argument("--server", default="127.0.0.1:50051", help="the server to ask (HOST:PORT; default 127.0.0.1:50051)")
     add_client_flags(m)
+    env_defaults(parser, environ)  # --foo-bar from DIFFSERVE_FOO_BAR (serve and worker: their own parsers do it)
     return parser
 
 

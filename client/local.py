@@ -20,7 +20,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from diffserve.worker.v1.launch import worker_argv
+from diffserve.worker.v1.launch import NO_ENV, worker_argv
 
 SERVER_MODULE = "diffserve.scheduler.app"  # the composition root
 STOP_WAIT_S = 30.0  # for the server to stop after SIGTERM (no drain: its one job is cancelled or done)
@@ -35,7 +35,9 @@ def local_server(args: argparse.Namespace, workdir: str | Path, log_level: str =
     cmd = [sys.executable, "-m", SERVER_MODULE, *worker_argv(args, outer=True), "--port", "0",
            "--output-dir", str(Path(workdir) / "outputs"), "--state-dir", str(Path(workdir) / "state"), "--ready-file", str(ready), "--log-level", log_level,
            "--no-restart-workers", "--max-queue", "1", "--drain-timeout", "0", "--parent-pid", str(os.getpid()), "--cleanup-dir", str(workdir)]
-    proc = subprocess.Popen(cmd, start_new_session=True)
+    # Configured by this command line alone: DIFFSERVE_* variables meant for `generate` (or for the
+    # user's own `serve`, such as DIFFSERVE_AUTH_TOKENS) must not reach the private server.
+    proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, NO_ENV: "1"})
     try:
         deadline = time.monotonic() + 60
         while not ready.exists():

@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from diffserve.worker.v1.launch import add_worker_flags, worker_argv
+from diffserve.worker.v1.launch import NO_ENV, add_worker_flags, env_defaults, worker_argv
 
 
 def add_serve_flags(s: argparse.ArgumentParser) -> None:
@@ -201,13 +201,22 @@ def serve(args: argparse.Namespace) -> int:
         return 2
 
 
-def main(argv=None, prog: str = "") -> int:
+def build_parser(prog: str = "", environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """`diffserve serve`'s command line, defaults from DIFFSERVE_* variables of `environ` (os.environ)."""
     # `diffserve serve` execs this module and names itself in DIFFSERVE_PROG (usage and errors)
     prog = prog or os.environ.get("DIFFSERVE_PROG") or "python -m diffserve.scheduler.app"
     parser = argparse.ArgumentParser(prog=prog, description=serve.__doc__)
     add_serve_flags(parser)
+    env_defaults(parser, environ)  # --foo-bar from DIFFSERVE_FOO_BAR
+    return parser
+
+
+def main(argv=None, prog: str = "") -> int:
+    args = build_parser(prog).parse_args(argv)
+    # The local workers get their flags on their command line (worker_argv), not from variables meant for serve.
+    os.environ[NO_ENV] = "1"
     try:
-        return serve(parser.parse_args(argv))
+        return serve(args)
     except KeyboardInterrupt:
         return 130
 

@@ -23,10 +23,11 @@ import sys
 import uuid
 
 from diffserve.worker.v1 import worker_pb2 as wpb
-from diffserve.worker.v1.launch import EXIT_CANNOT_LOAD, add_worker_auth_flags, add_worker_flags, die_with_parent
+from diffserve.worker.v1.launch import EXIT_CANNOT_LOAD, add_worker_auth_flags, add_worker_flags, die_with_parent, env_defaults
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None, environ: dict[str, str] | None = None) -> argparse.Namespace:
+    """The worker's flags; defaults from DIFFSERVE_* variables of `environ` (os.environ)."""
     p = argparse.ArgumentParser(prog=os.environ.get("DIFFSERVE_PROG") or "python -m diffserve.worker", description=__doc__)
     p.add_argument("--scheduler", required=True, help="ZeroMQ address of the scheduler, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--worker-id", default="", help="routing id (default: host-pid-random)")
@@ -35,6 +36,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--dist-init", default="", help="torch.distributed init method, e.g. tcp://127.0.0.1:29500")
     p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
     add_worker_auth_flags(p)  # CURVE keys: --key-file, --scheduler-key (or --insecure-worker-plaintext)
+    env_defaults(p, environ)  # --foo-bar from DIFFSERVE_FOO_BAR (not for local workers: serve sets DIFFSERVE_NO_ENV)
     return p.parse_args(argv)
 
 
