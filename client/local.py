@@ -37,7 +37,11 @@ def local_server(args: argparse.Namespace, workdir: str | Path, log_level: str =
            "--no-restart-workers", "--max-queue", "1", "--drain-timeout", "0", "--parent-pid", str(os.getpid()), "--cleanup-dir", str(workdir)]
     # Configured by this command line alone: DIFFSERVE_* variables meant for `generate` (or for the
     # user's own `serve`, such as DIFFSERVE_AUTH_TOKENS) must not reach the private server.
-    proc = subprocess.Popen(cmd, start_new_session=True, env={**os.environ, NO_ENV: "1"})
+    env = {**os.environ, NO_ENV: "1"}
+    if not getattr(args, "verbose", False):
+        # nor the Hugging Face libraries' progress bars while the worker loads ("Loading weights ...")
+        env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env)
     try:
         deadline = time.monotonic() + 60
         while not ready.exists():

@@ -25,7 +25,7 @@ from diffserve.worker.v1.launch import NO_ENV, add_worker_flags, env_defaults, w
 def add_serve_flags(s: argparse.ArgumentParser) -> None:
     """The flags of `diffserve serve`: the worker flags (outer spelling), then the scheduler's."""
     add_worker_flags(s, outer=True)
-    s.add_argument("--host", default="127.0.0.1")
+    s.add_argument("--host", default="127.0.0.1", help="address the gRPC API listens on (default 127.0.0.1; 0.0.0.0 for every interface)")
     s.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
     s.add_argument("--worker-bind", default="tcp://127.0.0.1:0", help="ZeroMQ address workers connect to")
     # Worker-protocol authentication (CURVE keys in the state folder; docs/cli.md "Worker keys").
@@ -104,14 +104,20 @@ def replica_specs(args: argparse.Namespace, environ: dict[str, str] | None = Non
 
     environ = os.environ if environ is None else environ
     argv = worker_argv(args)
+    quiet: dict[str, str] = {}
+    if args.log_format != "text":  # local workers log as the scheduler does, without progress bars
+        argv += ["--log-format", args.log_format]
+        if "HF_HUB_DISABLE_PROGRESS_BARS" not in environ:
+            quiet["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     if args.replicas == 1:
-        return [LocalWorkerSpec("local-0", argv, world_size=args.num_gpus)]
+        return [LocalWorkerSpec("local-0", argv, env=quiet, world_size=args.num_gpus)]
     visible = environ.get("CUDA_VISIBLE_DEVICES", "")
     devices = [d for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(args.replicas * args.num_gpus)]
     specs = []
     for i in range(args.replicas):
         mine = devices[i * args.num_gpus:(i + 1) * args.num_gpus]
         env = {"CUDA_VISIBLE_DEVICES": ",".join(mine)} if len(mine) == args.num_gpus else {}
+        env.update(quiet)
         specs.append(LocalWorkerSpec(f"local-{i}", argv, env=env, world_size=args.num_gpus))
     return specs
 

@@ -5,6 +5,7 @@ value is one line naming the variable), and every flag has help text."""
 from __future__ import annotations
 
 import argparse
+import re
 
 import pytest
 
@@ -82,3 +83,80 @@ def test_hidden_flags_and_processes_started_by_diffserve_ignore_the_environment(
     assert (args.max_queue, args.log_level) == (256, "INFO")
     with pytest.raises(SystemExit):  # --scheduler stays required
         worker_parse_args([], environ={"DIFFSERVE_SCHEDULER": "tcp://h:1", "DIFFSERVE_MODEL_PATH": "/m", NO_ENV: "1"})
+
+
+# ---- help text ----
+
+def _parsers():
+    """Every parser of every command line: diffserve (generate, models, and the delegated
+    placeholders), serve, the worker, keys (with their subcommands)."""
+    from diffserve.scheduler.keys import build_parser as keys_parser
+    from diffserve.worker.__main__ import build_parser as worker_parser
+
+    todo = [build_parser({}), serve_parser(environ={}), worker_parser({}), keys_parser("diffserve keys")]
+    while todo:
+        parser = todo.pop()
+        yield parser
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                todo += dict.fromkeys(action.choices.values())
+                for choice in action._choices_actions:
+                    assert choice.help, f"{parser.prog} {choice.dest}: no help"
+
+
+def test_every_flag_has_help_text():
+    seen = 0
+    for parser in _parsers():
+        for action in parser._actions:
+            seen += 1
+            assert action.help and action.help.strip(), f"{parser.prog} {action.option_strings or action.dest}: no help"
+    assert seen > 100
+
+
+def test_generate_help_lists_its_own_flags_before_the_worker_flags(capsys):
+    with pytest.raises(SystemExit):
+        build_parser({}).parse_args(["generate", "--help"])
+    text = capsys.readouterr().out
+    order = [re.search(rf"^  (-\w, )?{flag}\b", text, re.M).start() for flag in
+             ("--prompt", "--seed", "--save-output", "--server", "--verbose", "--model-path", "--num-gpus")]
+    assert order == sorted(order)
+    assert text.index("the job:") < text.index("output:") < text.index("a running server:") < text.index("the private server")
+    assert "DIFFSERVE_FLAG_NAME" in text
+
+
+# ---- logs ----
+
+def test_the_private_server_and_its_workers_are_quiet_unless_asked():
+    from diffserve.client.cli import private_log_levels
+    from diffserve.worker.v1.launch import worker_argv
+
+    for argv, levels in ((["--prompt", "p"], ("WARNING", "WARNING")), (["--prompt", "p", "-v"], ("INFO", "INFO")),
+                         (["--prompt", "p", "--log-level", "DEBUG"], ("DEBUG", "WARNING")),
+                         (["--prompt", "p", "-v", "--worker-log-level", "ERROR"], ("INFO", "ERROR"))):
+        args = generate({}, *argv)
+        private_log_levels(args)
+        assert (args.log_level, args.worker_log_level) == levels
+        # the worker level reaches the private server's command line (INFO is the worker's default)
+        assert ("--worker-log-level" in worker_argv(args, outer=True)) == (levels[1] != "INFO")
+
+
+def test_serve_passes_its_log_format_to_local_workers():
+    from diffserve.scheduler.app import replica_specs
+
+    (text,) = replica_specs(serve_parser(environ={}).parse_args(["--model-path", "/m"]), environ={})
+    assert "--log-format" not in text.args and text.env == {}
+    for spec in replica_specs(serve_parser(environ={}).parse_args(["--model-path", "/m", "--log-format", "json", "--replicas", "2"]), environ={}):
+        assert spec.args[-2:] == ["--log-format", "json"] and spec.env["HF_HUB_DISABLE_PROGRESS_BARS"] == "1"
+    assert worker_parse_args(["--scheduler", "tcp://h:1", "--model-path", "/m", "--log-format", "json"], environ={}).log_format == "json"
+
+
+def test_worker_json_lines_carry_its_id_and_rank():
+    import json
+    import logging
+
+    from diffserve.worker.v1.logformat import JsonFormatter
+
+    record = logging.LogRecord("diffserve.worker", logging.WARNING, __file__, 1, "step %d slow", (3,), None)
+    line = json.loads(JsonFormatter(static={"worker": "local-0", "rank": 1}).format(record))
+    assert {k: line[k] for k in ("level", "logger", "message", "worker", "rank")} == {
+        "level": "WARNING", "logger": "diffserve.worker", "message": "step 3 slow", "worker": "local-0", "rank": 1}
