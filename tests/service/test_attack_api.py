@@ -112,17 +112,11 @@ class SecureServer:
         return Client(self.target, token=token, root_certificates=self.pki["ca.pem"].read_bytes(), **tls)
 
     def wait_serving(self, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
         with self.client() as client:  # health is open: no token
-            while time.monotonic() < deadline:
-                try:
-                    if client.health() == "SERVING":
-                        return
-                except DiffserveError:
-                    pass
-                assert self.proc.poll() is None, f"server exited with {self.proc.returncode}"
-                time.sleep(0.1)
-        raise AssertionError("server never became SERVING")
+            try:  # Health.Watch
+                client.wait_until_serving(timeout_s, alive=lambda: self.proc.poll() is None)
+            except DiffserveError as err:
+                raise AssertionError(f"server never became SERVING: {err} (exit code {self.proc.poll()})") from None
 
     def stop(self) -> None:
         interrupt(self.proc)
