@@ -10,12 +10,12 @@
 Errors raise `DiffserveError` with the gRPC code, the message and the google.rpc details
 (field violations for bad input, retry delay when the server is overloaded).
 
-Deadlines and retries (docs/api.md "Client retries and deadlines"): unary calls wait for the
-channel to connect (`wait_for_ready`) and have a deadline (`timeout_s`, default 30 s); streams
-(Generate, StreamJobEvents, DownloadArtifact) have none beyond the caller's own timeout. The
-channel's service config retries the read-only calls on UNAVAILABLE; a SubmitJob / Generate that
-carries a client_request_id is retried on RESOURCE_EXHAUSTED after the server's RetryInfo delay
-(`retries` times at most).
+Deadlines and retries (docs/api.md, "Python client: deadlines, retries, readiness"): unary calls
+wait for the channel to connect (`wait_for_ready`) and have a deadline (`timeout_s`, default 30 s);
+streams (Generate, StreamJobEvents, DownloadArtifact) have none beyond the caller's own timeout.
+The channel's service config retries the read-only calls on UNAVAILABLE; a SubmitJob / Generate
+that carries a client_request_id is retried on RESOURCE_EXHAUSTED after the server's RetryInfo
+delay (`retries` times at most). `wait_until_serving` waits for health SERVING (Health.Watch).
 
 A server with TLS and tokens (`serve --tls-cert ... --auth-tokens ...`):
 
