@@ -21,6 +21,7 @@ import re
 import signal
 import sys
 import tempfile
+import uuid
 from importlib import metadata
 from pathlib import Path
 
@@ -28,11 +29,15 @@ from diffserve.v1 import generation_pb2 as pb
 
 from diffserve.client.client import Client, DiffserveError, local_image, make_params
 from diffserve.client.local import ServerStartError, local_server, wait_serving
-from diffserve.worker.v1.launch import add_worker_flags
+from diffserve.worker.v1.launch import ENV_EPILOG, add_worker_flags, env_defaults
 
 # Subcommands that are other programs: the composition root and the worker process.
 DELEGATED = {"serve": "diffserve.scheduler.app", "worker": "diffserve.worker", "keys": "diffserve.scheduler.keys"}
 EXIT_SIGINT, EXIT_SIGTERM = 128 + signal.SIGINT, 128 + signal.SIGTERM  # 130, 143
+# The CLI's deadline for its unary calls (ListModels, GetJob, CancelJob), waiting for the
+# connection included: a server that is starting gets this long, a closed port costs this long
+# (then one line saying why); the library's default (30 s) suits programs, not a terminal.
+CLI_TIMEOUT_S = 5.0
 EXTENSIONS = {pb.OUTPUT_FORMAT_PNG: ".png", pb.OUTPUT_FORMAT_MP4: ".mp4", pb.OUTPUT_FORMAT_NPY: ".npy"}
 
 
@@ -58,10 +63,15 @@ def unreachable(err: DiffserveError, target: str) -> str | None:
 
     gRPC reports both a transport failure (nothing listens, the name does not resolve) and a server
     that refuses work (draining, store down) as UNAVAILABLE; the server's own refusals carry an
-    ErrorInfo reason, the transport's do not."""
-    if err.code.name != "UNAVAILABLE" or err.reason:
+    ErrorInfo reason, the transport's do not. A unary call that waited for the connection
+    (wait_for_ready) ends DEADLINE_EXCEEDED instead; the client then says why in `unreachable`
+    (empty when the server was reached and only slow)."""
+    if err.code.name == "DEADLINE_EXCEEDED" and err.unreachable:
+        text = err.unreachable
+    elif err.code.name != "UNAVAILABLE" or err.reason:
         return None
-    text = err.message
+    else:
+        text = err.message
     if "Connection refused" in text:
         why = "connection refused"
     elif "resolving" in text or "DNS" in text:
@@ -113,52 +123,68 @@ def connect(args: argparse.Namespace, target: str) -> Client:
     if bool(args.tls_cert) != bool(args.tls_key):
         raise SystemExit("error: --tls-cert and --tls-key go together")
     return Client(target, token=args.token, tls=args.tls, root_certificates=read("--tls-ca", args.tls_ca),
-                  certificate_chain=read("--tls-cert", args.tls_cert), private_key=read("--tls-key", args.tls_key))
+                  certificate_chain=read("--tls-cert", args.tls_cert), private_key=read("--tls-key", args.tls_key),
+                  timeout_s=CLI_TIMEOUT_S)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="diffserve", description="Serve diffusion transformers.")
+def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """The `diffserve` command line; defaults from DIFFSERVE_* variables of `environ` (os.environ)."""
+    parser = argparse.ArgumentParser(prog="diffserve", description="Serve diffusion transformers.", epilog=ENV_EPILOG)
     parser.add_argument("--version", action="version", version=f"diffserve {package_version()}",
                         help="print the installed version and exit")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, help="the command (diffserve COMMAND --help for its flags)")
 
-    g = sub.add_parser("generate", help="run one job end to end and save its output")
-    add_worker_flags(g, outer=True)
-    g.add_argument("--server", default="", help="use a running server (HOST:PORT) instead of starting one")
-    add_client_flags(g)
-    g.add_argument("--prompt", required=True)
-    g.add_argument("--negative-prompt", default=None)
-    g.add_argument("--height", type=int)
-    g.add_argument("--width", type=int)
-    g.add_argument("--num-frames", type=int, help="1 writes a PNG, more an MP4 (H.264)")
-    g.add_argument("--fps", type=int)
-    g.add_argument("--num-inference-steps", type=int)
-    g.add_argument("--guidance-scale", type=float)
-    g.add_argument("--guidance-scale-2", type=float, help="low-noise expert's guidance (Wan2.2 A14B)")
-    g.add_argument("--seed", type=seed_type, help="0 to 2**64-1 (default: random, reported)")
-    g.add_argument("--image-path", action="append", default=[], metavar="PATH_OR_URL",
-                   help="conditioning image (image-to-video, editing): a local file (sent as bytes) or an http(s) URL the server fetches; repeatable")
-    g.add_argument("--output-format", choices=["png", "mp4", "npy"], default="")
-    g.add_argument("--priority", type=int, default=None, metavar="N",
-                   help="with --server: higher runs sooner (-100..100; default: your principal's default, also the most you may ask for)")
-    g.add_argument("--save-output", action="store_true", help="write the artifact (to --output-path)")
-    g.add_argument("--output-path", default="outputs", help="file, or folder for an automatic name (default: outputs/)")
-    g.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
-    g.add_argument("--log-level", default="WARNING")
+    g = sub.add_parser("generate", help="run one job end to end and save its output", epilog=ENV_EPILOG,
+                       description="Run one job with a progress bar: on a private server started for it (--model-path DIR) "
+                                   "or on a running one (--server HOST:PORT).")
+    # Groups, printed in this order by --help: generate's own flags first, the worker flags last.
+    job = g.add_argument_group("the job")
+    job.add_argument("--prompt", required=True, help="what to generate")
+    job.add_argument("--negative-prompt", default=None, help="what to steer away from (models with classifier-free guidance)")
+    job.add_argument("--height", type=int, help="output height in pixels (default: the model's)")
+    job.add_argument("--width", type=int, help="output width in pixels (default: the model's)")
+    job.add_argument("--num-frames", type=int, help="1 writes a PNG, more an MP4 (H.264)")
+    job.add_argument("--fps", type=int, help="frames per second of an MP4 (default: the model's)")
+    job.add_argument("--num-inference-steps", type=int, help="denoising steps (default: the model's)")
+    job.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the model's)")
+    job.add_argument("--guidance-scale-2", type=float, help="low-noise expert's guidance (Wan2.2 A14B)")
+    job.add_argument("--seed", type=seed_type, help="0 to 2**64-1 (default: random, reported)")
+    job.add_argument("--image-path", action="append", default=[], metavar="PATH_OR_URL",
+                     help="conditioning image (image-to-video, editing): a local file (sent as bytes) or an http(s) URL the server fetches; repeatable")
+    job.add_argument("--output-format", choices=["png", "mp4", "npy"], default="",
+                     help="png, mp4 or npy (raw frames) (default: png for one frame, mp4 for more)")
+    job.add_argument("--priority", type=int, default=None, metavar="N",
+                     help="with --server: higher runs sooner (-100..100; default: your principal's default, also the most you may ask for)")
+    out = g.add_argument_group("output")
+    out.add_argument("--save-output", action="store_true", help="write the artifact (to --output-path)")
+    out.add_argument("--output-path", default="outputs", help="file, or folder for an automatic name (default: outputs/)")
+    remote = g.add_argument_group("a running server")
+    remote.add_argument("--server", default="", help="use a running server (HOST:PORT) instead of starting one")
+    add_client_flags(remote)
+    local = g.add_argument_group("the private server (--model-path) and its workers")
+    local.add_argument("--startup-timeout", type=float, default=600.0, help="seconds to wait for the model to load")
+    local.add_argument("-v", "--verbose", action="store_true",
+                       help="show the private server's and its workers' INFO log lines (default: warnings and errors only)")
+    local.add_argument("--log-level", default=None,
+                       help="log level of the private server (default WARNING, INFO with --verbose)")
+    add_worker_flags(local, outer=True)
+    # --worker-log-level: unset means WARNING, or INFO with --verbose (cmd_generate)
+    g.set_defaults(worker_log_level=None)
 
     # Delegated with their own parsers: serve to the composition root, worker to the worker process.
     s = sub.add_parser("serve", help="run the scheduler (gRPC) and its local worker until Ctrl-C", add_help=False)
-    s.add_argument("rest", nargs=argparse.REMAINDER)
+    s.add_argument("rest", nargs=argparse.REMAINDER, help="serve's flags (diffserve serve --help)")
 
     w = sub.add_parser("worker", help="run a worker that connects to a scheduler", add_help=False)
-    w.add_argument("rest", nargs=argparse.REMAINDER)
+    w.add_argument("rest", nargs=argparse.REMAINDER, help="the worker's flags (diffserve worker --help)")
 
     k = sub.add_parser("keys", help="manage the worker protocol's CURVE keys (new, add, list, remove, scheduler)", add_help=False)
-    k.add_argument("rest", nargs=argparse.REMAINDER)
+    k.add_argument("rest", nargs=argparse.REMAINDER, help="the keys command's arguments (diffserve keys --help)")
 
     m = sub.add_parser("models", help="list a server's models")
     m.add_argument("--server", default="127.0.0.1:50051", help="the server to ask (HOST:PORT; default 127.0.0.1:50051)")
     add_client_flags(m)
+    env_defaults(parser, environ)  # --foo-bar from DIFFSERVE_FOO_BAR (serve and worker: their own parsers do it)
     return parser
 
 
@@ -205,7 +231,10 @@ def run_job(client: Client, args: argparse.Namespace) -> int:
     job_id = ""
     try:
         # A private server (--model-path) runs this job alone: its priority would change nothing.
-        for event in client.generate(params=params, priority=args.priority if args.server else None):
+        # With --server, a client_request_id makes the request safe to try again when the queue is
+        # full (the client waits the server's RetryInfo delay, a few times at most).
+        request_id = uuid.uuid4().hex if args.server else ""
+        for event in client.generate(params=params, priority=args.priority if args.server else None, client_request_id=request_id):
             job_id = event.job_id
             kind = event.WhichOneof("event")
             if kind == "queued":
@@ -257,6 +286,14 @@ def run_job(client: Client, args: argparse.Namespace) -> int:
     return 0
 
 
+def private_log_levels(args: argparse.Namespace) -> None:
+    """The private server's (--log-level) and its workers' (--worker-log-level) levels where not
+    given: WARNING, or INFO with --verbose."""
+    level = "INFO" if args.verbose else "WARNING"
+    args.log_level = args.log_level or level
+    args.worker_log_level = args.worker_log_level or level
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     if not args.server and not args.model_path:
         print("error: give --model-path (start a local server) or --server HOST:PORT", file=sys.stderr)
@@ -264,6 +301,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if args.server:
         with connect(args, args.server) as client:
             return run_job(client, args)
+    # The private server's and its workers' INFO lines (loading, warm-up, job log) stay out of the
+    # terminal unless asked for (--verbose); warnings and errors still show.
+    private_log_levels(args)
     # The server removes the folder too (when it exits, even after `generate` was SIGKILLed).
     try:
         with tempfile.TemporaryDirectory(prefix="diffserve-", ignore_cleanup_errors=True) as workdir, \

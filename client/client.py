@@ -10,6 +10,13 @@
 Errors raise `DiffserveError` with the gRPC code, the message and the google.rpc details
 (field violations for bad input, retry delay when the server is overloaded).
 
+Deadlines and retries (docs/api.md, "Python client: deadlines, retries, readiness"): unary calls
+wait for the channel to connect (`wait_for_ready`) and have a deadline (`timeout_s`, default 30 s);
+streams (Generate, StreamJobEvents, DownloadArtifact) have none beyond the caller's own timeout.
+The channel's service config retries the read-only calls on UNAVAILABLE; a SubmitJob / Generate
+that carries a client_request_id is retried on RESOURCE_EXHAUSTED after the server's RetryInfo
+delay (`retries` times at most). `wait_until_serving` waits for health SERVING (Health.Watch).
+
 A server with TLS and tokens (`serve --tls-cert ... --auth-tokens ...`):
 
     Client("host:50051", token="...", root_certificates=open("ca.pem", "rb").read())
@@ -20,22 +27,45 @@ TLS is used when root_certificates (or a client certificate for mutual TLS) is g
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import io
+import json
 import os
 import tempfile
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import grpc
 from google.rpc import error_details_pb2, status_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.v1 import generation_pb2_grpc as pb_grpc
-from diffserve.v1.limits import MESSAGE_SIZE_OPTIONS, STATUS_DETAILS_KEY
+from diffserve.v1.limits import MESSAGE_SIZE_OPTIONS
 
+DEFAULT_TIMEOUT_S = 30.0  # deadline of a unary call (waiting for the connection included)
+DEFAULT_RETRIES = 3  # RESOURCE_EXHAUSTED retries of a submit that carries a client_request_id
+MAX_RETRY_DELAY_S = 60.0  # a RetryInfo delay beyond this is cut to it
+MAX_RECONNECT_BACKOFF_MS = 5000
+WATCH_RETRY_S = 0.2  # pause before watching health again after the connection dropped
+PROBE_TIMEOUT_S = 2.0  # the fail-fast health check that says why a channel does not connect
+SERVICE = "diffserve.v1.GenerationService"
+# Calls that change nothing (CancelJob: a second cancel is a no-op): the channel retries them on
+# UNAVAILABLE, a stream only before its first reply. SubmitJob and Generate create jobs and are
+# not here (see Client._retry_delay).
+IDEMPOTENT = [{"service": SERVICE, "method": m} for m in ("GetJob", "ListModels", "CancelJob", "StreamJobEvents", "DownloadArtifact")] + [
+    {"service": "grpc.health.v1.Health", "method": "Check"}]
+SERVICE_CONFIG = {
+    "methodConfig": [{
+        "name": IDEMPOTENT,
+        "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.2s", "maxBackoff": "2s", "backoffMultiplier": 2,
+                        "retryableStatusCodes": ["UNAVAILABLE"]},
+    }],
+}
 FORMATS = {"png": pb.OUTPUT_FORMAT_PNG, "mp4": pb.OUTPUT_FORMAT_MP4, "npy": pb.OUTPUT_FORMAT_NPY, "": pb.OUTPUT_FORMAT_UNSPECIFIED}
 TERMINAL_EVENTS = ("completed", "failed", "cancelled")
 # make_params keywords; prompt, output_format and images are its own arguments
@@ -51,16 +81,25 @@ class DiffserveError(Exception):
     field_violations: list[tuple[str, str]] = field(default_factory=list)
     retry_delay_s: float | None = None
     reason: str = ""
+    # A unary call whose deadline passed while it waited for a connection (wait_for_ready): the
+    # transport's reason ("... Connection refused"); "" when the server was reached.
+    unreachable: str = ""
 
     def __str__(self) -> str:
         return f"{self.code.name}: {self.message}"
 
     @classmethod
     def from_rpc_error(cls, err: grpc.RpcError) -> "DiffserveError":
+        """The error of a failed call, with the google.rpc.Status details that grpcio-status's
+        rpc_status.from_call decodes from its trailers (none when the status is absent, or does not
+        match the call's code and message: then only the code and message)."""
         error = cls(code=err.code(), message=err.details() or "")
-        for key, value in err.trailing_metadata() or ():
-            if key == STATUS_DETAILS_KEY:
-                error.add_details(status_pb2.Status.FromString(value))
+        try:
+            status = rpc_status.from_call(err)
+        except ValueError:
+            status = None
+        if status is not None:
+            error.add_details(status)
         return error
 
     @classmethod
@@ -131,7 +170,36 @@ def _umask() -> int:
 
 
 def _channel_options() -> list:
-    return list(MESSAGE_SIZE_OPTIONS)
+    # Reconnecting to a server that is down backs off to 5 s at most (gRPC's default: 120 s), so a
+    # call waiting for it (wait_for_ready) notices it up within 5 s.
+    return [*MESSAGE_SIZE_OPTIONS, ("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(SERVICE_CONFIG)),
+            ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS)]
+
+
+class _Retries:
+    """What Client and AsyncClient share: the per-call deadline and the RESOURCE_EXHAUSTED retries."""
+
+    timeout_s: float | None = DEFAULT_TIMEOUT_S
+    wait_for_ready: bool = True
+    retries: int = DEFAULT_RETRIES
+
+    def _deadline(self, timeout_s: float | None) -> float | None:
+        return None if timeout_s is None else time.monotonic() + timeout_s
+
+    @staticmethod
+    def _left(deadline: float | None) -> float | None:
+        return None if deadline is None else max(0.0, deadline - time.monotonic())
+
+    def _retry_delay(self, error: DiffserveError, attempt: int, deadline: float | None) -> float | None:
+        """Seconds to wait before trying a refused submit again, or None to give up: only a
+        RESOURCE_EXHAUSTED with a RetryInfo, at most `retries` times, never past the deadline.
+        (gRPC's own retry policy cannot read RetryInfo, so this is done here.)"""
+        if error.code != grpc.StatusCode.RESOURCE_EXHAUSTED or error.retry_delay_s is None or attempt >= self.retries:
+            return None
+        delay = min(max(error.retry_delay_s, 0.0), MAX_RETRY_DELAY_S)
+        if deadline is not None and time.monotonic() + delay >= deadline:
+            return None
+        return delay
 
 
 def _auth_metadata(token: str | None) -> tuple:
@@ -146,16 +214,31 @@ def _credentials(tls: bool, root_certificates: bytes | None, private_key: bytes 
     return grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
 
 
-class Client:
+def _watch_error(err: grpc.RpcError, service: str, timeout_s: float | None, last: str) -> DiffserveError | None:
+    """The error that ends wait_until_serving, or None to watch again (the connection dropped)."""
+    error = DiffserveError.from_rpc_error(err)
+    if error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return DiffserveError(error.code, f"{service or 'the server'} was not SERVING within {timeout_s:g} s (last {last})")
+    if error.code == grpc.StatusCode.UNAVAILABLE and not error.reason:
+        return None
+    return error
+
+
+class Client(_Retries):
     """Blocking client. Methods raise DiffserveError.
 
     token: bearer token (default $DIFFSERVE_TOKEN, "" sends none). root_certificates: PEM bytes of
     the CA that signed the server's certificate (TLS); `tls=True` alone trusts the system's roots.
-    private_key / certificate_chain: the client's own PEM key and certificate (mutual TLS)."""
+    private_key / certificate_chain: the client's own PEM key and certificate (mutual TLS).
+    timeout_s: deadline of each unary call (None: none); wait_for_ready: unary calls wait (within
+    that deadline) for the server to be reachable instead of failing at once with UNAVAILABLE.
+    retries: how often a submit with a client_request_id is tried again after RESOURCE_EXHAUSTED."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, tls: bool = False,
-                 root_certificates: bytes | None = None, private_key: bytes | None = None, certificate_chain: bytes | None = None):
+                 root_certificates: bytes | None = None, private_key: bytes | None = None, certificate_chain: bytes | None = None,
+                 timeout_s: float | None = DEFAULT_TIMEOUT_S, wait_for_ready: bool = True, retries: int = DEFAULT_RETRIES):
         self._metadata = _auth_metadata(token)
+        self.timeout_s, self.wait_for_ready, self.retries = timeout_s, wait_for_ready, retries
         credentials = _credentials(tls, root_certificates, private_key, certificate_chain)
         if credentials is not None:
             self.channel = grpc.secure_channel(target, credentials, options=_channel_options())
@@ -173,11 +256,39 @@ class Client:
     def close(self) -> None:
         self.channel.close()
 
-    def _call(self, fn, *args, **kwargs):
+    def _error(self, err: grpc.RpcError, waited: bool) -> DiffserveError:
+        error = DiffserveError.from_rpc_error(err)
+        if waited and error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            error.unreachable = self._transport_problem()
+        return error
+
+    def _transport_problem(self) -> str:
+        """Why the channel does not connect ("" if it does): one fail-fast health check."""
         try:
-            return fn(*args, metadata=self._metadata, **kwargs)
+            self.health_stub.Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S, metadata=self._metadata)
         except grpc.RpcError as err:
-            raise DiffserveError.from_rpc_error(err) from None
+            probe = DiffserveError.from_rpc_error(err)
+            if probe.code == grpc.StatusCode.UNAVAILABLE and not probe.reason:
+                return probe.message or "unavailable"
+        return ""
+
+    _DEFAULT = object()
+
+    def _call(self, fn, request, timeout_s=_DEFAULT, *, retry: bool = False):
+        """A unary call with the client's deadline (or `timeout_s`) and wait_for_ready; `retry`:
+        RESOURCE_EXHAUSTED is tried again after the server's RetryInfo delay (_retry_delay)."""
+        deadline = self._deadline(self.timeout_s if timeout_s is Client._DEFAULT else timeout_s)
+        attempt = 0
+        while True:
+            try:
+                return fn(request, metadata=self._metadata, timeout=self._left(deadline), wait_for_ready=self.wait_for_ready)
+            except grpc.RpcError as err:
+                error = self._error(err, self.wait_for_ready)
+            delay = self._retry_delay(error, attempt, deadline) if retry else None
+            if delay is None:
+                raise error from None
+            time.sleep(delay)
+            attempt += 1
 
     def _stream(self, call):
         try:
@@ -191,16 +302,34 @@ class Client:
         request = pb.SubmitJobRequest(params=params or make_params(prompt, **fields), client_request_id=client_request_id, priority=priority)
         if timeout_s:
             request.timeout.FromMilliseconds(int(timeout_s * 1000))
-        return self._call(self.stub.SubmitJob, request).job
+        return self._call(self.stub.SubmitJob, request, retry=bool(client_request_id)).job
 
     def generate(self, prompt: str = "", *, params: pb.GenerationParams | None = None, client_request_id: str = "", timeout_s: float | None = None, priority: int | None = None, **fields) -> Iterator[pb.JobEvent]:
-        """Creates a job bound to this stream: closing the iterator early or the timeout expiring cancels it."""
+        """Creates a job bound to this stream: closing the iterator early or the timeout expiring cancels it.
+        No deadline but `timeout_s` (which also bounds waiting for the connection; without it a
+        server that cannot be reached fails at once). With a client_request_id, a RESOURCE_EXHAUSTED
+        before the first event is tried again after the server's RetryInfo delay."""
         request = pb.GenerateRequest(params=params or make_params(prompt, **fields), client_request_id=client_request_id, priority=priority)
-        call = self.stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
-        try:
-            yield from self._stream(call)
-        finally:
-            call.cancel()
+        deadline = self._deadline(timeout_s)
+        waits = self.wait_for_ready and timeout_s is not None
+        attempt = 0
+        while True:
+            call = self.stub.Generate(request, timeout=self._left(deadline), metadata=self._metadata, wait_for_ready=waits)
+            replied = False
+            try:
+                for event in call:
+                    replied = True
+                    yield event
+                return
+            except grpc.RpcError as err:
+                error = self._error(err, waits and not replied)
+                delay = None if replied or not client_request_id else self._retry_delay(error, attempt, deadline)
+                if delay is None:
+                    raise error from None
+            finally:
+                call.cancel()
+            time.sleep(delay)
+            attempt += 1
 
     def events(self, job_id: str) -> Iterator[pb.JobEvent]:
         """A job's events from the first until it ends."""
@@ -215,7 +344,8 @@ class Client:
         return self._call(self.stub.GetJob, pb.GetJobRequest(job_id=job_id)).job
 
     def cancel(self, job_id: str, timeout_s: float | None = None) -> pb.Job:
-        return self._call(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id), timeout=timeout_s).job
+        """timeout_s: this call's deadline (default: the client's)."""
+        return self._call(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id), self.timeout_s if timeout_s is None else timeout_s).job
 
     def list_models(self) -> list[pb.Model]:
         return list(self._call(self.stub.ListModels, pb.ListModelsRequest()).models)
@@ -257,13 +387,44 @@ class Client:
         reply = self._call(self.health_stub.Check, health_pb2.HealthCheckRequest(service=service))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
 
+    def wait_until_serving(self, timeout_s: float | None = None, service: str = "", *, alive: Callable[[], bool] | None = None) -> None:
+        """Returns once the server's health for `service` ("" the server, "diffserve.v1.GenerationService/MODEL"
+        one model) is SERVING. Watches it (grpc.health.v1 Health.Watch: the server pushes each change,
+        nothing polls) and waits for the server to be reachable first (wait_for_ready); a dropped
+        connection is watched again. `alive`: for a server known to be up (one this program started),
+        a check that it still runs: the watch then does not wait for a connection, and ends with
+        UNAVAILABLE once alive() is false. Raises DiffserveError: DEADLINE_EXCEEDED when timeout_s
+        passes (its message says the last status seen), or the call's own error (UNIMPLEMENTED, ...)."""
+        deadline = self._deadline(timeout_s)
+        waits = self.wait_for_ready and alive is None
+        last = "no answer"
+        while True:
+            call = self.health_stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=self._left(deadline),
+                                          metadata=self._metadata, wait_for_ready=waits)
+            try:
+                for reply in call:
+                    last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+            except grpc.RpcError as err:
+                error = _watch_error(err, service, timeout_s, last)
+                if error is not None:
+                    raise error from None
+            finally:
+                call.cancel()
+            if alive is not None and not alive():
+                raise DiffserveError(grpc.StatusCode.UNAVAILABLE, f"the server stopped before {service or 'it'} was SERVING (last {last})")
+            time.sleep(WATCH_RETRY_S)
 
-class AsyncClient:
-    """asyncio twin of Client (same arguments)."""
+
+class AsyncClient(_Retries):
+    """asyncio twin of Client (same arguments, same deadlines and retries)."""
 
     def __init__(self, target: str = "127.0.0.1:50051", *, token: str | None = None, tls: bool = False,
-                 root_certificates: bytes | None = None, private_key: bytes | None = None, certificate_chain: bytes | None = None):
+                 root_certificates: bytes | None = None, private_key: bytes | None = None, certificate_chain: bytes | None = None,
+                 timeout_s: float | None = DEFAULT_TIMEOUT_S, wait_for_ready: bool = True, retries: int = DEFAULT_RETRIES):
         self._metadata = _auth_metadata(token)
+        self.timeout_s, self.wait_for_ready, self.retries = timeout_s, wait_for_ready, retries
         credentials = _credentials(tls, root_certificates, private_key, certificate_chain)
         if credentials is not None:
             self.channel = grpc.aio.secure_channel(target, credentials, options=_channel_options())
@@ -281,11 +442,32 @@ class AsyncClient:
     async def close(self) -> None:
         await self.channel.close()
 
-    async def _call(self, fn, *args, **kwargs):
-        try:
-            return await fn(*args, metadata=self._metadata, **kwargs)
-        except grpc.RpcError as err:
-            raise DiffserveError.from_rpc_error(err) from None
+    async def _error(self, err: grpc.RpcError, waited: bool) -> DiffserveError:
+        error = DiffserveError.from_rpc_error(err)
+        if waited and error.code == grpc.StatusCode.DEADLINE_EXCEEDED:
+            try:
+                await self.health_stub.Check(health_pb2.HealthCheckRequest(), timeout=PROBE_TIMEOUT_S, metadata=self._metadata)
+            except grpc.RpcError as probe_err:
+                probe = DiffserveError.from_rpc_error(probe_err)
+                if probe.code == grpc.StatusCode.UNAVAILABLE and not probe.reason:
+                    error.unreachable = probe.message or "unavailable"
+        return error
+
+    _DEFAULT = object()
+
+    async def _call(self, fn, request, timeout_s=_DEFAULT, *, retry: bool = False):
+        deadline = self._deadline(self.timeout_s if timeout_s is AsyncClient._DEFAULT else timeout_s)
+        attempt = 0
+        while True:
+            try:
+                return await fn(request, metadata=self._metadata, timeout=self._left(deadline), wait_for_ready=self.wait_for_ready)
+            except grpc.RpcError as err:
+                error = await self._error(err, self.wait_for_ready)
+            delay = self._retry_delay(error, attempt, deadline) if retry else None
+            if delay is None:
+                raise error from None
+            await asyncio.sleep(delay)
+            attempt += 1
 
     async def _stream(self, call) -> AsyncIterator:
         try:
@@ -298,16 +480,30 @@ class AsyncClient:
         request = pb.SubmitJobRequest(params=params or make_params(prompt, **fields), client_request_id=client_request_id, priority=priority)
         if timeout_s:
             request.timeout.FromMilliseconds(int(timeout_s * 1000))
-        return (await self._call(self.stub.SubmitJob, request)).job
+        return (await self._call(self.stub.SubmitJob, request, retry=bool(client_request_id))).job
 
     async def generate(self, prompt: str = "", *, params: pb.GenerationParams | None = None, client_request_id: str = "", timeout_s: float | None = None, priority: int | None = None, **fields) -> AsyncIterator[pb.JobEvent]:
         request = pb.GenerateRequest(params=params or make_params(prompt, **fields), client_request_id=client_request_id, priority=priority)
-        call = self.stub.Generate(request, timeout=timeout_s, metadata=self._metadata)
-        try:
-            async for event in self._stream(call):
-                yield event
-        finally:
-            call.cancel()
+        deadline = self._deadline(timeout_s)
+        waits = self.wait_for_ready and timeout_s is not None
+        attempt = 0
+        while True:
+            call = self.stub.Generate(request, timeout=self._left(deadline), metadata=self._metadata, wait_for_ready=waits)
+            replied = False
+            try:
+                async for event in call:
+                    replied = True
+                    yield event
+                return
+            except grpc.RpcError as err:
+                error = await self._error(err, waits and not replied)
+                delay = None if replied or not client_request_id else self._retry_delay(error, attempt, deadline)
+                if delay is None:
+                    raise error from None
+            finally:
+                call.cancel()
+            await asyncio.sleep(delay)
+            attempt += 1
 
     async def events(self, job_id: str) -> AsyncIterator[pb.JobEvent]:
         async for event in self._stream(self.stub.StreamJobEvents(pb.StreamJobEventsRequest(job_id=job_id), metadata=self._metadata)):
@@ -321,8 +517,8 @@ class AsyncClient:
     async def get(self, job_id: str) -> pb.Job:
         return (await self._call(self.stub.GetJob, pb.GetJobRequest(job_id=job_id))).job
 
-    async def cancel(self, job_id: str) -> pb.Job:
-        return (await self._call(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id))).job
+    async def cancel(self, job_id: str, timeout_s: float | None = None) -> pb.Job:
+        return (await self._call(self.stub.CancelJob, pb.CancelJobRequest(job_id=job_id), self.timeout_s if timeout_s is None else timeout_s)).job
 
     async def list_models(self) -> list[pb.Model]:
         return list((await self._call(self.stub.ListModels, pb.ListModelsRequest())).models)
@@ -337,3 +533,26 @@ class AsyncClient:
     async def health(self, service: str = "") -> str:
         reply = await self._call(self.health_stub.Check, health_pb2.HealthCheckRequest(service=service))
         return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+    async def wait_until_serving(self, timeout_s: float | None = None, service: str = "", *, alive: Callable[[], bool] | None = None) -> None:
+        """Client.wait_until_serving (Health.Watch)."""
+        deadline = self._deadline(timeout_s)
+        waits = self.wait_for_ready and alive is None
+        last = "no answer"
+        while True:
+            call = self.health_stub.Watch(health_pb2.HealthCheckRequest(service=service), timeout=self._left(deadline),
+                                          metadata=self._metadata, wait_for_ready=waits)
+            try:
+                async for reply in call:
+                    last = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+                    if reply.status == health_pb2.HealthCheckResponse.SERVING:
+                        return
+            except grpc.RpcError as err:
+                error = _watch_error(err, service, timeout_s, last)
+                if error is not None:
+                    raise error from None
+            finally:
+                call.cancel()
+            if alive is not None and not alive():
+                raise DiffserveError(grpc.StatusCode.UNAVAILABLE, f"the server stopped before {service or 'it'} was SERVING (last {last})")
+            await asyncio.sleep(WATCH_RETRY_S)

@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from diffserve.client.client import Client, DiffserveError
-from diffserve.worker.v1.launch import worker_argv
+from diffserve.worker.v1.launch import NO_ENV, worker_argv
 
 SERVER_MODULE = "diffserve.scheduler.app"  # the composition root
 READY_WAIT_S = 60.0  # for the server to listen (the model loads afterwards, see wait_serving)
@@ -45,15 +45,22 @@ def private_flags(workdir: str | Path, log_level: str = "WARNING") -> list[str]:
             "--no-restart-workers", "--drain-timeout", "0"]
 
 
-def start(serve_argv: list[str], workdir: str | Path, *, stderr=None, stderr_tail: Callable[[], str] = lambda: "") -> tuple[subprocess.Popen, str]:
+def start(serve_argv: list[str], workdir: str | Path, *, stderr=None, stderr_tail: Callable[[], str] = lambda: "",
+          quiet: bool = False) -> tuple[subprocess.Popen, str]:
     """Starts `python -m diffserve.scheduler.app *serve_argv` on a free loopback port and waits
     until it listens; returns (process, "127.0.0.1:PORT"). `workdir` is temporary: the server
     removes it when it exits. `stderr` is Popen's (default: inherited); `stderr_tail()` returns
-    what the server wrote last, for the error when it does not start."""
+    what the server wrote last, for the error when it does not start. quiet: no Hugging Face
+    progress bars while the worker loads."""
     ready = Path(workdir) / "port"
     cmd = [sys.executable, "-m", SERVER_MODULE, *serve_argv, "--port", "0", "--ready-file", str(ready),
            "--parent-pid", str(os.getpid()), "--cleanup-dir", str(workdir)]
-    proc = subprocess.Popen(cmd, start_new_session=True, stderr=stderr)
+    # Configured by this command line alone: DIFFSERVE_* variables meant for the caller (or for the
+    # user's own `serve`, such as DIFFSERVE_AUTH_TOKENS) must not reach the private server.
+    env = {**os.environ, NO_ENV: "1"}
+    if quiet:
+        env.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    proc = subprocess.Popen(cmd, start_new_session=True, stderr=stderr, env=env)
     try:
         deadline = time.monotonic() + READY_WAIT_S
         while not ready.exists():
@@ -69,18 +76,16 @@ def start(serve_argv: list[str], workdir: str | Path, *, stderr=None, stderr_tai
 
 
 def wait_serving(client: Client, proc: subprocess.Popen, timeout_s: float, stderr_tail: Callable[[], str] = lambda: "") -> None:
-    """Until the server reports SERVING (its worker group has loaded the model)."""
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
+    """Until the server reports SERVING (its worker group has loaded the model: Health.Watch), or it
+    exits, or timeout_s passes (ServerStartError with the end of its stderr)."""
+    try:
+        client.wait_until_serving(timeout_s, alive=lambda: proc.poll() is None)
+    except DiffserveError as err:
         if proc.poll() is not None:
-            raise ServerStartError(_with_tail(f"the server exited (code {proc.returncode}) before the model loaded", proc, stderr_tail))
-        try:
-            if client.health() == "SERVING":
-                return
-        except DiffserveError:
-            pass
-        time.sleep(0.2)
-    raise ServerStartError(_with_tail(f"the model did not load within {timeout_s:.0f} s", proc, stderr_tail))
+            raise ServerStartError(_with_tail(f"the server exited (code {proc.returncode}) before the model loaded", proc, stderr_tail)) from None
+        if err.code.name == "DEADLINE_EXCEEDED":
+            raise ServerStartError(_with_tail(f"the model did not load within {timeout_s:.0f} s", proc, stderr_tail)) from None
+        raise ServerStartError(_with_tail(f"waiting for the server: {err}", proc, stderr_tail)) from None
 
 
 def _with_tail(message: str, proc: subprocess.Popen, stderr_tail: Callable[[], str]) -> str:
@@ -93,8 +98,10 @@ def _with_tail(message: str, proc: subprocess.Popen, stderr_tail: Callable[[], s
 @contextlib.contextmanager
 def local_server(args: argparse.Namespace, workdir: str | Path, log_level: str = "WARNING") -> Iterator[tuple[subprocess.Popen, str]]:
     """`generate --model-path`'s one-job server, with the worker flags parsed into `args`
-    (add_worker_flags(outer=True)); yields (process, "127.0.0.1:PORT") and stops it on exit."""
-    proc, target = start([*worker_argv(args, outer=True), *private_flags(workdir, log_level), "--max-queue", "1"], workdir)
+    (add_worker_flags(outer=True)); yields (process, "127.0.0.1:PORT") and stops it on exit.
+    Without --verbose, the Hugging Face libraries' progress bars stay off while the worker loads."""
+    proc, target = start([*worker_argv(args, outer=True), *private_flags(workdir, log_level), "--max-queue", "1"], workdir,
+                         quiet=not getattr(args, "verbose", False))
     try:
         yield proc, target
     finally:

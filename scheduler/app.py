@@ -19,13 +19,13 @@ import os
 import sys
 from pathlib import Path
 
-from diffserve.worker.v1.launch import add_worker_flags, worker_argv
+from diffserve.worker.v1.launch import NO_ENV, add_worker_flags, env_defaults, worker_argv
 
 
 def add_serve_flags(s: argparse.ArgumentParser) -> None:
     """The flags of `diffserve serve`: the worker flags (outer spelling), then the scheduler's."""
     add_worker_flags(s, outer=True)
-    s.add_argument("--host", default="127.0.0.1", help="address of the gRPC API (default 127.0.0.1: this machine only)")
+    s.add_argument("--host", default="127.0.0.1", help="address the gRPC API listens on (default 127.0.0.1; 0.0.0.0 for every interface)")
     s.add_argument("--port", type=int, default=50051, help="gRPC port (0 picks a free one)")
     s.add_argument("--http-port", type=int, default=None, metavar="PORT",
                    help="serve the HTTP API here: OpenAI-compatible /v1 endpoints, /metrics (unless --metrics-port), the playground at / (default: off; 0 picks a free port)")
@@ -110,14 +110,20 @@ def replica_specs(args: argparse.Namespace, environ: dict[str, str] | None = Non
 
     environ = os.environ if environ is None else environ
     argv = worker_argv(args)
+    quiet: dict[str, str] = {}
+    if args.log_format != "text":  # local workers log as the scheduler does, without progress bars
+        argv += ["--log-format", args.log_format]
+        if "HF_HUB_DISABLE_PROGRESS_BARS" not in environ:
+            quiet["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
     if args.replicas == 1:
-        return [LocalWorkerSpec("local-0", argv, world_size=args.num_gpus)]
+        return [LocalWorkerSpec("local-0", argv, env=quiet, world_size=args.num_gpus)]
     visible = environ.get("CUDA_VISIBLE_DEVICES", "")
     devices = [d for d in visible.split(",") if d.strip()] if visible else [str(i) for i in range(args.replicas * args.num_gpus)]
     specs = []
     for i in range(args.replicas):
         mine = devices[i * args.num_gpus:(i + 1) * args.num_gpus]
         env = {"CUDA_VISIBLE_DEVICES": ",".join(mine)} if len(mine) == args.num_gpus else {}
+        env.update(quiet)
         specs.append(LocalWorkerSpec(f"local-{i}", argv, env=env, world_size=args.num_gpus))
     return specs
 
@@ -217,13 +223,22 @@ def serve(args: argparse.Namespace) -> int:
         return 2
 
 
-def main(argv=None, prog: str = "") -> int:
+def build_parser(prog: str = "", environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
+    """`diffserve serve`'s command line, defaults from DIFFSERVE_* variables of `environ` (os.environ)."""
     # `diffserve serve` execs this module and names itself in DIFFSERVE_PROG (usage and errors)
     prog = prog or os.environ.get("DIFFSERVE_PROG") or "python -m diffserve.scheduler.app"
     parser = argparse.ArgumentParser(prog=prog, description=serve.__doc__)
     add_serve_flags(parser)
+    env_defaults(parser, environ)  # --foo-bar from DIFFSERVE_FOO_BAR
+    return parser
+
+
+def main(argv=None, prog: str = "") -> int:
+    args = build_parser(prog).parse_args(argv)
+    # The local workers get their flags on their command line (worker_argv), not from variables meant for serve.
+    os.environ[NO_ENV] = "1"
     try:
-        return serve(parser.parse_args(argv))
+        return serve(args)
     except KeyboardInterrupt:
         return 130
 

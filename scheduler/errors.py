@@ -15,8 +15,7 @@ from collections.abc import Iterable
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
-
-from diffserve.v1.limits import STATUS_DETAILS_KEY
+from grpc_status import rpc_status
 
 DOMAIN = "diffserve.dev"
 MAX_MESSAGE_BYTES = 1024  # google.rpc.Status.message, also sent as grpc-message
@@ -116,8 +115,6 @@ def bounded(status: status_pb2.Status) -> status_pb2.Status:
 
 
 async def abort(context, status: status_pb2.Status) -> None:
-    """Ends a grpc.aio call with `status` (bounded), details in the standard trailing metadata."""
-    status = bounded(status)
-    await context.abort(
-        grpc_code(status.code), status.message, trailing_metadata=((STATUS_DETAILS_KEY, status.SerializeToString()),)
-    )
+    """Ends a grpc.aio call with `status` (bounded): grpcio-status's rpc_status.to_status puts the
+    code, the message and the serialized status (grpc-status-details-bin) on the call."""
+    await context.abort_with_status(rpc_status.to_status(bounded(status)))

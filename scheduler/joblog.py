@@ -17,13 +17,12 @@ heavy (no torch, no sockets).
 
 from __future__ import annotations
 
-import datetime
-import json
 import logging
 
 from google.rpc import code_pb2
 
 from diffserve.scheduler.lifecycle import Event, Phase
+from diffserve.worker.v1 import logformat
 
 log = logging.getLogger(__name__)
 
@@ -92,33 +91,17 @@ def changed(job, before: Phase, event: Event) -> None:
             log.info("job %s %s: %s: %s (%s)", job.id, job.phase.value, code, message, durations, extra=fields)
 
 
-class JsonFormatter(logging.Formatter):
+class JsonFormatter(logformat.JsonFormatter):
     """One JSON object per line: time (UTC, ISO 8601), level, logger, message, and the job fields
-    (FIELDS) of the lines that carry them; `exc` holds a traceback."""
+    (FIELDS) of the lines that carry them; `exc` holds a traceback (diffserve.worker.v1.logformat)."""
 
-    def format(self, record: logging.LogRecord) -> str:
-        line = {
-            "time": datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc).isoformat(timespec="milliseconds"),
-            "level": record.levelname,
-            "logger": record.name,
-            "message": record.getMessage(),
-        }
-        for name in FIELDS:
-            value = record.__dict__.get(name)
-            if value is not None:
-                line[name] = value
-        if record.exc_info:
-            line["exc"] = self.formatException(record.exc_info)
-        elif record.exc_text:
-            line["exc"] = record.exc_text
-        return json.dumps(line, default=str)
+    def __init__(self):
+        super().__init__(FIELDS)
 
 
-TEXT_FORMAT = "%(asctime)s scheduler %(levelname)s %(name)s: %(message)s"
+TEXT_FORMAT = logformat.text_format("scheduler")
 
 
 def configure(level: str, fmt: str = "text") -> None:
     """The scheduler process's logging: `text` (as before) or `json` (JsonFormatter) on stderr."""
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
-    logging.basicConfig(level=level.upper(), handlers=[handler])
+    logformat.configure("scheduler", level, fmt, fields=FIELDS)

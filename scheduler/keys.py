@@ -189,16 +189,16 @@ class KeyStore:
 def build_parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Manage the CURVE keys of the worker protocol (see docs/cli.md).")
     p.add_argument("--state-dir", default=DEFAULT_STATE_DIR, help="the scheduler's state folder (default ./.diffserve)")
-    sub = p.add_subparsers(dest="action", required=True)
+    sub = p.add_subparsers(dest="action", required=True, help="what to do")
     new = sub.add_parser("new", help="create a keypair for a remote worker: OUT/NAME.key and OUT/NAME.key_secret")
-    new.add_argument("name")
+    new.add_argument("name", help="the worker's name (letters, digits, '.', '_', '-')")
     new.add_argument("--out", default=".", help="folder for the two files (default: the current one)")
     add = sub.add_parser("add", help="allow a remote worker's public key")
-    add.add_argument("name")
+    add.add_argument("name", help="the worker's name in the allowed list")
     add.add_argument("key", help="the 40-character public key, or a .key / .key_secret file")
     sub.add_parser("list", help="the scheduler's public key and the allowed workers")
     rm = sub.add_parser("remove", help="forbid a worker key again (new connections)")
-    rm.add_argument("name")
+    rm.add_argument("name", help="the worker's name in the allowed list")
     sub.add_parser("scheduler", help="print the scheduler's public key (for remote workers' --scheduler-key)")
     return p
 

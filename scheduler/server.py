@@ -192,10 +192,16 @@ class SchedulerServer:
         """The first SIGINT / SIGTERM drains, a second one exits at once."""
         name = signal.Signals(sig).name
         if self._stop_task is None:
-            log.warning("%s: stopping after a drain (%s again exits at once)", name, name)
+            log.log(self._stop_level, "%s: stopping after a drain (%s again exits at once)", name, name)
             self._begin_stop()
         elif not self.forced:
             self.force_stop(sig)
+
+    @property
+    def _stop_level(self) -> int:
+        """A private server (--parent-pid: `generate --model-path`'s) is stopped by its parent as a
+        matter of course: its stop lines are INFO there, not warnings in the user's terminal."""
+        return logging.INFO if self.config.parent_pid else logging.WARNING
 
     def _counts(self) -> tuple[int, int]:
         """(running, queued) jobs."""
@@ -211,8 +217,8 @@ class SchedulerServer:
         self.engine.stop_accepting()
         await self.health.enter_graceful_shutdown()  # every name NOT_SERVING now, and it stays so
         running, queued = self._counts()
-        log.warning("draining: %d running job(s) get up to %.0f s to finish; %d queued job(s) stay queued for the next start",
-                    running, self.config.drain_timeout_s, queued)
+        log.log(self._stop_level, "draining: %d running job(s) get up to %.0f s to finish; %d queued job(s) stay queued for the next start",
+                running, self.config.drain_timeout_s, queued)
         running, queued = await self.engine.drain(self.config.drain_timeout_s)
         if running:
             log.warning("%d running job(s) did not finish within the drain timeout (%.0f s); they stay as they are",

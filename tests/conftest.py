@@ -85,10 +85,13 @@ class ServerProcess:
         self.port = int(ports[0])
         self.http_port = int(ports[1]) if len(ports) > 1 else 0
         self.target = f"127.0.0.1:{self.port}"
-        from diffserve.client import Client
+        from diffserve.client import Client, DiffserveError
 
         self.client = Client(self.target)
-        self.wait_health("SERVING", timeout_s=120)
+        try:  # Health.Watch: returns as soon as the server says SERVING
+            self.client.wait_until_serving(120, alive=lambda: self.proc.poll() is None)
+        except DiffserveError as err:
+            raise AssertionError(f"not SERVING: {err} (server exit code {self.proc.poll()})") from None
 
     def wait_health(self, status: str, timeout_s: float = 30) -> None:
         from diffserve.client import DiffserveError

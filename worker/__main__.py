@@ -22,11 +22,17 @@ import socket
 import sys
 import uuid
 
+from diffserve.worker.v1 import logformat
 from diffserve.worker.v1 import worker_pb2 as wpb
-from diffserve.worker.v1.launch import EXIT_CANNOT_LOAD, add_worker_auth_flags, add_worker_flags, die_with_parent
+from diffserve.worker.v1.launch import EXIT_CANNOT_LOAD, add_worker_auth_flags, add_worker_flags, die_with_parent, env_defaults
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def parse_args(argv=None, environ: dict[str, str] | None = None) -> argparse.Namespace:
+    """The worker's flags; defaults from DIFFSERVE_* variables of `environ` (os.environ)."""
+    return build_parser(environ).parse_args(argv)
+
+
+def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=os.environ.get("DIFFSERVE_PROG") or "python -m diffserve.worker", description=__doc__)
     p.add_argument("--scheduler", required=True, help="ZeroMQ address of the scheduler, e.g. tcp://127.0.0.1:5555")
     p.add_argument("--worker-id", default="", help="routing id (default: host-pid-random)")
@@ -34,8 +40,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--rank", type=int, default=0, help="this process's rank in the group (rank 0 talks to the scheduler)")
     p.add_argument("--dist-init", default="", help="torch.distributed init method, e.g. tcp://127.0.0.1:29500")
     p.add_argument("--parent-pid", type=int, default=0, help="exit when this process is gone")
+    p.add_argument("--log-format", choices=logformat.FORMATS, default="text",
+                   help="log lines as text, or one JSON object per line (time, level, logger, message, worker, rank); "
+                        "`serve --log-format` passes its own to local workers")
     add_worker_auth_flags(p)  # CURVE keys: --key-file, --scheduler-key (or --insecure-worker-plaintext)
-    return p.parse_args(argv)
+    env_defaults(p, environ)  # --foo-bar from DIFFSERVE_FOO_BAR (not for local workers: serve sets DIFFSERVE_NO_ENV)
+    return p
 
 
 def choose_layout(args: argparse.Namespace, pipeline):
@@ -82,7 +92,8 @@ class Signals:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s worker %(levelname)s %(name)s: %(message)s")
+    worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+    logformat.configure("worker", args.log_level, args.log_format, static={"worker": worker_id, "rank": args.rank})
     signals = Signals(args.rank)
     if args.parent_pid:  # never outlive the scheduler that started us, even a SIGKILLed one
         die_with_parent(args.parent_pid, signal.SIGKILL)
@@ -106,7 +117,6 @@ def main(argv=None) -> int:
         except ValueError as exc:
             log.error("%s", exc)
             return EXIT_CANNOT_LOAD
-    worker_id = args.worker_id or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     if args.num_gpus < 1:
         log.error("impossible parallel layout: --num-gpus must be >= 1 (got %d)", args.num_gpus)
         return EXIT_CANNOT_LOAD

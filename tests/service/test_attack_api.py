@@ -112,17 +112,11 @@ class SecureServer:
         return Client(self.target, token=token, root_certificates=self.pki["ca.pem"].read_bytes(), **tls)
 
     def wait_serving(self, timeout_s: float = 120) -> None:
-        deadline = time.monotonic() + timeout_s
         with self.client() as client:  # health is open: no token
-            while time.monotonic() < deadline:
-                try:
-                    if client.health() == "SERVING":
-                        return
-                except DiffserveError:
-                    pass
-                assert self.proc.poll() is None, f"server exited with {self.proc.returncode}"
-                time.sleep(0.1)
-        raise AssertionError("server never became SERVING")
+            try:  # Health.Watch
+                client.wait_until_serving(timeout_s, alive=lambda: self.proc.poll() is None)
+            except DiffserveError as err:
+                raise AssertionError(f"server never became SERVING: {err} (exit code {self.proc.poll()})") from None
 
     def stop(self) -> None:
         interrupt(self.proc)
@@ -209,7 +203,9 @@ def test_missing_or_wrong_token_is_unauthenticated_on_every_rpc(secure_server, c
 
 
 def test_plaintext_client_cannot_talk_to_a_tls_server(secure_server):
-    with Client(secure_server.target, token=TOKENS["alice"]) as plain:
+    # wait_for_ready=False: the refused handshake fails the call at once (UNAVAILABLE) instead of
+    # being waited on until the client's deadline
+    with Client(secure_server.target, token=TOKENS["alice"], wait_for_ready=False) as plain:
         expect_error(grpc.StatusCode.UNAVAILABLE, plain.list_models)
 
 
@@ -335,7 +331,7 @@ def test_mutual_tls_needs_a_client_certificate_and_a_token(pki, tmp_path):
     server = SecureServer(tmp_path, pki, "--tls-client-ca", str(pki["ca.pem"]), "--auth-tokens", str(tokens))
     try:
         cert = dict(certificate_chain=pki["client.pem"].read_bytes(), private_key=pki["client.key"].read_bytes())
-        with server.client(TOKENS["alice"]) as no_cert:
+        with server.client(TOKENS["alice"], wait_for_ready=False) as no_cert:  # fail at once, as above
             expect_error(grpc.StatusCode.UNAVAILABLE, no_cert.list_models)
         with server.client(**cert) as no_token:
             expect_error(grpc.StatusCode.UNAUTHENTICATED, no_token.list_models)

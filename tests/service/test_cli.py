@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import socket
 import subprocess
 import sys
@@ -18,15 +19,20 @@ def test_generate_png_and_mp4(tiny_wan, tmp_path):
     common = ["--model-path", str(tiny_wan), "--prompt", "a red fox in the snow", "--height", "32", "--width", "48",
               "--num-inference-steps", "3", "--seed", "9", "--save-output"]
     png = tmp_path / "fox.png"
-    done = diffserve("generate", *common, "--num-frames", "1", "--output-path", str(png))
+    done = diffserve("generate", *common, "--num-frames", "1", "--output-path", str(png), "-v")
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == str(png)
     assert "denoising" in done.stderr and "3/3" in done.stderr
     assert Image.open(png).size == (48, 32)
+    # --verbose (-v): the private server's and its worker's INFO lines are shown
+    assert " scheduler INFO " in done.stderr and " worker INFO " in done.stderr
 
     # --cuda-graphs reaches the worker, which runs eagerly on a CPU (graph capture itself: test_cuda_graphs.py)
     done = diffserve("generate", *common, "--num-frames", "5", "--cuda-graphs", "--output-path", str(tmp_path / "videos"))
     assert done.returncode == 0, done.stderr
+    # without -v no INFO line, but the worker's warning is shown
+    assert not [line for line in done.stderr.splitlines() if " INFO " in line], done.stderr
+    assert "--cuda-graphs needs a CUDA device" in done.stderr
     (mp4,) = (tmp_path / "videos").glob("*.mp4")
     assert mp4.name == "a_red_fox_in_the_snow_9.mp4"
     assert iio.imread(mp4, extension=".mp4").shape == (5, 32, 48, 3)
@@ -73,3 +79,41 @@ def test_one_shot_generate_leaves_only_its_file(tiny_wan, tmp_path):
                      "--num-frames", "1", "--num-inference-steps", "2", "--seed", "3", "--save-output", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
     assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == ["outputs", "outputs/a_fox_3.png"]
+    # no log line of the private server or its worker at INFO, no loading progress bar
+    assert not [line for line in done.stderr.splitlines() if " INFO " in line or "Loading weights" in line], done.stderr
+
+
+def test_serve_log_format_json_reaches_its_local_worker(tiny_wan, tmp_path):
+    """serve --log-format json: the local worker's lines are JSON objects too (with its id and
+    rank), no loading progress bar breaks them, and a job leaves the scheduler's job lines."""
+    import json
+    import os
+    import time
+
+    from diffserve.client import Client
+
+    log, ready = tmp_path / "serve.log", tmp_path / "port"
+    with open(log, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "diffserve.client.cli", "serve", "--model-path", str(tiny_wan), "--port", "0",
+                                 "--state-dir", str(tmp_path / "state"), "--output-dir", str(tmp_path / "artifacts"), "--ready-file", str(ready),
+                                 "--log-format", "json", "--drain-timeout", "0"], stderr=err, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.05)
+        with Client(f"127.0.0.1:{ready.read_text()}") as client:
+            client.wait_until_serving(120, alive=lambda: proc.poll() is None)
+            job = client.submit("a fox", height=32, width=32, num_frames=1, num_inference_steps=2, output_format="npy")
+            client.wait(job.id)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    lines = [json.loads(line) for line in log.read_text().splitlines()]  # every line parses
+    worker = [line for line in lines if line["logger"].startswith("diffserve.worker")]
+    assert worker and all(line["worker"] == "local-0" and line["rank"] == 0 for line in worker)
+    assert {line.get("job_event") for line in lines if line.get("job_id") == job.id} >= {"submitted", "succeeded"}

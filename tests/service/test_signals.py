@@ -116,13 +116,10 @@ def connect(command: Command) -> Client:
 
 
 def wait_serving(client: Client, command: Command) -> None:
-    def serving() -> bool:
-        assert command.proc.poll() is None, command.text()
-        try:
-            return client.health() == "SERVING"
-        except DiffserveError:
-            return False
-    wait_for(serving, 120, 0.1, "SERVING")
+    try:  # Health.Watch
+        client.wait_until_serving(120, alive=lambda: command.proc.poll() is None)
+    except DiffserveError as err:
+        raise AssertionError(f"not SERVING: {err}\n{command.text()}") from None
 
 
 def generate(commands, tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> tuple[Command, Path]:

@@ -60,7 +60,7 @@ class Scheduler:
         self.client = Client(f"127.0.0.1:{ready.read_text()}")
 
     def serving(self, timeout_s: float = 30) -> None:
-        wait_for(lambda: self.client.health() == "SERVING", timeout_s=timeout_s, interval_s=0.1, what="health SERVING")
+        self.client.wait_until_serving(timeout_s, alive=lambda: self.proc.poll() is None)  # Health.Watch
 
     def stop(self, sig: int = signal.SIGINT) -> None:
         self.client.close()

@@ -154,3 +154,12 @@ def test_default_output_folders_do_not_collide():
     server_dir = serve.parse_args([]).output_dir
     assert Path(generate.output_path).resolve() != Path(server_dir).resolve()
     assert (generate.output_path, server_dir, ServerConfig.output_dir) == ("outputs", "artifacts", "artifacts")
+
+
+def test_a_deadline_spent_waiting_for_the_connection_is_no_server():
+    # wait_for_ready: a closed port ends DEADLINE_EXCEEDED; the client's probe says why
+    waited = DiffserveError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", unreachable=REFUSED)
+    assert cli.unreachable(waited, "127.0.0.1:9") == (
+        "error: no diffserve server at 127.0.0.1:9 (connection refused); start one with `diffserve serve`")
+    # a server that answered but was slow is not "no server"
+    assert cli.unreachable(DiffserveError(grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded"), "h:1") is None

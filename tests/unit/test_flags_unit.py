@@ -56,7 +56,11 @@ def test_shared_constants_defined_once():
     from diffserve.worker import __main__ as worker_main
     from diffserve.worker.v1 import launch
 
-    assert client.STATUS_DETAILS_KEY is errors.STATUS_DETAILS_KEY is limits.STATUS_DETAILS_KEY
+    # google.rpc.Status travels through grpcio-status (rpc_status) on both sides: no key of our own
+    from grpc_status import rpc_status
+
+    assert not hasattr(client, "STATUS_DETAILS_KEY") and not hasattr(errors, "STATUS_DETAILS_KEY")
+    assert limits.STATUS_DETAILS_KEY == rpc_status.GRPC_DETAILS_METADATA_KEY
     assert launcher.EXIT_CANNOT_LOAD is worker_main.EXIT_CANNOT_LOAD is launch.EXIT_CANNOT_LOAD
     assert dict(client._channel_options())["grpc.max_send_message_length"] == limits.MAX_MESSAGE_BYTES
 

@@ -4,7 +4,8 @@ A worker is started as `python -m diffserve.worker --scheduler ADDR --model-path
 hand or by the scheduler's launcher for `diffserve serve` / `diffserve generate --model-path`. This
 module is that contract, beside the worker's wire protocol (worker.proto): the worker parses its
 argv with it, `diffserve serve` / `generate` offer the same flags, and `worker_argv` turns parsed
-flags back into the worker's argv. Imports only argparse (the scheduler never imports torch).
+flags back into the worker's argv; env_defaults lets every long flag of these command lines come
+from a DIFFSERVE_* environment variable. Imports only argparse (the scheduler never imports torch).
 """
 
 from __future__ import annotations
@@ -107,6 +108,93 @@ def add_worker_flags(parser: argparse.ArgumentParser, *, outer: bool = False, mo
         if kwargs.get("action") == "append":
             kwargs["default"] = list(kwargs["default"])  # argparse appends to the default list
         parser.add_argument(flag.outer_name if outer else flag.name, **kwargs)
+
+
+# ---- flags from DIFFSERVE_* environment variables ----
+
+ENV_PREFIX = "DIFFSERVE_"
+# Set by diffserve for the diffserve processes it starts (generate's private server, serve's local
+# workers): they are configured by their command line alone, not by variables meant for the parent.
+NO_ENV = "DIFFSERVE_NO_ENV"
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off", "")
+ENV_EPILOG = (f"Every --flag-name can also be set in the environment as {ENV_PREFIX}FLAG_NAME (the command line wins; "
+              "on/off flags take 1/0, true/false, yes/no; repeatable flags a comma-separated list).")
+
+
+def env_name(option: str) -> str:
+    """The variable of a long flag: --max-queue -> DIFFSERVE_MAX_QUEUE."""
+    return ENV_PREFIX + option.removeprefix("--").replace("-", "_").upper()
+
+
+class _EnvAppend(argparse._AppendAction):
+    """A repeatable flag whose default came from the environment: its first use on the command line
+    replaces that list instead of adding to it (the command line wins)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(namespace, self.dest, None) is self.default:
+            setattr(namespace, self.dest, [])
+        super().__call__(parser, namespace, values, option_string)
+
+
+def _convert(action: argparse.Action, text: str) -> Any:
+    convert = action.type or str
+    try:
+        value = convert(text)
+    except argparse.ArgumentTypeError as exc:
+        raise ValueError(str(exc)) from None
+    except (TypeError, ValueError):
+        raise ValueError(f"not a valid {getattr(convert, '__name__', 'value').removesuffix('_type')}") from None
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f"choose from {', '.join(map(str, action.choices))}")
+    return value
+
+
+def _env_value(action: argparse.Action, text: str) -> Any:
+    if isinstance(action, argparse._StoreConstAction):  # store_true / store_false
+        word = text.strip().lower()
+        if word not in _TRUE + _FALSE:
+            raise ValueError("expected 1/0, true/false, yes/no or on/off")
+        return action.const if word in _TRUE else action.default
+    if isinstance(action, argparse._AppendAction) or action.nargs not in (None, "?"):
+        return [_convert(action, item.strip()) for item in text.split(",") if item.strip()]
+    return _convert(action, text)
+
+
+def env_defaults(parser: argparse.ArgumentParser, environ: dict[str, str] | None = None) -> list[str]:
+    """Takes the default of every long flag of `parser` (and of its subcommands) from its
+    DIFFSERVE_* variable where one is set: --foo-bar from DIFFSERVE_FOO_BAR. The command line still
+    wins; a variable makes a required flag optional. A value that does not convert ends the program
+    with one line naming the variable (exit 2). Hidden flags (help=SUPPRESS) are left alone, and so
+    is everything when DIFFSERVE_NO_ENV is set. Returns the variables used. Call it once all flags
+    are added (and after set_defaults)."""
+    environ = os.environ if environ is None else environ
+    if environ.get(NO_ENV):
+        return []
+    used: list[str] = []
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                used += env_defaults(sub, environ)
+            continue
+        options = [o for o in action.option_strings if o.startswith("--")]
+        if not options or action.help == argparse.SUPPRESS or isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            continue
+        name = env_name(options[0])
+        if name not in environ:
+            continue
+        try:
+            value = _env_value(action, environ[name])
+        except ValueError as exc:
+            parser.exit(2, f"{parser.prog}: error: {name}={environ[name]!r} (for {options[0]}): {exc}\n")
+        action.default, action.required = value, False
+        if action.dest in parser._defaults:  # set_defaults() would win over action.default
+            parser._defaults[action.dest] = value
+        if isinstance(action, argparse._AppendAction):
+            action.__class__ = _EnvAppend
+        used.append(name)
+    if parser.epilog is None:
+        parser.epilog = ENV_EPILOG
+    return used
 
 
 def worker_argv(args: argparse.Namespace, *, outer: bool = False) -> list[str]:
