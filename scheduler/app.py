@@ -157,7 +157,7 @@ def serve(args: argparse.Namespace) -> int:
     from diffserve.scheduler.grpc_auth import TlsConfig
     from diffserve.scheduler.images import ImagePolicy
     from diffserve.scheduler.artifacts import ArtifactStoreError
-    from diffserve.scheduler.server import ServerConfig, run
+    from diffserve.scheduler.server import ListenError, ServerConfig, run
     from diffserve.scheduler.keys import KeyStoreError
     from diffserve.scheduler.store import StoreError
     from diffserve.scheduler.workers import WorkerAuth, WorkerAuthError, is_loopback_endpoint
@@ -218,7 +218,7 @@ def serve(args: argparse.Namespace) -> int:
 
     try:
         return run(config, started)
-    except (WorkerAuthError, KeyStoreError, ArtifactStoreError, StoreError) as exc:
+    except (WorkerAuthError, KeyStoreError, ArtifactStoreError, StoreError, ListenError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -53,6 +53,10 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["GenerationService"].full_name
 
 
+class ListenError(OSError):
+    """A port of the scheduler cannot be listened on; the message names the flag."""
+
+
 @dataclass
 class ServerConfig:
     host: str = "127.0.0.1"
@@ -131,6 +135,14 @@ class SchedulerServer:
         return HttpServer(self.metrics.asgi_app(), self.config.metrics_host or self.config.http_host, self.config.metrics_port,
                           ssl_certfile=tls.cert if tls else "", ssl_keyfile=tls.key if tls else "", name="metrics")
 
+    @staticmethod
+    async def _listen(http, flag: str, host: str, port: int) -> int:
+        try:
+            return await http.start()
+        except OSError as exc:
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            raise ListenError(f"{flag} {port}: cannot listen on {host}:{port} ({why})") from None
+
     def serving(self) -> bool:
         """Submits are accepted and some model is served (the HTTP /health)."""
         return self.engine.accepting and any(self.engine.serving().values())
@@ -160,19 +172,28 @@ class SchedulerServer:
         if self.config.state_dir:  # reloaded before anything listens; StoreError stops the start
             self.engine.restore(JobStore.open(Path(self.config.state_dir) / STORE_FILE))
         address = f"{self.config.host}:{self.config.port}"
-        if self.config.tls is not None:
-            self.port = self.server.add_secure_port(address, self.config.tls.credentials())
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            if self.config.tls is not None:
+                self.port = self.server.add_secure_port(address, self.config.tls.credentials())
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError:  # grpc's "Failed to bind"
+            self.port = 0
         if self.port == 0:
-            raise RuntimeError(f"could not bind {self.config.host}:{self.config.port}")
+            raise ListenError(f"--port {self.config.port}: cannot listen on {address} (in use, or not an address of this machine)")
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.server.start()
-        if self.http is not None:
-            self.http_port = await self.http.start()
-        if self.metrics_http is not None:
-            self.metrics_port = await self.metrics_http.start()
+        try:
+            if self.http is not None:
+                self.http_port = await self._listen(self.http, "--http-port", self.config.http_host, self.config.http_port)
+            if self.metrics_http is not None:
+                self.metrics_port = await self._listen(self.metrics_http, "--metrics-port", self.config.metrics_host or self.config.http_host,
+                                                       self.config.metrics_port)
+        except ListenError:
+            await self.server.stop(None)
+            self.link.close()
+            raise
         self._tasks = [asyncio.create_task(self.engine.run()), asyncio.create_task(self.workers.run())]
         security = ("mutual TLS" if self.config.tls.client_ca else "TLS") if self.config.tls else "plaintext"
         log.info("scheduler listening on %s:%d (gRPC, %s, %s), workers connect to %s", self.config.host, self.port, security,

@@ -123,3 +123,21 @@ def test_cancel_over_http(http_server):
             kinds = [kind for _, kind, _ in sse_events(stream)]
         assert kinds[-1] == "cancelled"
         assert http.get(f"/v1/jobs/{job['id']}/content").json()["error"]["code"] == "NO_ARTIFACT"
+
+
+def test_a_port_in_use_is_one_line_and_exit_2(tmp_path):
+    """--http-port / --port on a port something else holds: one line naming the flag, exit 2, no traceback."""
+    import subprocess
+    import sys
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        for flags, flag in ((["--http-port", str(port), "--port", "0"], "--http-port"), (["--port", str(port)], "--port")):
+            done = subprocess.run([sys.executable, "-m", "diffserve.client.cli", "serve", *flags, "--state-dir", str(tmp_path / "state"),
+                                   "--output-dir", str(tmp_path / "out"), "--log-level", "ERROR"], capture_output=True, text=True, timeout=60)
+            assert done.returncode == 2, done.stderr
+            lines = [line for line in done.stderr.splitlines() if "add_port.cc" not in line]  # grpc's own C-core line
+            assert len(lines) == 1 and lines[0].startswith(f"error: {flag} {port}: cannot listen on 127.0.0.1:{port} ("), done.stderr
+            assert "Traceback" not in done.stderr
