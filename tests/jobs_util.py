@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 import io
+import socket
 import time
 
 import numpy as np
 
 from diffserve.v1 import generation_pb2 as pb
+
+
+def free_port() -> int:
+    """A loopback TCP port nothing listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def wait_for(predicate, timeout_s: float = 10.0, interval_s: float = 0.05, what: str = "condition"):

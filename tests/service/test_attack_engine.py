@@ -11,7 +11,6 @@ the job keeps its pace (within 2× its solo time) and health stays SERVING.
 from __future__ import annotations
 
 import asyncio
-import socket
 import threading
 import time
 import uuid
@@ -25,16 +24,10 @@ from conftest import ServerProcess
 from diffserve.client import DiffserveError
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.v1 import worker_pb2 as wpb
-from jobs_util import npy_output, wait_for, wait_step
+from jobs_util import free_port as _free_port, npy_output, wait_for, wait_step
 
 STEPS = 150
 JOB = dict(prompt="a long walk", height=32, width=32, num_frames=1, num_inference_steps=STEPS, guidance_scale=5.0, seed=3, output_format="npy")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -24,16 +24,10 @@ from zmq.utils.monitor import recv_monitor_message
 from conftest import ServerProcess
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.v1 import worker_pb2 as wpb
-from jobs_util import npy_output, wait_for
+from jobs_util import free_port, npy_output, wait_for
 
 MODEL = "tiny-wan"  # the tiny checkpoint's folder name
 VALID = dict(prompt="a cat", height=32, width=32, num_frames=1, num_inference_steps=2, output_format="npy", model=MODEL)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def diffserve(*args: str, timeout: float = 60) -> subprocess.CompletedProcess:

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import signal
 import socket
 import subprocess
 import sys
 
 import imageio.v3 as iio
 from PIL import Image
+from tests.conftest import interrupt
 
 
 def diffserve(*args: str, timeout: float = 180, cwd=None) -> subprocess.CompletedProcess:
@@ -107,12 +107,7 @@ def test_serve_log_format_json_reaches_its_local_worker(tiny_wan, tmp_path):
             job = client.submit("a fox", height=32, width=32, num_frames=1, num_inference_steps=2, output_format="npy")
             client.wait(job.id)
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        interrupt(proc)
     lines = [json.loads(line) for line in log.read_text().splitlines()]  # every line parses
     worker = [line for line in lines if line["logger"].startswith("diffserve.worker")]
     assert worker and all(line["worker"] == "local-0" and line["rank"] == 0 for line in worker)

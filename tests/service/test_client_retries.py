@@ -7,8 +7,6 @@ for before the server exists. Every wait is bounded."""
 from __future__ import annotations
 
 import os
-import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -19,26 +17,11 @@ import pytest
 
 from diffserve.client import Client, DiffserveError
 from diffserve.v1 import generation_pb2 as pb
-from jobs_util import wait_for
+from tests.conftest import interrupt
+from jobs_util import free_port as _free_port, wait_for
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 SMALL = dict(height=16, width=16, num_frames=1, output_format="npy")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 @pytest.fixture
@@ -64,7 +47,7 @@ def sim_server(tmp_path):
         wait_for(lambda: ready.exists() or procs[0].poll() is not None, 60, 0.05, "the scheduler to start")
         assert procs[0].poll() is None
         with Client(target) as other, pytest.raises(DiffserveError) as info:  # no worker yet: NOT_SERVING until the deadline
-            other.wait_until_serving(1.0)
+            other.wait_until_serving(3.0)
         assert info.value.code == grpc.StatusCode.DEADLINE_EXCEEDED and "NOT_SERVING" in info.value.message
         assert waiter.is_alive() and not early
         procs.append(subprocess.Popen(
@@ -77,7 +60,7 @@ def sim_server(tmp_path):
     finally:
         client.close()
         for proc in reversed(procs):
-            _stop(proc)
+            interrupt(proc)
 
 
 def _outcome(wait, timeout_s: float) -> str:

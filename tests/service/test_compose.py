@@ -41,7 +41,6 @@ import re
 import shlex
 import shutil
 import signal
-import socket
 import stat
 import subprocess
 import sys
@@ -52,6 +51,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from jobs_util import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
@@ -277,12 +277,6 @@ def test_dockerfile_agrees_with_the_compose_file():
 
 
 # ---- (c) the command lines, run ----
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 class Wiring:
     """Turns a compose service's command into this machine's: the substitutions in the module doc."""

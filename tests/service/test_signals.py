@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 
 from diffserve.client import Client, DiffserveError
 from diffserve.v1 import generation_pb2 as pb
-from jobs_util import LONG_JOB, wait_for, wait_step
+from jobs_util import LONG_JOB, free_port as _free_port, wait_for, wait_step
 
 SERVICE = "diffserve.v1.GenerationService"
 CLI = [sys.executable, "-m", "diffserve.client.cli"]
@@ -177,12 +176,6 @@ def test_sigkill_of_serve_takes_its_loading_worker_along(tiny_wan, tmp_path, com
     os.kill(server.proc.pid, signal.SIGKILL)
     assert server.exit_code(5)[0] == -signal.SIGKILL
     server.assert_nothing_left(10)
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_sigterm_to_a_worker_says_goodbye(tiny_wan, tmp_path, commands):

@@ -11,7 +11,6 @@ from __future__ import annotations
 import io
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,16 +22,10 @@ import pytest
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.simulated import sim_frames
 from diffserve.worker.v1 import worker_pb2 as wpb
-from jobs_util import wait_for
+from jobs_util import free_port, wait_for
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 REQUESTS = [dict(prompt=f"a cat {i}", seed=i, height=16, width=24, num_frames=5, num_inference_steps=6, output_format="npy") for i in range(3)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def cli(*args: str) -> None:
@@ -123,6 +116,9 @@ def test_simulated_groups_serve_reregister_and_shut_down(tmp_path, keys):
         scheduler.stop(signal.SIGKILL)
         scheduler = Scheduler(tmp_path, address)
         scheduler.serving(timeout_s=20)
+        # SERVING once one group is back; Shutdown reaches registered groups only, so wait for both
+        wait_for(lambda: sorted(w.id for m in scheduler.client.list_models() for w in m.workers) == ["sim-0", "sim-1"],
+                 timeout_s=20, what="both groups registered again")
         job = scheduler.client.submit(**REQUESTS[0])
         np.testing.assert_array_equal(output(scheduler.client, job.id), outs[0])
 
