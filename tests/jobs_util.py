@@ -55,3 +55,14 @@ def resident_jobs(server) -> int:
 
 # A job long enough to act on while it runs: a few ms per step on the tiny model.
 LONG_JOB = dict(prompt="a long walk", height=32, width=32, num_frames=1, num_inference_steps=1000, guidance_scale=5.0, seed=3, output_format="npy")
+
+
+def settled(server, rows: int):
+    """The worker's counters once a heartbeat shows `rows` rows run and no resident job (counters
+    arrive with heartbeats, 1 s apart)."""
+
+    def status():
+        (worker,) = server.worker_status()
+        return worker if worker.resident_jobs == 0 and worker.denoise_rows >= rows else None
+
+    return wait_for(status, what=f"the worker to report {rows} rows and no resident jobs")

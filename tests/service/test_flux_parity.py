@@ -12,7 +12,7 @@ import torch
 
 from conftest import ServerProcess
 from diffserve.client import DiffserveError
-from jobs_util import npy_output, wait_for, wait_step
+from jobs_util import npy_output, settled, wait_step
 from reference import max_level_diff
 from tests.fixtures.tiny.flux import build_tiny_flux
 
@@ -84,17 +84,6 @@ JOBS = [
     dict(prompt="a small dog on the beach at night", num_inference_steps=6, seed=22, guidance_scale=5.0),
 ]
 COMMON = dict(height=32, width=32, num_frames=1, output_format="npy")
-
-
-def settled(server, rows: int):
-    """The worker's counters once a heartbeat shows `rows` rows run and no resident job (counters
-    arrive with heartbeats, 1 s apart)."""
-
-    def status():
-        (worker,) = server.worker_status()
-        return worker if worker.resident_jobs == 0 and worker.denoise_rows >= rows else None
-
-    return wait_for(status, what=f"the worker to report {rows} rows and no resident jobs")
 
 
 def test_concurrent_jobs_equal_solo_and_share_steps(tiny_flux, start_server):
