@@ -41,6 +41,7 @@ from diffserve.scheduler.auth import Principal
 from diffserve.scheduler.http.auth import caller
 from diffserve.scheduler.http.errors import HttpError, bad_request, from_request_error
 from diffserve.scheduler.http.jobs import door_of, job_failure, submit, wait_done
+from diffserve.scheduler.http.models import served_card
 from diffserve.scheduler.jobs import Job
 from diffserve.scheduler.validation import MAX_IMAGES
 
@@ -188,14 +189,6 @@ def check_model(card: pb.Model, endpoint: str) -> None:
     if card.limits.max_num_frames > 1:
         raise bad_request(f"model: {card.name} (task {task}) animates its input image; use POST /v1/videos "
                           "(one frame of it would reproduce the input)", "model")
-
-
-def served_card(cards: list[pb.Model], name: str | None) -> pb.Model | None:
-    """The card the request's model selects, or None where the engine will refuse the name (its
-    own error then names the served models)."""
-    if not name:
-        return cards[0] if len(cards) == 1 else None
-    return next((card for card in cards if card.name == name), None)
 
 
 def validated(model: type[ImageRequest], data: dict) -> ImageRequest:

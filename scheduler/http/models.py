@@ -7,6 +7,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 from fastapi import APIRouter, Depends, Request
 from google.protobuf import json_format
 
@@ -16,6 +18,15 @@ from diffserve.scheduler.auth import Principal
 from diffserve.scheduler.http.auth import caller
 
 router = APIRouter()
+
+
+def served_card(models: Iterable[pb.Model], name: str | None) -> pb.Model | None:
+    """The card a request's model selects (the only one when it names none); None when there is no
+    such model or the name is ambiguous (the engine then refuses the request, naming the served models)."""
+    cards = list(models)
+    if not name:
+        return cards[0] if len(cards) == 1 else None
+    return next((card for card in cards if card.name == name), None)
 
 
 def model_dict(model: pb.Model) -> dict:

@@ -29,6 +29,8 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from diffserve.v1 import generation_pb2 as pb
 
+from diffserve.scheduler.http.models import served_card
+
 # The fields of POST /v1/videos: OpenAI's, then diffserve's own (extra body fields).
 OPENAI_FIELDS = ("prompt", "model", "seconds", "size", "input_reference")
 INT_FIELDS = ("seed", "num_inference_steps", "num_frames", "fps", "priority")
@@ -181,15 +183,6 @@ def image_input(value) -> pb.ImageInput:
             raise FieldError("input_reference", "the data: URL holds no bytes")
         return pb.ImageInput(data=data)
     return pb.ImageInput(url=url)
-
-
-def served_card(models: Iterable[pb.Model], name: str) -> pb.Model | None:
-    """The card a request's model selects (the only one when it names none); None when there is no
-    such model (the engine then refuses the request with its own error)."""
-    cards = list(models)
-    if not name:
-        return cards[0] if len(cards) == 1 else None
-    return next((m for m in cards if m.name == name), None)
 
 
 def video_request(body: Mapping[str, object], models: Iterable[pb.Model]) -> VideoRequest:

@@ -11,8 +11,9 @@ from diffserve.v1 import generation_pb2 as pb
 
 from diffserve.scheduler import errors
 from diffserve.scheduler.http.errors import HttpError, from_request_error
+from diffserve.scheduler.http.models import served_card
 from diffserve.scheduler.http.images import (FIELDS, MAX_N, MAX_SEED, EditRequest, ImageRequest, check_model, check_supported,
-                                             openai_message, parse_size, seeds, served_card, to_params, validated)
+                                             openai_message, parse_size, seeds, to_params, validated)
 
 
 def test_parse_size():
