@@ -17,7 +17,7 @@ ln -sfn "$PWD/protos/diffserve/v1" /tmp/pkg/diffserve/v1
 ln -sfn "$PWD/protos/diffserve/worker/v1" "$PWD/worker/v1" 2>/dev/null || true
 export PYTHONPATH=$PYTHONPATH:/tmp/pkg
 if [[ $script == end_to_end.py || $script == serve_load.py ]]; then  # the service needs these; fail now rather than after the checkpoint
-  python3 -c "import zmq, grpc_health.v1.health, grpc_reflection.v1alpha.reflection, google.rpc.status_pb2" \
+  python3 -c "import zmq, grpc_health.v1.health, grpc_reflection.v1alpha.reflection, google.rpc.status_pb2, grpc_status.rpc_status, prometheus_client" \
     || { echo "missing wheels for the service: see bench/NOTES.md (how to reproduce)"; exit 2; }
 fi
 nvidia-smi --query-gpu=name,memory.total,clocks.sm --format=csv
