@@ -77,3 +77,15 @@ def test_serve_load_tiny_runs_service_and_diffusers(tmp_path):
     for job in ours["per_job"] + theirs["per_job"]:
         assert 0 <= job["queue_wait_s"] <= job["latency_s"], job
     assert max(j["mean_batch_jobs"] for j in ours["per_job"]) <= 2
+
+
+def test_graphs_pay_tiny_times_every_shape_and_batch(tmp_path):
+    """bench/graphs_pay.py --tiny: one row per (shape, rows), eager and GraphedForward (eager on the CPU)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "bench/graphs_pay.py", "--tiny", "--rows", "1,2"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (result,) = tmp_path.glob("*-cpu-graphs_pay.json")
+    rows = json.loads(result.read_text())
+    assert [(r["shape"], r["rows"]) for r in rows] == [("32x32x1", 1), ("32x32x1", 2), ("32x32x5", 1), ("32x32x5", 2)]
+    assert all(r["eager_ms"] > 0 and r["graph_ms"] > 0 and r["tokens"] > 0 for r in rows)
