@@ -154,13 +154,16 @@ def main(argv=None) -> int:
         return EXIT_CANNOT_LOAD
     if args.compile:
         logging.getLogger("diffserve.worker").info("compiling %d transformer(s)", compile_dits(pipeline))
-    graphs = args.cuda_graphs and device.type == "cuda"
-    if args.cuda_graphs and not graphs:
+    graphs = args.cuda_graphs != "off" and device.type == "cuda"
+    if args.cuda_graphs == "on" and not graphs:
         log.warning("--cuda-graphs needs a CUDA device (this worker runs on %s); running eagerly", device)
     elif graphs:
         from diffserve.worker.cuda_graphs import graph_dits
 
-        log.info("CUDA graphs for %d transformer(s), captured per shape on first use", graph_dits(pipeline))
+        max_tokens = args.cuda_graph_max_tokens if args.cuda_graphs == "auto" else None
+        count = graph_dits(pipeline, max_tokens=max_tokens, world_size=parallel.world_size)
+        log.info("CUDA graphs for %d transformer(s), captured per shape on first use%s", count,
+                 f" for forwards of at most {max_tokens} latent tokens per GPU" if max_tokens is not None else "")
     runtime = Runtime(pipeline, parallel)  # before warm-up: it wraps the forward with the cfg row split
     if args.warmup or shapes:
         warm_up(pipeline, shapes or None)

@@ -19,6 +19,14 @@ input signature and replays it:
   never run at the same time and nothing of one is read after another runs.
 - A forward that cannot be captured (a host sync, e.g. `.tolist()` on a device tensor) is logged
   once per signature and run eagerly from then on. Tensors off the GPU run eagerly too (CPU).
+- where graphs pay (`--cuda-graphs auto`, the default): only while the forward is launch-bound. On
+  an H200 a Wan2.1-1.3B forward gains 3.3× at 1,560 latent tokens, 1.3× at 3,600 and nothing from
+  ~6,000 on, while each capture holds 50–380 MiB (bench/NOTES.md, graphs_pay.py). So with
+  `max_tokens` a signature is captured only if its latent tokens per GPU (all rows) are at most
+  that many; larger ones run eagerly. The count is the first tensor argument's elements / 64:
+  every DiT here takes its latents first, at 64 elements per token (16 channels × a 2×2 patch, or
+  64 packed channels). It depends on the signature alone, so every rank of a group decides the
+  same (their captures must match).
 """
 
 from __future__ import annotations
@@ -31,6 +39,8 @@ import torch
 from torch.utils import _pytree as pytree
 
 log = logging.getLogger(__name__)
+
+TOKEN_ELEMENTS = 64  # latent elements per DiT token: 16 channels × a 2×2 patch (Wan, HunyuanVideo), 64 packed (FLUX, Qwen-Image)
 
 
 def _describe(leaf: Any) -> Any:
@@ -64,10 +74,13 @@ class CudaCapture:
 class GraphedForward:
     """Drop-in for a module's forward that replays CUDA graphs captured per input signature."""
 
-    def __init__(self, forward: Callable, max_graphs: int = 8, capture: type = CudaCapture):
+    def __init__(self, forward: Callable, max_graphs: int = 8, capture: type = CudaCapture, max_tokens: int | None = None,
+                 world_size: int = 1):
         self.forward = forward
         self.max_graphs = max_graphs
         self.capture = capture
+        self.max_tokens = max_tokens  # None: capture every signature (--cuda-graphs on)
+        self.world_size = world_size
         self.graphs: OrderedDict[tuple, tuple[list, Any]] = OrderedDict()  # signature -> (input buffers, capture)
         self.eager: set[tuple] = set()  # signatures that failed to capture
         self.pool = None
@@ -82,6 +95,11 @@ class GraphedForward:
         if key in self.eager:
             return self.forward(*args, **kwargs)
         entry = self.graphs.get(key)
+        if entry is None and not self._pays(tensors[0]):
+            log.info("forward of %d latent tokens per GPU runs eagerly (CUDA graphs pay up to %d: --cuda-graph-max-tokens)",
+                     tensors[0].numel() // TOKEN_ELEMENTS // self.world_size, self.max_tokens)
+            self.eager.add(key)
+            return self.forward(*args, **kwargs)
         if entry is None:
             entry = self._record(key, leaves, spec)
             if entry is None:
@@ -92,6 +110,10 @@ class GraphedForward:
             if torch.is_tensor(leaf):
                 buffer.copy_(leaf)
         return pytree.tree_map(lambda x: x.clone() if torch.is_tensor(x) else x, graph.replay())
+
+    def _pays(self, latents: torch.Tensor) -> bool:
+        """Whether a graph pays for a forward on these latents (see the module docstring)."""
+        return self.max_tokens is None or latents.numel() // TOKEN_ELEMENTS // self.world_size <= self.max_tokens
 
     def _record(self, key: tuple, leaves: list, spec) -> tuple[list, Any] | None:
         while len(self.graphs) >= self.max_graphs:
@@ -111,13 +133,14 @@ class GraphedForward:
         return buffers, graph
 
 
-def graph_dits(pipeline, max_graphs: int = 8) -> int:
-    """Wraps each DiT's forward of a pipeline in a GraphedForward; returns how many."""
+def graph_dits(pipeline, max_graphs: int = 8, max_tokens: int | None = None, world_size: int = 1) -> int:
+    """Wraps each DiT's forward of a pipeline in a GraphedForward; returns how many. max_tokens:
+    capture only forwards of at most that many latent tokens per GPU (None: every forward)."""
     from diffserve.worker.models import dits
     from diffserve.worker.warmup import prepare_attention
 
     models = dits(pipeline)
     for model in models:
         prepare_attention(model)
-        model.forward = GraphedForward(model.forward, max_graphs)
+        model.forward = GraphedForward(model.forward, max_graphs, max_tokens=max_tokens, world_size=world_size)
     return len(models)

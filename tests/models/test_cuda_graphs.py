@@ -124,3 +124,21 @@ def tiny_flux_dit():
 
     with torch.no_grad():
         yield model, make_inputs
+
+
+def test_auto_captures_only_forwards_of_at_most_max_tokens_per_gpu(caplog):
+    """--cuda-graphs auto: latent tokens = the first tensor's elements / 64, per GPU of the group."""
+    graphed = GraphedForward(forward, capture=Rerun, max_tokens=8, world_size=2)
+    small, large = torch.randn(2, 512), torch.randn(2, 1024)  # 1,024 / 64 / 2 = 8 tokens per GPU; 16
+    with caplog.at_level(logging.INFO, logger="diffserve.worker.cuda_graphs"):
+        out, _ = graphed(large, torch.tensor(2.0))
+        graphed(large, torch.tensor(2.0))
+    assert graphed.captures == 0 and len(graphed.eager) == 1  # eager, decided once for the signature
+    assert sum("runs eagerly" in r.message for r in caplog.records) == 1
+    torch.testing.assert_close(out, large * 2)
+    out, _ = graphed(small, torch.tensor(3.0))
+    assert graphed.captures == 1
+    torch.testing.assert_close(out, small * 3)
+    everything = GraphedForward(forward, capture=Rerun)  # --cuda-graphs on: no limit
+    everything(large, torch.tensor(2.0))
+    assert everything.captures == 1

@@ -21,12 +21,12 @@ def parse(argv: list[str]):
 
 
 def test_keywords_become_serve_flags():
-    argv = serve_argv("/m", dict(num_gpus=2, compile=True, cuda_graphs=False, warmup_shape=["32x32x1", "64x64x1"],
+    argv = serve_argv("/m", dict(num_gpus=2, compile=True, cuda_graphs="off", warmup_shape=["32x32x1", "64x64x1"],
                                  worker_log_level="DEBUG", max_queue=None, drain_timeout=1.5))
-    assert argv == ["--model-path", "/m", "--num-gpus", "2", "--compile", "--warmup-shape", "32x32x1",
+    assert argv == ["--model-path", "/m", "--num-gpus", "2", "--compile", "--cuda-graphs", "off", "--warmup-shape", "32x32x1",
                     "--warmup-shape", "64x64x1", "--worker-log-level", "DEBUG", "--drain-timeout", "1.5"]
     args = parse(argv)
-    assert (args.num_gpus, args.compile, args.cuda_graphs, args.warmup_shape) == (2, True, False, ["32x32x1", "64x64x1"])
+    assert (args.num_gpus, args.compile, args.cuda_graphs, args.warmup_shape) == (2, True, "off", ["32x32x1", "64x64x1"])
     assert serve_argv("/m", dict(warmup_shape="32x32x1")) == ["--model-path", "/m", "--warmup-shape", "32x32x1"]
 
 

@@ -69,7 +69,13 @@ WORKER_FLAGS: tuple[Flag, ...] = (
     Flag("--dtype", dict(default="auto", help="auto (bf16 on GPU, float32 on CPU), bfloat16, float16, float32")),
     Flag("--attention-backend", dict(default="auto", help="auto (fastest exact one available), fa3, flash-attn, cudnn, sdpa")),
     Flag("--compile", dict(action="store_true", help="torch.compile the DiT (GPU; see bench/NOTES.md)")),
-    Flag("--cuda-graphs", dict(action="store_true", help="replay the DiT forward from CUDA graphs, one per shape (GPU; docs/cli.md)")),
+    Flag("--cuda-graphs", dict(nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
+                               help="replay the DiT forward from CUDA graphs, one per shape and batch (GPU): auto (default) where "
+                                    "they pay, for forwards of at most --cuda-graph-max-tokens per GPU; on (also bare --cuda-graphs): "
+                                    "every forward; off: never (docs/cli.md)")),
+    Flag("--cuda-graph-max-tokens", dict(type=int, default=4096, metavar="N",
+                                         help="with --cuda-graphs auto: capture forwards of at most N latent tokens (all rows) per GPU "
+                                              "of the group; larger ones are GPU-bound and gain nothing (bench/NOTES.md; default 4096)")),
     Flag("--warmup", dict(action="store_true", help="warm up before serving (the first request is not the slow one)")),
     Flag("--warmup-shape", dict(action="append", default=[], metavar="HxWxF", help="shape bucket to warm up (repeatable; default: the model's default size)")),
     Flag("--num-gpus", dict(type=int, default=1, help="processes (GPUs) in the worker group (default 1)")),
