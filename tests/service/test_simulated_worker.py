@@ -52,8 +52,13 @@ class Scheduler:
 
         self.client = Client(f"127.0.0.1:{ready.read_text()}")
 
-    def serving(self, timeout_s: float = 30) -> None:
-        self.client.wait_until_serving(timeout_s, alive=lambda: self.proc.poll() is None)  # Health.Watch
+    def serving(self, timeout_s: float = 30, groups: tuple[str, ...] = ()) -> None:
+        """SERVING (Health.Watch: as soon as one group is registered), then, with `groups`, until
+        exactly those groups are registered."""
+        self.client.wait_until_serving(timeout_s, alive=lambda: self.proc.poll() is None)
+        if groups:
+            wait_for(lambda: sorted(w.id for m in self.client.list_models() for w in m.workers) == sorted(groups),
+                     timeout_s=timeout_s, what=f"groups {', '.join(groups)} registered")
 
     def stop(self, sig: int = signal.SIGINT) -> None:
         self.client.close()
@@ -95,7 +100,7 @@ def test_simulated_groups_serve_reregister_and_shut_down(tmp_path, keys):
                                "--worker-id", "sim", "--step-ms", "2", "--stage-ms", "1", "--max-batch-size", "2", "--max-resident", "2",
                                "--key-file", str(keys[0]), "--scheduler-key", str(keys[1]), "--log-level", "WARNING"], env=ENV)
     try:
-        scheduler.serving()
+        scheduler.serving(groups=("sim-0", "sim-1"))
         client = scheduler.client
         (model,) = client.list_models()
         assert model.name == "sim" and sorted(w.id for w in model.workers) == ["sim-0", "sim-1"]
@@ -115,10 +120,7 @@ def test_simulated_groups_serve_reregister_and_shut_down(tmp_path, keys):
         # they get Reregister, free everything and say Hello again.
         scheduler.stop(signal.SIGKILL)
         scheduler = Scheduler(tmp_path, address)
-        scheduler.serving(timeout_s=20)
-        # SERVING once one group is back; Shutdown reaches registered groups only, so wait for both
-        wait_for(lambda: sorted(w.id for m in scheduler.client.list_models() for w in m.workers) == ["sim-0", "sim-1"],
-                 timeout_s=20, what="both groups registered again")
+        scheduler.serving(timeout_s=20, groups=("sim-0", "sim-1"))  # Shutdown reaches registered groups only
         job = scheduler.client.submit(**REQUESTS[0])
         np.testing.assert_array_equal(output(scheduler.client, job.id), outs[0])
 
