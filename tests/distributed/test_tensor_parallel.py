@@ -7,10 +7,13 @@ Plus the layout checks that refuse models without a tensor-parallel path."""
 
 from __future__ import annotations
 
+import tempfile
+
 import torch
 from diffserve.worker.parallel import ParallelDims
 from diffserve.worker.parallel.layout import plan_layout
-from dist_util import init_url, run_group
+
+from dist_util import run_group
 from test_sequence_parallel import WAN, _cases, _hunyuan_case, _randomize, _Unplanned
 
 
@@ -79,7 +82,8 @@ def test_tensor_parallel_equals_single_process_tp2():
 
 def test_tensor_parallel_dits_with_ulysses_and_cfg():
     """ulysses 2 × tp 2 (Wan, FLUX, Qwen-Image, HunyuanVideo), then cfg 2 × tp 2 (Wan)."""
-    run_group(_four_ranks, 4, init_url())
+    with tempfile.TemporaryDirectory(prefix="dist-") as folder:  # the second layout's store
+        run_group(_four_ranks, 4, f"file://{folder}/store")
 
 
 def _randomized(model: torch.nn.Module, scale: float = 0.3) -> torch.nn.Module:
