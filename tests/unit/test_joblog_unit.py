@@ -7,7 +7,6 @@ Imports neither torch nor sockets: jobs are driven through Job.advance directly.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 
@@ -23,12 +22,7 @@ STEPS = 4
 LOGGER = "diffserve.scheduler.joblog"
 
 
-@pytest.fixture(autouse=True)
-def event_loop_for_jobs():
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    yield
-    loop.close()
+pytestmark = pytest.mark.usefixtures("event_loop_for_jobs")  # tests/unit/conftest.py
 
 
 def new_job(table: JobTable) -> Job:

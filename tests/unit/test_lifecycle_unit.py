@@ -6,7 +6,6 @@ Imports neither torch nor sockets.
 
 from __future__ import annotations
 
-import asyncio
 import itertools
 
 import pytest
@@ -19,12 +18,7 @@ from diffserve.v1 import generation_pb2 as pb
 STEPS = 3
 
 
-@pytest.fixture(autouse=True)
-def event_loop_for_jobs():
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    yield
-    loop.close()
+pytestmark = pytest.mark.usefixtures("event_loop_for_jobs")  # tests/unit/conftest.py
 
 
 def job_in(phase: Phase, *, in_flight: bool = False, step: int = 0) -> Job:

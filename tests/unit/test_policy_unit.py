@@ -21,12 +21,7 @@ from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.v1 import worker_pb2 as wpb
 
 
-@pytest.fixture(autouse=True)
-def event_loop_for_jobs():
-    loop = asyncio.new_event_loop()
-    asyncio.set_event_loop(loop)
-    yield
-    loop.close()
+pytestmark = pytest.mark.usefixtures("event_loop_for_jobs")  # tests/unit/conftest.py
 
 
 def job(age: float, phase: Phase = Phase.DENOISE, height: int = 32, step: int = 0, steps: int = 10, priority: int = 0) -> Job:
