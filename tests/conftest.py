@@ -13,6 +13,7 @@ the tiny Wan checkpoint and the `diffserve serve` processes import what they nee
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -42,6 +43,18 @@ def pytest_collection_modifyitems(config, items):
     # The unit tier stays torch-free: a collection of only tests/unit that imported torch is an error.
     if tiers == {"unit"} and "torch" in sys.modules:
         raise pytest.UsageError("tests/unit imported torch; move the test to tests/models/ (or import torch lazily)")
+
+
+@pytest.fixture
+def event_loop_for_jobs():
+    """A fresh event loop set as the current one: Job objects make their asyncio.Event on it.
+    Unit modules whose tests build jobs use it for every test (pytestmark usefixtures). It lives here,
+    not in a tests/unit/conftest.py: a second `conftest` module would shadow this one for the tiers
+    that `from conftest import ServerProcess`."""
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    yield loop
+    loop.close()
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ STEPS = 4
 LOGGER = "diffserve.scheduler.joblog"
 
 
-pytestmark = pytest.mark.usefixtures("event_loop_for_jobs")  # tests/unit/conftest.py
+pytestmark = pytest.mark.usefixtures("event_loop_for_jobs")  # tests/conftest.py
 
 
 def new_job(table: JobTable) -> Job:

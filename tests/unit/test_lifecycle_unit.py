@@ -18,7 +18,7 @@ from diffserve.v1 import generation_pb2 as pb
 STEPS = 3
 
 
-pytestmark = pytest.mark.usefixtures("event_loop_for_jobs")  # tests/unit/conftest.py
+pytestmark = pytest.mark.usefixtures("event_loop_for_jobs")  # tests/conftest.py
 
 
 def job_in(phase: Phase, *, in_flight: bool = False, step: int = 0) -> Job:

@@ -21,7 +21,7 @@ from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.v1 import worker_pb2 as wpb
 
 
-pytestmark = pytest.mark.usefixtures("event_loop_for_jobs")  # tests/unit/conftest.py
+pytestmark = pytest.mark.usefixtures("event_loop_for_jobs")  # tests/conftest.py
 
 
 def job(age: float, phase: Phase = Phase.DENOISE, height: int = 32, step: int = 0, steps: int = 10, priority: int = 0) -> Job:
