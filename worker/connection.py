@@ -1,8 +1,10 @@
 """The worker's side of the ZeroMQ link: a DEALER socket owned by one I/O thread.
 
 The compute loop never touches the socket: commands arrive on `commands` (a queue.Queue) and
-results leave through `send()`. Heartbeats go out from the I/O thread, so a worker deep in a
-long step still answers, and a dead worker is noticed by its silence alone. `stop()` flushes:
+results leave through `send()`, which also writes a byte to a pipe the I/O thread polls beside
+the socket, so a Result leaves at once (not when the poll's timeout next comes round: a step's
+Result used to wait up to 50 ms, about 25 ms a step). Heartbeats go out from the I/O thread, so a
+worker deep in a long step still answers, and a dead worker is noticed by its silence alone. `stop()` flushes:
 whatever was handed to `send()` before it goes out (bounded by FLUSH_LINGER_MS), so a worker
 that exits right after its last Result does not lose it.
 
@@ -33,6 +35,7 @@ from diffserve.worker.v1 import worker_pb2 as wpb
 log = logging.getLogger(__name__)
 
 HELLO_RETRY_S = 3.0
+POLL_MS = 50  # the I/O thread's longest sleep: heartbeats, Leave and the parent check run at least this often
 FLUSH_LINGER_MS = 2000  # how long stop() waits for queued messages to reach the scheduler
 _EVENTS = {zmq.EVENT_HANDSHAKE_FAILED_AUTH: "key not allowed", zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "protocol mismatch",
            zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "handshake failed"}
@@ -101,6 +104,9 @@ class SchedulerConnection:
         self._leave_reason = ""  # set by leave(), from a signal handler: no lock taken there
         self._gone = False  # Goodbye queued: no more heartbeats or Hellos
         self._outgoing: queue.Queue[list] = queue.Queue()
+        self._wake_r, self._wake_w = os.pipe()  # send() → the I/O thread's poll
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="zmq-io", daemon=True)
 
@@ -110,7 +116,13 @@ class SchedulerConnection:
     def stop(self) -> None:
         """Sends what `send()` queued so far (up to FLUSH_LINGER_MS), then closes the socket."""
         self._stop.set()
+        self._wake()
         self._thread.join(timeout=FLUSH_LINGER_MS / 1000 + 3)
+        if not self._thread.is_alive():
+            wake_r, wake_w, self._wake_r, self._wake_w = self._wake_r, self._wake_w, -1, -1
+            for fd in (wake_r, wake_w):
+                if fd >= 0:
+                    os.close(fd)
 
     def leave(self, reason: str) -> None:
         """Asks the compute loop to say Goodbye after its running command (within ~50 ms)."""
@@ -125,6 +137,15 @@ class SchedulerConnection:
     def send(self, message: wpb.WorkerMessage, frames: list = ()) -> None:
         """Queues a message and its raw tensor frames (bytes-like objects) for sending."""
         self._outgoing.put([message.SerializeToString(), *frames])
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._wake_w < 0:  # stopped
+            return
+        try:
+            os.write(self._wake_w, b"\0")
+        except BlockingIOError:  # the pipe is full: the I/O thread has wake-ups pending anyway
+            pass
 
     def _run(self) -> None:
         ctx = zmq.Context()
@@ -143,6 +164,7 @@ class SchedulerConnection:
         poller = zmq.Poller()
         poller.register(sock, zmq.POLLIN)
         poller.register(monitor, zmq.POLLIN)
+        poller.register(self._wake_r, zmq.POLLIN)
         told = False
         left = False
         welcomed = False
@@ -168,7 +190,10 @@ class SchedulerConnection:
                     log.error("parent process %d is gone; shutting down", self.parent_pid)
                     self.commands.put(wpb.Command(shutdown=wpb.Shutdown()))
                     self.parent_pid = None
-                ready = dict(poller.poll(50))
+                ready = dict(poller.poll(POLL_MS))
+                if self._wake_r in ready:
+                    self._drain_wake()
+                    continue  # the loop's top sends what was queued
                 if monitor in ready:
                     event = recv_monitor_message(monitor)["event"]
                     if not told:
@@ -202,6 +227,13 @@ class SchedulerConnection:
             monitor.close(0)
             sock.close(linger=FLUSH_LINGER_MS)
             ctx.term()
+
+    def _drain_wake(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
     def _send_queued(self, sock: zmq.Socket) -> None:
         while True:

@@ -2,6 +2,7 @@
 
 Keeps every admitted request's state resident between commands; a command names requests by
 id only. A failure of one request is returned as that request's status; the loop goes on.
+A denoising command returns once its step is launched, not run (pipelined steps, step_fence.py).
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from diffserve.worker.connection import Leave, SchedulerConnection
 from diffserve.worker.parallel import ParallelState
 from diffserve.worker.parallel.cfg import split_rows
 from diffserve.worker.pipelines.base import Pipeline, RequestState
+from diffserve.worker.step_fence import StepFence
+from diffserve.worker.step_trace import StepTrace, SyncDebug
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +60,10 @@ class Runtime:
         self.admit_errors: dict[str, status_pb2.Status] = {}
         self.counters = pb.WorkerStatus()
         self.group_broken = False
+        device = getattr(pipeline, "device", None)
+        self.fence = StepFence(device)  # pipelined steps: see step_fence.py
+        self.trace = StepTrace.from_env() if device is not None and torch.device(device).type == "cuda" else None
+        self.sync_debug = SyncDebug.from_env(device)
 
     def status(self) -> pb.WorkerStatus:
         """The heartbeat's status (called on the connection's I/O thread, once a second)."""
@@ -167,7 +174,17 @@ class Runtime:
                 results[entry.request_id].status.CopyFrom(exc.status)
         if runnable:
             try:
-                rows = self.pipeline.denoise_step(runnable)
+                self.fence.before_launch()
+                if self.trace is not None:
+                    self.trace.before_step()
+                if self.sync_debug is not None:
+                    with self.sync_debug:
+                        rows = self.pipeline.denoise_step(runnable)
+                else:
+                    rows = self.pipeline.denoise_step(runnable)
+                self.fence.launched()
+                if self.trace is not None:
+                    self.trace.after_step()
                 self.counters.step_commands += 1
                 self.counters.batched_step_commands += int(len(runnable) > 1)
                 self.counters.denoise_rows += rows

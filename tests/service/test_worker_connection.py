@@ -70,3 +70,23 @@ def test_stop_flushes_the_last_reply():
         assert [router.recv("result").result.command_id for _ in range(3)] == [1, 2, 3]
     finally:
         router.close()
+
+
+def test_a_result_leaves_at_once_not_at_the_next_poll(monkeypatch):
+    """send() wakes the I/O thread: with its poll timeout at 60 s, a Result still arrives at once
+    (before the wake pipe it waited for the timeout: about 25 ms a step at 50 ms)."""
+    import diffserve.worker.connection as connection
+
+    monkeypatch.setattr(connection, "POLL_MS", 60_000)
+    router = Router()
+    hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2, card=wpb.ModelCard(name="m"))
+    conn = SchedulerConnection(router.address, "w1", hello, pb.WorkerStatus)
+    conn.start()
+    try:
+        router.recv("hello")  # sent before the thread's first (60 s) poll
+        for command_id in (1, 2, 3):
+            conn.send(wpb.WorkerMessage(result=wpb.Result(command_id=command_id)))
+            assert router.recv("result", timeout_ms=10_000).result.command_id == command_id
+    finally:
+        conn.stop()
+        router.close()

@@ -24,12 +24,14 @@ class RequestState:
     latents: Any = None  # float32, the family's latent layout
     sampler: Any = None
     timesteps: Any = None
+    timesteps_host: Any = None  # the same on the CPU: decisions on a timestep never wait for the device
     step: int = 0  # denoising steps done
 
     def start_sampling(self, sampler) -> None:
         """Takes a fresh sampler (timesteps set) and restarts the step count."""
         self.sampler = sampler
         self.timesteps = sampler.timesteps
+        self.timesteps_host = sampler.timesteps.cpu()
         self.step = 0
 
 

@@ -335,8 +335,9 @@ class WanPipeline:
 
     def expert_of(self, state: WanState) -> int:
         """0: `transformer` (one expert, or Wan2.2's high-noise steps); 1: `transformer_2` (low noise).
-        The timestep is compared as a tensor, as the reference compares it."""
-        return 0 if self.boundary is None or bool(state.timesteps[state.step] >= self.boundary) else 1
+        The timestep is compared as a tensor, as the reference compares it, on the host copy (a device
+        tensor's bool() would wait for the GPU every step)."""
+        return 0 if self.boundary is None or bool(state.timesteps_host[state.step] >= self.boundary) else 1
 
     def forward(self, expert: int, latents, timesteps, context, image_embeds) -> torch.Tensor:
         return self.experts[expert](latents, timesteps, context, image_embeds)

@@ -3,6 +3,8 @@
 The checkpoint's scheduler/scheduler_config.json names the sampler class (UniPC with flow
 prediction for Wan2.1). diffusers' sampler objects carry per-run state (step index, past model
 outputs for multistep methods), so every request gets its own instance built from that config.
+UniPC is served by our subclass with host-side coefficients (unipc.HostUniPC: the same results,
+no device sync per step); every other class is diffusers' own (FlowMatchEuler's step has no sync).
 """
 
 from __future__ import annotations
@@ -11,15 +13,22 @@ import json
 from pathlib import Path
 
 
+def _host_side_classes() -> dict:
+    from diffserve.worker.samplers.unipc import HostUniPC
+
+    return {"UniPCMultistepScheduler": HostUniPC}
+
+
 class SamplerFactory:
     """Builds fresh sampler instances from a diffusers scheduler config."""
 
     def __init__(self, config: dict):
         import diffusers
 
+        host_side = _host_side_classes()
         self.config = dict(config)
         self.class_name = self.config.get("_class_name", "")
-        cls = getattr(diffusers, self.class_name, None)
+        cls = host_side.get(self.class_name) or getattr(diffusers, self.class_name, None)
         if cls is None or not hasattr(cls, "from_config"):
             raise ValueError(f"unknown sampler class {self.class_name!r} in scheduler_config.json")
         self._cls = cls

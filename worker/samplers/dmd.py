@@ -76,5 +76,6 @@ class DMDSampler:
         sigma_next = self.sigmas[i + 1]
         b, c, f, h, w = sample.shape
         noise = torch.randn((b, f, c, h, w), generator=self.generator, dtype=torch.float32)  # FastVideo's layout
-        noise = noise.permute(0, 2, 1, 3, 4).to(sample.device)  # -> (B, C, F, H, W)
+        # -> (B, C, F, H, W); non_blocking: a pageable copy is staged at once, without waiting for the device
+        noise = noise.permute(0, 2, 1, 3, 4).to(sample.device, non_blocking=True)
         return ((1 - sigma_next) * x0 + sigma_next * noise,)
