@@ -1,7 +1,7 @@
 """A fixed, reproducible load through the real service, against the same jobs one at a time through
 diffusers' own WanPipeline (issue 15).
 
-    python bench/serve_load.py [--workload mixed|same-shape|solo] [--max-batch-size 8] [--serve-arg=--cuda-graphs]
+    python bench/serve_load.py [--workload mixed|same-shape|solo|arrivals] [--max-batch-size 8] [--serve-arg=--cuda-graphs]
                                [--checkpoint DIR] [--skip-diffusers]          (GPU; writes $OUT/<date>-<card>-serve_load-<workload>.json)
     python bench/serve_load.py --tiny [--workload ...]                       (CPU: tiny checkpoint, 32x32 / 32x48, 2-3 steps)
 
@@ -9,7 +9,9 @@ Workloads (every arrival, shape, step count and seed is in WORKLOADS below; Wan2
 CFG with guidance 5.0, the same prompt):
 - mixed: 16 jobs over 7.5 s, half 480x832 and half 720x1280 images, 20/30/40/50 steps (each twice per shape);
 - same-shape: 16 480x832 images submitted at once, 20 or 30 steps;
-- solo: 4 480x832 images, 50 steps, each submitted when the previous one has completed.
+- solo: 4 480x832 images, 50 steps, each submitted when the previous one has completed;
+- arrivals: 4 480x832 images (60 steps) at once, then two 480x832x33 videos (4 steps) at 0.3 and 0.8 s: the
+  stall their stages cause, as the longest gap between two consecutive steps of any job (max_step_gap_s).
 
 The service side starts `diffserve serve` on the checkpoint (bench/service.py; warm-up at every shape of the
 workload, --max-batch-size N, --max-resident max(8, N), plus every --serve-arg), runs an untimed warm pass
@@ -101,10 +103,17 @@ WORKLOADS = {
     )),
     "same-shape": Workload("same-shape", tuple(Spec(0.0, 480, 832, (20, 30)[i % 2], 201 + i) for i in range(16))),
     "solo": Workload("solo", tuple(Spec(0.0, 480, 832, 50, 301 + i) for i in range(4)), sequential=True),
+    # Stages of arrivals beside a running batch (issue 15, item 3): 4 images denoising, 2 short videos
+    # arriving whose encode and (long) decode ran between the images' steps before --concurrent-stages.
+    "arrivals": Workload("arrivals", (
+        *(Spec(0.0, 480, 832, 60, 401 + i) for i in range(4)),
+        Spec(0.3, 480, 832, 4, 411, frames=33),
+        Spec(0.8, 480, 832, 4, 412, frames=33),
+    )),
 }
 
 # --tiny: the first jobs of the same workload, shapes and steps shrunk, arrivals x 0.1.
-TINY_JOBS = {"mixed": 4, "same-shape": 4, "solo": 2}
+TINY_JOBS = {"mixed": 4, "same-shape": 4, "solo": 2, "arrivals": 6}
 TINY_SIZES = {(480, 832): (32, 32), (720, 1280): (32, 48)}
 
 
@@ -187,7 +196,7 @@ async def run_service_jobs(target: str, workload: Workload) -> tuple[float, list
         job = await client.submit(params=params)
         created = job.create_time.ToNanoseconds() / 1e9
         started = end = failure = None
-        batch_jobs = []
+        batch_jobs, step_times = [], []
         async with contextlib.aclosing(client.events(job.id)) as events:
             async for event in events:
                 kind = event.WhichOneof("event")
@@ -196,6 +205,7 @@ async def run_service_jobs(target: str, workload: Workload) -> tuple[float, list
                     started = t
                 elif kind == "step_completed":
                     batch_jobs.append(event.step_completed.batch_jobs)
+                    step_times.append(t)
                 elif kind == "completed":
                     end = t
                 elif kind in ("failed", "cancelled"):
@@ -207,7 +217,8 @@ async def run_service_jobs(target: str, workload: Workload) -> tuple[float, list
             raise SystemExit(f"error: job {job.id} ({spec}) did not complete: {failure or 'its event stream ended'}")
         return dict(shape=spec.shape, steps=spec.steps, seed=spec.seed, arrival_s=spec.arrival_s, submitted=submitted - t0,
                     done=done - t0, latency_s=end - created, queue_wait_s=(started if started is not None else end) - created,
-                    client_latency_s=done - submitted, mean_batch_jobs=round(sum(batch_jobs) / max(1, len(batch_jobs)), 2))
+                    client_latency_s=done - submitted, mean_batch_jobs=round(sum(batch_jobs) / max(1, len(batch_jobs)), 2),
+                    max_step_gap_s=max((b - a for a, b in zip(step_times, step_times[1:])), default=0.0))
 
     async with AsyncClient(target) as client:
         t0 = time.perf_counter()
@@ -242,6 +253,8 @@ def service_side(ckpt: Path, workdir: Path, workload: Workload, args, gpu: GpuBu
         **percentiles([j["latency_s"] for j in jobs], "latency"), **percentiles([j["queue_wait_s"] for j in jobs], "queue_wait"),
         **percentiles([j["client_latency_s"] for j in jobs], "client_latency"),
         mean_batch_jobs=round(float(np.mean([j["mean_batch_jobs"] for j in jobs])), 2),
+        # The stall: the longest a job waited between two of its steps (another job's stage, or steps, in between).
+        max_step_gap_s=round(max(j["max_step_gap_s"] for j in jobs), 3),
         gpu_busy_pct=gpu.mean(t0 + first, t0 + last), gpu_busy_source=gpu.source, startup_s=round(startup_s),
         per_job=[{k: round(v, 3) if isinstance(v, float) else v for k, v in j.items()} for j in jobs],
     )
@@ -343,7 +356,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = finish(rows)
     path = write_json(name, rows, out)
     print_table(rows, ["workload", "side", "version", "jobs", "jobs_per_min", "ratio", "latency_p50_s", "latency_p90_s",
-                       "latency_p99_s", "queue_wait_p50_s", "queue_wait_p90_s", "mean_batch_jobs", "gpu_busy_pct", "wall_s", "card"])
+                       "latency_p99_s", "queue_wait_p50_s", "queue_wait_p90_s", "mean_batch_jobs", "max_step_gap_s", "gpu_busy_pct", "wall_s", "card"])
     print(f"GPU busy: {rows[0]['gpu_busy_source'] or 'not sampled (no GPU)'}")
     print(f"wrote {path}")
     return rows

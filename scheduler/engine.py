@@ -60,6 +60,7 @@ log = logging.getLogger(__name__)
 # saturated groups (docs/scaling.md): 64 → GetJob 75 ms and 512 submits 19 s; 8 → 11 ms and 2.9 s,
 # the same step rate.
 RECEIVE_BURST = 8
+SOCKET_GONE_GRACE_S = 0.2  # a failed send declares its worker lost this much later (its Goodbye first)
 
 
 @dataclass
@@ -241,6 +242,20 @@ class Engine:
         self._on_serving_change(self.serving())
         self.wake()
 
+    def _socket_gone(self, worker: WorkerHandle) -> None:
+        """A send to the worker failed (its connection closed). A worker that left said Goodbye
+        first, and that message may be waiting right behind the Result just handled: the loss is
+        declared a moment later, so the Goodbye's reason (e.g. "SIGTERM") is the one on record."""
+        if worker.lost_soon:
+            return
+        worker.lost_soon = True
+
+        def lost() -> None:
+            if self._registry.get(worker.id) is worker:
+                self.worker_lost(worker.id, "its socket is gone")
+
+        asyncio.get_running_loop().call_later(SOCKET_GONE_GRACE_S, lost)
+
     def wake(self) -> None:
         self._wake.set()
 
@@ -290,7 +305,7 @@ class Engine:
                 await self._admission.place()
             for worker in self._registry.idle():
                 if not await self._steps.dispatch(worker):
-                    self.worker_lost(worker.id, "its socket is gone")
+                    self._socket_gone(worker)
 
     async def _receive_loop(self) -> None:
         burst = 0
@@ -335,7 +350,7 @@ class Engine:
         if self._steps.trace is not None:
             self._steps.trace.ready(worker_id, received)
         if not await self._steps.dispatch(worker):
-            self.worker_lost(worker.id, "its socket is gone")
+            self._socket_gone(worker)
         return True
 
     async def _handle(self, worker_id: str, msg: wpb.WorkerMessage, frames: list) -> None:

@@ -20,7 +20,7 @@ from jobs_util import LONG_JOB, npy_output, wait_step
 from diffserve.v1 import generation_pb2 as pb
 
 SHORT = dict(prompt="a short walk", height=32, width=32, num_frames=1, num_inference_steps=2, guidance_scale=5.0, output_format="npy")
-RUNNING = dict(LONG_JOB, num_inference_steps=200)  # long enough to kill mid-denoise, short enough to run twice
+RUNNING = dict(LONG_JOB, num_inference_steps=600)  # long enough to kill mid-denoise (~3 s at ~5 ms a step), short enough to run twice
 FLAGS = ("--max-resident", "1", "--max-batch-size", "1")
 
 
