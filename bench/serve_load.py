@@ -104,7 +104,7 @@ WORKLOADS = {
     "same-shape": Workload("same-shape", tuple(Spec(0.0, 480, 832, (20, 30)[i % 2], 201 + i) for i in range(16))),
     "solo": Workload("solo", tuple(Spec(0.0, 480, 832, 50, 301 + i) for i in range(4)), sequential=True),
     # Stages of arrivals beside a running batch (issue 15, item 3): 4 images denoising, 2 short videos
-    # arriving whose encode and (long) decode ran between the images' steps before --concurrent-stages.
+    # arriving whose encode and (long) decode run between the images' steps: the stall item 3 of issue 15 is about.
     "arrivals": Workload("arrivals", (
         *(Spec(0.0, 480, 832, 60, 401 + i) for i in range(4)),
         Spec(0.3, 480, 832, 4, 411, frames=33),

@@ -1,8 +1,7 @@
 """Batching policy: which command a worker group runs next, with a fair share between shapes.
 
 Contract: `FairShare.next_plan(worker_id, jobs, max_batch)` returns the next command's plan for
-the jobs resident on one idle worker, or None (`stages=False` / `steps=False`: only the other
-kind, for a worker whose lane for that kind is busy); `charge(worker_id, plan, elapsed_s)` books the
+the jobs resident on one idle worker, or None; `charge(worker_id, plan, elapsed_s)` books the
 worker time a finished command took; `forget(worker_id)` drops a lost worker's accounts. The
 step loop (steps.py) owns one FairShare and measures `elapsed_s` itself (dispatch → Result), so a
 worker cannot claim a cheaper step than it took. `next_plan(jobs, max_batch)` alone is the same
@@ -109,10 +108,7 @@ class Accounts:
         self.charges += 1
 
 
-def next_plan(jobs: Iterable[Job], max_batch: int, accounts: Accounts | None = None, *, stages: bool = True,
-              steps: bool = True) -> Plan | None:
-    """The next command's plan; `stages` / `steps` False leave that kind out (a worker's lane for
-    it is busy: workers with concurrent stages, steps.py)."""
+def next_plan(jobs: Iterable[Job], max_batch: int, accounts: Accounts | None = None) -> Plan | None:
     stage: Job | None = None
     shapes: set[Shape] = set()
     groups: dict[Shape, list[Job]] = {}
@@ -123,13 +119,13 @@ def next_plan(jobs: Iterable[Job], max_batch: int, accounts: Accounts | None = N
             shapes.add(shape)
             if not job.in_flight:
                 groups.setdefault(shape, []).append(job)
-        elif stages and phase in STAGES and not job.in_flight and (stage is None or _order(job) < _order(stage)):
+        elif phase in STAGES and not job.in_flight and (stage is None or _order(job) < _order(stage)):
             stage = job
     if stage is not None:
         return Plan(stage.phase, [stage])
     accounts = accounts if accounts is not None else Accounts()
     accounts.sync(shapes)
-    if not groups or not steps:
+    if not groups:
         return None
     for shape, group in groups.items():
         if len(group) > 1:
@@ -150,8 +146,8 @@ class FairShare:
     def __init__(self) -> None:
         self._accounts: dict[str, Accounts] = {}
 
-    def next_plan(self, worker_id: str, jobs: Iterable[Job], max_batch: int, *, stages: bool = True, steps: bool = True) -> Plan | None:
-        return next_plan(jobs, max_batch, self._accounts.setdefault(worker_id, Accounts()), stages=stages, steps=steps)
+    def next_plan(self, worker_id: str, jobs: Iterable[Job], max_batch: int) -> Plan | None:
+        return next_plan(jobs, max_batch, self._accounts.setdefault(worker_id, Accounts()))
 
     def charge(self, worker_id: str, plan: Plan, elapsed_s: float) -> None:
         accounts = self._accounts.get(worker_id)

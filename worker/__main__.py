@@ -181,13 +181,10 @@ def main(argv=None) -> int:
         max_batch_size=args.max_batch_size,
         max_resident=args.max_resident,
         world_size=parallel.world_size,
-        concurrent_stages=parallel.world_size == 1 and args.concurrent_stages,
     )
     conn = SchedulerConnection(args.scheduler, worker_id, hello, runtime.status, args.parent_pid or None, curve=curve)
     signals.conn, signals.serving = conn, True
     conn.start()
-    if hello.concurrent_stages:
-        runtime.start_stage_lane(conn)
     try:
         runtime.serve(conn)
     except KeyboardInterrupt:

@@ -76,9 +76,6 @@ WORKER_FLAGS: tuple[Flag, ...] = (
     Flag("--cuda-graph-max-tokens", dict(type=int, default=4096, metavar="N",
                                          help="with --cuda-graphs auto: capture forwards of at most N latent tokens (all rows) per GPU "
                                               "of the group; larger ones are GPU-bound and gain nothing (bench/NOTES.md; default 4096)")),
-    Flag("--concurrent-stages", dict(action="store_true",
-                                     help="run encode / prepare / decode beside the denoising steps, on a thread and CUDA stream of "
-                                          "their own (one-GPU workers; default: between steps; docs/architecture.md)")),
     Flag("--warmup", dict(action="store_true", help="warm up before serving (the first request is not the slow one)")),
     Flag("--warmup-shape", dict(action="append", default=[], metavar="HxWxF", help="shape bucket to warm up (repeatable; default: the model's default size)")),
     Flag("--num-gpus", dict(type=int, default=1, help="processes (GPUs) in the worker group (default 1)")),

@@ -175,22 +175,20 @@ class Goodbye(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "description", "card", "max_batch_size", "max_resident", "world_size", "concurrent_stages")
+    __slots__ = ("protocol_version", "description", "card", "max_batch_size", "max_resident", "world_size")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     CARD_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_RESIDENT_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
-    CONCURRENT_STAGES_FIELD_NUMBER: _ClassVar[int]
     protocol_version: ProtocolVersion
     description: str
     card: ModelCard
     max_batch_size: int
     max_resident: int
     world_size: int
-    concurrent_stages: bool
-    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., description: _Optional[str] = ..., card: _Optional[_Union[ModelCard, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., max_resident: _Optional[int] = ..., world_size: _Optional[int] = ..., concurrent_stages: _Optional[bool] = ...) -> None: ...
+    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., description: _Optional[str] = ..., card: _Optional[_Union[ModelCard, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., max_resident: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class ModelCard(_message.Message):
     __slots__ = ("name", "family", "task", "defaults", "limits", "guidance_kind", "num_experts")
