@@ -1,0 +1,132 @@
+"""Reads a demo scene's attributes back from pixels: does a generated picture show what its
+caption asked for? (issue 16: the built-in model's quality test, and the yardstick for
+accelerations that trade exactness for speed.)
+
+    read(pixels) -> Reading(background, colour, shape, place, size, direction)
+    judge(scene, pixels) -> {"colour": bool, "background": bool, "shape": bool, "place": bool, "motion": bool}
+
+How: the background is the nearest palette colour to the median of the border pixels; the pixels
+farther than a threshold from it give the object's colour (the nearest palette colour to their
+median); the object is then every pixel nearer that colour than the background's. Its place is the nearest place centre to its centroid (frame 0). Its shape comes from how
+much of its bounding box it fills and how much of the disc around its centroid that reaches its
+farthest pixel (the nearest of four prototypes: square, circle, triangle, star); its size from that
+disc's radius. A clip's direction is the larger axis of the centroid's travel from the first frame
+to the last. Numpy only; pixels are uint8 (F, H, W, 3) or (H, W, 3).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from diffserve.demo.data import COLOURS, PLACES, SIZE, Scene
+
+_PALETTE = np.array(list(COLOURS.values()), dtype=np.float64)
+_NAMES = list(COLOURS)
+OBJECT_DISTANCE = 80.0  # RGB distance from the background above which a pixel is the object
+# Each shape's (share of its bounding box, share of its enclosing disc) as data.py draws them; a mask
+# is the shape whose pair is nearest.
+PROTOTYPES = {"square": (1.0, 0.66), "circle": (0.79, 0.92), "triangle": (0.52, 0.43), "star": (0.40, 0.31)}
+SMALL_RADIUS_MAX = 12.5  # pixels from the centroid to the farthest object pixel: small shapes ~9-10, large ~16-18
+
+
+@dataclass(frozen=True)
+class Reading:
+    background: str
+    colour: str | None  # None: no object found
+    shape: str | None
+    place: str | None
+    size: str | None
+    direction: str | None  # clips only
+
+
+def nearest_colour(rgb) -> str:
+    return _NAMES[int(np.argmin(((_PALETTE - np.asarray(rgb, dtype=np.float64)) ** 2).sum(-1)))]
+
+
+def _frames(pixels: np.ndarray) -> np.ndarray:
+    pixels = np.asarray(pixels)
+    return pixels[None] if pixels.ndim == 3 else pixels
+
+
+def _object(frame: np.ndarray, background_rgb: np.ndarray) -> np.ndarray:
+    return np.sqrt(((frame.astype(np.float64) - background_rgb) ** 2).sum(-1)) > OBJECT_DISTANCE
+
+
+def _radius(mask: np.ndarray) -> float:
+    """From the centroid to the farthest object pixel's far edge."""
+    ys, xs = np.nonzero(mask)
+    return float(np.sqrt((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2).max()) + 0.5
+
+
+def _nearer(frame: np.ndarray, object_rgb: np.ndarray, background_rgb: np.ndarray) -> np.ndarray:
+    pixels = frame.astype(np.float64)
+    return ((pixels - object_rgb) ** 2).sum(-1) < ((pixels - background_rgb) ** 2).sum(-1)
+
+
+def _shape(mask: np.ndarray) -> str:
+    ys, xs = np.nonzero(mask)
+    area = mask.sum()
+    box = area / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
+    disc = area / (np.pi * _radius(mask) ** 2)
+    return min(PROTOTYPES, key=lambda k: (PROTOTYPES[k][0] - box) ** 2 + (PROTOTYPES[k][1] - disc) ** 2)
+
+
+def _centroid(mask: np.ndarray) -> tuple[float, float]:
+    ys, xs = np.nonzero(mask)
+    return float(xs.mean()) + 0.5, float(ys.mean()) + 0.5
+
+
+def read(pixels: np.ndarray) -> Reading:
+    frames = _frames(pixels)
+    h, w = frames.shape[1:3]
+    scale = SIZE / max(h, w)
+    first = frames[0]
+    border = np.concatenate([first[0], first[-1], first[:, 0], first[:, -1]]).astype(np.float64)
+    background = nearest_colour(np.median(border, axis=0))
+    background_rgb = np.asarray(COLOURS[background], dtype=np.float64)
+    rough = _object(first, background_rgb)
+    if rough.sum() < 8:
+        return Reading(background, None, None, None, None, None)
+    # Its colour from its core: the half of those pixels farthest from the background (edges blend).
+    distance = np.sqrt(((first.astype(np.float64) - background_rgb) ** 2).sum(-1))[rough]
+    core = first[rough][distance >= np.median(distance)]
+    colour = nearest_colour(np.median(core.astype(np.float64), axis=0))
+    # The object's outline: pixels nearer its colour than the background's (the halfway line of a
+    # blurred edge), so a soft picture keeps the shape's proportions.
+    masks = [_nearer(f, np.asarray(COLOURS[colour], dtype=np.float64), background_rgb) for f in frames]
+    mask = masks[0]
+    if mask.sum() < 8:
+        return Reading(background, colour, None, None, None, None)
+    cx, cy = _centroid(mask)
+    cx, cy = cx * scale, cy * scale
+    place = min(PLACES, key=lambda p: (PLACES[p][1][0] - cx) ** 2 + (PLACES[p][1][1] - cy) ** 2)
+    size = "small" if _radius(mask) * scale <= SMALL_RADIUS_MAX else "large"
+    direction = None
+    if len(frames) > 1 and masks[-1].sum() >= 8:
+        (x0, y0), (x1, y1) = _centroid(masks[0]), _centroid(masks[-1])
+        dx, dy = x1 - x0, y1 - y0
+        direction = ("right" if dx > 0 else "left") if abs(dx) >= abs(dy) else ("down" if dy > 0 else "up")
+    return Reading(background, colour, _shape(mask), place, size, direction)
+
+
+def judge(scene: Scene, pixels: np.ndarray) -> dict[str, bool]:
+    """Which of the scene's attributes the pixels show. Stills: colour, background, shape, place
+    (and size); clips: colour, background, shape, motion."""
+    r = read(pixels)
+    verdict = {"colour": r.colour == scene.colour, "background": r.background == scene.background, "shape": r.shape == scene.shape}
+    if scene.direction:
+        verdict["motion"] = r.direction == scene.direction
+    else:
+        verdict["place"] = r.place == scene.place
+        verdict["size"] = r.size == scene.size
+    return verdict
+
+
+def score(verdicts: list[dict[str, bool]]) -> dict[str, float]:
+    """Share of scenes with each attribute right; "colour+background" needs both."""
+    keys = sorted({k for v in verdicts for k in v})
+    out = {k: float(np.mean([v[k] for v in verdicts if k in v])) for k in keys}
+    out["colour+background"] = float(np.mean([v["colour"] and v["background"] for v in verdicts]))
+    return out
