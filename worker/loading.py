@@ -37,6 +37,24 @@ def read_model_index(root: Path) -> dict:
     return json.loads((root / "model_index.json").read_text())
 
 
+CARD_DEFAULTS_FILE = "diffserve.json"
+CARD_DEFAULT_FIELDS = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps")
+
+
+def card_defaults(root: Path) -> dict:
+    """The model's own defaults for its card, from `diffserve.json` beside model_index.json:
+    {"defaults": {"height": 64, "num_frames": 1, ...}} (any of CARD_DEFAULT_FIELDS), for checkpoints
+    whose sizes the family's published defaults do not fit (the built-in demo model). {} when absent."""
+    path = Path(root) / CARD_DEFAULTS_FILE
+    if not path.is_file():
+        return {}
+    defaults = json.loads(path.read_text()).get("defaults", {})
+    unknown = set(defaults) - set(CARD_DEFAULT_FIELDS)
+    if unknown:
+        raise ValueError(f"{path}: unknown defaults {sorted(unknown)} (known: {', '.join(CARD_DEFAULT_FIELDS)})")
+    return defaults
+
+
 def component_class(index: dict, name: str) -> tuple[str, str]:
     entry = index.get(name)
     if not isinstance(entry, list) or len(entry) != 2 or entry[1] is None:

@@ -155,6 +155,7 @@ class WanPipeline:
 
     def __init__(self, root: Path, name: str, device: torch.device, dtype: torch.dtype):
         index = loading.read_model_index(root)
+        self.root = root
         self.device, self.dtype = device, dtype
         self.variant = v = WanVariant.from_index(root, index)
         self.capabilities = v.capabilities
@@ -235,6 +236,8 @@ class WanPipeline:
         )
         if v.dmd:
             self._fastwan_card(card)
+        for field, value in loading.card_defaults(self.root).items():  # the checkpoint's own (diffserve.json)
+            setattr(card.defaults, field, value)
         return card
 
     def _fastwan_card(self, card: pb.Model) -> None:
