@@ -7,7 +7,6 @@ another principal is answered exactly like a job that does not exist (NOT_FOUND)
 
 from __future__ import annotations
 
-import asyncio
 import logging
 
 import grpc
@@ -112,12 +111,18 @@ class GenerationService(pb_grpc.GenerationServiceServicer):
                                                   timeout_s=context.time_remaining(), priority=_priority(request))
         except errors.RequestError as exc:
             await errors.abort(context, exc.status)
+        ended = False
         try:
             async for event in self.door.events(job):
                 yield event
-        except asyncio.CancelledError:
-            self.door.cancel_bound(job, created)  # the client went away or its deadline passed: the job was bound to this call
-            raise
+            ended = True
+        finally:
+            # The client went away or its deadline passed: the job was bound to this call. The
+            # cancellation reaches this generator as CancelledError while it waits for an event,
+            # but as GeneratorExit when it lands while grpc is sending one (then grpc drops the
+            # generator and it is closed): both end here.
+            if not ended:
+                self.door.cancel_bound(job, created)
 
     async def StreamJobEvents(self, request: pb.StreamJobEventsRequest, context):
         try:
