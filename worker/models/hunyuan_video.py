@@ -42,6 +42,7 @@ from diffserve.worker.models.layers import (
     qk_norm_rope,
 )
 from diffserve.worker.models.rope import grid_tables, rotary_tables
+from diffserve.worker.transfer import to_device
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +148,7 @@ def prefix_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_leng
         rows = [b for b, nb in enumerate(key_lengths) if nb == n]
         if len(rows) == q.shape[0]:
             return attention(q, k[:, :n], v[:, :n])
-        idx = torch.tensor(rows, device=q.device)
+        idx = to_device(rows, q.device)
         out[idx] = attention(q[idx], k[idx, :n], v[idx, :n]).to(out.dtype)
     return out
 
@@ -212,7 +213,7 @@ class TokenRefiner(nn.Module):
     def forward(self, text: torch.Tensor, timestep: torch.Tensor, lengths: Sequence[int]) -> torch.Tensor:
         # text (B, S, in_dim) -> (B, S, D)
         s = text.shape[1]
-        mask = (torch.arange(s, device=text.device)[None, :] < torch.tensor(lengths, device=text.device)[:, None])
+        mask = torch.arange(s, device=text.device)[None, :] < to_device(lengths, text.device)[:, None]
         mask = mask.float().unsqueeze(-1)  # (B, S, 1)
         pooled = ((text * mask).sum(dim=1) / mask.sum(dim=1)).to(text.dtype)  # masked mean (B, in_dim)
         temb = self.time_text_embed(timestep, pooled)

@@ -26,6 +26,7 @@ from diffserve.worker.pipelines.denoise import Unguided, run_step
 from diffserve.worker.pipelines.latents import calculate_shift, latent_shape, pack, unpack
 from diffserve.worker.pipelines.stages import initial_noise, to_uint8_frames
 from diffserve.worker.v1 import worker_pb2 as wpb
+from diffserve.worker.transfer import to_device
 
 T5_LENGTH = 512  # FluxPipeline's max_sequence_length default (and maximum)
 DEFAULT_SIZE = 1024
@@ -160,7 +161,7 @@ class FluxPipeline:
         t = torch.stack([s.timesteps[s.step] for s in group]).float()  # (B,)
         guidance = None
         if self.guidance_embeds:
-            guidance = torch.tensor([s.request.embedded_guidance for s in group], dtype=torch.float32, device=self.device)
+            guidance = to_device([s.request.embedded_guidance for s in group], self.device, torch.float32)
         context = torch.cat([s.cond for s in group])  # (B, 512, J)
         pooled = torch.cat([s.pooled for s in group])  # (B, P)
         txt_ids = torch.zeros(context.shape[1], 3, device=self.device)

@@ -28,6 +28,7 @@ from diffserve.worker.pipelines.denoise import Unguided, pad_texts, run_step
 from diffserve.worker.pipelines.latents import latent_shape
 from diffserve.worker.pipelines.stages import initial_noise, to_uint8_frames
 from diffserve.worker.v1 import worker_pb2 as wpb
+from diffserve.worker.transfer import to_device
 
 # diffusers' DEFAULT_PROMPT_TEMPLATE for HunyuanVideo (the text of the original release).
 PROMPT_TEMPLATE = (
@@ -146,7 +147,7 @@ class HunyuanVideoT2VPipeline:
         latents = torch.cat([s.latents for s in group]).to(self.dtype)  # (B, C, F, H, W)
         t = torch.stack([s.timesteps[s.step] for s in group]).float()  # (B,)
         pooled = torch.cat([s.pooled for s in group])
-        guidance = torch.tensor([s.request.embedded_guidance for s in group], dtype=torch.float32, device=self.device)
+        guidance = to_device([s.request.embedded_guidance for s in group], self.device, torch.float32)
         return latents, t, text, lengths, pooled, guidance
 
     def denoise_step(self, states: list[HunyuanVideoState]) -> int:

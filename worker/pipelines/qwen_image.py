@@ -34,6 +34,7 @@ from diffserve.worker.pipelines.denoise import Cfg, contexts, pad_texts, per_row
 from diffserve.worker.pipelines.latents import calculate_shift, latent_shape, pack, unpack
 from diffserve.worker.pipelines.stages import initial_noise, to_uint8_frames
 from diffserve.worker.v1 import worker_pb2 as wpb
+from diffserve.worker.transfer import to_device
 
 MAX_TEXT_TOKENS = 1024  # the reference's tokenizer_max_length / max_sequence_length
 EDIT_TARGET_AREA = 1024 * 1024  # Edit resizes the input image to about this many pixels
@@ -155,7 +156,7 @@ class _QwenImageBase:
         longest = text.shape[1]
         mask = None
         if min(lengths) < longest:
-            mask = torch.arange(longest, device=self.device)[None, :] < torch.tensor(lengths, device=self.device)[:, None]
+            mask = torch.arange(longest, device=self.device)[None, :] < to_device(lengths, self.device)[:, None]
         t = torch.stack(per_row(group, uncond, lambda s: s.timesteps[s.step]))  # (R,) as the sampler gives them (the DiT scales them)
         x = torch.cat(per_row(group, uncond, latents)).to(self.dtype)
         return x, t, text.to(self.dtype), mask, list(group[0].image_shapes)
