@@ -236,6 +236,19 @@ def service_side(ckpt: Path, workdir: Path, workload: Workload, args, gpu: GpuBu
     server = Server(ckpt, workdir, extra + args.serve_arg, startup_timeout_s=180 if args.tiny else 600)
     startup_s = time.perf_counter() - started
     print(f"server ready (load + warm-up at {len(shapes(workload.jobs))} shape(s)): {startup_s:.0f} s", flush=True)
+    expired, finished = threading.Event(), threading.Event()
+
+    def expire() -> None:  # a hung run costs at most --timeout-s, and says where it hung
+        expired.set()
+        print(f"error: the run took more than {args.timeout_s:g} s: the workers' stacks follow (SIGUSR1), then SIGKILL", flush=True)
+        server.dump_stacks()
+        time.sleep(3)
+        if not finished.is_set():
+            server.kill()
+
+    watchdog = threading.Timer(args.timeout_s, expire)
+    watchdog.daemon = True
+    watchdog.start()
     try:
         if not args.no_warm_pass:
             warm = replace(workload, jobs=tuple(replace(s, arrival_s=0.0, steps=2) for s in workload.jobs), sequential=False)
@@ -243,7 +256,13 @@ def service_side(ckpt: Path, workdir: Path, workload: Workload, args, gpu: GpuBu
             asyncio.run(run_service_jobs(server.target, warm))
             print(f"warm pass ({len(warm.jobs)} jobs, 2 steps each): {time.perf_counter() - started:.1f} s", flush=True)
         t0, jobs = asyncio.run(run_service_jobs(server.target, workload))
+    except BaseException:
+        if expired.is_set():
+            raise SystemExit(f"error: timed out after {args.timeout_s:g} s (--timeout-s)") from None
+        raise
     finally:
+        finished.set()
+        watchdog.cancel()
         server.client.close()
         server.stop()
     first, last = min(j["submitted"] for j in jobs), max(j["done"] for j in jobs)
@@ -314,6 +333,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--skip-diffusers", action="store_true", help="only the service side (no ratio)")
     p.add_argument("--no-warm-pass", action="store_true", help="no untimed 2-step pass of the workload before the timed run")
     p.add_argument("--checkpoint", default="", help="Wan2.1 folder to use; if it does not exist, the random one is built there and kept (a later run on the same machine reuses it)")
+    p.add_argument("--timeout-s", type=float, default=300.0,
+                   help="give up on the service side after this long (warm pass + timed run): dump the workers' stacks, kill (default 300)")
     p.add_argument("--tiny", action="store_true", help="tiny checkpoint on the CPU, tiny shapes, a handful of jobs (checks the script)")
     p.add_argument("--suffix", default="", help="appended to the JSON name (e.g. graphs)")
     p.add_argument("--out", default="", help="folder for the JSON (default $OUT, else bench/results; --tiny: a temporary folder)")

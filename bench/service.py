@@ -12,6 +12,8 @@ blocking `Client` on it; `stop()` sends SIGINT and waits. Its outputs and state 
 
 from __future__ import annotations
 
+import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -80,6 +82,42 @@ class Server:
         if time.monotonic() > deadline:
             self.stop()
             raise SystemExit("error: the server did not start in time")
+
+    def workers(self) -> list[int]:
+        """The pids of the worker processes under the server (from /proc: no psutil on the device)."""
+        children: dict[int, list[int]] = {}
+        for entry in os.listdir("/proc"):
+            if entry.isdigit():
+                try:
+                    with open(f"/proc/{entry}/stat") as f:
+                        ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                    with open(f"/proc/{entry}/cmdline", "rb") as f:
+                        cmdline = f.read()
+                except (OSError, ValueError, IndexError):
+                    continue
+                children.setdefault(ppid, []).append(int(entry))
+                if b"diffserve.worker" in cmdline:
+                    children.setdefault(-1, []).append(int(entry))
+        under, todo = set(), [self.proc.pid]
+        while todo:
+            pid = todo.pop()
+            for child in children.get(pid, []):
+                if child not in under:
+                    under.add(child)
+                    todo.append(child)
+        return sorted(under & set(children.get(-1, [])))
+
+    def dump_stacks(self) -> None:
+        """SIGUSR1 to every worker: each prints its threads' Python stacks to stderr (worker/__main__.py)."""
+        for pid in self.workers():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGUSR1)
+
+    def kill(self) -> None:
+        """SIGKILL to the server and its workers (after a timeout: no drain)."""
+        for pid in [*self.workers(), self.proc.pid]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
     def stop(self) -> None:
         if self.proc.poll() is None:

@@ -14,6 +14,7 @@ it notices within a poll).
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import os
 import platform
@@ -71,6 +72,9 @@ class Signals:
         self.received = 0
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._handle)
+        # SIGUSR1: every thread's Python stack to stderr, and the worker goes on (a hung worker
+        # tells where it hangs: docs/cli.md, bench/service.py on a benchmark's timeout).
+        faulthandler.register(signal.SIGUSR1, all_threads=True)
 
     def _handle(self, signum: int, frame) -> None:
         name = signal.Signals(signum).name

@@ -208,6 +208,22 @@ def test_sigterm_to_a_worker_says_goodbye(tiny_wan, tmp_path, commands):
     server.assert_nothing_left()
 
 
+def test_sigusr1_to_a_worker_prints_its_stacks_and_it_goes_on(tiny_wan, tmp_path, commands):
+    """A worker that seems hung can be asked where it is: SIGUSR1 prints every thread's stack on
+    its stderr (serve's, for a local worker), and the worker keeps serving."""
+    server = serve(commands, tmp_path / "serve", "--model-path", str(tiny_wan))
+    client = connect(server)
+    wait_serving(client, server)
+    (worker,) = [p for p in psutil.Process(server.proc.pid).children(recursive=True) if "diffserve.worker" in " ".join(p.cmdline())]
+    os.kill(worker.pid, signal.SIGUSR1)
+    server.wait_text("(most recent call first)", 30)
+    assert "connection.py" in server.text() and "runtime.py" in server.text()  # the I/O thread and the compute loop
+    job = client.submit(prompt="still here", height=32, width=32, num_frames=1, num_inference_steps=2, output_format="npy")
+    assert client.wait(job.id).state == pb.JOB_STATE_SUCCEEDED
+    server.proc.send_signal(signal.SIGTERM)
+    assert server.exit_code(30)[0] == 0
+
+
 def test_a_worker_that_cannot_import_torch_is_fatal_at_once(tiny_wan, tmp_path, commands):
     """Not after the 600 s startup timeout: serve and generate exit non-zero with its error lines."""
     env = no_torch(tmp_path)
