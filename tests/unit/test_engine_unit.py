@@ -528,3 +528,32 @@ def test_the_serve_flag_default_is_the_wire_cap():
     parser = argparse.ArgumentParser()
     add_serve_flags(parser)
     assert parser.parse_args([]).max_worker_message_bytes == DEFAULT_MAX_MESSAGE_BYTES
+
+
+@pytest.mark.parametrize("goodbye", [True, False], ids=["goodbye-behind-the-result", "silence"])
+def test_a_failed_send_waits_for_a_goodbye_before_declaring_the_worker_lost(tmp_path, goodbye):
+    """A worker that leaves sends its last Result, then Goodbye, and closes its socket: the send of
+    its next command fails before the Goodbye is read. The loss is declared a moment later, so the
+    Goodbye's reason is the one on record; without a Goodbye it is "its socket is gone"."""
+    async def main():
+        async with Harness(tmp_path) as h:
+            await h.register("w1")
+            job, _ = h.engine.submit(PARAMS)
+            encode = await h.next_compute(1)
+
+            async def refuse(worker_id, command):
+                h.link.sent.append((worker_id, command))
+                return False
+
+            h.link.send = refuse  # its socket is closed: the next command cannot go out
+            await h.answer(encode)
+            await until(lambda: h.engine._registry.get("w1").lost_soon, "the failed send")
+            assert h.engine._registry.get("w1") is not None and job.attempt == 1  # not declared lost yet
+            if goodbye:
+                await h.link.inbox.put(("w1", wpb.WorkerMessage(goodbye=wpb.Goodbye(reason="SIGTERM on host pid 1")), []))
+            await until(lambda: h.engine._registry.get("w1") is None, "the loss", 2)
+            restarted = next(e.restarted for e in job.events if e.WhichOneof("event") == "restarted")
+            expected = "shutting down ('SIGTERM on host pid 1')" if goodbye else "its socket is gone"
+            assert expected in restarted.reason, restarted.reason
+
+    run(main())
