@@ -7,6 +7,7 @@ A denoising command returns once its step is launched, not run (pipelined steps,
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 import traceback
@@ -62,8 +63,8 @@ class Runtime:
         self.group_broken = False
         device = getattr(pipeline, "device", None)
         self.fence = StepFence(device)  # pipelined steps: see step_fence.py
-        self.trace = StepTrace.from_env() if device is not None and torch.device(device).type == "cuda" else None
-        self.sync_debug = SyncDebug.from_env(device)
+        self.trace = StepTrace.from_env(device)  # bench instruments, off unless set (step_trace.py)
+        self.sync_debug = SyncDebug.from_env(device) or contextlib.nullcontext()
 
     def status(self) -> pb.WorkerStatus:
         """The heartbeat's status (called on the connection's I/O thread, once a second)."""
@@ -177,10 +178,7 @@ class Runtime:
                 self.fence.before_launch()
                 if self.trace is not None:
                     self.trace.before_step()
-                if self.sync_debug is not None:
-                    with self.sync_debug:
-                        rows = self.pipeline.denoise_step(runnable)
-                else:
+                with self.sync_debug:
                     rows = self.pipeline.denoise_step(runnable)
                 self.fence.launched()
                 if self.trace is not None:

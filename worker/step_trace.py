@@ -56,9 +56,9 @@ class StepTrace:
         self._profiler = None
 
     @classmethod
-    def from_env(cls) -> StepTrace | None:
+    def from_env(cls, device) -> StepTrace | None:
         path = os.environ.get("DIFFSERVE_STEP_TRACE", "")
-        if not path:
+        if not path or device is None or torch.device(device).type != "cuda":
             return None
         skip, count = (int(x) for x in os.environ.get("DIFFSERVE_STEP_TRACE_WINDOW", "20:25").split(":"))
         return cls(path, skip, count)

@@ -68,23 +68,19 @@ class HostUniPC(UniPCMultistepScheduler):
             x_coef, m0_coef, res_coef = alpha_t / alpha_s0, sigma_t * h_phi_1, sigma_t * B_h
         return x_coef, m0_coef, res_coef, rhos, rk_list
 
-    @staticmethod
-    def _scale(value: torch.Tensor, dtype: torch.dtype) -> float:
-        """A host scalar as the float the device kernel would use for a 0-dim tensor of `dtype`."""
-        return value.to(dtype).item() if isinstance(value, torch.Tensor) else float(value)
+    def _differences(self, m0: torch.Tensor, rks: list, order: int) -> list[torch.Tensor]:
+        """diffusers' D1s: (m_i - m0) / rk_i for the earlier model outputs."""
+        return [(self.model_outputs[-(i + 1)] - m0) / rks[i - 1].item() for i in range(1, order)]
 
     def multistep_uni_p_bh_update(self, model_output: torch.Tensor, *args, sample: torch.Tensor = None, order: int = None, **kwargs):
         if not self._host_path() or sample is None or order is None or args:
             return super().multistep_uni_p_bh_update(model_output, *args, sample=sample, order=order, **kwargs)
-        outputs = self.model_outputs
-        m0, x = outputs[-1], sample
+        m0, x = self.model_outputs[-1], sample
         i0 = self.step_index
         x_coef, m0_coef, res_coef, rhos, rks = self._coefficients(i0 + 1, i0, [i0 - i for i in range(1, order)], order, corrector=False)
         x_t = x_coef * x - m0_coef * m0
         if rks:
-            # diffusers: D1s = (m_i - m0) / rk_i stacked, pred_res = einsum("k,bkc...", rhos, D1s)
-            d1s = [(outputs[-(i + 1)] - m0) / rks[i - 1].item() for i in range(1, order)]
-            pred_res = _weighted_sum(rhos, d1s, x.dtype)
+            pred_res = _weighted_sum(rhos, self._differences(m0, rks, order), x.dtype)  # diffusers' einsum("k,bkc...", rhos, D1s)
             x_t = x_t - res_coef * pred_res
         return x_t.to(x.dtype)
 
@@ -93,16 +89,14 @@ class HostUniPC(UniPCMultistepScheduler):
         if not self._host_path() or last_sample is None or this_sample is None or order is None or args:
             return super().multistep_uni_c_bh_update(this_model_output, *args, last_sample=last_sample, this_sample=this_sample,
                                                      order=order, **kwargs)
-        outputs = self.model_outputs
-        m0, x = outputs[-1], last_sample
+        m0, x = self.model_outputs[-1], last_sample
         i0 = self.step_index
         x_coef, m0_coef, res_coef, rhos, rks = self._coefficients(i0, i0 - 1, [i0 - (i + 1) for i in range(1, order)], order, corrector=True)
         x_t = x_coef * x - m0_coef * m0
         d1_t = this_model_output - m0
         last = _as_dtype(rhos[-1], x.dtype) * d1_t
         if rks:
-            d1s = [(outputs[-(i + 1)] - m0) / rks[i - 1].item() for i in range(1, order)]
-            corr_res = _weighted_sum(rhos[:-1], d1s, x.dtype)
+            corr_res = _weighted_sum(rhos[:-1], self._differences(m0, rks, order), x.dtype)
             x_t = x_t - res_coef * (corr_res + last)
         else:
             x_t = x_t - res_coef * (0 + last)
