@@ -12,7 +12,7 @@ script=dit_forward.py
 if [[ $# -gt 0 && $1 == *.py ]]; then script=$1; shift; fi
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
 export PYTHONPATH=/tmp/site:$PWD/bench
-mkdir -p /tmp/pkg/diffserve && for d in scheduler worker kernels client; do ln -sfn "$PWD/$d" /tmp/pkg/diffserve/$d; done
+mkdir -p /tmp/pkg/diffserve && for d in scheduler worker kernels client demo; do ln -sfn "$PWD/$d" /tmp/pkg/diffserve/$d; done
 ln -sfn "$PWD/protos/diffserve/v1" /tmp/pkg/diffserve/v1
 ln -sfn "$PWD/protos/diffserve/worker/v1" "$PWD/worker/v1" 2>/dev/null || true
 export PYTHONPATH=$PYTHONPATH:/tmp/pkg

@@ -1,6 +1,6 @@
 """Trains the built-in demo model on the CPU from a seed (issue 16):
 
-    python -m diffserve.demo.train OUT_DIR [--seed 0] [--vae-steps 600] [--dit-minutes 30] [--threads N]
+    python -m diffserve.demo.train OUT_DIR [--seed 0] [--vae-steps 1200] [--dit-steps 12000] [--threads N] [--device cpu]
 
 1. The VAE (AutoencoderKLWan) on stills and 9-frame clips: L1 reconstruction of the posterior's mean
    (a deterministic autoencoder: the DiT is trained on means), a light L2 pull on the latents. Its
@@ -31,16 +31,25 @@ import torch
 import torch.nn.functional as F
 
 from diffserve.demo import model as demo_model
-from diffserve.demo.data import render, sample
+from diffserve.demo.data import COLOURS, render, sample
+from diffserve.demo.evaluate import judge, score
 
 CAPTION_DROP = 0.1
 CLIP_FRAMES = 9
 
 
-def pixels(scenes) -> torch.Tensor:
+def pixels(scenes, device="cpu") -> torch.Tensor:
     """uint8 renders → (B, 3, F, 64, 64) in [-1, 1]."""
     arrays = np.stack([render(s) for s in scenes])  # (B, F, H, W, 3)
-    return torch.from_numpy(arrays).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+    return torch.from_numpy(arrays).to(device).permute(0, 4, 1, 2, 3).float() / 127.5 - 1
+
+
+def object_weight(scenes, weight: float, device="cpu") -> torch.Tensor:
+    """(B, 1, F, 64, 64): 1 on the background, 1 + weight on the shape's pixels. A shape covers 6-20 %
+    of a picture, so a plain loss is mostly background; the VAE then learns backgrounds first and
+    shapes very late."""
+    masks = np.stack([(render(s) != np.asarray(COLOURS[s.background], dtype=np.uint8)).any(-1) for s in scenes])
+    return 1 + weight * torch.from_numpy(masks).to(device).float().unsqueeze(1)
 
 
 def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
@@ -57,35 +66,67 @@ def decode_unclamped(vae, z: torch.Tensor) -> torch.Tensor:
 
 
 VAE_LR = 1e-4  # AutoencoderKLWan from scratch: at 1e-3 it cannot even overfit one batch (L1 stays ~0.45); 1e-4 learns
+VAE_OBJECT_WEIGHT = 8.0
+VAE_WARMUP = 50
 
 
-def train_vae(vae, steps: int, rng: np.random.Generator, log) -> None:
-    opt = torch.optim.AdamW(vae.parameters(), lr=VAE_LR, betas=(0.9, 0.99), weight_decay=0.0)
+def train_vae(vae, steps: int, rng: np.random.Generator, log, lr: float = VAE_LR, object_weight_: float = VAE_OBJECT_WEIGHT,
+              device="cpu") -> None:
+    opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     vae.train()
     started = time.perf_counter()
     for step in range(steps):
-        lr = VAE_LR * 0.5 * (1 + math.cos(math.pi * step / steps))
         for group in opt.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * min(1.0, (step + 1) / VAE_WARMUP) * 0.5 * (1 + math.cos(math.pi * step / steps))
         clip = step % 4 == 3
         scenes = [sample(int(rng.integers(1 << 31)), frames=CLIP_FRAMES if clip else 1) for _ in range(4 if clip else 16)]
-        x = pixels(scenes)
+        x = pixels(scenes, device)
         z = vae.encode(x).latent_dist.mode()  # the mean: no sampling noise to learn around (the DiT is trained on means)
         y = decode_unclamped(vae, z)
-        loss = (y - x).abs().mean() + 1e-4 * z.pow(2).mean()  # a light pull keeps the latents' scale bounded
+        w = object_weight(scenes, object_weight_, device)
+        loss = ((y - x).abs() * w).sum() / (w.sum() * 3) + 1e-4 * z.pow(2).mean()  # a light pull keeps the latents' scale bounded
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
         opt.step()
-        if step % 50 == 0 or step == steps - 1:
+        if step % 100 == 0 or step == steps - 1:
             log(f"vae step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
     vae.eval()
 
 
 @torch.no_grad()
-def encode_set(vae, scenes, batch: int) -> torch.Tensor:
+def reconstruction_score(vae, device="cpu", out: Path | None = None) -> dict:
+    """The evaluator's reading of the VAE's reconstructions of 40 fixed scenes: what the DiT can at
+    best be scored at. With `out`, also writes out/reconstructions.png (each still above its
+    reconstruction) and lists the misses."""
+    from diffserve.demo.evaluate import read
+
+    scenes = [sample(800_000 + i) for i in range(32)] + [sample(850_000 + i, frames=CLIP_FRAMES) for i in range(8)]
+    verdicts, misses, stills = [], [], None
+    for group in (scenes[:32], scenes[32:]):
+        y = vae.decode(vae.encode(pixels(group, device)).latent_dist.mode()).sample
+        frames = ((y.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 4, 1).cpu().numpy()
+        stills = frames if stills is None else stills
+        for scene, f in zip(group, frames):
+            verdicts.append(judge(scene, f))
+            if not all(verdicts[-1].values()):
+                misses.append(f"{scene.caption} -> {read(f)}")
+    result = {k: round(v, 3) for k, v in score(verdicts).items()}
+    if out is not None:
+        from PIL import Image
+
+        top = np.concatenate([render(s)[0] for s in scenes[:16]], 1)
+        bottom = np.concatenate(list(stills[:16, 0]), 1)
+        Image.fromarray(np.concatenate([top, bottom], 0)).save(out / "reconstructions.png")
+        result["misses"] = misses
+    return result
+
+
+@torch.no_grad()
+def encode_set(vae, scenes, batch: int, device="cpu") -> torch.Tensor:
     out = []
     for i in range(0, len(scenes), batch):
-        out.append(vae.encode(pixels(scenes[i:i + batch])).latent_dist.mode())
+        out.append(vae.encode(pixels(scenes[i:i + batch], device)).latent_dist.mode())
     return torch.cat(out)
 
 
@@ -106,7 +147,9 @@ def embed_text(text_encoder, tok, captions: list[str]) -> torch.Tensor:
 
 def _encode(text_encoder, tok, captions: list[str]) -> tuple[torch.Tensor, list[int]]:
     inputs = tok(captions, padding="longest", truncation=True, max_length=demo_model.MAX_TEXT_TOKENS, return_tensors="pt")
-    return text_encoder(inputs.input_ids, inputs.attention_mask).last_hidden_state, inputs.attention_mask.sum(1).tolist()
+    device = text_encoder.device
+    return (text_encoder(inputs.input_ids.to(device), inputs.attention_mask.to(device)).last_hidden_state,
+            inputs.attention_mask.sum(1).tolist())
 
 
 class CompactText:
@@ -140,7 +183,7 @@ class CompactText:
         states, lengths = _encode(text_encoder, tok, captions)
         width = max(lengths) + 1
         out = states.new_zeros(len(captions), width, states.shape[-1])
-        mask = torch.full((len(captions), 1, 1, width), float("-inf"))
+        mask = torch.full((len(captions), 1, 1, width), float("-inf"), device=states.device)
         for i, n in enumerate(lengths):
             out[i, :n] = states[i, :n]
             mask[i, ..., :n] = 0.0
@@ -149,14 +192,20 @@ class CompactText:
         return out
 
 
+DIT_LR = 5e-4
+DIT_BATCH = 48  # stills per step (a third as many clips)
+
+
 def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
     return shift * u / (1 + (shift - 1) * u)
 
 
-def train_dit(transformer, text_encoder, tok, data: dict, minutes: float, rng: np.random.Generator, log) -> dict:
+def train_dit(transformer, text_encoder, tok, data: dict, steps: int, rng: np.random.Generator, log, device="cpu",
+              lr: float = 0.0, batch: int = 0) -> dict:
     """Flow matching on pre-encoded latents; returns the EMA weights of both modules."""
     params = list(transformer.parameters()) + list(text_encoder.parameters())
-    opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.01)
+    lr, batch = lr or DIT_LR, batch or DIT_BATCH
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
     ema = {"transformer": copy.deepcopy(transformer).eval(), "text_encoder": copy.deepcopy(text_encoder).eval()}
     transformer.train()
     text_encoder.train()
@@ -164,15 +213,16 @@ def train_dit(transformer, text_encoder, tok, data: dict, minutes: float, rng: n
     compact = CompactText()
     compact.install(transformer)
     started = time.perf_counter()
-    step = 0
-    while time.perf_counter() - started < minutes * 60:
+    for step in range(steps):
+        for group in opt.param_groups:
+            group["lr"] = lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         clip = rng.random() < 0.3
         latents, captions = (data["clips"], data["clip_captions"]) if clip else (data["stills"], data["still_captions"])
-        idx = torch.from_numpy(rng.integers(len(latents), size=16 if clip else 48))
-        x0 = latents[idx]
+        idx = torch.from_numpy(rng.integers(len(latents), size=batch // 3 if clip else batch))
+        x0 = latents[idx.to(latents.device)]
         batch_captions = ["" if rng.random() < CAPTION_DROP else captions[i] for i in idx.tolist()]
-        sigma = shifted_sigmas(torch.rand(len(idx), generator=gen), demo_model.SCHEDULER["flow_shift"])
-        noise = torch.randn(x0.shape, generator=gen)
+        sigma = shifted_sigmas(torch.rand(len(idx), generator=gen), demo_model.SCHEDULER["flow_shift"]).to(device)
+        noise = torch.randn(x0.shape, generator=gen).to(device)
         s = sigma.view(-1, 1, 1, 1, 1)
         xt = (1 - s) * x0 + s * noise
         context = compact.embed(text_encoder, tok, batch_captions)
@@ -188,58 +238,115 @@ def train_dit(transformer, text_encoder, tok, data: dict, minutes: float, rng: n
                 for e, p in zip(ema[name].parameters(), live.parameters()):
                     e.lerp_(p, 1 - decay)
         if step % 100 == 0:
-            log(f"dit step {step} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
-        step += 1
-    log(f"dit: {step} steps in {time.perf_counter() - started:.0f} s")
+            log(f"dit step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
+    log(f"dit: {steps} steps in {time.perf_counter() - started:.0f} s")
     for module in (transformer, ema["transformer"]):
         module.set_attn_processor(type(compact.processor).__mro__[1]())  # diffusers' own again
     return ema
+
+
+@torch.no_grad()
+def pipeline_score(path: Path, device: str, steps: int = 20) -> dict:
+    """demo/quality's prompt set drawn by diffusers' WanPipeline from the written folder (the
+    reference path; quality.py scores the same set through diffserve's service)."""
+    from diffusers import WanPipeline
+
+    from diffserve.demo import quality
+
+    pipe = WanPipeline.from_pretrained(path).to(device)
+    pipe.set_progress_bar_config(disable=True)
+
+    drawn = []
+
+    def generate(scene, seed: int) -> np.ndarray:
+        out = pipe(scene.caption, height=64, width=64, num_frames=scene.frames, num_inference_steps=steps,
+                   guidance_scale=demo_model.CARD_DEFAULTS["guidance_scale"], output_type="np",
+                   generator=torch.Generator(device).manual_seed(seed)).frames[0]
+        drawn.append((out * 255).round().astype(np.uint8))
+        return drawn[-1]
+
+    result = quality.evaluate(generate)
+    from PIL import Image
+
+    Image.fromarray(np.concatenate([np.concatenate([d[0] for d in drawn[r * 16:(r + 1) * 16]], 1) for r in range(3)], 0)).save(path / "samples.png")
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m diffserve.demo.train", description=__doc__.split("\n\n")[0])
     p.add_argument("out", help="pipeline folder to write")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vae-steps", type=int, default=600)
-    p.add_argument("--dit-minutes", type=float, default=30.0)
+    p.add_argument("--vae-steps", type=int, default=1200)
+    p.add_argument("--vae-lr", type=float, default=VAE_LR)
+    p.add_argument("--vae-object-weight", type=float, default=VAE_OBJECT_WEIGHT, help="extra loss weight on the shape's pixels")
+    p.add_argument("--vae-decoder-dim", type=int, default=demo_model.VAE["decoder_base_dim"], help="the VAE decoder's base width")
+    p.add_argument("--vae-only", action="store_true", help="stop after the VAE (writes OUT/vae and its reconstruction score)")
+    p.add_argument("--dit-steps", type=int, default=12000)
+    p.add_argument("--dit-lr", type=float, default=DIT_LR)
+    p.add_argument("--dit-batch", type=int, default=DIT_BATCH, help="stills per step (a third as many clips)")
     p.add_argument("--stills", type=int, default=4000, help="scenes encoded for the DiT's training set")
     p.add_argument("--clips", type=int, default=600)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
+    p.add_argument("--device", default="cpu", help="cpu (the reference recipe) or cuda")
     p.add_argument("--vae-from", default="", help="reuse the VAE of an earlier run's folder (skips step 1)")
+    p.add_argument("--dit-from", default="", help="continue from an earlier run's text encoder and DiT")
+    p.add_argument("--no-score", action="store_true", help="skip scoring the written model with WanPipeline")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    device = args.device
     log_lines: list[str] = []
 
     def log(line: str) -> None:
         print(line, flush=True)
         log_lines.append(line)
 
+    def write_record(**extra) -> None:
+        (out / "training.json").write_text(json.dumps({"args": vars(args), "log": log_lines, **extra}, indent=1))
+
     rng = np.random.default_rng(args.seed)
-    vae, text_encoder, transformer = demo_model.new_modules(args.seed)
+    vae, text_encoder, transformer = demo_model.new_modules(args.seed, decoder_base_dim=args.vae_decoder_dim)
     started = time.perf_counter()
     if args.vae_from:
         from diffusers import AutoencoderKLWan
 
-        vae = AutoencoderKLWan.from_pretrained(Path(args.vae_from) / "vae").eval()
+        vae = AutoencoderKLWan.from_pretrained(Path(args.vae_from) / "vae").to(device).eval()
     else:
-        train_vae(vae, args.vae_steps, rng, log)
+        vae.to(device)
+        train_vae(vae, args.vae_steps, rng, log, lr=args.vae_lr, object_weight_=args.vae_object_weight, device=device)
+    recon = reconstruction_score(vae, device, out)
+    log(f"vae reconstructions read back: { {k: v for k, v in recon.items() if k != 'misses'} } ({time.perf_counter() - started:.0f} s so far)")
+    if args.vae_only:
+        vae.cpu().save_pretrained(out / "vae", safe_serialization=True)
+        write_record(reconstruction=recon)
+        return 0
     still_scenes = [sample(int(rng.integers(1 << 31))) for _ in range(args.stills)]
     clip_scenes = [sample(int(rng.integers(1 << 31)), frames=CLIP_FRAMES) for _ in range(args.clips)]
-    stills, clips = encode_set(vae, still_scenes, 64), encode_set(vae, clip_scenes, 8)
+    stills, clips = encode_set(vae, still_scenes, 64, device), encode_set(vae, clip_scenes, 8, device)
     if not args.vae_from:
         set_latent_stats(vae, stills, clips)
-    mean = torch.tensor(vae.config.latents_mean).view(1, -1, 1, 1, 1)
-    std = torch.tensor(vae.config.latents_std).view(1, -1, 1, 1, 1)
+    mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
+    std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
     data = {"stills": (stills - mean) / std, "clips": (clips - mean) / std,
             "still_captions": [s.caption for s in still_scenes], "clip_captions": [s.caption for s in clip_scenes]}
     log(f"encoded {len(still_scenes)} stills and {len(clip_scenes)} clips ({time.perf_counter() - started:.0f} s so far)")
     tok = demo_model.tokenizer()
-    ema = train_dit(transformer, text_encoder, tok, data, args.dit_minutes, rng, log)
-    demo_model.save(out, vae, ema["text_encoder"], ema["transformer"])
+    if args.dit_from:
+        from diffusers import WanTransformer3DModel
+        from transformers import UMT5EncoderModel
+
+        transformer = WanTransformer3DModel.from_pretrained(Path(args.dit_from) / "transformer")
+        text_encoder = UMT5EncoderModel.from_pretrained(Path(args.dit_from) / "text_encoder")
+    ema = train_dit(transformer.to(device), text_encoder.to(device), tok, data, args.dit_steps, rng, log, device,
+                    lr=args.dit_lr, batch=args.dit_batch)
+    demo_model.save(out, vae.cpu(), ema["text_encoder"].cpu(), ema["transformer"].cpu())
     log(f"wrote {out} ({time.perf_counter() - started:.0f} s in all)")
-    (out / "training.json").write_text(json.dumps({"args": vars(args), "log": log_lines}, indent=1))
+    result = {} if args.no_score else pipeline_score(out, device)
+    if result:
+        log(f"WanPipeline's pictures read back: {result}")
+    write_record(reconstruction=recon, score=result, seconds=round(time.perf_counter() - started))
     return 0
 
 

@@ -36,7 +36,11 @@ def test_captions_tokenize_without_unknown_words():
 
 def test_a_short_training_run_writes_a_folder_both_pipelines_load(tmp_path):
     out = tmp_path / "demo"
-    assert train([str(out), "--vae-steps", "2", "--dit-minutes", "0.02", "--stills", "16", "--clips", "2", "--threads", "1"]) == 0
+    assert train([str(out), "--vae-steps", "2", "--dit-steps", "2", "--stills", "16", "--clips", "2", "--threads", "1",
+                  "--no-score"]) == 0
+    record = json.loads((out / "training.json").read_text())
+    assert set(record["reconstruction"]) >= {"colour+background", "shape", "place", "motion", "misses"}
+    assert (out / "reconstructions.png").exists()
     vae_config = json.loads((out / "vae" / "config.json").read_text())
     assert len(vae_config["latents_mean"]) == 16 and all(s > 0 for s in vae_config["latents_std"])
     assert json.loads((out / "diffserve.json").read_text())["defaults"]["height"] == 64
