@@ -135,8 +135,8 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     sub = parser.add_subparsers(dest="command", required=True, help="the command (diffserve COMMAND --help for its flags)")
 
     g = sub.add_parser("generate", help="run one job end to end and save its output", epilog=ENV_EPILOG,
-                       description="Run one job with a progress bar: on a private server started for it (--model-path DIR) "
-                                   "or on a running one (--server HOST:PORT).")
+                       description="Run one job with a progress bar: on a private server started for it (--model-path DIR, "
+                                   "or the built-in demo model where neither flag is given) or on a running one (--server HOST:PORT).")
     # Groups, printed in this order by --help: generate's own flags first, the worker flags last.
     job = g.add_argument_group("the job")
     job.add_argument("--prompt", required=True, help="what to generate")
@@ -296,8 +296,14 @@ def private_log_levels(args: argparse.Namespace) -> None:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     if not args.server and not args.model_path:
-        print("error: give --model-path (start a local server) or --server HOST:PORT", file=sys.stderr)
-        return 2
+        from diffserve.demo import builtin_model
+
+        path = builtin_model()
+        if path is None:
+            print("error: this install has no built-in model: give --model-path DIR (start a local server) "
+                  "or --server HOST:PORT", file=sys.stderr)
+            return 2
+        args.model_path = str(path)
     if args.server:
         with connect(args, args.server) as client:
             return run_job(client, args)

@@ -160,3 +160,24 @@ def test_worker_json_lines_carry_its_id_and_rank():
     line = json.loads(JsonFormatter(static={"worker": "local-0", "rank": 1}).format(record))
     assert {k: line[k] for k in ("level", "logger", "message", "worker", "rank")} == {
         "level": "WARNING", "logger": "diffserve.worker", "message": "step 3 slow", "worker": "local-0", "rank": 1}
+
+
+def test_generate_without_a_model_or_server_uses_the_built_in_model_or_says_there_is_none(tmp_path, monkeypatch, capsys):
+    import diffserve.demo
+    from diffserve.client import cli
+
+    monkeypatch.setattr(diffserve.demo, "MODEL_DIR", tmp_path)  # an install without the weights
+    assert cli.cmd_generate(generate({}, "--prompt", "a red circle")) == 2
+    assert "no built-in model" in capsys.readouterr().err
+
+    (tmp_path / "model_index.json").write_text("{}")  # with them: the private server gets that folder
+    seen = []
+
+    def refuse(args, workdir, level):
+        seen.append(args.model_path)
+        raise cli.ServerStartError("stopped by the test")
+
+    monkeypatch.setattr(cli, "local_server", refuse)
+    with pytest.raises(SystemExit, match="stopped by the test"):
+        cli.cmd_generate(generate({}, "--prompt", "a red circle"))
+    assert seen == [str(tmp_path)]
