@@ -33,16 +33,18 @@ COLOURS: dict[str, tuple[int, int, int]] = {
     "purple": (150, 60, 200),
 }
 SHAPES = ("circle", "square", "triangle", "star")
-SIZES = {"small": 9.0, "large": 16.0}  # the shape's outer radius in pixels
+# The shape's outer radius in pixels. Not smaller: through the VAE's 4x compression an 11-pixel star comes back
+# a round blob, where a 17-pixel one keeps its five points (docs/decisions.md, the demo model).
+SIZES = {"small": 13.0, "large": 18.0}
 PLACES = {  # caption phrase, centre (x, y) in pixels
     "center": ("in the center", (32.0, 32.0)),
-    "left": ("on the left", (16.0, 32.0)),
-    "right": ("on the right", (48.0, 32.0)),
-    "top": ("at the top", (32.0, 16.0)),
-    "bottom": ("at the bottom", (32.0, 48.0)),
+    "left": ("on the left", (20.0, 32.0)),  # a large shape stays inside the picture
+    "right": ("on the right", (44.0, 32.0)),
+    "top": ("at the top", (32.0, 20.0)),
+    "bottom": ("at the bottom", (32.0, 44.0)),
 }
 DIRECTIONS = {"left": (-1.0, 0.0), "right": (1.0, 0.0), "up": (0.0, -1.0), "down": (0.0, 1.0)}
-JITTER = 3.0  # pixels of random offset around a place's centre
+JITTER = 2.0  # pixels of random offset around a place's centre
 CLIP_TRAVEL = 24.0  # pixels a moving shape covers from the first frame to the last
 
 
@@ -115,11 +117,11 @@ def shape_mask(shape: str, centre: tuple[float, float], radius: float, size: int
         top, base = -radius, radius * 0.5
         width_at = (dy - top) / (base - top) * radius * np.sqrt(3) / 2  # half width at this row
         return (dy >= top) & (dy <= base) & (np.abs(dx) <= width_at)
-    if shape == "star":  # five points, inner radius 0.3 of the outer one (thinner than a triangle: a different fill)
+    if shape == "star":  # five points, inner radius 0.4 of the outer one
         angle = (np.arctan2(dy, dx) + np.pi / 2) % (2 * np.pi / 5)  # one point up
         half = np.pi / 5
         t = np.abs(angle - half) / half  # 1 at a point, 0 between two
-        inner, outer = 0.3 * radius, radius
+        inner, outer = 0.4 * radius, radius
         # The edge from an inner vertex to an outer one, in polar form (a straight line).
         limit = inner * outer * np.sin(half) / (outer * np.sin(half * (1 - t)) + inner * np.sin(half * t) + 1e-9)
         limit = np.where(t > 0.999, outer, limit)

@@ -7,11 +7,11 @@ accelerations that trade exactness for speed.)
 
 How: the background is the nearest palette colour to the median of the border pixels; the pixels
 farther than a threshold from it give the object's colour (the nearest palette colour to their
-median); the object is then every pixel nearer that colour than the background's. Its place is the nearest place centre to its centroid (frame 0). Its shape comes from how
-much of its bounding box it fills and how much of the disc around its centroid that reaches its
-farthest pixel (the nearest of four prototypes: square, circle, triangle, star); its size from that
-disc's radius. A clip's direction is the larger axis of the centroid's travel from the first frame
-to the last. Numpy only; pixels are uint8 (F, H, W, 3) or (H, W, 3).
+median); the object is then the largest connected region of pixels nearer that colour than the
+background's. Its place is the nearest place centre to its centroid (frame 0). Its shape comes from its
+outline's corners (the 3rd, 4th and 5th harmonics of the centroid-to-outline distance around it:
+triangle, square, star; none strong enough: circle); its size from the distance to its farthest pixel. A clip's direction is the
+larger axis of the centroid's travel from the first frame to the last. Numpy only; pixels are uint8 (F, H, W, 3) or (H, W, 3).
 """
 
 from __future__ import annotations
@@ -25,10 +25,11 @@ from diffserve.demo.data import COLOURS, PLACES, SIZE, Scene
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float64)
 _NAMES = list(COLOURS)
 OBJECT_DISTANCE = 80.0  # RGB distance from the background above which a pixel is the object
-# Each shape's (share of its bounding box, share of its enclosing disc) as data.py draws them; a mask
-# is the shape whose pair is nearest.
-PROTOTYPES = {"square": (1.0, 0.66), "circle": (0.79, 0.92), "triangle": (0.52, 0.43), "star": (0.40, 0.31)}
-SMALL_RADIUS_MAX = 12.5  # pixels from the centroid to the farthest object pixel: small shapes ~9-10, large ~16-18
+# The outline's radius profile (PROFILE_BINS angles): its 3rd, 4th or 5th harmonic, relative to the mean radius,
+# is ~0.3 for a triangle, ~0.15 for a square and ~0.5 for a star as data.py draws them, and below 0.01 for a circle.
+PROFILE_BINS = 36
+CORNERED = 0.05  # the strongest of those harmonics must reach this for a shape to have corners
+SMALL_RADIUS_MAX = 16.0  # pixels from the centroid to the farthest object pixel: small shapes ~13-14, large ~18-19
 
 
 @dataclass(frozen=True)
@@ -60,17 +61,56 @@ def _radius(mask: np.ndarray) -> float:
     return float(np.sqrt((xs - xs.mean()) ** 2 + (ys - ys.mean()) ** 2).max()) + 0.5
 
 
+def _largest_part(mask: np.ndarray) -> np.ndarray:
+    """The largest 4-connected region of `mask`: stray specks elsewhere (a decoder's edge artefacts, a
+    second faint blob) must not move the centroid or stretch the radius."""
+    labels = np.zeros(mask.shape, dtype=np.int32)
+    best, best_size, label = 0, 0, 0
+    h, w = mask.shape
+    for y0, x0 in zip(*np.nonzero(mask)):
+        if labels[y0, x0]:
+            continue
+        label += 1
+        labels[y0, x0] = label
+        stack, size = [(y0, x0)], 0
+        while stack:
+            y, x = stack.pop()
+            size += 1
+            for ny, nx in ((y - 1, x), (y + 1, x), (y, x - 1), (y, x + 1)):
+                if 0 <= ny < h and 0 <= nx < w and mask[ny, nx] and not labels[ny, nx]:
+                    labels[ny, nx] = label
+                    stack.append((ny, nx))
+        if size > best_size:
+            best, best_size = label, size
+    return labels == best if best else mask
+
+
 def _nearer(frame: np.ndarray, object_rgb: np.ndarray, background_rgb: np.ndarray) -> np.ndarray:
     pixels = frame.astype(np.float64)
     return ((pixels - object_rgb) ** 2).sum(-1) < ((pixels - background_rgb) ** 2).sum(-1)
 
 
 def _shape(mask: np.ndarray) -> str:
+    """By the outline's corners: the distance from the centroid to the outline as a function of the
+    angle has 3 bumps for a triangle, 4 for a square, 5 for a star and none for a circle, and a blurred
+    or rounded shape keeps them (where its fill ratios drift toward a circle's)."""
     ys, xs = np.nonzero(mask)
-    area = mask.sum()
-    box = area / ((ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1))
-    disc = area / (np.pi * _radius(mask) ** 2)
-    return min(PROTOTYPES, key=lambda k: (PROTOTYPES[k][0] - box) ** 2 + (PROTOTYPES[k][1] - disc) ** 2)
+    cy, cx = ys.mean(), xs.mean()
+    padded = np.pad(mask, 1)
+    inside = padded[1:-1, 1:-1] & padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    by, bx = np.nonzero(mask & ~inside)
+    angle = np.arctan2(by - cy, bx - cx)
+    distance = np.hypot(by - cy, bx - cx) + 0.5
+    bins = ((angle + np.pi) / (2 * np.pi) * PROFILE_BINS).astype(int) % PROFILE_BINS
+    radius = np.full(PROFILE_BINS, np.nan)
+    np.fmax.at(radius, bins, distance)
+    seen = ~np.isnan(radius)
+    radius = np.interp(np.arange(PROFILE_BINS), np.arange(PROFILE_BINS)[seen], radius[seen], period=PROFILE_BINS)
+    harmonics = np.abs(np.fft.rfft(radius)) / (radius.mean() * PROFILE_BINS / 2)  # relative amplitude of each
+    k = 3 + int(np.argmax(harmonics[3:6]))
+    if harmonics[k] < CORNERED:
+        return "circle"
+    return {3: "triangle", 4: "square", 5: "star"}[k]
 
 
 def _centroid(mask: np.ndarray) -> tuple[float, float]:
@@ -95,7 +135,7 @@ def read(pixels: np.ndarray) -> Reading:
     colour = nearest_colour(np.median(core.astype(np.float64), axis=0))
     # The object's outline: pixels nearer its colour than the background's (the halfway line of a
     # blurred edge), so a soft picture keeps the shape's proportions.
-    masks = [_nearer(f, np.asarray(COLOURS[colour], dtype=np.float64), background_rgb) for f in frames]
+    masks = [_largest_part(_nearer(f, np.asarray(COLOURS[colour], dtype=np.float64), background_rgb)) for f in frames]
     mask = masks[0]
     if mask.sum() < 8:
         return Reading(background, colour, None, None, None, None)

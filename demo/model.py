@@ -16,7 +16,7 @@ SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>"]  # T5's ids 0, 1, 2
 
 # 4x spatial compression (a 16x16 latent for 64x64): at Wan's 8x a 9-pixel star spans two latent cells and its
 # shape does not survive reconstruction (measured: shapes read back right 15-50 % of the time vs 100 % colours).
-VAE = dict(base_dim=16, decoder_base_dim=32, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
+VAE = dict(base_dim=16, decoder_base_dim=16, z_dim=16, dim_mult=[1, 2, 2], num_res_blocks=1, temperal_downsample=[True, True],
            scale_factor_spatial=4, scale_factor_temporal=4)
 TEXT = dict(d_model=64, d_kv=16, d_ff=128, num_layers=2, num_decoder_layers=2, num_heads=4, relative_attention_num_buckets=8,
             relative_attention_max_distance=32, feed_forward_proj="gated-gelu", dense_act_fn="gelu_new", dropout_rate=0.0,

@@ -70,3 +70,15 @@ def test_a_blank_picture_has_no_object():
     blank = np.full((SIZE, SIZE, 3), COLOURS["blue"], dtype=np.uint8)
     r = read(blank)
     assert r.background == "blue" and r.colour is None and r.shape is None
+
+
+def test_stray_specks_of_the_object_colour_do_not_change_the_reading():
+    """A decoder's edge artefacts in the object's colour (here a 3x3 speck in a far corner) are not the
+    object: without keeping only its largest region, the radius doubles and a circle reads as a star."""
+    for seed in range(40):
+        scene = sample(seed)
+        picture = render(scene)[0].copy()
+        cx, cy = scene.centre
+        y0, x0 = (58 if cy < 32 else 2), (58 if cx < 32 else 2)
+        picture[y0:y0 + 3, x0:x0 + 3] = COLOURS[scene.colour]
+        assert all(judge(scene, picture).values()), (scene.caption, read(picture))
