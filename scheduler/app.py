@@ -51,6 +51,9 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-worker-message-bytes", type=int, default=2 << 30,
                    help="largest message a worker may send, all frames (default 2 GiB; a worker whose model can output more is refused)")
     s.add_argument("--no-restart-workers", action="store_true", help="do not restart a local worker that died")
+    s.add_argument("--no-local-worker", action="store_true",
+                   help="without --model-path: start no local worker (remote `diffserve worker`s join) even where this "
+                        "install has the built-in demo model, which is served otherwise")
     s.add_argument("--replicas", type=int, default=1,
                    help="local worker groups serving the model, each on its own --num-gpus devices (jobs go to the least loaded)")
     s.add_argument("--max-attempts", type=int, default=2,
@@ -151,6 +154,17 @@ def priority_rule(args: argparse.Namespace):
     return PriorityRule(defaults), ""
 
 
+def local_model_path(args: argparse.Namespace) -> str:
+    """What the local worker group serves: --model-path, else the built-in demo model where this
+    install has it (unless --no-local-worker), else nothing (a scheduler that remote workers join)."""
+    if args.model_path or args.no_local_worker:
+        return args.model_path or ""
+    from diffserve.demo import builtin_model
+
+    path = builtin_model()
+    return str(path) if path is not None else ""
+
+
 def serve(args: argparse.Namespace) -> int:
     """Runs the scheduler (gRPC) and, with --model-path, its local worker group until Ctrl-C."""
     from diffserve.scheduler.engine import EngineConfig
@@ -185,6 +199,7 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: --insecure-worker-plaintext needs a loopback --worker-bind (127.0.0.1, ::1, ipc://), not {args.worker_bind}", file=sys.stderr)
         return 2
     auth = WorkerAuth(state_dir=args.state_dir, plaintext=args.insecure_worker_plaintext)
+    args.model_path = local_model_path(args)
     # The layout itself is checked by the worker (it knows the model); an impossible one stops serve.
     specs = replica_specs(args) if args.model_path else []
     config = ServerConfig(

@@ -181,3 +181,15 @@ def test_generate_without_a_model_or_server_uses_the_built_in_model_or_says_ther
     with pytest.raises(SystemExit, match="stopped by the test"):
         cli.cmd_generate(generate({}, "--prompt", "a red circle"))
     assert seen == [str(tmp_path)]
+
+
+def test_serve_without_a_model_path_serves_the_built_in_model_unless_told_not_to(tmp_path, monkeypatch):
+    import diffserve.demo
+    from diffserve.scheduler.app import local_model_path
+
+    monkeypatch.setattr(diffserve.demo, "MODEL_DIR", tmp_path)
+    assert local_model_path(serve_parser(environ={}).parse_args([])) == ""  # no built-in model: a bare scheduler
+    (tmp_path / "model_index.json").write_text("{}")
+    assert local_model_path(serve_parser(environ={}).parse_args([])) == str(tmp_path)
+    assert local_model_path(serve_parser(environ={}).parse_args(["--no-local-worker"])) == ""
+    assert local_model_path(serve_parser(environ={}).parse_args(["--model-path", "/m"])) == "/m"
