@@ -74,6 +74,19 @@ class Scene:
         return [(self.centre[0] + dx * step * i, self.centre[1] + dy * step * i) for i in range(self.frames)]
 
 
+LOOSE = 0.25  # how often training leaves a still's size, and (independently) its place, out of its caption
+
+
+def loose_caption(scene: Scene, rng: np.random.Generator) -> str:
+    """The caption as people write prompts: a still's size and place each left out 1 time in 4 ("a red
+    circle on a blue background"), so that the model also draws something sensible when they are not said."""
+    if scene.direction:
+        return scene.caption
+    size = "" if rng.random() < LOOSE else f"{scene.size} "
+    place = "" if rng.random() < LOOSE else f" {PLACES[scene.place][0]}"
+    return f"a {size}{scene.colour} {scene.shape}{place} on a {scene.background} background"
+
+
 def vocabulary() -> list[str]:
     """Every word a caption can use, in a fixed order."""
     words = ["a", "on", "background", "moving", "in", "the", "at", "center", "left", "right", "top", "bottom", "up", "down"]

@@ -34,9 +34,15 @@ def scenes() -> list[Scene]:
     return [sample(900_000 + i) for i in range(PROMPTS)] + [sample(950_000 + i, frames=CLIP_FRAMES) for i in range(CLIPS)]
 
 
-def evaluate(generate: Callable[[Scene, int], np.ndarray]) -> dict:
-    """generate(scene, seed) -> uint8 (F, H, W, 3) pixels for the scene's caption."""
-    verdicts = [judge(scene, generate(scene, seed)) for scene in scenes() for seed in SEEDS]
+def evaluate(generate: Callable[[Scene, int], np.ndarray], concurrency: int = 1) -> dict:
+    """generate(scene, seed) -> uint8 (F, H, W, 3) pixels for the scene's caption; `concurrency` calls at
+    once (a server batches them into shared steps)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    cases = [(scene, seed) for scene in scenes() for seed in SEEDS]
+    with ThreadPoolExecutor(max_workers=concurrency) as pool:
+        pictures = list(pool.map(lambda case: generate(*case), cases))
+    verdicts = [judge(scene, picture) for (scene, _), picture in zip(cases, pictures)]
     result = score(verdicts)
     result["passed"] = all(result.get(k, 0.0) >= bar for k, bar in BARS.items())
     result["judged"] = len(verdicts)
@@ -58,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
             return engine.generate(scene.caption, height=64, width=64, num_frames=scene.frames, seed=seed,
                                    num_inference_steps=args.steps, guidance_scale=args.guidance, output_format="npy").frames
 
-        result = evaluate(generate)
+        result = evaluate(generate, concurrency=8)
     result["seconds"] = round(time.perf_counter() - started, 1)
     print(json.dumps(result, indent=1))
     if args.json:

@@ -3,13 +3,14 @@
     python -m diffserve.demo.train OUT_DIR [--seed 0] [--vae-steps 1200] [--dit-steps 9000] [--threads N] [--device cpu]
 
 1. The VAE (AutoencoderKLWan) on stills and 9-frame clips: L1 reconstruction of the posterior's mean
-   (a deterministic autoencoder: the DiT is trained on means), a light L2 pull on the latents. Its
+   (a deterministic autoencoder: the DiT is trained on means), the shape's pixels weighted 9x, a light
+   L2 pull on the latents. The evaluator then reads its reconstructions of fixed scenes back. Its
    latents' per-channel mean and std are then measured and written into its config
    (`latents_mean` / `latents_std`), which is how WanPipeline and diffserve normalise latents.
 2. A fixed set of scenes is encoded once; the text encoder (UMT5) and the DiT are trained together
    with flow matching on them: sigma from the scheduler's shifted schedule, x_sigma = (1 - sigma) x0
-   + sigma noise, target noise - x0, the timestep sigma * 1000, and 10 % of captions dropped to ""
-   (classifier-free guidance). Text is embedded exactly as WanPipeline embeds it (real tokens, then
+   + sigma noise, target noise - x0, the timestep sigma * 1000, 10 % of captions dropped to "" (classifier-free
+   guidance) and a still's size or place left out of a quarter of the others (data.loose_caption). Text is embedded exactly as WanPipeline embeds it (real tokens, then
    zeros up to 512). An exponential moving average of the weights is what gets saved.
 3. The pipeline folder is written with save_pretrained (safetensors) and scored: diffusers'
    WanPipeline draws a fixed prompt set and demo/evaluate.py reads the pictures back.
@@ -31,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 from diffserve.demo import model as demo_model
-from diffserve.demo.data import COLOURS, render, sample
+from diffserve.demo.data import COLOURS, loose_caption, render, sample
 from diffserve.demo.evaluate import judge, score
 
 CAPTION_DROP = 0.1
@@ -217,10 +218,10 @@ def train_dit(transformer, text_encoder, tok, data: dict, steps: int, rng: np.ra
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         clip = rng.random() < 0.3
-        latents, captions = (data["clips"], data["clip_captions"]) if clip else (data["stills"], data["still_captions"])
+        latents, scenes = (data["clips"], data["clip_scenes"]) if clip else (data["stills"], data["still_scenes"])
         idx = torch.from_numpy(rng.integers(len(latents), size=batch // 3 if clip else batch))
         x0 = latents[idx.to(latents.device)]
-        batch_captions = ["" if rng.random() < CAPTION_DROP else captions[i] for i in idx.tolist()]
+        batch_captions = ["" if rng.random() < CAPTION_DROP else loose_caption(scenes[i], rng) for i in idx.tolist()]
         sigma = shifted_sigmas(torch.rand(len(idx), generator=gen), demo_model.SCHEDULER["flow_shift"]).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
         s = sigma.view(-1, 1, 1, 1, 1)
@@ -330,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
     data = {"stills": (stills - mean) / std, "clips": (clips - mean) / std,
-            "still_captions": [s.caption for s in still_scenes], "clip_captions": [s.caption for s in clip_scenes]}
+            "still_scenes": still_scenes, "clip_scenes": clip_scenes}
     log(f"encoded {len(still_scenes)} stills and {len(clip_scenes)} clips ({time.perf_counter() - started:.0f} s so far)")
     tok = demo_model.tokenizer()
     if args.dit_from:

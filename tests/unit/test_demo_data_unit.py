@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from diffserve.demo.data import COLOURS, DIRECTIONS, PLACES, SHAPES, SIZE, render, sample, vocabulary
+from diffserve.demo.data import COLOURS, DIRECTIONS, PLACES, SHAPES, SIZE, loose_caption, render, sample, vocabulary
 from diffserve.demo.evaluate import judge, read, score
 
 
@@ -82,3 +82,17 @@ def test_stray_specks_of_the_object_colour_do_not_change_the_reading():
         y0, x0 = (58 if cy < 32 else 2), (58 if cx < 32 else 2)
         picture[y0:y0 + 3, x0:x0 + 3] = COLOURS[scene.colour]
         assert all(judge(scene, picture).values()), (scene.caption, read(picture))
+
+
+def test_loose_captions_leave_size_and_place_out_sometimes_and_keep_the_vocabulary():
+    rng = np.random.default_rng(0)
+    words = set(vocabulary())
+    stills = [sample(i) for i in range(200)]
+    loose = [loose_caption(s, rng) for s in stills]
+    assert all(set(c.split()) <= words for c in loose)
+    assert any(c == s.caption for c, s in zip(loose, stills))  # most keep everything
+    assert any(s.size not in c.split() for c, s in zip(loose, stills))  # some leave the size out
+    assert any(PLACES[s.place][0] not in c for c, s in zip(loose, stills))  # some the place
+    assert all(f"{s.colour} {s.shape}" in c and c.endswith(f"on a {s.background} background") for c, s in zip(loose, stills))
+    clip = sample(5, frames=9)
+    assert loose_caption(clip, rng) == clip.caption
