@@ -207,24 +207,43 @@ class WanAttention(nn.Module):
         parallel plan (worker/parallel/plans/) may replace it on an instance."""
         return attention(q, k, v)
 
+    def attend_segments(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: tuple[int, ...], own_keys: bool) -> torch.Tensor:
+        """Packed requests (B = 1, L = sum(segments)): each segment's queries attend only to its own
+        keys — the same segment of k / v for self-attention (`own_keys`), else row i of k / v (its
+        own prompt, k / v: (N, S, Hd, Dh))."""
+        parts = q.split(segments, dim=1)
+        if own_keys:
+            pairs = zip(k.split(segments, dim=1), v.split(segments, dim=1))
+        else:
+            pairs = ((k[i:i + 1], v[i:i + 1]) for i in range(len(segments)))
+        return torch.cat([self.attend(qi, ki, vi) for qi, (ki, vi) in zip(parts, pairs)], dim=1)
+
     def forward(
         self,
         x: torch.Tensor,
         context: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         context_image: torch.Tensor | None = None,
+        segments: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         # x: (B, L, D); context: (B, S, D) or None; context_image: (B, S_img, D) or None.
+        # Packed (`segments`, the token count of each request): x is (1, sum(segments), D), context
+        # and context_image have one row per segment.
         source = x if context is None else context
         q = qk_norm_rope(self._heads(self.to_q(x)), self.norm_q, rope)  # (B, L, Hd, Dh), rope on self-attention only
         k = qk_norm_rope(self._heads(self.to_k(source)), self.norm_k, rope)  # (B, S, Hd, Dh)
         v = self._heads(self.to_v(source))  # (B, S, Hd, Dh)
 
-        out = self.attend(q, k, v).flatten(2, 3).type_as(q)  # (B, L, D)
+        def attend(k: torch.Tensor, v: torch.Tensor, own_keys: bool) -> torch.Tensor:
+            if segments is None:
+                return self.attend(q, k, v)
+            return self.attend_segments(q, k, v, segments, own_keys)
+
+        out = attend(k, v, context is None).flatten(2, 3).type_as(q)  # (B, L, D)
         if context_image is not None and self.add_k_proj is not None:
             k_img = qk_norm_rope(self._heads(self.add_k_proj(context_image)), self.norm_added_k, None)  # (B, S_img, Hd, Dh)
             v_img = self._heads(self.add_v_proj(context_image))
-            out = out + self.attend(q, k_img, v_img).flatten(2, 3).type_as(q)
+            out = out + attend(k_img, v_img, False).flatten(2, 3).type_as(q)
         return self.to_out[0](out)
 
 
@@ -249,18 +268,20 @@ class WanBlock(nn.Module):
         modulation: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         context_image: torch.Tensor | None = None,
+        segments: tuple[int, ...] | None = None,
     ) -> torch.Tensor:
         # x: (B, L, D); modulation: (B, T, 6, D) with T = 1 or L; the six parts are float32 (B, T, D).
+        # Packed requests (`segments`): B = 1, T = L, context has a row per segment.
         mods = (self.scale_shift_table + modulation.float()).unbind(2)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mods
 
         # 1. Self-attention (modulation and residual in float32).
         h = norm_modulate(x, shift_sa, scale_sa, self.norm1)
-        x = gated_residual(x, self.attn1(h, rope=rope), gate_sa)
+        x = gated_residual(x, self.attn1(h, rope=rope, segments=segments), gate_sa)
 
         # 2. Cross-attention to the prompt (and image), no modulation.
         h = self.norm2(x)  # FP32LayerNorm (float32 inside) or Identity
-        x = x + self.attn2(h, context=context, context_image=context_image)
+        x = x + self.attn2(h, context=context, context_image=context_image, segments=segments)
 
         # 3. Feed-forward.
         h = norm_modulate(x, shift_ff, scale_ff, self.norm3)
@@ -333,6 +354,46 @@ class WanTransformer(nn.Module):
         x = x.reshape(b, *grid, pt, ph, pw, -1)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
         return x.reshape(b, x.shape[1], grid[0] * pt, grid[1] * ph, grid[2] * pw)
+
+    def forward_packed(
+        self,
+        latents: list[torch.Tensor],
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        context_image: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Requests of different sizes in one forward (mixed-shape batching): their tokens are
+        concatenated into one sequence, each with its own rotary positions, timestep modulation,
+        prompt and attention span, and each output equals its own forward's (to float rounding).
+
+        latents: N tensors (C, F_i, H_i, W_i); timestep (N,); context (N, S, text_dim) (one prompt per
+        request; rows of a CFG pair are two requests); context_image (N, S_img, image_dim) or None.
+        Returns N tensors (C_out, F_i, H_i, W_i).
+        """
+        pt, ph, pw = self.config.patch_size
+        grids = [(l.shape[1] // pt, l.shape[2] // ph, l.shape[3] // pw) for l in latents]
+        segments = tuple(math.prod(g) for g in grids)
+        ropes = [self.rope(g) for g in grids]
+        rope = (torch.cat([c for c, _ in ropes], dim=1), torch.cat([s for _, s in ropes], dim=1))  # (1, sum L, 1, Dh)
+        # Patchify each request; their tokens one after the other: (1, sum L, D).
+        x = torch.cat([self.patch_embedding(l[None]).flatten(2).transpose(1, 2) for l in latents], dim=1).contiguous()
+
+        temb, modulation, text, image = self.condition_embedder(timestep[:, None], context, context_image)  # (N, 1, ...)
+
+        def per_token(t: torch.Tensor) -> torch.Tensor:  # (N, 1, ...) -> (1, sum L, ...): each request's value on its tokens
+            return torch.cat([t[i].expand(n, *t.shape[2:]) for i, n in enumerate(segments)])[None]
+
+        modulation = per_token(modulation)
+        for block in self.blocks:
+            x = block(x, text, modulation, rope, image, segments=segments)
+
+        shift, scale = (self.scale_shift_table + per_token(temb).unsqueeze(2)).unbind(2)  # (1, sum L, D) each
+        x = self.proj_out(norm_modulate(x, shift, scale, self.norm_out))[0]  # (sum L, pt * ph * pw * C_out)
+        outputs = []
+        for tokens, grid in zip(x.split(segments), grids):
+            y = tokens.reshape(*grid, pt, ph, pw, -1).permute(6, 0, 3, 1, 4, 2, 5)
+            outputs.append(y.reshape(y.shape[0], grid[0] * pt, grid[1] * ph, grid[2] * pw))
+        return outputs
 
     # -----------------------------------------------------------------------------------------
     # Loading
