@@ -94,7 +94,8 @@ def run_step(
 ) -> int:
     """Advances every state by one step; returns the number of transformer rows run.
 
-    States with equal `key(state)` (expert, latent layout) share one `forward(*rows(group, uncond))`.
+    States with equal `key(state)` (expert, latent layout) share one `forward(*rows(group, uncond))`,
+    which returns the rows stacked, or a list of rows (packed requests of different shapes).
     `prediction(out, state)` turns a state's (1, ...) output row into what the sampler takes (a crop,
     a dtype); `expert(state)` picks the request's CFG scale.
     """
@@ -104,12 +105,16 @@ def run_step(
     total = 0
     for group in groups.values():
         uncond = [guide.unconditional(s.request) for s in group]
-        pred = forward(*rows(group, uncond))  # (rows, ...)
+        pred = forward(*rows(group, uncond))  # (rows, ...), or a list of (...) rows
+
+        def out(i: int) -> torch.Tensor:  # row i as (1, ...)
+            return pred[i : i + 1] if torch.is_tensor(pred) else pred[i][None]
+
         row = 0
         for s, u in zip(group, uncond):
-            flow = prediction(pred[row : row + 1], s)
+            flow = prediction(out(row), s)
             if u:
-                flow = guide.combine(flow, prediction(pred[row + 1 : row + 2], s), cfg_scale(s.request, expert(s)))
+                flow = guide.combine(flow, prediction(out(row + 1), s), cfg_scale(s.request, expert(s)))
             row += 1 + u
             s.latents = s.sampler.step(flow, s.timesteps[s.step], s.latents, return_dict=False)[0]
             s.step += 1

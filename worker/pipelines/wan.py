@@ -342,8 +342,22 @@ class WanPipeline:
         tensor's bool() would wait for the GPU every step)."""
         return 0 if self.boundary is None or bool(state.timesteps_host[state.step] >= self.boundary) else 1
 
-    def forward(self, expert: int, latents, timesteps, context, image_embeds) -> torch.Tensor:
+    def forward(self, expert: int, latents, timesteps, context, image_embeds) -> torch.Tensor | list[torch.Tensor]:
+        if isinstance(latents, list):  # requests of different sizes, packed into one sequence
+            return self.experts[expert].forward_packed(latents, timesteps, context, image_embeds)
         return self.experts[expert](latents, timesteps, context, image_embeds)
+
+    @property
+    def packs(self) -> bool:
+        """Whether requests of different sizes share one forward, their tokens packed (mixed-shape
+        batching): on one process (a parallel layout shards one shape), and not with per-token
+        timesteps (image-to-video on frame 0's tokens: one shape per forward)."""
+        return not self.parallel.distributed and self.variant.image is not ImageConditioning.FIRST_FRAME
+
+    def _group(self, state: WanState):
+        """The forward a state's rows join: its expert's, and its shape's unless requests pack."""
+        expert = self.expert_of(state)
+        return expert if self.packs else (expert, tuple(state.latents.shape))
 
     def _model_input(self, state: WanState) -> tuple[torch.Tensor, torch.Tensor]:
         """(latent input (1, C_in, F, H, W), timestep (1,) or per-token (1, L)). Timesteps go to the
@@ -364,9 +378,14 @@ class WanPipeline:
     def _rows(self, group: list[WanState], uncond: list[bool]) -> tuple:
         inputs = per_row(group, uncond, self._model_input)
         images = per_row(group, uncond, lambda s: s.image_embeds) if self.image_encoder is not None else []
+        latents = [x for x, _ in inputs]
+        if len({x.shape for x in latents}) > 1:  # packed: a list of (C_in, F, H, W), one per row
+            stacked: torch.Tensor | list[torch.Tensor] = [x[0].to(self.dtype) for x in latents]
+        else:
+            stacked = torch.cat(latents).to(self.dtype)  # (rows, C_in, F, H, W)
         return (
             self.expert_of(group[0]),
-            torch.cat([x for x, _ in inputs]).to(self.dtype),  # (rows, C_in, F, H, W)
+            stacked,
             torch.cat([t for _, t in inputs]),  # (rows,) or (rows, L)
             torch.cat(contexts(group, uncond)),  # (rows, S, text_dim)
             torch.cat(images) if images else None,  # (rows, S_img, image_dim); the uncond row sees the image too
@@ -374,9 +393,10 @@ class WanPipeline:
 
     def denoise_step(self, states: list[WanState]) -> int:
         """One step for every state. States on the same expert share one forward (their CFG rows
-        included); each state keeps its own guidance and sampler."""
+        included), packed where their sizes differ (`packs`); each state keeps its own guidance and
+        sampler."""
         return run_step(states, guide=self.guide, rows=self._rows, forward=self.forward,
-                        key=self.expert_of, expert=self.expert_of)
+                        key=self._group, expert=self.expert_of)
 
     @torch.no_grad()
     def decode(self, state: WanState) -> np.ndarray:
