@@ -51,6 +51,9 @@ def add_serve_flags(s: argparse.ArgumentParser) -> None:
     s.add_argument("--max-worker-message-bytes", type=int, default=2 << 30,
                    help="largest message a worker may send, all frames (default 2 GiB; a worker whose model can output more is refused)")
     s.add_argument("--no-restart-workers", action="store_true", help="do not restart a local worker that died")
+    s.add_argument("--pack-tokens", type=int, default=0, metavar="N",
+                   help="mixed-shape batching: requests of different sizes share a denoising step while its latent tokens "
+                        "stay within N, on models that pack (ListModels' packs_mixed_shapes; 0: off)")
     s.add_argument("--no-local-worker", action="store_true",
                    help="without --model-path: start no local worker (remote `diffserve worker`s join) even where this "
                         "install has the built-in demo model, which is served otherwise")
@@ -187,6 +190,9 @@ def serve(args: argparse.Namespace) -> int:
         print(f"error: --metrics-port and --http-port are both {args.http_port}: give the metrics a port of their own, "
               "or leave --metrics-port out (/metrics is on the HTTP port then)", file=sys.stderr)
         return 2
+    if args.pack_tokens < 0:
+        print("error: --pack-tokens must be >= 0 (0: no mixed-shape packing)", file=sys.stderr)
+        return 2
     if args.job_ttl < 0 or args.max_jobs < 1:
         print("error: --job-ttl must be >= 0 (0 keeps finished jobs for ever) and --max-jobs >= 1", file=sys.stderr)
         return 2
@@ -206,7 +212,8 @@ def serve(args: argparse.Namespace) -> int:
         host=args.host, port=args.port, http_host=args.http_host, http_port=args.http_port, worker_bind=args.worker_bind, output_dir=args.output_dir,
         metrics_port=args.metrics_port, metrics_host=args.metrics_host or "",
         artifact_store=args.artifact_store, s3_endpoint_url=args.s3_endpoint_url, s3_region=args.s3_region,
-        engine=EngineConfig(max_queue=args.max_queue, max_batch_size=args.max_batch_size, heartbeat_timeout_s=args.heartbeat_timeout,
+        engine=EngineConfig(max_queue=args.max_queue, max_batch_size=args.max_batch_size, pack_tokens=args.pack_tokens,
+                            heartbeat_timeout_s=args.heartbeat_timeout,
                             max_worker_message_bytes=args.max_worker_message_bytes, max_attempts=args.max_attempts,
                             max_jobs=args.max_jobs, job_ttl_s=args.job_ttl or None,
                             priority_aging_s=args.priority_aging, priorities=priorities),

@@ -22,6 +22,7 @@ def public_model(card: wpb.ModelCard) -> pb.Model:
         limits=_mirror(card.limits, pb.ModelLimits),
         guidance_kind=pb.GuidanceKind.Value(wpb.GuidanceKind.Name(card.guidance_kind)),
         num_experts=max(1, card.num_experts),
+        packs_mixed_shapes=card.packs_mixed_shapes,
     )
 
 

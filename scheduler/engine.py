@@ -67,6 +67,7 @@ SOCKET_GONE_GRACE_S = 0.2  # a failed send declares its worker lost this much la
 class EngineConfig:
     max_queue: int = 256  # queued (not yet admitted) jobs; more → RESOURCE_EXHAUSTED
     max_batch_size: int = 4  # jobs per denoising step command
+    pack_tokens: int = 0  # mixed-shape packing: latent tokens per step (0: off; policy.Packing)
     heartbeat_interval_s: float = 1.0
     heartbeat_timeout_s: float = 5.0
     retry_after_s: float = 5.0  # RetryInfo sent with RESOURCE_EXHAUSTED
@@ -91,7 +92,7 @@ class Engine:
         self._registry = WorkerRegistry()
         self._admission = Admission(self._jobs, self._registry, link, config.max_queue, config.retry_after_s,
                                     config.priorities, config.priority_aging_s)
-        self._steps = StepLoop(link, config.max_batch_size)
+        self._steps = StepLoop(link, config.max_batch_size, config.pack_tokens)
         self._results = Results(self._registry, artifacts, self._admission.requeue, config.max_attempts)
         self._on_serving_change: Callable[[dict[str, bool]], None] = lambda serving: None
         self._wake = asyncio.Event()

@@ -25,6 +25,13 @@ choice with fresh accounts (no history: the oldest job's shape).
    so it has no credit from before it arrived and takes none from the others; a group with no
    denoising job left is forgotten.
 
+4. Mixed-shape packing (`Packing`, where the worker's model packs and `serve --pack-tokens N` is set):
+   after the group is chosen, jobs of the other groups join its step, in the same finish order, while
+   the step's latent tokens (each job's `tokens`, counted once however many CFG rows it has) stay
+   within N and its jobs within `max_batch`. Small shapes are launch-bound, so several of them in one
+   forward cost about what one does; large ones are compute-bound and gain nothing (so the budget).
+   A packed step's time is charged to each shape group in proportion to its tokens.
+
 Bound: a ready group g waits for the command in flight, and then, between two of its steps, each
 other group h runs at most `t_g * W_h / W_g + t_h` of worker time (t: a step's time, W: the
 group's weight): with equal weights, about one step of g plus one step of its own, and a cheap
@@ -40,7 +47,7 @@ from __future__ import annotations
 
 import functools
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from diffserve.scheduler.jobs import Job
@@ -74,6 +81,14 @@ def _order(job: Job) -> tuple[int, float]:
     return (-job.priority, job.admitted_at)
 
 
+@dataclass(frozen=True)
+class Packing:
+    """Mixed-shape packing for one worker: `tokens(job)` its latent tokens, at most `budget` per step."""
+
+    tokens: Callable[[Job], int]
+    budget: int
+
+
 @dataclass
 class Accounts:
     """One worker's shape groups: virtual time and when each was last served."""
@@ -95,20 +110,31 @@ class Accounts:
                 self.served[shape] = -1
                 self.last_s[shape] = 0.0
 
-    def charge(self, plan: Plan, elapsed_s: float) -> None:
+    def charge(self, plan: Plan, elapsed_s: float, tokens: Callable[[Job], int] | None = None) -> None:
+        """Books a step's time to its shape group (to each, by its share of `tokens`, in a packed step)."""
         if plan.phase is not Phase.DENOISE or not plan.jobs:
             return
-        shape = plan.jobs[0].shape_key
-        if shape not in self.vtime:  # its jobs left meanwhile (cancelled, lost)
-            return
         elapsed_s = max(0.0, elapsed_s)
-        self.vtime[shape] += elapsed_s / sum(weight(j.priority) for j in plan.jobs)
-        self.last_s[shape] = elapsed_s
-        self.served[shape] = self.charges
+        by_shape: dict[Shape, list[Job]] = {}
+        for job in plan.jobs:
+            by_shape.setdefault(job.shape_key, []).append(job)
+        if len(by_shape) == 1 or tokens is None:
+            shares = {shape: 1.0 / len(by_shape) for shape in by_shape}
+        else:
+            counts = {shape: sum(tokens(j) for j in jobs) for shape, jobs in by_shape.items()}
+            total = sum(counts.values()) or 1
+            shares = {shape: n / total for shape, n in counts.items()}
+        for shape, jobs in by_shape.items():
+            if shape not in self.vtime:  # its jobs left meanwhile (cancelled, lost)
+                continue
+            spent = elapsed_s * shares[shape]
+            self.vtime[shape] += spent / sum(weight(j.priority) for j in jobs)
+            self.last_s[shape] = spent
+            self.served[shape] = self.charges
         self.charges += 1
 
 
-def next_plan(jobs: Iterable[Job], max_batch: int, accounts: Accounts | None = None) -> Plan | None:
+def next_plan(jobs: Iterable[Job], max_batch: int, accounts: Accounts | None = None, packing: Packing | None = None) -> Plan | None:
     stage: Job | None = None
     shapes: set[Shape] = set()
     groups: dict[Shape, list[Job]] = {}
@@ -137,7 +163,21 @@ def next_plan(jobs: Iterable[Job], max_batch: int, accounts: Accounts | None = N
         estimate = accounts.last_s[shape] / sum(weight(j.priority) for j in batch)
         return (accounts.vtime[shape] + estimate, accounts.served[shape], min(j.admitted_at for j in batch))
 
-    return Plan(Phase.DENOISE, groups[min(groups, key=finish)] if len(groups) > 1 else next(iter(groups.values())))
+    if len(groups) == 1:
+        return Plan(Phase.DENOISE, next(iter(groups.values())))
+    order = sorted(groups, key=finish)
+    chosen = groups[order[0]]
+    if packing is not None and packing.budget > 0:
+        chosen = list(chosen)
+        total = sum(packing.tokens(j) for j in chosen)
+        for shape in order[1:]:
+            for job in groups[shape]:
+                n = packing.tokens(job)
+                if len(chosen) >= max_batch or total + n > packing.budget:
+                    break
+                chosen.append(job)
+                total += n
+    return Plan(Phase.DENOISE, chosen)
 
 
 class FairShare:
@@ -146,13 +186,13 @@ class FairShare:
     def __init__(self) -> None:
         self._accounts: dict[str, Accounts] = {}
 
-    def next_plan(self, worker_id: str, jobs: Iterable[Job], max_batch: int) -> Plan | None:
-        return next_plan(jobs, max_batch, self._accounts.setdefault(worker_id, Accounts()))
+    def next_plan(self, worker_id: str, jobs: Iterable[Job], max_batch: int, packing: Packing | None = None) -> Plan | None:
+        return next_plan(jobs, max_batch, self._accounts.setdefault(worker_id, Accounts()), packing)
 
-    def charge(self, worker_id: str, plan: Plan, elapsed_s: float) -> None:
+    def charge(self, worker_id: str, plan: Plan, elapsed_s: float, tokens: Callable[[Job], int] | None = None) -> None:
         accounts = self._accounts.get(worker_id)
         if accounts is not None:
-            accounts.charge(plan, elapsed_s)
+            accounts.charge(plan, elapsed_s, tokens)
 
     def forget(self, worker_id: str) -> None:
         self._accounts.pop(worker_id, None)

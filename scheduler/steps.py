@@ -24,12 +24,14 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from diffserve.worker.v1 import worker_pb2 as wpb
 
 from diffserve.scheduler.lifecycle import Event, Phase
-from diffserve.scheduler.policy import FairShare, Plan
+from diffserve.scheduler.jobs import Job
+from diffserve.scheduler.policy import FairShare, Packing, Plan
 from diffserve.scheduler.registry import WorkerHandle
 from diffserve.scheduler.requests import worker_stage
 
@@ -72,18 +74,34 @@ class DispatchTrace:
                 self._gaps = []
 
 
+def latent_tokens(card: wpb.ModelCard) -> Callable[[Job], int]:
+    """A job's latent tokens on this model (what a packed step's budget counts): latent frames times
+    the height and width over the card's size multiple (the VAE's scale times the patch)."""
+    multiple, frame_step = max(1, card.limits.size_multiple), max(1, card.limits.frame_step)
+
+    def tokens(job: Job) -> int:
+        height, width, frames = job.shape_key
+        return ((frames - 1) // frame_step + 1) * (height // multiple) * (width // multiple)
+
+    return tokens
+
+
 class StepLoop:
     """Owns the commands in flight (command id → worker id and plan)."""
 
-    def __init__(self, link: WorkerLink, max_batch_size: int):
+    def __init__(self, link: WorkerLink, max_batch_size: int, pack_tokens: int = 0):
         self.link = link
         self.max_batch_size = max_batch_size
+        self.pack_tokens = pack_tokens
         self.policy = FairShare()
         self._commands: dict[int, tuple[str, Plan, float]] = {}  # id -> (worker id, plan, sent at)
         self.trace = DispatchTrace.from_env()
 
     async def dispatch(self, worker: WorkerHandle) -> bool:
-        plan = self.policy.next_plan(worker.id, worker.jobs.values(), min(self.max_batch_size, worker.hello.max_batch_size or 1))
+        packing = None
+        if self.pack_tokens > 0 and worker.hello.card.packs_mixed_shapes:
+            packing = Packing(latent_tokens(worker.hello.card), self.pack_tokens)
+        plan = self.policy.next_plan(worker.id, worker.jobs.values(), min(self.max_batch_size, worker.hello.max_batch_size or 1), packing)
         finished = worker.take_finished()
         if plan is None:
             if self.trace is not None:
@@ -114,7 +132,7 @@ class StepLoop:
             return None
         del self._commands[command_id]
         worker.in_flight = 0
-        self.policy.charge(worker.id, entry[1], time.monotonic() - entry[2])
+        self.policy.charge(worker.id, entry[1], time.monotonic() - entry[2], latent_tokens(worker.hello.card))
         return entry[1]
 
     def forget(self, worker_id: str) -> None:

@@ -59,3 +59,27 @@ def test_max_batch_size_one_never_batches(tiny_wan, start_server):
         assert sizes and set(sizes) == {1}
     status = settled_status(server, 2 * 8 + 2 * 5 + 6)
     assert status.batched_step_commands == 0 and status.step_commands == 8 + 5 + 6
+
+
+SIZED = [dict(height=32, width=32, num_frames=5), dict(height=48, width=32, num_frames=1), dict(height=32, width=64, num_frames=5)]
+
+
+def test_jobs_of_different_sizes_pack_into_shared_steps_and_equal_solo(tiny_wan, start_server):
+    """Mixed-shape batching (--pack-tokens): jobs of three sizes share step commands (one packed
+    forward on the worker), and each output equals its solo run."""
+    server = start_server(tiny_wan, "--max-batch-size", "4", "--pack-tokens", "4096")
+    client = server.client
+    (model,) = client.list_models()
+    assert model.packs_mixed_shapes
+    jobs = [dict(**job, **size, output_format="npy") for job, size in zip(JOBS, SIZED)]
+    solo = [npy_output(client, client.submit(**job).id) for job in jobs]
+
+    first = client.submit(**jobs[0])
+    wait_step(client, first.id, 2)
+    rest = [client.submit(**job) for job in jobs[1:]]
+    ids = [first.id] + [j.id for j in rest]
+    batched = [[e.step_completed.batch_jobs for e in client.events(i) if e.WhichOneof("event") == "step_completed"] for i in ids]
+    outputs = [npy_output(client, i) for i in ids]
+    assert all(max(sizes) >= 2 for sizes in batched), batched  # different sizes shared steps
+    for ours, alone in zip(outputs, solo):
+        assert ours.shape == alone.shape and max_level_diff(ours, alone) <= 2

@@ -14,7 +14,7 @@ from diffserve.scheduler.auth import PriorityRule
 from diffserve.scheduler.errors import RequestError
 from diffserve.scheduler.jobs import Job, JobTable
 from diffserve.scheduler.lifecycle import Event, Phase
-from diffserve.scheduler.policy import FairShare, next_plan
+from diffserve.scheduler.policy import Accounts, FairShare, Packing, next_plan
 from diffserve.scheduler.priorities import JobQueue
 from diffserve.scheduler.registry import WorkerRegistry
 from diffserve.v1 import generation_pb2 as pb
@@ -52,6 +52,33 @@ def test_in_flight_and_done_jobs_skipped():
     a.in_flight = True
     b.phase = Phase.CANCELLED
     assert next_plan([a, b], 4) is None
+
+
+# ---- mixed-shape packing ----
+
+def tokens(j: Job) -> int:
+    return (j.params.height // 16) * (j.params.width // 16)  # 32x32 -> 4, 64x32 -> 8, 256x32 -> 32
+
+
+def test_packing_adds_other_shapes_within_the_token_budget_and_the_batch():
+    a, b, c, d = job(1), job(2, height=64), job(3, height=64), job(4, height=256)
+    # Without packing: one shape per step. With it: the chosen group, then others while they fit.
+    assert next_plan([a, b, c, d], 4).jobs == [a]
+    assert next_plan([a, b, c, d], 4, packing=Packing(tokens, 20)).jobs == [a, b, c]  # 4 + 8 + 8; the 256 (32) does not fit
+    assert next_plan([a, b, c, d], 2, packing=Packing(tokens, 100)).jobs == [a, b]  # max_batch still bounds it
+    assert next_plan([a, b, c, d], 4, packing=Packing(tokens, 0)).jobs == [a]  # budget 0: off
+    big = job(0, height=256)
+    assert next_plan([big, a], 4, packing=Packing(tokens, 20)).jobs == [big]  # the chosen group alone may exceed it
+
+
+def test_a_packed_step_is_charged_to_each_shape_by_its_tokens():
+    a, b = job(1), job(2, height=64)
+    accounts = Accounts()
+    plan = next_plan([a, b], 4, accounts, Packing(tokens, 100))
+    assert plan.jobs == [a, b]
+    accounts.charge(plan, 1.2, tokens)  # tokens 4 and 8: a third and two thirds
+    assert accounts.vtime[a.shape_key] == pytest.approx(0.4) and accounts.vtime[b.shape_key] == pytest.approx(0.8)
+    assert accounts.last_s[a.shape_key] == pytest.approx(0.4) and accounts.served[a.shape_key] == accounts.served[b.shape_key] == 0
 
 
 # ---- the fair share, on a simulated worker ----

@@ -314,7 +314,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "family", "task", "defaults", "limits", "state", "workers", "guidance_kind", "num_experts")
+    __slots__ = ("name", "family", "task", "defaults", "limits", "state", "workers", "guidance_kind", "num_experts", "packs_mixed_shapes")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -324,6 +324,7 @@ class Model(_message.Message):
     WORKERS_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_KIND_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
+    PACKS_MIXED_SHAPES_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     task: str
@@ -333,7 +334,8 @@ class Model(_message.Message):
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStatus]
     guidance_kind: GuidanceKind
     num_experts: int
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., task: _Optional[str] = ..., defaults: _Optional[_Union[ModelDefaults, _Mapping]] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., state: _Optional[_Union[ServingState, str]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., guidance_kind: _Optional[_Union[GuidanceKind, str]] = ..., num_experts: _Optional[int] = ...) -> None: ...
+    packs_mixed_shapes: bool
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., task: _Optional[str] = ..., defaults: _Optional[_Union[ModelDefaults, _Mapping]] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., state: _Optional[_Union[ServingState, str]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., guidance_kind: _Optional[_Union[GuidanceKind, str]] = ..., num_experts: _Optional[int] = ..., packs_mixed_shapes: _Optional[bool] = ...) -> None: ...
 
 class ModelDefaults(_message.Message):
     __slots__ = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps", "negative_prompt", "sampler", "flow_shift", "guidance_scale_2")
