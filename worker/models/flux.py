@@ -98,6 +98,30 @@ class FluxPosEmbed(nn.Module):
         return flux_rope(torch.cat([txt_ids, img_ids], dim=0), self.axes_dims)
 
 
+@dataclasses.dataclass(frozen=True)
+class FluxSegments:
+    """Several requests packed into one forward (mixed-shape batching): request i has `image[i]`
+    image tokens and `text` text tokens. The image stream holds every request's image tokens one
+    after the other (1, sum N, D), the text stream every request's text (1, R * S, D), and the
+    single-stream sequence each request's [text, image] in turn. The rotary tables are laid out
+    the same way."""
+
+    image: tuple[int, ...]
+    text: int
+    image_rope: tuple[torch.Tensor, torch.Tensor]  # (1, sum N, 1, Dh)
+    text_rope: tuple[torch.Tensor, torch.Tensor]  # (1, R * S, 1, Dh)
+    joint_rope: tuple[torch.Tensor, torch.Tensor]  # (1, sum (S + N), 1, Dh)
+
+    @property
+    def joint(self) -> tuple[int, ...]:
+        return tuple(self.text + n for n in self.image)
+
+    @staticmethod
+    def spread(values: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
+        """(R, 1, D) per-request values -> (1, sum counts, D): request i's value on its counts[i] tokens."""
+        return torch.cat([values[i].expand(n, -1) for i, n in enumerate(counts)])[None]
+
+
 # ---------------------------------------------------------------------------------------------
 # Attention
 # ---------------------------------------------------------------------------------------------
@@ -155,10 +179,13 @@ class FluxAttention(nn.Module):
         x: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         context: torch.Tensor | None = None,
+        segments: FluxSegments | None = None,
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         # joint: x image (B, N, D), context text (B, S, D) -> (image out, text out)
         # single: x = [text, image] (B, S + N, D) -> (B, S + N, D), not projected
         # rope tables are laid out [text, image] like the sequence
+        if segments is not None:
+            return self._forward_packed(x, context, segments)
         if not self.joint:
             q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, rope)  # (B, S + N, Hd, Dh)
             return self.attend(q, k, v).flatten(2, 3)  # (B, S + N, D)
@@ -170,6 +197,23 @@ class FluxAttention(nn.Module):
                                self.norm_added_q, self.norm_added_k, text_rope)  # (B, S, Hd, Dh)
         image_out, text_out = self.attend(q, k, v, (cq, ck, cv))
         image_out, text_out = image_out.flatten(2, 3).contiguous(), text_out.flatten(2, 3).contiguous()
+        return self.to_out[0](image_out), self.to_add_out(text_out)
+
+    def _forward_packed(self, x: torch.Tensor, context: torch.Tensor | None, segments: FluxSegments):
+        """As forward, for packed requests (FluxSegments' layouts): each request attends over its own
+        [text, image] only."""
+        if not self.joint:
+            q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, segments.joint_rope)
+            parts = zip(*(t.split(segments.joint, dim=1) for t in (q, k, v)))
+            return torch.cat([self.attend(*part) for part in parts], dim=1).flatten(2, 3)
+        q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, segments.image_rope)
+        cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
+                               self.norm_added_q, self.norm_added_k, segments.text_rope)
+        images = zip(*(t.split(segments.image, dim=1) for t in (q, k, v)))
+        texts = zip(*(t.split(segments.text, dim=1) for t in (cq, ck, cv)))
+        outs = [self.attend(qi, ki, vi, text) for (qi, ki, vi), text in zip(images, texts)]
+        image_out = torch.cat([o[0] for o in outs], dim=1).flatten(2, 3).contiguous()
+        text_out = torch.cat([o[1] for o in outs], dim=1).flatten(2, 3).contiguous()
         return self.to_out[0](image_out), self.to_add_out(text_out)
 
 
@@ -198,16 +242,22 @@ class FluxDoubleBlock(nn.Module):
         self.ff_context = FeedForward(dim, inner_dim=4 * dim, approximate="tanh")
 
     def forward(
-        self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor],
+        self, x: torch.Tensor, context: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+        segments: FluxSegments | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        # x (B, N, D) image, context (B, S, D) text, temb (B, D)
-        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = self.norm1.modulations(temb)  # (B, 1, D) each
-        c_shift_a, c_scale_a, c_gate_a, c_shift_f, c_scale_f, c_gate_f = self.norm1_context.modulations(temb)
+        # x (B, N, D) image, context (B, S, D) text, temb (B, D); packed (`segments`): x (1, sum N, D),
+        # context (1, R * S, D), each request's modulation on its own tokens.
+        mods, c_mods = self.norm1.modulations(temb), self.norm1_context.modulations(temb)  # (B, 1, D) each
+        if segments is not None:
+            mods = [segments.spread(m, segments.image) for m in mods]
+            c_mods = [segments.spread(m, (segments.text,) * len(segments.image)) for m in c_mods]
+        shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mods
+        c_shift_a, c_scale_a, c_gate_a, c_shift_f, c_scale_f, c_gate_f = c_mods
 
         # 1. Joint attention over [text, image].
         h = norm_modulate(x, shift_a, scale_a, self.norm1.norm)
         c = norm_modulate(context, c_shift_a, c_scale_a, self.norm1_context.norm)
-        attn_x, attn_c = self.attn(h, rope, context=c)
+        attn_x, attn_c = self.attn(h, rope, context=c, segments=segments)
 
         # 2. Image stream: gated residuals.
         x = gated_residual(x, attn_x, gate_a)
@@ -231,12 +281,16 @@ class FluxSingleBlock(nn.Module):
         self.proj_out = nn.Linear(dim + mlp_dim, dim)
         self.attn = FluxAttention(dim, heads, head_dim, joint=False)
 
-    def forward(self, xc: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        # xc = [text, image] (B, S + N, D)
-        shift, scale, gate = self.norm.modulations(temb)  # (B, 1, D) each
+    def forward(self, xc: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
+                segments: FluxSegments | None = None) -> torch.Tensor:
+        # xc = [text, image] (B, S + N, D); packed: each request's [text, image] in turn (1, sum (S + N), D)
+        mods = self.norm.modulations(temb)  # (B, 1, D) each
+        if segments is not None:
+            mods = [segments.spread(m, segments.joint) for m in mods]
+        shift, scale, gate = mods
         h = norm_modulate(xc, shift, scale, self.norm.norm)
         mlp = linear_gelu_tanh(h, self.proj_mlp.weight, self.proj_mlp.bias)  # (B, S + N, 4D)
-        attn = self.attn(h, rope)  # (B, S + N, D)
+        attn = self.attn(h, rope, segments=segments)  # (B, S + N, D)
         xc = gated_residual(xc, self.proj_out(torch.cat([attn, mlp], dim=2)), gate)
         return _clip_fp16(xc)
 
@@ -318,6 +372,53 @@ class FluxTransformer(nn.Module):
         # Output head: AdaLN (scale first, then shift) and linear to packed channels.
         scale, shift = self.norm_out.modulations(temb)
         return self.proj_out(norm_modulate(x, shift, scale, self.norm_out.norm))  # (B, N, Cout)
+
+    def forward_packed(
+        self,
+        latents: list[torch.Tensor],
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        pooled: torch.Tensor,
+        img_ids: list[torch.Tensor],
+        txt_ids: torch.Tensor,
+        guidance: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Requests of different sizes in one forward (mixed-shape batching; FluxSegments' layouts):
+        each with its own positions, timestep / guidance / pooled-text modulation and attention over
+        its own [text, image]; each output equals its own forward's (to float rounding).
+
+        latents: R tensors (N_i, Cin); timestep, guidance (R,); context (R, S, J); pooled (R, P);
+        img_ids: R tensors (N_i, 3); txt_ids (S, 3). Returns R tensors (N_i, Cout).
+        """
+        counts = tuple(l.shape[0] for l in latents)
+        rows, text_len = len(latents), context.shape[1]
+        x = self.x_embedder(torch.cat(latents)[None])  # (1, sum N, D)
+        t = (timestep / 1000).to(x.dtype) * 1000
+        g = guidance.to(x.dtype) * 1000 if guidance is not None and self.config.guidance_embeds else None
+        temb = self.time_text_embed(t, pooled, g)  # (R, D)
+        c = self.context_embedder(context).reshape(1, rows * text_len, -1)  # (1, R * S, D)
+
+        axes = self.config.axes_dims_rope
+        text_rope, image_ropes = flux_rope(txt_ids, axes), [flux_rope(ids, axes) for ids in img_ids]
+
+        def cat(tables, dim=1):
+            return tuple(torch.cat([t[j] for t in tables], dim=dim) for j in (0, 1))
+
+        segments = FluxSegments(
+            image=counts, text=text_len, image_rope=cat(image_ropes), text_rope=cat([text_rope] * rows),
+            joint_rope=cat([r for image in image_ropes for r in (text_rope, image)]),
+        )
+        for block in self.transformer_blocks:
+            x, c = block(x, c, temb, None, segments)
+
+        texts, images = c.split(text_len, dim=1), x.split(counts, dim=1)
+        xc = torch.cat([part for pair in zip(texts, images) for part in pair], dim=1)  # each [text, image] in turn
+        for block in self.single_transformer_blocks:
+            xc = block(xc, temb, None, segments)
+        x = torch.cat([seg[:, text_len:] for seg in xc.split(segments.joint, dim=1)], dim=1)  # (1, sum N, D)
+
+        scale, shift = (segments.spread(m, counts) for m in self.norm_out.modulations(temb))
+        return list(self.proj_out(norm_modulate(x, shift, scale, self.norm_out.norm))[0].split(counts))
 
     # -----------------------------------------------------------------------------------------
     # Loading
