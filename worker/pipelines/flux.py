@@ -150,14 +150,29 @@ class FluxPipeline:
             kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
         state.start_sampling(self.samplers.new(steps, self.device, **kwargs))
 
-    def forward(self, x, t, context, pooled, img_ids, txt_ids, guidance) -> torch.Tensor:
+    def forward(self, x, t, context, pooled, img_ids, txt_ids, guidance) -> torch.Tensor | list[torch.Tensor]:
+        if isinstance(x, list):  # requests of different sizes, packed into one sequence
+            return self.transformer.forward_packed(x, t, context, pooled, img_ids, txt_ids, guidance)
         return self.transformer(x, t, context, pooled, img_ids, txt_ids, guidance)
+
+    @property
+    def packs(self) -> bool:
+        """Whether requests of different sizes share one forward, their tokens packed (mixed-shape
+        batching): on one process (a parallel layout shards one shape)."""
+        return not self.parallel.distributed
 
     def _rows(self, group: list[FluxState], uncond: list[bool]) -> tuple:
         """One row per request: the sampler's timestep and the embedded guidance as they are (the
-        DiT does the reference's scaling), guidance only for checkpoints with a guidance embedder."""
-        h, w = group[0].latent_hw
-        x = torch.cat([s.latents for s in group]).to(self.dtype)  # (B, N, 4C)
+        DiT does the reference's scaling), guidance only for checkpoints with a guidance embedder.
+        Requests of different sizes: lists of their tokens and of their position ids (packed)."""
+        sizes = {s.latent_hw for s in group}
+        if len(sizes) > 1:
+            x: torch.Tensor | list[torch.Tensor] = [s.latents[0].to(self.dtype) for s in group]  # (N_i, 4C) each
+            img_ids: torch.Tensor | list[torch.Tensor] = [image_ids(h // 2, w // 2, self.device) for h, w in (s.latent_hw for s in group)]
+        else:
+            h, w = group[0].latent_hw
+            x = torch.cat([s.latents for s in group]).to(self.dtype)  # (B, N, 4C)
+            img_ids = image_ids(h // 2, w // 2, self.device)
         t = torch.stack([s.timesteps[s.step] for s in group]).float()  # (B,)
         guidance = None
         if self.guidance_embeds:
@@ -165,14 +180,14 @@ class FluxPipeline:
         context = torch.cat([s.cond for s in group])  # (B, 512, J)
         pooled = torch.cat([s.pooled for s in group])  # (B, P)
         txt_ids = torch.zeros(context.shape[1], 3, device=self.device)
-        return x, t, context, pooled, image_ids(h // 2, w // 2, self.device), txt_ids, guidance
+        return x, t, context, pooled, img_ids, txt_ids, guidance
 
     def denoise_step(self, states: list[FluxState]) -> int:
-        """One step for every state, one transformer forward per latent size (the scheduler sends
-        one size per command). Each row carries its own timestep, guidance and prompt."""
+        """One step for every state: one transformer forward, packed where sizes differ (`packs`;
+        else one forward per size). Each row carries its own timestep, guidance and prompt."""
         # float32 prediction keeps the latents float32 through the Euler update.
         return run_step(states, guide=self.guide, rows=self._rows, forward=self.forward,
-                        key=lambda s: s.latent_hw, prediction=lambda out, s: out.float())
+                        key=lambda s: 0 if self.packs else s.latent_hw, prediction=lambda out, s: out.float())
 
     @torch.no_grad()
     def decode(self, state: RequestState) -> np.ndarray:
