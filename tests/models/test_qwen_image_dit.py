@@ -95,3 +95,21 @@ def test_bf16_as_close_to_float32_as_diffusers(models, tmp_path):
         return float((x - fp32).norm() / fp32.norm())
 
     assert err(ours) < 2 * err(theirs), (err(ours), err(theirs))
+
+
+def test_packed_requests_of_different_sizes_each_equal_their_own_forward(models):
+    """Mixed-shape batching: a text-to-image request, an edit request (two images) and another size,
+    with different prompt lengths and timesteps, in one packed forward; each equals its solo run."""
+    _, ours = models
+    g = torch.Generator().manual_seed(3)
+    shapes = [[(1, 4, 6)], [(1, 4, 6), (1, 3, 5)], [(1, 6, 2)]]
+    lengths = [7, 3, 5]
+    latents = [torch.randn(sum(f * h * w for f, h, w in s), TINY_QWEN_TRANSFORMER["in_channels"], generator=g) for s in shapes]
+    texts = [torch.randn(n, TINY_QWEN_TRANSFORMER["joint_attention_dim"], generator=g) for n in lengths]
+    t = torch.tensor([900.0, 250.0, 500.0])
+    with torch.no_grad():
+        packed = ours.forward_packed(latents, t, texts, shapes)
+        for i in range(3):
+            alone = ours(latents[i][None], t[i:i + 1], texts[i][None], None, shapes[i])[0]
+            assert packed[i].shape == alone.shape
+            torch.testing.assert_close(packed[i], alone, atol=ATOL, rtol=0)

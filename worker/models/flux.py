@@ -34,6 +34,7 @@ from diffserve.worker.models.layers import (
     gated_residual,
     norm_modulate,
     qk_norm_rope,
+    spread,
 )
 
 
@@ -115,11 +116,6 @@ class FluxSegments:
     @property
     def joint(self) -> tuple[int, ...]:
         return tuple(self.text + n for n in self.image)
-
-    @staticmethod
-    def spread(values: torch.Tensor, counts: tuple[int, ...]) -> torch.Tensor:
-        """(R, 1, D) per-request values -> (1, sum counts, D): request i's value on its counts[i] tokens."""
-        return torch.cat([values[i].expand(n, -1) for i, n in enumerate(counts)])[None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,8 +245,8 @@ class FluxDoubleBlock(nn.Module):
         # context (1, R * S, D), each request's modulation on its own tokens.
         mods, c_mods = self.norm1.modulations(temb), self.norm1_context.modulations(temb)  # (B, 1, D) each
         if segments is not None:
-            mods = [segments.spread(m, segments.image) for m in mods]
-            c_mods = [segments.spread(m, (segments.text,) * len(segments.image)) for m in c_mods]
+            mods = [spread(m, segments.image) for m in mods]
+            c_mods = [spread(m, (segments.text,) * len(segments.image)) for m in c_mods]
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mods
         c_shift_a, c_scale_a, c_gate_a, c_shift_f, c_scale_f, c_gate_f = c_mods
 
@@ -286,7 +282,7 @@ class FluxSingleBlock(nn.Module):
         # xc = [text, image] (B, S + N, D); packed: each request's [text, image] in turn (1, sum (S + N), D)
         mods = self.norm.modulations(temb)  # (B, 1, D) each
         if segments is not None:
-            mods = [segments.spread(m, segments.joint) for m in mods]
+            mods = [spread(m, segments.joint) for m in mods]
         shift, scale, gate = mods
         h = norm_modulate(xc, shift, scale, self.norm.norm)
         mlp = linear_gelu_tanh(h, self.proj_mlp.weight, self.proj_mlp.bias)  # (B, S + N, 4D)
@@ -417,7 +413,7 @@ class FluxTransformer(nn.Module):
             xc = block(xc, temb, None, segments)
         x = torch.cat([seg[:, text_len:] for seg in xc.split(segments.joint, dim=1)], dim=1)  # (1, sum N, D)
 
-        scale, shift = (segments.spread(m, counts) for m in self.norm_out.modulations(temb))
+        scale, shift = (spread(m, counts) for m in self.norm_out.modulations(temb))
         return list(self.proj_out(norm_modulate(x, shift, scale, self.norm_out.norm))[0].split(counts))
 
     # -----------------------------------------------------------------------------------------

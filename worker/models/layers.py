@@ -119,6 +119,12 @@ class AdaLNZero(nn.Module):
         return self.linear(F.silu(temb)).unsqueeze(1).chunk(self.chunks, dim=-1)
 
 
+def spread(values: torch.Tensor, counts) -> torch.Tensor:
+    """(R, 1, ...) per-request values -> (1, sum counts, ...): request i's value on its counts[i]
+    tokens (requests packed into one sequence, mixed-shape batching)."""
+    return torch.cat([values[i].expand(n, *values.shape[2:]) for i, n in enumerate(counts)])[None]
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """AdaLN modulation. x (B, L, D); shift/scale broadcastable, e.g. (B, 1, D) or (B, L, D).
     After a norm, `norm_modulate` does both in one pass."""

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from diffserve.kernels.attention import attention
 from diffserve.worker.models.checkpoint import load_module, read_config
 from diffserve.worker.models.rope import axes_tables, axis_tables, grid_tables
-from diffserve.worker.models.layers import FeedForward, RMSNorm, TimestepEmbedding, gated_residual, norm_modulate, qk_norm_rope
+from diffserve.worker.models.layers import FeedForward, RMSNorm, TimestepEmbedding, gated_residual, norm_modulate, qk_norm_rope, spread
 
 # (frames, height, width) of one image's token grid, in packed (2x2) latent units.
 ImageShape = tuple[int, int, int]
@@ -157,6 +157,16 @@ class TimeTextEmbed(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class QwenSegments:
+    """Requests packed into one forward (mixed-shape batching): request i has `image[i]` image tokens
+    and `text[i]` text tokens (its own length, unpadded); the image stream holds every request's
+    image tokens in turn (1, sum L, D), the text stream every request's text (1, sum S, D)."""
+
+    image: tuple[int, ...]
+    text: tuple[int, ...]
+
+
 class QwenImageAttention(nn.Module):
     """Image stream (to_q/k/v, norm_q/k, to_out) and text stream (add_*_proj, norm_added_*, to_add_out)
     projected separately, RMS-normed per head, rotated, then one attention over [text, image]."""
@@ -186,8 +196,10 @@ class QwenImageAttention(nn.Module):
                         key_mask=key_mask)  # (B, S + L, Hd, Dh)
         return out[:, s:], out[:, :s]
 
-    def forward(self, img, txt, img_rope, txt_rope, key_mask):
+    def forward(self, img, txt, img_rope, txt_rope, key_mask, segments: QwenSegments | None = None):
         # img: (B, L, D), txt: (B, S, D); key_mask: (B, S + L) bool (False at text padding) or None.
+        # Packed (`segments`): img (1, sum L, D), txt (1, sum S, D); each request attends over its own
+        # [text, image], unpadded (no mask).
         def heads(x):
             return x.unflatten(-1, (self.heads, -1))  # (B, N, Hd, Dh)
 
@@ -198,7 +210,13 @@ class QwenImageAttention(nn.Module):
         txt_k = qk_norm_rope(heads(self.add_k_proj(txt)), self.norm_added_k, txt_rope)
         txt_v = heads(self.add_v_proj(txt))
 
-        img_out, txt_out = self.attend(img_q, img_k, img_v, (txt_q, txt_k, txt_v), key_mask)
+        if segments is None:
+            img_out, txt_out = self.attend(img_q, img_k, img_v, (txt_q, txt_k, txt_v), key_mask)
+        else:
+            images = zip(*(t.split(segments.image, dim=1) for t in (img_q, img_k, img_v)))
+            texts = zip(*(t.split(segments.text, dim=1) for t in (txt_q, txt_k, txt_v)))
+            outs = [self.attend(qi, ki, vi, text, None) for (qi, ki, vi), text in zip(images, texts)]
+            img_out, txt_out = torch.cat([o[0] for o in outs], dim=1), torch.cat([o[1] for o in outs], dim=1)
         img_out, txt_out = img_out.flatten(2, 3).to(img_q.dtype), txt_out.flatten(2, 3).to(img_q.dtype)
         return self.to_out[0](img_out.contiguous()), self.to_add_out(txt_out.contiguous())
 
@@ -215,10 +233,13 @@ class QwenImageBlock(nn.Module):
         self.img_mlp = FeedForward(dim, 4 * dim, approximate="tanh")
         self.txt_mlp = FeedForward(dim, 4 * dim, approximate="tanh")
 
-    def forward(self, img, txt, temb, img_rope, txt_rope, key_mask):
-        # img: (B, L, D), txt: (B, S, D), temb: (B, D)
+    def forward(self, img, txt, temb, img_rope, txt_rope, key_mask, segments: QwenSegments | None = None):
+        # img: (B, L, D), txt: (B, S, D), temb: (B, D); packed: see QwenSegments
         img_mod = self.img_mod(temb)[:, None].chunk(6, dim=-1)  # 6 x (B, 1, D): shift, scale, gate, x2
         txt_mod = self.txt_mod(temb)[:, None].chunk(6, dim=-1)
+        if segments is not None:  # each request's modulation on its own tokens
+            img_mod = [spread(m, segments.image) for m in img_mod]
+            txt_mod = [spread(m, segments.text) for m in txt_mod]
 
         img_attn, txt_attn = self.attn(
             norm_modulate(img, img_mod[0], img_mod[1], eps=self.eps),
@@ -226,6 +247,7 @@ class QwenImageBlock(nn.Module):
             img_rope,
             txt_rope,
             key_mask,
+            segments,
         )
         img = gated_residual(img, img_attn, img_mod[2])
         txt = gated_residual(txt, txt_attn, txt_mod[2])
@@ -305,6 +327,33 @@ class QwenImageTransformer(nn.Module):
             x, txt = block(x, txt, temb, img_rope, txt_rope, key_mask)
 
         return self.proj_out(self.norm_out(x, temb))  # (B, L, patch^2 * out_channels)
+
+    def forward_packed(
+        self,
+        latents: list[torch.Tensor],
+        timestep: torch.Tensor,
+        texts: list[torch.Tensor],
+        image_shapes: list[list[ImageShape]],
+    ) -> list[torch.Tensor]:
+        """Requests of different sizes (and prompt lengths) in one forward: their image tokens and
+        their texts concatenated (QwenSegments), each with its own positions, modulation and attention
+        over its own [text, image]; each output equals its own unpadded forward's (to float rounding).
+
+        latents: R tensors (L_i, Cp); timestep (R,); texts: R tensors (S_i, joint_attention_dim), each
+        its real tokens only; image_shapes: each request's images. Returns R tensors (L_i, Cout).
+        """
+        segments = QwenSegments(tuple(l.shape[0] for l in latents), tuple(t.shape[0] for t in texts))
+        x = self.img_in(torch.cat(latents)[None])  # (1, sum L, D)
+        temb = self.time_text_embed(timestep.to(x.dtype) / 1000, x.dtype)  # (R, D)
+        txt = self.txt_in(self.txt_norm(torch.cat(texts)[None]))  # (1, sum S, D)
+        ropes = [self.pos_embed(shapes, n, x.device) for shapes, n in zip(image_shapes, segments.text)]
+        img_rope = tuple(torch.cat([r[0][j] for r in ropes], dim=1) for j in (0, 1))
+        txt_rope = tuple(torch.cat([r[1][j] for r in ropes], dim=1) for j in (0, 1))
+        for block in self.transformer_blocks:
+            x, txt = block(x, txt, temb, img_rope, txt_rope, None, segments)
+        scale, shift = self.norm_out.linear(F.silu(temb).to(x.dtype)).chunk(2, dim=-1)  # (R, D) each
+        x = norm_modulate(x, spread(shift[:, None], segments.image), spread(scale[:, None], segments.image), eps=self.norm_out.eps)
+        return list(self.proj_out(x)[0].split(segments.image))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype, device: torch.device | str) -> QwenImageTransformer:

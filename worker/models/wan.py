@@ -29,6 +29,7 @@ from diffserve.worker.models.layers import (
     gated_residual,
     norm_modulate,
     qk_norm_rope,
+    spread,
     timestep_embedding,
 )
 from diffserve.worker.models.rope import grid_tables, rotary_tables
@@ -379,15 +380,11 @@ class WanTransformer(nn.Module):
         x = torch.cat([self.patch_embedding(l[None]).flatten(2).transpose(1, 2) for l in latents], dim=1).contiguous()
 
         temb, modulation, text, image = self.condition_embedder(timestep[:, None], context, context_image)  # (N, 1, ...)
-
-        def per_token(t: torch.Tensor) -> torch.Tensor:  # (N, 1, ...) -> (1, sum L, ...): each request's value on its tokens
-            return torch.cat([t[i].expand(n, *t.shape[2:]) for i, n in enumerate(segments)])[None]
-
-        modulation = per_token(modulation)
+        modulation = spread(modulation, segments)  # each request's value on its tokens
         for block in self.blocks:
             x = block(x, text, modulation, rope, image, segments=segments)
 
-        shift, scale = (self.scale_shift_table + per_token(temb).unsqueeze(2)).unbind(2)  # (1, sum L, D) each
+        shift, scale = (self.scale_shift_table + spread(temb, segments).unsqueeze(2)).unbind(2)  # (1, sum L, D) each
         x = self.proj_out(norm_modulate(x, shift, scale, self.norm_out))[0]  # (sum L, pt * ph * pw * C_out)
         outputs = []
         for tokens, grid in zip(x.split(segments), grids):
