@@ -141,8 +141,16 @@ class _QwenImageBase:
         patch = self.transformer.config.patch_size
         state.image_shapes = [(1, h // patch, w // patch)] + state.condition_shapes
 
-    def forward(self, x, t, text, mask, image_shapes) -> torch.Tensor:
+    def forward(self, x, t, text, mask, image_shapes) -> torch.Tensor | list[torch.Tensor]:
+        if isinstance(x, list):  # requests of different sizes, packed into one sequence
+            return self.transformer.forward_packed(x, t, text, image_shapes)
         return self.transformer(x, t, text, mask, image_shapes)
+
+    @property
+    def packs(self) -> bool:
+        """Whether requests of different sizes share one forward, their tokens packed (mixed-shape
+        batching): on one process (a parallel layout shards one shape)."""
+        return not self.parallel.distributed
 
     def _rows(self, group: list[QwenImageState], uncond: list[bool]) -> tuple:
         """cond / uncond rows of different text lengths, padded and masked. Timesteps go in as the
@@ -152,20 +160,23 @@ class _QwenImageBase:
                 return s.latents
             return torch.cat([s.latents, s.image_latents], dim=1)  # (1, L + L_img, Cp)
 
+        t = torch.stack(per_row(group, uncond, lambda s: s.timesteps[s.step]))  # (R,) as the sampler gives them (the DiT scales them)
+        if len({tuple(s.image_shapes) for s in group}) > 1:  # packed: lists of rows, texts unpadded
+            return ([x[0].to(self.dtype) for x in per_row(group, uncond, latents)], t,
+                    [c[0].to(self.dtype) for c in contexts(group, uncond)], None, per_row(group, uncond, lambda s: list(s.image_shapes)))
         text, lengths = pad_texts(contexts(group, uncond))  # (R, S, D)
         longest = text.shape[1]
         mask = None
         if min(lengths) < longest:
             mask = torch.arange(longest, device=self.device)[None, :] < to_device(lengths, self.device)[:, None]
-        t = torch.stack(per_row(group, uncond, lambda s: s.timesteps[s.step]))  # (R,) as the sampler gives them (the DiT scales them)
         x = torch.cat(per_row(group, uncond, latents)).to(self.dtype)
         return x, t, text.to(self.dtype), mask, list(group[0].image_shapes)
 
     def denoise_step(self, states: list[QwenImageState]) -> int:
-        """One step for all `states`: one DiT forward per group of equal image-token layout (always one
-        group for Qwen-Image); the prediction of the noise tokens only, in float32, is guided."""
+        """One step for all `states`: one DiT forward, packed where image-token layouts differ (`packs`;
+        else one forward per layout); the prediction of the noise tokens only, in float32, is guided."""
         return run_step(states, guide=self.guide, rows=self._rows, forward=self.forward,
-                        key=lambda s: tuple(s.image_shapes),
+                        key=lambda s: 0 if self.packs else tuple(s.image_shapes),
                         prediction=lambda out, s: out[:, : s.latents.shape[1]].float())
 
     @torch.no_grad()
