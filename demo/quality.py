@@ -6,8 +6,8 @@ A fixed set of scenes (PROMPTS stills and CLIPS clips, drawn by data.sample from
 generated at SEEDS through `diffserve.Engine` (a private `diffserve serve` on the CPU), and
 evaluate.judge reads each picture back. Printed and returned: the share right per attribute —
 "colour+background", "shape", "place" (stills), "size" (stills), "motion" (clips). The issue's
-bars: colour+background >= 0.9, shape and place >= 0.8, motion >= 0.8. Accelerations report
-their score beside the exact path's with the same command and their flag (--serve-arg).
+bars: colour+background >= 0.9, shape and place >= 0.8, motion >= 0.8. Accelerations will report
+their score beside the exact path's (issue 17).
 """
 
 from __future__ import annotations
