@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from diffserve.kernels.attention import attention
+from diffserve.worker.models.block_cache import FirstBlockCache
 from diffserve.worker.models.checkpoint import load_module, read_config
 from diffserve.worker.models.layers import (
     FeedForward,
@@ -331,7 +332,53 @@ class WanTransformer(nn.Module):
         (B, S_img, image_dim) CLIP image states ((2B, S_img, image_dim) for FLF2V).
         Returns (B, C_out, F, H, W).
         """
-        b, _, f, h, w = latents.shape
+        x, text, modulation, rope, image, temb, grid = self._embed(latents, timestep, context, context_image)
+        for block in self.blocks:
+            x = block(x, text, modulation, rope, image)
+        return self._head(x, temb, grid)
+
+    def forward_cached(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        context_image: torch.Tensor | None,
+        caches: list[FirstBlockCache | None],
+    ) -> torch.Tensor:
+        """`forward` with a First-Block Cache per row (None: the row always runs every block): rows
+        whose first-block residual barely moved since their last computed step skip the other blocks
+        and reuse that step's tail residual (worker/models/block_cache.py); the others run on alone."""
+        x, text, modulation, rope, image, temb, grid = self._embed(latents, timestep, context, context_image)
+        first = self.blocks[0](x, text, modulation, rope, image)
+        residual = first - x
+        compute = [cache is None or cache.should_compute(residual[i:i + 1]) for i, cache in enumerate(caches)]
+        out = first.clone()
+        rows = [i for i, c in enumerate(compute) if c]
+        if rows:
+            index = torch.tensor(rows, device=x.device)
+
+            def pick(t: torch.Tensor | None) -> torch.Tensor | None:
+                return None if t is None else t.index_select(0, index)
+
+            y = first.index_select(0, index)
+            text_rows, image_rows = text.index_select(0, index), pick(image)
+            mod_rows = modulation.index_select(0, index) if modulation.shape[0] == x.shape[0] else modulation
+            for block in self.blocks[1:]:
+                y = block(y, text_rows, mod_rows, rope, image_rows)
+            out.index_copy_(0, index, y)
+        for i, cache in enumerate(caches):
+            if cache is None:
+                continue
+            if compute[i]:
+                cache.computed_step(residual[i:i + 1], out[i:i + 1] - first[i:i + 1])
+            else:
+                out[i:i + 1] = first[i:i + 1] + cache.tail_residual
+                cache.skipped += 1
+        return self._head(out, temb, grid)
+
+    def _embed(self, latents, timestep, context, context_image):
+        """Patchify, rotary tables and conditioning: (x (B, L, D), text, modulation, rope, image, temb, grid)."""
+        f, h, w = latents.shape[2:]
         pt, ph, pw = self.config.patch_size
         grid = (f // pt, h // ph, w // pw)  # (F', H', W')
         rope = self.rope(grid)  # cos, sin: (1, L, 1, Dh)
@@ -342,19 +389,19 @@ class WanTransformer(nn.Module):
         # Conditioning. temb: (B, T, D), modulation: (B, T, 6, D), T = 1 or L.
         t = timestep if timestep.ndim == 2 else timestep[:, None]  # (B, T)
         temb, modulation, text, image = self.condition_embedder(t, context, context_image)  # text: (B, S, D)
+        return x, text, modulation, rope, image, temb, grid
 
-        for block in self.blocks:
-            x = block(x, text, modulation, rope, image)
-
-        # Output head: AdaLN (float32) then linear to patch pixels.
+    def _head(self, x: torch.Tensor, temb: torch.Tensor, grid: tuple[int, int, int]) -> torch.Tensor:
+        """AdaLN (float32), linear to patch pixels, unpatchify: (B, L, D) -> (B, C_out, F, H, W)."""
+        pt, ph, pw = self.config.patch_size
         shift, scale = (self.scale_shift_table + temb.unsqueeze(2)).unbind(2)  # (B, T, D) each
         x = norm_modulate(x, shift, scale, self.norm_out)
         x = self.proj_out(x)  # (B, L, pt * ph * pw * C_out)
 
         # Unpatchify: (B, F', H', W', pt, ph, pw, C) -> (B, C, F'pt, H'ph, W'pw).
-        x = x.reshape(b, *grid, pt, ph, pw, -1)
+        x = x.reshape(x.shape[0], *grid, pt, ph, pw, -1)
         x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)
-        return x.reshape(b, x.shape[1], grid[0] * pt, grid[1] * ph, grid[2] * pw)
+        return x.reshape(x.shape[0], x.shape[1], grid[0] * pt, grid[1] * ph, grid[2] * pw)
 
     def forward_packed(
         self,

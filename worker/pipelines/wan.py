@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib
 import io
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -38,6 +38,7 @@ from PIL import Image
 from diffserve.v1 import generation_pb2 as pb
 
 from diffserve.worker import loading
+from diffserve.worker.models.block_cache import FirstBlockCache
 from diffserve.worker.models.wan import WanTransformer
 from diffserve.worker.parallel import ParallelState
 from diffserve.worker.parallel.decode import decode_video
@@ -144,6 +145,7 @@ class WanState(RequestState):
     image_embeds: torch.Tensor | None = None  # CLIP features, (1, S_img, image_dim)
     mask: torch.Tensor | None = None  # FIRST_FRAME: 0 where latents are known, (1, 1, F, H, W)
     condition: torch.Tensor | None = None  # CHANNELS: (1, 4 + z, F, H, W); FIRST_FRAME: (1, z, 1, H, W)
+    block_caches: dict = field(default_factory=dict)  # (expert, unconditional) -> FirstBlockCache
 
 
 class WanPipeline:
@@ -342,10 +344,23 @@ class WanPipeline:
         tensor's bool() would wait for the GPU every step)."""
         return 0 if self.boundary is None or bool(state.timesteps_host[state.step] >= self.boundary) else 1
 
-    def forward(self, expert: int, latents, timesteps, context, image_embeds) -> torch.Tensor | list[torch.Tensor]:
+    def forward(self, expert: int, latents, timesteps, context, image_embeds, caches=None) -> torch.Tensor | list[torch.Tensor]:
         if isinstance(latents, list):  # requests of different sizes, packed into one sequence
             return self.experts[expert].forward_packed(latents, timesteps, context, image_embeds)
+        if caches is not None:  # some rows step-cache (First-Block Cache): eager, decided per row
+            return self.experts[expert].forward_cached(latents, timesteps, context, image_embeds, caches)
         return self.experts[expert](latents, timesteps, context, image_embeds)
+
+    def _cache(self, state: WanState, uncond: bool) -> FirstBlockCache | None:
+        """The row's First-Block Cache (one per expert and pass, as diffusers keeps one per cache
+        context), or None where the request does not step-cache."""
+        policy = state.request.cache
+        if policy.policy != "first-block":
+            return None
+        key = (self.expert_of(state), uncond)
+        if key not in state.block_caches:
+            state.block_caches[key] = FirstBlockCache(policy.threshold)
+        return state.block_caches[key]
 
     @property
     def packs(self) -> bool:
@@ -355,9 +370,10 @@ class WanPipeline:
         return not self.parallel.distributed and self.variant.image is not ImageConditioning.FIRST_FRAME
 
     def _group(self, state: WanState):
-        """The forward a state's rows join: its expert's, and its shape's unless requests pack."""
+        """The forward a state's rows join: its expert's, and its shape's unless requests pack (a
+        step-caching request never packs: its rows take the cached forward with their shape's)."""
         expert = self.expert_of(state)
-        return expert if self.packs else (expert, tuple(state.latents.shape))
+        return expert if self.packs and not state.request.cache.policy else (expert, tuple(state.latents.shape))
 
     def _model_input(self, state: WanState) -> tuple[torch.Tensor, torch.Tensor]:
         """(latent input (1, C_in, F, H, W), timestep (1,) or per-token (1, L)). Timesteps go to the
@@ -383,12 +399,16 @@ class WanPipeline:
             stacked: torch.Tensor | list[torch.Tensor] = [x[0].to(self.dtype) for x in latents]
         else:
             stacked = torch.cat(latents).to(self.dtype)  # (rows, C_in, F, H, W)
+        caches = None
+        if any(s.request.cache.policy for s in group):
+            caches = [self._cache(s, u) for s, u in zip(group, uncond) for u in ([False, True] if u else [False])]
         return (
             self.expert_of(group[0]),
             stacked,
             torch.cat([t for _, t in inputs]),  # (rows,) or (rows, L)
             torch.cat(contexts(group, uncond)),  # (rows, S, text_dim)
             torch.cat(images) if images else None,  # (rows, S_img, image_dim); the uncond row sees the image too
+            caches,  # per row: its First-Block Cache or None; None for all: no row step-caches
         )
 
     def denoise_step(self, states: list[WanState]) -> int:

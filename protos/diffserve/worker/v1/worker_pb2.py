@@ -26,19 +26,19 @@ from diffserve.v1 import generation_pb2 as diffserve_dot_v1_dot_generation__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n diffserve/worker/v1/worker.proto\x12\x13\x64iffserve.worker.v1\x1a\x1d\x64iffserve/v1/generation.proto\x1a\x17google/rpc/status.proto\"5\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x66rame\x18\x03 \x01(\x05\"\xc6\x03\n\x07\x43ommand\x12\n\n\x02id\x18\x01 \x01(\x04\x12/\n\x07welcome\x18\x02 \x01(\x0b\x32\x1c.diffserve.worker.v1.WelcomeH\x00\x12+\n\x05\x61\x64mit\x18\x03 \x01(\x0b\x32\x1a.diffserve.worker.v1.AdmitH\x00\x12\x32\n\trun_stage\x18\x04 \x01(\x0b\x32\x1d.diffserve.worker.v1.RunStageH\x00\x12\x38\n\x0c\x64\x65noise_step\x18\x05 \x01(\x0b\x32 .diffserve.worker.v1.DenoiseStepH\x00\x12)\n\x04\x66ree\x18\x06 \x01(\x0b\x32\x19.diffserve.worker.v1.FreeH\x00\x12\x31\n\x08shutdown\x18\x07 \x01(\x0b\x32\x1d.diffserve.worker.v1.ShutdownH\x00\x12\x35\n\nreregister\x18\x08 \x01(\x0b\x32\x1f.diffserve.worker.v1.ReregisterH\x00\x12\x30\n\x08\x66ree_all\x18\t \x01(\x0b\x32\x1c.diffserve.worker.v1.FreeAllH\x00\x12\x14\n\x0c\x66inished_ids\x18\n \x03(\tB\x06\n\x04\x62ody\":\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x02\"X\n\x05\x41\x64mit\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x07request\x18\x03 \x01(\x0b\x32\x1c.diffserve.worker.v1.RequestJ\x04\x08\x02\x10\x03R\x06params\"\xcf\x01\n\x07Request\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x12\n\nnum_frames\x18\x05 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x06 \x01(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x12\n\ncfg_scales\x18\x08 \x03(\x02\x12\x19\n\x11\x65mbedded_guidance\x18\t \x01(\x02\x12\x0e\n\x06images\x18\n \x03(\x0c\"O\n\x08RunStage\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x05stage\x18\x02 \x01(\x0e\x32 .diffserve.worker.v1.WorkerStage\">\n\x0b\x44\x65noiseStep\x12/\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1e.diffserve.worker.v1.StepEntry\"3\n\tStepEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nstep_index\x18\x02 \x01(\x05\"\x1b\n\x04\x46ree\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"\t\n\x07\x46reeAll\"\x0c\n\nReregister\"\n\n\x08Shutdown\"\xd9\x01\n\rWorkerMessage\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.diffserve.worker.v1.HelloH\x00\x12\x33\n\theartbeat\x18\x02 \x01(\x0b\x32\x1e.diffserve.worker.v1.HeartbeatH\x00\x12-\n\x06result\x18\x03 \x01(\x0b\x32\x1b.diffserve.worker.v1.ResultH\x00\x12/\n\x07goodbye\x18\x04 \x01(\x0b\x32\x1c.diffserve.worker.v1.GoodbyeH\x00\x42\x06\n\x04\x62ody\"\x19\n\x07Goodbye\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xd9\x01\n\x05Hello\x12>\n\x10protocol_version\x18\x01 \x01(\x0e\x32$.diffserve.worker.v1.ProtocolVersion\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12,\n\x04\x63\x61rd\x18\x07 \x01(\x0b\x32\x1e.diffserve.worker.v1.ModelCard\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x05\x12\x14\n\x0cmax_resident\x18\x05 \x01(\x05\x12\x12\n\nworld_size\x18\x06 \x01(\x05J\x04\x08\x03\x10\x04R\x05model\"\x8a\x02\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x34\n\x08\x64\x65\x66\x61ults\x18\x04 \x01(\x0b\x32\".diffserve.worker.v1.ModelDefaults\x12\x30\n\x06limits\x18\x05 \x01(\x0b\x32 .diffserve.worker.v1.ModelLimits\x12\x38\n\rguidance_kind\x18\x06 \x01(\x0e\x32!.diffserve.worker.v1.GuidanceKind\x12\x13\n\x0bnum_experts\x18\x07 \x01(\x05\x12\x1a\n\x12packs_mixed_shapes\x18\x08 \x01(\x08\"\xdc\x01\n\rModelDefaults\x12\x0e\n\x06height\x18\x01 \x01(\x05\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x12\n\nnum_frames\x18\x03 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x04 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x05 \x01(\x02\x12\x0b\n\x03\x66ps\x18\x06 \x01(\x05\x12\x17\n\x0fnegative_prompt\x18\x07 \x01(\t\x12\x0f\n\x07sampler\x18\x08 \x01(\t\x12\x12\n\nflow_shift\x18\t \x01(\x02\x12\x18\n\x10guidance_scale_2\x18\n \x01(\x02\"\xf1\x01\n\x0bModelLimits\x12\x15\n\rsize_multiple\x18\x01 \x01(\x05\x12\x12\n\nmax_height\x18\x02 \x01(\x05\x12\x11\n\tmax_width\x18\x03 \x01(\x05\x12\x12\n\nmax_pixels\x18\x04 \x01(\x03\x12\x12\n\nframe_step\x18\x05 \x01(\x05\x12\x16\n\x0emax_num_frames\x18\x06 \x01(\x05\x12\x1f\n\x17max_num_inference_steps\x18\x07 \x01(\x05\x12\x17\n\x0fprompt_required\x18\x08 \x01(\x08\x12\x16\n\x0eimage_required\x18\t \x01(\x08\x12\x12\n\nmax_images\x18\n \x01(\x05\"I\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12*\n\x06status\x18\x02 \x01(\x0b\x32\x1a.diffserve.v1.WorkerStatus\"f\n\x06Result\x12\x12\n\ncommand_id\x18\x01 \x01(\x04\x12\x12\n\nelapsed_ms\x18\x02 \x01(\x02\x12\x34\n\x08requests\x18\x03 \x03(\x0b\x32\".diffserve.worker.v1.RequestResult\"t\n\rRequestResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x12+\n\x06\x66rames\x18\x03 \x01(\x0b\x32\x1b.diffserve.worker.v1.Tensor*c\n\x0fProtocolVersion\x12 \n\x1cPROTOCOL_VERSION_UNSPECIFIED\x10\x00\x12\x16\n\x12PROTOCOL_VERSION_1\x10\x01\x12\x16\n\x12PROTOCOL_VERSION_2\x10\x02*w\n\x0bWorkerStage\x12\x1c\n\x18WORKER_STAGE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_STAGE_ENCODE\x10\x01\x12\x18\n\x14WORKER_STAGE_PREPARE\x10\x02\x12\x17\n\x13WORKER_STAGE_DECODE\x10\x03*\x9c\x01\n\x0cGuidanceKind\x12\x1d\n\x19GUIDANCE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11GUIDANCE_KIND_CFG\x10\x01\x12\"\n\x1eGUIDANCE_KIND_CFG_NORM_RESCALE\x10\x02\x12\x1a\n\x16GUIDANCE_KIND_EMBEDDED\x10\x03\x12\x16\n\x12GUIDANCE_KIND_NONE\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n diffserve/worker/v1/worker.proto\x12\x13\x64iffserve.worker.v1\x1a\x1d\x64iffserve/v1/generation.proto\x1a\x17google/rpc/status.proto\"5\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x66rame\x18\x03 \x01(\x05\"\xc6\x03\n\x07\x43ommand\x12\n\n\x02id\x18\x01 \x01(\x04\x12/\n\x07welcome\x18\x02 \x01(\x0b\x32\x1c.diffserve.worker.v1.WelcomeH\x00\x12+\n\x05\x61\x64mit\x18\x03 \x01(\x0b\x32\x1a.diffserve.worker.v1.AdmitH\x00\x12\x32\n\trun_stage\x18\x04 \x01(\x0b\x32\x1d.diffserve.worker.v1.RunStageH\x00\x12\x38\n\x0c\x64\x65noise_step\x18\x05 \x01(\x0b\x32 .diffserve.worker.v1.DenoiseStepH\x00\x12)\n\x04\x66ree\x18\x06 \x01(\x0b\x32\x19.diffserve.worker.v1.FreeH\x00\x12\x31\n\x08shutdown\x18\x07 \x01(\x0b\x32\x1d.diffserve.worker.v1.ShutdownH\x00\x12\x35\n\nreregister\x18\x08 \x01(\x0b\x32\x1f.diffserve.worker.v1.ReregisterH\x00\x12\x30\n\x08\x66ree_all\x18\t \x01(\x0b\x32\x1c.diffserve.worker.v1.FreeAllH\x00\x12\x14\n\x0c\x66inished_ids\x18\n \x03(\tB\x06\n\x04\x62ody\":\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x02\"X\n\x05\x41\x64mit\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x07request\x18\x03 \x01(\x0b\x32\x1c.diffserve.worker.v1.RequestJ\x04\x08\x02\x10\x03R\x06params\"\xfe\x01\n\x07Request\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x12\n\nnum_frames\x18\x05 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x06 \x01(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x12\n\ncfg_scales\x18\x08 \x03(\x02\x12\x19\n\x11\x65mbedded_guidance\x18\t \x01(\x02\x12\x0e\n\x06images\x18\n \x03(\x0c\x12-\n\x05\x63\x61\x63he\x18\x0b \x01(\x0b\x32\x1e.diffserve.worker.v1.StepCache\".\n\tStepCache\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x11\n\tthreshold\x18\x02 \x01(\x02\"O\n\x08RunStage\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x05stage\x18\x02 \x01(\x0e\x32 .diffserve.worker.v1.WorkerStage\">\n\x0b\x44\x65noiseStep\x12/\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1e.diffserve.worker.v1.StepEntry\"3\n\tStepEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nstep_index\x18\x02 \x01(\x05\"\x1b\n\x04\x46ree\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"\t\n\x07\x46reeAll\"\x0c\n\nReregister\"\n\n\x08Shutdown\"\xd9\x01\n\rWorkerMessage\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.diffserve.worker.v1.HelloH\x00\x12\x33\n\theartbeat\x18\x02 \x01(\x0b\x32\x1e.diffserve.worker.v1.HeartbeatH\x00\x12-\n\x06result\x18\x03 \x01(\x0b\x32\x1b.diffserve.worker.v1.ResultH\x00\x12/\n\x07goodbye\x18\x04 \x01(\x0b\x32\x1c.diffserve.worker.v1.GoodbyeH\x00\x42\x06\n\x04\x62ody\"\x19\n\x07Goodbye\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xd9\x01\n\x05Hello\x12>\n\x10protocol_version\x18\x01 \x01(\x0e\x32$.diffserve.worker.v1.ProtocolVersion\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12,\n\x04\x63\x61rd\x18\x07 \x01(\x0b\x32\x1e.diffserve.worker.v1.ModelCard\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x05\x12\x14\n\x0cmax_resident\x18\x05 \x01(\x05\x12\x12\n\nworld_size\x18\x06 \x01(\x05J\x04\x08\x03\x10\x04R\x05model\"\x8a\x02\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x34\n\x08\x64\x65\x66\x61ults\x18\x04 \x01(\x0b\x32\".diffserve.worker.v1.ModelDefaults\x12\x30\n\x06limits\x18\x05 \x01(\x0b\x32 .diffserve.worker.v1.ModelLimits\x12\x38\n\rguidance_kind\x18\x06 \x01(\x0e\x32!.diffserve.worker.v1.GuidanceKind\x12\x13\n\x0bnum_experts\x18\x07 \x01(\x05\x12\x1a\n\x12packs_mixed_shapes\x18\x08 \x01(\x08\"\xdc\x01\n\rModelDefaults\x12\x0e\n\x06height\x18\x01 \x01(\x05\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x12\n\nnum_frames\x18\x03 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x04 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x05 \x01(\x02\x12\x0b\n\x03\x66ps\x18\x06 \x01(\x05\x12\x17\n\x0fnegative_prompt\x18\x07 \x01(\t\x12\x0f\n\x07sampler\x18\x08 \x01(\t\x12\x12\n\nflow_shift\x18\t \x01(\x02\x12\x18\n\x10guidance_scale_2\x18\n \x01(\x02\"\xf1\x01\n\x0bModelLimits\x12\x15\n\rsize_multiple\x18\x01 \x01(\x05\x12\x12\n\nmax_height\x18\x02 \x01(\x05\x12\x11\n\tmax_width\x18\x03 \x01(\x05\x12\x12\n\nmax_pixels\x18\x04 \x01(\x03\x12\x12\n\nframe_step\x18\x05 \x01(\x05\x12\x16\n\x0emax_num_frames\x18\x06 \x01(\x05\x12\x1f\n\x17max_num_inference_steps\x18\x07 \x01(\x05\x12\x17\n\x0fprompt_required\x18\x08 \x01(\x08\x12\x16\n\x0eimage_required\x18\t \x01(\x08\x12\x12\n\nmax_images\x18\n \x01(\x05\"I\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12*\n\x06status\x18\x02 \x01(\x0b\x32\x1a.diffserve.v1.WorkerStatus\"f\n\x06Result\x12\x12\n\ncommand_id\x18\x01 \x01(\x04\x12\x12\n\nelapsed_ms\x18\x02 \x01(\x02\x12\x34\n\x08requests\x18\x03 \x03(\x0b\x32\".diffserve.worker.v1.RequestResult\"t\n\rRequestResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x12+\n\x06\x66rames\x18\x03 \x01(\x0b\x32\x1b.diffserve.worker.v1.Tensor*c\n\x0fProtocolVersion\x12 \n\x1cPROTOCOL_VERSION_UNSPECIFIED\x10\x00\x12\x16\n\x12PROTOCOL_VERSION_1\x10\x01\x12\x16\n\x12PROTOCOL_VERSION_2\x10\x02*w\n\x0bWorkerStage\x12\x1c\n\x18WORKER_STAGE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_STAGE_ENCODE\x10\x01\x12\x18\n\x14WORKER_STAGE_PREPARE\x10\x02\x12\x17\n\x13WORKER_STAGE_DECODE\x10\x03*\x9c\x01\n\x0cGuidanceKind\x12\x1d\n\x19GUIDANCE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11GUIDANCE_KIND_CFG\x10\x01\x12\"\n\x1eGUIDANCE_KIND_CFG_NORM_RESCALE\x10\x02\x12\x1a\n\x16GUIDANCE_KIND_EMBEDDED\x10\x03\x12\x16\n\x12GUIDANCE_KIND_NONE\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'diffserve.worker.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROTOCOLVERSION']._serialized_start=2749
-  _globals['_PROTOCOLVERSION']._serialized_end=2848
-  _globals['_WORKERSTAGE']._serialized_start=2850
-  _globals['_WORKERSTAGE']._serialized_end=2969
-  _globals['_GUIDANCEKIND']._serialized_start=2972
-  _globals['_GUIDANCEKIND']._serialized_end=3128
+  _globals['_PROTOCOLVERSION']._serialized_start=2844
+  _globals['_PROTOCOLVERSION']._serialized_end=2943
+  _globals['_WORKERSTAGE']._serialized_start=2945
+  _globals['_WORKERSTAGE']._serialized_end=3064
+  _globals['_GUIDANCEKIND']._serialized_start=3067
+  _globals['_GUIDANCEKIND']._serialized_end=3223
   _globals['_TENSOR']._serialized_start=113
   _globals['_TENSOR']._serialized_end=166
   _globals['_COMMAND']._serialized_start=169
@@ -48,37 +48,39 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_ADMIT']._serialized_start=685
   _globals['_ADMIT']._serialized_end=773
   _globals['_REQUEST']._serialized_start=776
-  _globals['_REQUEST']._serialized_end=983
-  _globals['_RUNSTAGE']._serialized_start=985
-  _globals['_RUNSTAGE']._serialized_end=1064
-  _globals['_DENOISESTEP']._serialized_start=1066
-  _globals['_DENOISESTEP']._serialized_end=1128
-  _globals['_STEPENTRY']._serialized_start=1130
-  _globals['_STEPENTRY']._serialized_end=1181
-  _globals['_FREE']._serialized_start=1183
-  _globals['_FREE']._serialized_end=1210
-  _globals['_FREEALL']._serialized_start=1212
-  _globals['_FREEALL']._serialized_end=1221
-  _globals['_REREGISTER']._serialized_start=1223
-  _globals['_REREGISTER']._serialized_end=1235
-  _globals['_SHUTDOWN']._serialized_start=1237
-  _globals['_SHUTDOWN']._serialized_end=1247
-  _globals['_WORKERMESSAGE']._serialized_start=1250
-  _globals['_WORKERMESSAGE']._serialized_end=1467
-  _globals['_GOODBYE']._serialized_start=1469
-  _globals['_GOODBYE']._serialized_end=1494
-  _globals['_HELLO']._serialized_start=1497
-  _globals['_HELLO']._serialized_end=1714
-  _globals['_MODELCARD']._serialized_start=1717
-  _globals['_MODELCARD']._serialized_end=1983
-  _globals['_MODELDEFAULTS']._serialized_start=1986
-  _globals['_MODELDEFAULTS']._serialized_end=2206
-  _globals['_MODELLIMITS']._serialized_start=2209
-  _globals['_MODELLIMITS']._serialized_end=2450
-  _globals['_HEARTBEAT']._serialized_start=2452
-  _globals['_HEARTBEAT']._serialized_end=2525
-  _globals['_RESULT']._serialized_start=2527
-  _globals['_RESULT']._serialized_end=2629
-  _globals['_REQUESTRESULT']._serialized_start=2631
-  _globals['_REQUESTRESULT']._serialized_end=2747
+  _globals['_REQUEST']._serialized_end=1030
+  _globals['_STEPCACHE']._serialized_start=1032
+  _globals['_STEPCACHE']._serialized_end=1078
+  _globals['_RUNSTAGE']._serialized_start=1080
+  _globals['_RUNSTAGE']._serialized_end=1159
+  _globals['_DENOISESTEP']._serialized_start=1161
+  _globals['_DENOISESTEP']._serialized_end=1223
+  _globals['_STEPENTRY']._serialized_start=1225
+  _globals['_STEPENTRY']._serialized_end=1276
+  _globals['_FREE']._serialized_start=1278
+  _globals['_FREE']._serialized_end=1305
+  _globals['_FREEALL']._serialized_start=1307
+  _globals['_FREEALL']._serialized_end=1316
+  _globals['_REREGISTER']._serialized_start=1318
+  _globals['_REREGISTER']._serialized_end=1330
+  _globals['_SHUTDOWN']._serialized_start=1332
+  _globals['_SHUTDOWN']._serialized_end=1342
+  _globals['_WORKERMESSAGE']._serialized_start=1345
+  _globals['_WORKERMESSAGE']._serialized_end=1562
+  _globals['_GOODBYE']._serialized_start=1564
+  _globals['_GOODBYE']._serialized_end=1589
+  _globals['_HELLO']._serialized_start=1592
+  _globals['_HELLO']._serialized_end=1809
+  _globals['_MODELCARD']._serialized_start=1812
+  _globals['_MODELCARD']._serialized_end=2078
+  _globals['_MODELDEFAULTS']._serialized_start=2081
+  _globals['_MODELDEFAULTS']._serialized_end=2301
+  _globals['_MODELLIMITS']._serialized_start=2304
+  _globals['_MODELLIMITS']._serialized_end=2545
+  _globals['_HEARTBEAT']._serialized_start=2547
+  _globals['_HEARTBEAT']._serialized_end=2620
+  _globals['_RESULT']._serialized_start=2622
+  _globals['_RESULT']._serialized_end=2724
+  _globals['_REQUESTRESULT']._serialized_start=2726
+  _globals['_REQUESTRESULT']._serialized_end=2842
 # @@protoc_insertion_point(module_scope)

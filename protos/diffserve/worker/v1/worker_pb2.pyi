@@ -93,7 +93,7 @@ class Admit(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., request: _Optional[_Union[Request, _Mapping]] = ...) -> None: ...
 
 class Request(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "seed", "cfg_scales", "embedded_guidance", "images")
+    __slots__ = ("prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "seed", "cfg_scales", "embedded_guidance", "images", "cache")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -104,6 +104,7 @@ class Request(_message.Message):
     CFG_SCALES_FIELD_NUMBER: _ClassVar[int]
     EMBEDDED_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     height: int
@@ -114,7 +115,16 @@ class Request(_message.Message):
     cfg_scales: _containers.RepeatedScalarFieldContainer[float]
     embedded_guidance: float
     images: _containers.RepeatedScalarFieldContainer[bytes]
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., seed: _Optional[int] = ..., cfg_scales: _Optional[_Iterable[float]] = ..., embedded_guidance: _Optional[float] = ..., images: _Optional[_Iterable[bytes]] = ...) -> None: ...
+    cache: StepCache
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., seed: _Optional[int] = ..., cfg_scales: _Optional[_Iterable[float]] = ..., embedded_guidance: _Optional[float] = ..., images: _Optional[_Iterable[bytes]] = ..., cache: _Optional[_Union[StepCache, _Mapping]] = ...) -> None: ...
+
+class StepCache(_message.Message):
+    __slots__ = ("policy", "threshold")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    threshold: float
+    def __init__(self, policy: _Optional[str] = ..., threshold: _Optional[float] = ...) -> None: ...
 
 class RunStage(_message.Message):
     __slots__ = ("request_id", "stage")
