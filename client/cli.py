@@ -127,6 +127,15 @@ def connect(args: argparse.Namespace, target: str) -> Client:
                   timeout_s=CLI_TIMEOUT_S)
 
 
+def cache_arg(value: str):
+    from diffserve.client.client import step_cache
+
+    try:
+        return step_cache(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
     """The `diffserve` command line; defaults from DIFFSERVE_* variables of `environ` (os.environ)."""
     parser = argparse.ArgumentParser(prog="diffserve", description="Serve diffusion transformers.", epilog=ENV_EPILOG)
@@ -149,6 +158,9 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     job.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the model's)")
     job.add_argument("--guidance-scale-2", type=float, help="low-noise expert's guidance (Wan2.2 A14B)")
     job.add_argument("--seed", type=seed_type, help="0 to 2**64-1 (default: random, reported)")
+    job.add_argument("--cache", default=None, type=cache_arg, metavar="POLICY:THRESHOLD",
+                     help="step caching, an approximation this job opts into, e.g. first-block:0.1 (the model must offer it: "
+                          "`diffserve models` cache_policies; docs/acceleration.md). Default: exact")
     job.add_argument("--image-path", action="append", default=[], metavar="PATH_OR_URL",
                      help="conditioning image (image-to-video, editing): a local file (sent as bytes) or an http(s) URL the server fetches; repeatable")
     job.add_argument("--output-format", choices=["png", "mp4", "npy"], default="",
@@ -225,6 +237,7 @@ def run_job(client: Client, args: argparse.Namespace) -> int:
         args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
         num_frames=args.num_frames, fps=args.fps, num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale, guidance_scale_2=args.guidance_scale_2, seed=args.seed, output_format=args.output_format,
+        cache=args.cache,
         model=args.model_name or "", images=[image_arg(p) for p in args.image_path],
     )
     bar = None

@@ -126,6 +126,20 @@ class DiffserveError(Exception):
                 self.reason = info.reason
 
 
+def step_cache(value: str | dict | pb.StepCache) -> pb.StepCache:
+    """A step-caching policy from "POLICY:THRESHOLD" (e.g. "first-block:0.1"), a dict of the
+    message's fields, or the message itself."""
+    if isinstance(value, pb.StepCache):
+        return value
+    if isinstance(value, dict):
+        return pb.StepCache(**value)
+    policy, _, threshold = str(value).partition(":")
+    try:
+        return pb.StepCache(policy=policy.strip(), threshold=float(threshold))
+    except ValueError:
+        raise ValueError(f"a step cache is POLICY:THRESHOLD, e.g. first-block:0.1 (got {value!r})") from None
+
+
 def make_params(prompt: str = "", *, output_format: str | int = "", images: list = (), **fields) -> pb.GenerationParams:
     """GenerationParams from keyword fields named as in the proto; None values stay unset (model
     default); a name that is no field raises TypeError. `images`: encoded bytes, a PIL image (sent
@@ -135,7 +149,11 @@ def make_params(prompt: str = "", *, output_format: str | int = "", images: list
     for name, value in fields.items():
         if name not in PARAM_FIELDS:
             raise TypeError(f"unknown generation field {name!r} (fields: {', '.join(sorted(PARAM_FIELDS))})")
-        if value is not None:
+        if value is None:
+            continue
+        if name == "cache":
+            params.cache.CopyFrom(step_cache(value))
+        else:
             setattr(params, name, value)
     for image in images:
         if not isinstance(image, (bytes, str, os.PathLike)):  # a PIL image

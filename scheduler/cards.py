@@ -23,6 +23,7 @@ def public_model(card: wpb.ModelCard) -> pb.Model:
         guidance_kind=pb.GuidanceKind.Value(wpb.GuidanceKind.Name(card.guidance_kind)),
         num_experts=max(1, card.num_experts),
         packs_mixed_shapes=card.packs_mixed_shapes,
+        cache_policies=list(card.cache_policies),
     )
 
 

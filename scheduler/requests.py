@@ -45,6 +45,8 @@ def worker_request(params: pb.GenerationParams, model: pb.Model) -> wpb.Request:
         request.cfg_scales.extend([params.guidance_scale] + [low_noise] * (num_experts(model) - 1))
     elif model.guidance_kind == pb.GUIDANCE_KIND_EMBEDDED:
         request.embedded_guidance = params.guidance_scale
+    if params.cache.policy:
+        request.cache.policy, request.cache.threshold = params.cache.policy, params.cache.threshold
     return request
 
 

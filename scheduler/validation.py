@@ -141,7 +141,7 @@ def resolve_params(params: pb.GenerationParams, model: pb.Model) -> pb.Generatio
     if out.output_format == pb.OUTPUT_FORMAT_UNSPECIFIED:
         out.output_format = pb.OUTPUT_FORMAT_PNG if out.num_frames == 1 else pb.OUTPUT_FORMAT_MP4
 
-    bad: list[tuple[str, str]] = check_guidance(params, out, model)
+    bad: list[tuple[str, str]] = check_guidance(params, out, model) + check_cache(out.cache, model)
     if lim.prompt_required and not visible(out.prompt):
         bad.append(("params.prompt", "must not be empty" if not out.prompt.strip() else "must have a visible character (not only spaces, zero-width or format characters)"))
     bad += [v for v in check_strings(out) if v[0] != "params.model"]  # the model is known: it was found by name
@@ -214,6 +214,23 @@ def check_guidance(params: pb.GenerationParams, out: pb.GenerationParams, model:
         elif value > 1 and out.guidance_scale <= 1:
             bad.append(("params.guidance_scale_2", f"classifier-free guidance runs only when guidance_scale > 1 (got {out.guidance_scale:g}), on both experts or neither: raise guidance_scale or leave guidance_scale_2 unset"))
     return bad
+
+
+MAX_CACHE_THRESHOLD = 10.0
+
+
+def check_cache(cache: pb.StepCache, model: pb.Model) -> list[tuple[str, str]]:
+    """(field, why) for a step-caching policy the model does not offer or a threshold out of (0, 10]."""
+    if not cache.policy:
+        if cache.threshold:
+            return [("params.cache.policy", "a threshold needs a policy (e.g. first-block)")]
+        return []
+    if cache.policy not in model.cache_policies:
+        offered = ", ".join(model.cache_policies) or "none"
+        return [("params.cache.policy", f"model {model.name} offers no step-caching policy {cache.policy!r} (offered: {offered})")]
+    if not math.isfinite(cache.threshold) or not 0 < cache.threshold <= MAX_CACHE_THRESHOLD:
+        return [("params.cache.threshold", f"must be more than 0 and at most {MAX_CACHE_THRESHOLD:g} (got {cache.threshold:g})")]
+    return []
 
 
 def _derive_size(out: pb.GenerationParams, model: pb.Model) -> set[str]:

@@ -23,6 +23,7 @@ def model_card(pipeline) -> wpb.ModelCard:
         guidance_kind=wpb.GuidanceKind.Value(pb.GuidanceKind.Name(card.guidance_kind)),
         num_experts=card.num_experts or num_experts(pipeline),
         packs_mixed_shapes=bool(getattr(pipeline, "packs", False)),  # read now: it depends on the parallel layout
+        cache_policies=list(getattr(pipeline, "cache_policies", ())),
     )
 
 

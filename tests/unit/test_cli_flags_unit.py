@@ -193,3 +193,11 @@ def test_serve_without_a_model_path_serves_the_built_in_model_unless_told_not_to
     assert local_model_path(serve_parser(environ={}).parse_args([])) == str(tmp_path)
     assert local_model_path(serve_parser(environ={}).parse_args(["--no-local-worker"])) == ""
     assert local_model_path(serve_parser(environ={}).parse_args(["--model-path", "/m"])) == "/m"
+
+
+def test_generate_cache_flag():
+    assert generate({}, "--prompt", "p").cache is None  # exact by default
+    cache = generate({}, "--prompt", "p", "--cache", "first-block:0.1").cache
+    assert (cache.policy, round(cache.threshold, 6)) == ("first-block", 0.1)
+    with pytest.raises(SystemExit):
+        generate({}, "--prompt", "p", "--cache", "first-block:lots")

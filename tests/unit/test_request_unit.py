@@ -128,3 +128,30 @@ def test_worker_card_round_trip():
     assert model_card(Pipeline()).num_experts == 1
     del Pipeline.experts  # every other family
     assert model_card(Pipeline()).num_experts == 1
+
+
+# ---- step caching ----
+
+def test_step_cache_reaches_the_worker_request_and_is_checked_against_the_card():
+    from diffserve.scheduler.errors import RequestError
+
+    card = model(pb.GUIDANCE_KIND_CFG)
+    assert not request(card).HasField("cache")  # unset: exact
+    with pytest.raises(RequestError, match="params.cache.policy.*offers no step-caching policy 'first-block'"):
+        request(card, cache=pb.StepCache(policy="first-block", threshold=0.1))
+    card.cache_policies.append("first-block")
+    r = request(card, cache=pb.StepCache(policy="first-block", threshold=0.1))
+    assert (r.cache.policy, round(r.cache.threshold, 6)) == ("first-block", 0.1)
+    for threshold in (0.0, -1.0, 11.0, float("nan")):
+        with pytest.raises(RequestError, match="params.cache.threshold"):
+            request(card, cache=pb.StepCache(policy="first-block", threshold=threshold))
+    with pytest.raises(RequestError, match="params.cache.policy.*needs a policy"):
+        request(card, cache=pb.StepCache(threshold=0.1))
+    with pytest.raises(RequestError, match="offers no step-caching policy 'teacache'"):
+        request(card, cache=pb.StepCache(policy="teacache", threshold=0.1))
+
+
+def test_cards_carry_packing_and_cache_policies_to_the_public_model():
+    card = wpb.ModelCard(name="m", packs_mixed_shapes=True, cache_policies=["first-block"])
+    m = public_model(card)
+    assert m.packs_mixed_shapes and list(m.cache_policies) == ["first-block"]

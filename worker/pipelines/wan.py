@@ -38,7 +38,7 @@ from PIL import Image
 from diffserve.v1 import generation_pb2 as pb
 
 from diffserve.worker import loading
-from diffserve.worker.models.block_cache import FirstBlockCache
+from diffserve.worker.models.block_cache import POLICIES, FirstBlockCache
 from diffserve.worker.models.wan import WanTransformer
 from diffserve.worker.parallel import ParallelState
 from diffserve.worker.parallel.decode import decode_video
@@ -361,6 +361,12 @@ class WanPipeline:
         if key not in state.block_caches:
             state.block_caches[key] = FirstBlockCache(policy.threshold)
         return state.block_caches[key]
+
+    @property
+    def cache_policies(self) -> tuple[str, ...]:
+        """Step caching it offers: First-Block Cache on one process (a row's skip is decided on its
+        rank; a parallel layout would need the decision shared)."""
+        return () if self.parallel.distributed else POLICIES
 
     @property
     def packs(self) -> bool:

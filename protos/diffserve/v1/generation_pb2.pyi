@@ -76,7 +76,7 @@ GUIDANCE_KIND_EMBEDDED: GuidanceKind
 GUIDANCE_KIND_NONE: GuidanceKind
 
 class GenerationParams(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale", "seed", "fps", "output_format", "images", "guidance_scale_2")
+    __slots__ = ("model", "prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale", "seed", "fps", "output_format", "images", "guidance_scale_2", "cache")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -90,6 +90,7 @@ class GenerationParams(_message.Message):
     OUTPUT_FORMAT_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
+    CACHE_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -103,7 +104,16 @@ class GenerationParams(_message.Message):
     output_format: OutputFormat
     images: _containers.RepeatedCompositeFieldContainer[ImageInput]
     guidance_scale_2: float
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., fps: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., guidance_scale_2: _Optional[float] = ...) -> None: ...
+    cache: StepCache
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., fps: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., guidance_scale_2: _Optional[float] = ..., cache: _Optional[_Union[StepCache, _Mapping]] = ...) -> None: ...
+
+class StepCache(_message.Message):
+    __slots__ = ("policy", "threshold")
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    policy: str
+    threshold: float
+    def __init__(self, policy: _Optional[str] = ..., threshold: _Optional[float] = ...) -> None: ...
 
 class ImageInput(_message.Message):
     __slots__ = ("data", "path", "url")
@@ -314,7 +324,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "family", "task", "defaults", "limits", "state", "workers", "guidance_kind", "num_experts", "packs_mixed_shapes")
+    __slots__ = ("name", "family", "task", "defaults", "limits", "state", "workers", "guidance_kind", "num_experts", "packs_mixed_shapes", "cache_policies")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -325,6 +335,7 @@ class Model(_message.Message):
     GUIDANCE_KIND_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     PACKS_MIXED_SHAPES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_POLICIES_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     task: str
@@ -335,7 +346,8 @@ class Model(_message.Message):
     guidance_kind: GuidanceKind
     num_experts: int
     packs_mixed_shapes: bool
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., task: _Optional[str] = ..., defaults: _Optional[_Union[ModelDefaults, _Mapping]] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., state: _Optional[_Union[ServingState, str]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., guidance_kind: _Optional[_Union[GuidanceKind, str]] = ..., num_experts: _Optional[int] = ..., packs_mixed_shapes: _Optional[bool] = ...) -> None: ...
+    cache_policies: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., task: _Optional[str] = ..., defaults: _Optional[_Union[ModelDefaults, _Mapping]] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., state: _Optional[_Union[ServingState, str]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., guidance_kind: _Optional[_Union[GuidanceKind, str]] = ..., num_experts: _Optional[int] = ..., packs_mixed_shapes: _Optional[bool] = ..., cache_policies: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelDefaults(_message.Message):
     __slots__ = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps", "negative_prompt", "sampler", "flow_shift", "guidance_scale_2")

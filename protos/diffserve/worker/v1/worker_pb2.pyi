@@ -201,7 +201,7 @@ class Hello(_message.Message):
     def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., description: _Optional[str] = ..., card: _Optional[_Union[ModelCard, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., max_resident: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
 
 class ModelCard(_message.Message):
-    __slots__ = ("name", "family", "task", "defaults", "limits", "guidance_kind", "num_experts", "packs_mixed_shapes")
+    __slots__ = ("name", "family", "task", "defaults", "limits", "guidance_kind", "num_experts", "packs_mixed_shapes", "cache_policies")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -210,6 +210,7 @@ class ModelCard(_message.Message):
     GUIDANCE_KIND_FIELD_NUMBER: _ClassVar[int]
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     PACKS_MIXED_SHAPES_FIELD_NUMBER: _ClassVar[int]
+    CACHE_POLICIES_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     task: str
@@ -218,7 +219,8 @@ class ModelCard(_message.Message):
     guidance_kind: GuidanceKind
     num_experts: int
     packs_mixed_shapes: bool
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., task: _Optional[str] = ..., defaults: _Optional[_Union[ModelDefaults, _Mapping]] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., guidance_kind: _Optional[_Union[GuidanceKind, str]] = ..., num_experts: _Optional[int] = ..., packs_mixed_shapes: _Optional[bool] = ...) -> None: ...
+    cache_policies: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., task: _Optional[str] = ..., defaults: _Optional[_Union[ModelDefaults, _Mapping]] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., guidance_kind: _Optional[_Union[GuidanceKind, str]] = ..., num_experts: _Optional[int] = ..., packs_mixed_shapes: _Optional[bool] = ..., cache_policies: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelDefaults(_message.Message):
     __slots__ = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps", "negative_prompt", "sampler", "flow_shift", "guidance_scale_2")
