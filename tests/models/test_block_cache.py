@@ -89,15 +89,47 @@ def test_a_cached_request_skips_what_diffusers_skips_and_draws_the_same(ckpt, pi
     assert (exact.latents - ours.latents).abs().max() > 1e-3
 
 
-def test_batched_with_an_uncached_request_at_another_step_each_equals_its_solo_run(pipe):
+def test_batched_with_an_uncached_request_at_another_step_each_equals_its_solo_run(pipe, monkeypatch):
     solo_cached, solo_exact = state(pipe, "a", "a cat", 7, THRESHOLD), state(pipe, "b", "a dog", 8, None)
     run(pipe, [solo_cached], STEPS)
     run(pipe, [solo_exact], STEPS)
 
+    model, calls = pipe.experts[0], []
+    original = model.forward_cached
+
+    def counted(latents, timestep, context, image, caches):
+        calls.append([c is None for c in caches])
+        return original(latents, timestep, context, image, caches)
+
+    monkeypatch.setattr(model, "forward_cached", counted)
     cached, exact = state(pipe, "a", "a cat", 7, THRESHOLD), state(pipe, "b", "a dog", 8, None)
     run(pipe, [exact], 3)  # b is 3 steps ahead
     run(pipe, [cached, exact], STEPS - 3)  # shared steps: a's rows skip or run, b's always run
+    # One forward a shared step for all four rows (a's cond and uncond with caches, b's two without).
+    assert calls == [[False, False, True, True]] * (STEPS - 3)
     run(pipe, [cached], 3)
     np.testing.assert_allclose(frames(pipe, cached), frames(pipe, solo_cached), atol=2)
     np.testing.assert_allclose(frames(pipe, exact), frames(pipe, solo_exact), atol=2)
     assert sum(c.skipped for c in cached.block_caches.values()) > 0
+
+
+def test_a_cached_request_and_an_exact_one_of_another_size_each_equal_their_solo_runs(pipe):
+    """Packing is on (one process), but a cached row does not pack: one cached forward per size."""
+    def sized(rid, prompt, seed, threshold, height):
+        params = pb.GenerationParams(prompt=prompt, negative_prompt="", height=height, width=32, num_frames=1,
+                                     num_inference_steps=STEPS, guidance_scale=5.0, seed=seed)
+        request = worker_request(params, pipe.card)
+        if threshold is not None:
+            request.cache.policy, request.cache.threshold = "first-block", threshold
+        s = pipe.admit(rid, request)
+        pipe.encode(s)
+        pipe.prepare(s)
+        return s
+
+    solo = [sized("a", "a cat", 7, THRESHOLD, 32), sized("b", "a dog", 8, None, 48)]
+    for s in solo:
+        run(pipe, [s], STEPS)
+    both = [sized("a", "a cat", 7, THRESHOLD, 32), sized("b", "a dog", 8, None, 48)]
+    run(pipe, both, STEPS)
+    for s, alone in zip(both, solo):
+        np.testing.assert_allclose(frames(pipe, s), frames(pipe, alone), atol=2)

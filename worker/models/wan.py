@@ -362,7 +362,7 @@ class WanTransformer(nn.Module):
 
             y = first.index_select(0, index)
             text_rows, image_rows = text.index_select(0, index), pick(image)
-            mod_rows = modulation.index_select(0, index) if modulation.shape[0] == x.shape[0] else modulation
+            mod_rows = modulation.index_select(0, index)
             for block in self.blocks[1:]:
                 y = block(y, text_rows, mod_rows, rope, image_rows)
             out.index_copy_(0, index, y)

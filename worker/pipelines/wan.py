@@ -345,11 +345,27 @@ class WanPipeline:
         return 0 if self.boundary is None or bool(state.timesteps_host[state.step] >= self.boundary) else 1
 
     def forward(self, expert: int, latents, timesteps, context, image_embeds, caches=None) -> torch.Tensor | list[torch.Tensor]:
-        if isinstance(latents, list):  # requests of different sizes, packed into one sequence
-            return self.experts[expert].forward_packed(latents, timesteps, context, image_embeds)
-        if caches is not None:  # some rows step-cache (First-Block Cache): eager, decided per row
-            return self.experts[expert].forward_cached(latents, timesteps, context, image_embeds, caches)
-        return self.experts[expert](latents, timesteps, context, image_embeds)
+        model = self.experts[expert]
+        if caches is None:
+            if isinstance(latents, list):  # requests of different sizes, packed into one sequence
+                return model.forward_packed(latents, timesteps, context, image_embeds)
+            return model(latents, timesteps, context, image_embeds)
+        # Some rows step-cache (First-Block Cache, decided per row, eager). They do not pack: one
+        # cached forward per size, exact rows of that size included, rows back in their order.
+        if torch.is_tensor(latents):
+            return model.forward_cached(latents, timesteps, context, image_embeds, caches)
+        out: list[torch.Tensor | None] = [None] * len(latents)
+        sizes: dict[tuple, list[int]] = {}
+        for i, x in enumerate(latents):
+            sizes.setdefault(tuple(x.shape), []).append(i)
+        for rows in sizes.values():
+            index = torch.tensor(rows, device=timesteps.device)
+            images = None if image_embeds is None else image_embeds.index_select(0, index)
+            y = model.forward_cached(torch.stack([latents[i] for i in rows]), timesteps.index_select(0, index),
+                                     context.index_select(0, index), images, [caches[i] for i in rows])
+            for j, i in enumerate(rows):
+                out[i] = y[j]
+        return out
 
     def _cache(self, state: WanState, uncond: bool) -> FirstBlockCache | None:
         """The row's First-Block Cache (one per expert and pass, as diffusers keeps one per cache
@@ -376,10 +392,9 @@ class WanPipeline:
         return not self.parallel.distributed and self.variant.image is not ImageConditioning.FIRST_FRAME
 
     def _group(self, state: WanState):
-        """The forward a state's rows join: its expert's, and its shape's unless requests pack (a
-        step-caching request never packs: its rows take the cached forward with their shape's)."""
+        """The forward a state's rows join: its expert's, and its shape's unless requests pack."""
         expert = self.expert_of(state)
-        return expert if self.packs and not state.request.cache.policy else (expert, tuple(state.latents.shape))
+        return expert if self.packs else (expert, tuple(state.latents.shape))
 
     def _model_input(self, state: WanState) -> tuple[torch.Tensor, torch.Tensor]:
         """(latent input (1, C_in, F, H, W), timestep (1,) or per-token (1, L)). Timesteps go to the
