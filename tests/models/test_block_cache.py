@@ -28,8 +28,8 @@ def pipe(ckpt):
     return load_pipeline(ckpt, "m", torch.device("cpu"), torch.float32)
 
 
-def state(pipe, rid: str, prompt: str, seed: int, threshold: float | None):
-    params = pb.GenerationParams(prompt=prompt, negative_prompt="", height=32, width=32, num_frames=1,
+def state(pipe, rid: str, prompt: str, seed: int, threshold: float | None, height: int = 32):
+    params = pb.GenerationParams(prompt=prompt, negative_prompt="", height=height, width=32, num_frames=1,
                                  num_inference_steps=STEPS, guidance_scale=5.0, seed=seed)
     request = worker_request(params, pipe.card)
     if threshold is not None:
@@ -115,21 +115,10 @@ def test_batched_with_an_uncached_request_at_another_step_each_equals_its_solo_r
 
 def test_a_cached_request_and_an_exact_one_of_another_size_each_equal_their_solo_runs(pipe):
     """Packing is on (one process), but a cached row does not pack: one cached forward per size."""
-    def sized(rid, prompt, seed, threshold, height):
-        params = pb.GenerationParams(prompt=prompt, negative_prompt="", height=height, width=32, num_frames=1,
-                                     num_inference_steps=STEPS, guidance_scale=5.0, seed=seed)
-        request = worker_request(params, pipe.card)
-        if threshold is not None:
-            request.cache.policy, request.cache.threshold = "first-block", threshold
-        s = pipe.admit(rid, request)
-        pipe.encode(s)
-        pipe.prepare(s)
-        return s
-
-    solo = [sized("a", "a cat", 7, THRESHOLD, 32), sized("b", "a dog", 8, None, 48)]
+    solo = [state(pipe, "a", "a cat", 7, THRESHOLD), state(pipe, "b", "a dog", 8, None, height=48)]
     for s in solo:
         run(pipe, [s], STEPS)
-    both = [sized("a", "a cat", 7, THRESHOLD, 32), sized("b", "a dog", 8, None, 48)]
+    both = [state(pipe, "a", "a cat", 7, THRESHOLD), state(pipe, "b", "a dog", 8, None, height=48)]
     run(pipe, both, STEPS)
     for s, alone in zip(both, solo):
         np.testing.assert_allclose(frames(pipe, s), frames(pipe, alone), atol=2)
