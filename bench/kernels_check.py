@@ -73,6 +73,13 @@ def cases(s: dict, device: str) -> list[Case]:
     def per_token(i):
         return mod_table.unbind(2)[i]  # a strided view, as the models slice it
 
+    # Packed requests (mixed-shape batching): 4 requests' rows (4, 1, 6, D), each token's row by index.
+    packed_table = rand(4, 1, 6, d, scale=0.5)
+    index = (torch.arange(t, device=device) * 4 // t).to(torch.int32)  # (L,): 4 spans of tokens
+
+    def packed(i):
+        return packed_table.unbind(2)[i]  # (4, 1, D), strided
+
     out = [
         Case("layer_norm+mod (B,1,D)", lambda dt: (x_base.to(dt), shift_b, scale_b),
              lambda x, sh, sc: norm.norm_triton(x, None, None, EPS, sh, sc, rms=False),
@@ -82,6 +89,10 @@ def cases(s: dict, device: str) -> list[Case]:
              lambda x, sh, sc: norm.norm_triton(x, None, None, EPS, sh, sc, rms=False),
              lambda x, sh, sc: norm.layer_norm_reference(x, None, None, EPS, sh, sc),
              lambda x, sh, sc: norm.layer_norm(x, eps=EPS, shift=sh, scale=sc)),
+        Case("layer_norm+mod indexed (R,1,D)", lambda dt: (x_base.to(dt), packed(0), packed(1), index),
+             lambda x, sh, sc, i: norm.norm_triton(x, None, None, EPS, sh, sc, rms=False, index=i),
+             lambda x, sh, sc, i: norm.layer_norm_reference(x, None, None, EPS, sh, sc, i),
+             lambda x, sh, sc, i: norm.layer_norm(x, eps=EPS, shift=sh, scale=sc, index=i)),
         Case("layer_norm affine", lambda dt: (x_base.to(dt), w_norm, shift_b[0, 0]),
              lambda x, w, b: norm.norm_triton(x, w, b, EPS, None, None, rms=False),
              lambda x, w, b: norm.layer_norm_reference(x, w, b, EPS),
@@ -93,6 +104,8 @@ def cases(s: dict, device: str) -> list[Case]:
         Case("gated_residual (B,1,D)", lambda dt: (x_base.to(dt), y_base.to(dt), gate_b),
              residual.gated_residual_triton, residual.gated_residual_reference, residual.gated_residual),
         Case("gated_residual (B,L,D)", lambda dt: (x_base.to(dt), y_base.to(dt), per_token(2)),
+             residual.gated_residual_triton, residual.gated_residual_reference, residual.gated_residual),
+        Case("gated_residual indexed (R,1,D)", lambda dt: (x_base.to(dt), y_base.to(dt), packed(2), index),
              residual.gated_residual_triton, residual.gated_residual_reference, residual.gated_residual),
         Case("apply_rotary", lambda dt: (q_base.to(dt), cos, sin),
              lambda q, c, s_: rope.rms_norm_rope_triton(q, None, 0.0, c, s_, False, norm=False),

@@ -47,6 +47,13 @@ if triton is not None:
             return libdevice.tanh(u)
 
     @triton.jit
+    def gelu_tanh_f32(h):
+        """GELU(tanh) of a float32 block (the formula of this module's docstring). Shared with
+        kernels/fp8.py's `_gelu_tanh_fp8_kernel`."""
+        inner = _BETA * (h + _KAPPA * (h * h * h))
+        return 0.5 * h * (1.0 + _tanh(inner))
+
+    @triton.jit
     def _gelu_tanh_kernel(x_ptr, bias_ptr, out_ptr, N, HAS_BIAS: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -54,9 +61,7 @@ if triton is not None:
         h = tl.load(x_ptr + row * N + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             h = h + tl.load(bias_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-        inner = _BETA * (h + _KAPPA * (h * h * h))
-        y = 0.5 * h * (1.0 + _tanh(inner))
-        tl.store(out_ptr + row * N + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptr + row * N + cols, gelu_tanh_f32(h).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def gelu_tanh_triton(x: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:

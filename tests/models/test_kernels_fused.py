@@ -54,6 +54,23 @@ def _no_worse(fused: torch.Tensor, old: torch.Tensor, truth: torch.Tensor) -> No
 
 DTYPES = [torch.float32, torch.bfloat16]
 MODS = ["broadcast", "per_token"]
+COUNTS = (4, 1, 3)  # packed requests' token counts (mixed-shape batching): x is (1, 8, D)
+
+
+def _packed_mods(dtype=torch.float32, seed: int = 2) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One modulation row per request as the models hold them, strided (R, 1, D) views of an (R, 1, 6, D)
+    table (shift, scale, gate), and each token's row index ((sum counts,) int32)."""
+    g = torch.Generator().manual_seed(seed)
+    table = (torch.randn(len(COUNTS), 1, 6, D, generator=g) * 0.5).to(dtype)
+    shift, scale, gate = table.unbind(2)[:3]
+    index = torch.repeat_interleave(torch.arange(len(COUNTS), dtype=torch.int32), torch.tensor(COUNTS))
+    return shift, scale, gate, index
+
+
+def _spread(rows: torch.Tensor) -> torch.Tensor:
+    """(R, 1, D) -> (1, sum counts, D): each request's row copied onto its tokens (what the packed
+    forward materialized before the kernels took an index)."""
+    return torch.cat([rows[i].expand(n, -1) for i, n in enumerate(COUNTS)])[None]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,9 +139,29 @@ def test_rms_norm_modulate_is_rms_norm_then_modulation(mods):
     torch.testing.assert_close(norm.rms_norm(x, weight, 1e-6, shift=shift, scale=scale), expected, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_norms_with_an_index_read_each_requests_row(dtype):
+    """Packed requests: (R, 1, D) rows and each token's index give what the same rows copied onto
+    every token give, bit for bit."""
+    x = _x(dtype, 1, sum(COUNTS), D, offset=3.0)
+    shift, scale, _, index = _packed_mods()
+    w = torch.rand(D) + 0.5
+    assert torch.equal(norm.layer_norm(x, w, None, 1e-6, shift, scale, index),
+                       norm.layer_norm(x, w, None, 1e-6, _spread(shift), _spread(scale)))
+    assert torch.equal(norm.rms_norm(x, w, 1e-6, shift, scale, index), norm.rms_norm(x, w, 1e-6, _spread(shift), _spread(scale)))
+    assert torch.equal(norm.layer_norm(x, eps=1e-6, scale=scale, index=index), norm.layer_norm(x, eps=1e-6, scale=_spread(scale)))
+
+
 # ---------------------------------------------------------------------------------------------
 # residual.py
 # ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gated_residual_with_an_index_reads_each_requests_gate(dtype):
+    x, y = _x(dtype, 1, sum(COUNTS), D), _x(dtype, 1, sum(COUNTS), D, seed=5)
+    *_, gate, index = _packed_mods()
+    assert torch.equal(residual.gated_residual(x, y, gate, index), residual.gated_residual(x, y, _spread(gate)))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -334,6 +371,19 @@ def _interpreter_checks() -> int:
             y = _x(dtype, B, l, D, seed=5)
             ok &= case(f"gated_residual {mods} {tag}", residual.gated_residual_triton(x, y, scale),
                        residual.gated_residual_reference(x, y, scale))
+        # packed requests: one modulation row per request, picked per token by an index
+        xp, yp = _x(dtype, 1, sum(COUNTS), D, offset=3.0), _x(dtype, 1, sum(COUNTS), D, seed=5)
+        p_shift, p_scale, p_gate, index = _packed_mods(torch.float32 if dtype == torch.float32 else dtype)
+        w = torch.rand(D) + 0.5
+        ok &= case(f"layer_norm+mod indexed {tag}", norm.norm_triton(xp, w, None, 1e-6, p_shift, p_scale, rms=False, index=index),
+                   norm.layer_norm_reference(xp, w, None, 1e-6, _spread(p_shift), _spread(p_scale)))
+        ok &= case(f"rms_norm+mod indexed {tag}", norm.norm_triton(xp, w, None, 1e-6, p_shift, p_scale, rms=True, index=index),
+                   norm.rms_norm_reference(xp, w, 1e-6, _spread(p_shift), _spread(p_scale)))
+        ok &= case(f"layer_norm+scale indexed, int64 index {tag}",
+                   norm.norm_triton(xp, None, None, 1e-6, None, p_scale, rms=False, index=index.long()),
+                   norm.layer_norm_reference(xp, eps=1e-6, scale=_spread(p_scale)))
+        ok &= case(f"gated_residual indexed {tag}", residual.gated_residual_triton(xp, yp, p_gate, index),
+                   residual.gated_residual_reference(xp, yp, _spread(p_gate)))
         w, b = torch.randn(40), torch.randn(40)
         x4 = _x(dtype, 2, 1, 2, 40)
         ok &= case(f"affine layer_norm (N..., D) {tag}", norm.norm_triton(x4, w, b, 1e-5, None, None, rms=False),
