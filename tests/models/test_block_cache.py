@@ -77,7 +77,7 @@ def test_a_cached_request_skips_what_diffusers_skips_and_draws_the_same(ckpt, pi
     ours = state(pipe, "a", "a cat", 7, THRESHOLD)
     run(pipe, [ours], STEPS)
     expected, decisions = reference(ckpt, "a cat", 7, THRESHOLD)
-    caches = ours.block_caches
+    caches = ours.step_caches
     computed = sum(c.computed for c in caches.values())
     assert computed + sum(c.skipped for c in caches.values()) == len(decisions) == 2 * STEPS
     assert computed == sum(decisions) and 2 <= computed < 2 * STEPS, "the threshold must skip some passes, not all"
@@ -110,7 +110,7 @@ def test_batched_with_an_uncached_request_at_another_step_each_equals_its_solo_r
     run(pipe, [cached], 3)
     np.testing.assert_allclose(frames(pipe, cached), frames(pipe, solo_cached), atol=2)
     np.testing.assert_allclose(frames(pipe, exact), frames(pipe, solo_exact), atol=2)
-    assert sum(c.skipped for c in cached.block_caches.values()) > 0
+    assert sum(c.skipped for c in cached.step_caches.values()) > 0
 
 
 def test_a_cached_request_and_an_exact_one_of_another_size_each_equal_their_solo_runs(pipe):
