@@ -1,7 +1,8 @@
 """Batching policy: which command a worker group runs next, with a fair share between shapes.
 
 Contract: `FairShare.next_plan(worker_id, jobs, max_batch)` returns the next command's plan for
-the jobs resident on one idle worker, or None; `charge(worker_id, plan, elapsed_s)` books the
+the jobs resident on one idle worker, or None (`stages=False` / `steps=False`: only the other
+kind, for a worker whose lane for that kind is busy); `charge(worker_id, plan, elapsed_s)` books the
 worker time a finished command took; `forget(worker_id)` drops a lost worker's accounts. The
 step loop (steps.py) owns one FairShare and measures `elapsed_s` itself (dispatch → Result), so a
 worker cannot claim a cheaper step than it took. `next_plan(jobs, max_batch)` alone is the same
@@ -134,7 +135,10 @@ class Accounts:
         self.charges += 1
 
 
-def next_plan(jobs: Iterable[Job], max_batch: int, accounts: Accounts | None = None, packing: Packing | None = None) -> Plan | None:
+def next_plan(jobs: Iterable[Job], max_batch: int, accounts: Accounts | None = None, packing: Packing | None = None,
+              *, stages: bool = True, steps: bool = True) -> Plan | None:
+    """The next command's plan; `stages` / `steps` False leave that kind out (a worker's lane for
+    it is busy: workers with concurrent stages, steps.py)."""
     stage: Job | None = None
     shapes: set[Shape] = set()
     groups: dict[Shape, list[Job]] = {}
@@ -145,13 +149,13 @@ def next_plan(jobs: Iterable[Job], max_batch: int, accounts: Accounts | None = N
             shapes.add(shape)
             if not job.in_flight:
                 groups.setdefault(shape, []).append(job)
-        elif phase in STAGES and not job.in_flight and (stage is None or _order(job) < _order(stage)):
+        elif stages and phase in STAGES and not job.in_flight and (stage is None or _order(job) < _order(stage)):
             stage = job
     if stage is not None:
         return Plan(stage.phase, [stage])
     accounts = accounts if accounts is not None else Accounts()
     accounts.sync(shapes)
-    if not groups:
+    if not groups or not steps:
         return None
     for shape, group in groups.items():
         if len(group) > 1:
@@ -186,8 +190,9 @@ class FairShare:
     def __init__(self) -> None:
         self._accounts: dict[str, Accounts] = {}
 
-    def next_plan(self, worker_id: str, jobs: Iterable[Job], max_batch: int, packing: Packing | None = None) -> Plan | None:
-        return next_plan(jobs, max_batch, self._accounts.setdefault(worker_id, Accounts()), packing)
+    def next_plan(self, worker_id: str, jobs: Iterable[Job], max_batch: int, packing: Packing | None = None,
+                  *, stages: bool = True, steps: bool = True) -> Plan | None:
+        return next_plan(jobs, max_batch, self._accounts.setdefault(worker_id, Accounts()), packing, stages=stages, steps=steps)
 
     def charge(self, worker_id: str, plan: Plan, elapsed_s: float, tokens: Callable[[Job], int] | None = None) -> None:
         accounts = self._accounts.get(worker_id)

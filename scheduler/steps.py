@@ -11,7 +11,10 @@ Contract:
   and for a Result from any worker but the one the command was sent to. Only the right
   worker's Result removes the command: a peer guessing command ids cannot take one away.
 - `forget(worker_id)` drops the commands of a lost worker, so their late Results are ignored.
-At most one compute command is in flight per worker. The policy's fair share (policy.FairShare)
+At most one compute command is in flight per worker; a worker whose Hello says
+`concurrent_stages` has two lanes, one for stages (RunStage) and one for denoising steps, and
+may have one command in flight on each: an arriving job's encode and a finished job's decode run
+beside the batch's steps instead of between them. The policy's fair share (policy.FairShare)
 is charged with each command's time as measured here, from send to Result.
 
 With DIFFSERVE_DISPATCH_TRACE=FILE (bench/scheduler_capacity.py) the loop measures its dispatch
@@ -86,6 +89,9 @@ def latent_tokens(card: wpb.ModelCard) -> Callable[[Job], int]:
     return tokens
 
 
+ONE_LANE, STEP_LANE, STAGE_LANE = "one", "step", "stage"
+
+
 class StepLoop:
     """Owns the commands in flight (command id → worker id and plan)."""
 
@@ -94,22 +100,36 @@ class StepLoop:
         self.max_batch_size = max_batch_size
         self.pack_tokens = pack_tokens
         self.policy = FairShare()
-        self._commands: dict[int, tuple[str, Plan, float]] = {}  # id -> (worker id, plan, sent at)
+        self._commands: dict[int, tuple[str, Plan, float, str]] = {}  # id -> (worker id, plan, sent at, lane)
         self.trace = DispatchTrace.from_env()
 
     async def dispatch(self, worker: WorkerHandle) -> bool:
+        max_batch = min(self.max_batch_size, worker.hello.max_batch_size or 1)
         packing = None
         if self.pack_tokens > 0 and worker.hello.card.packs_mixed_shapes:
             packing = Packing(latent_tokens(worker.hello.card), self.pack_tokens)
-        plan = self.policy.next_plan(worker.id, worker.jobs.values(), min(self.max_batch_size, worker.hello.max_batch_size or 1), packing)
-        finished = worker.take_finished()
-        if plan is None:
-            if self.trace is not None:
-                self.trace.sent(worker.id, False)
+        if worker.concurrent_stages:  # a stage lane beside the step lane; each takes its own kind
+            lanes = ([STAGE_LANE] if not worker.stage_in_flight else []) + ([STEP_LANE] if not worker.in_flight else [])
+        else:
+            lanes = [ONE_LANE] if not worker.in_flight else []
+        sent_any = False
+        for lane in lanes:
+            plan = self.policy.next_plan(worker.id, worker.jobs.values(), max_batch, packing, stages=lane != STEP_LANE, steps=lane != STAGE_LANE)
+            if plan is None:
+                continue
+            if not await self._send(worker, plan, lane):
+                return False
+            sent_any = True
+        if self.trace is not None:
+            self.trace.sent(worker.id, sent_any)
+        if not sent_any:
+            finished = worker.take_finished()
             if finished:
                 return await self.link.send(worker.id, wpb.Command(free=wpb.Free(request_ids=finished)))
-            return True
-        command = wpb.Command(id=self.link.next_command_id(), finished_ids=finished)
+        return True
+
+    async def _send(self, worker: WorkerHandle, plan: Plan, lane: str) -> bool:
+        command = wpb.Command(id=self.link.next_command_id(), finished_ids=worker.take_finished())
         if plan.phase is Phase.DENOISE:
             entries = command.denoise_step.entries
             for job in plan.jobs:
@@ -119,23 +139,29 @@ class StepLoop:
             command.run_stage.stage = worker_stage(plan.stage)
         for job in plan.jobs:
             job.advance(Event.DISPATCH)
-        worker.in_flight = command.id
-        self._commands[command.id] = (worker.id, plan, time.monotonic())
-        sent = await self.link.send(worker.id, command)
-        if self.trace is not None:
-            self.trace.sent(worker.id, True)
-        return sent
+        if lane == STAGE_LANE:
+            worker.stage_in_flight = command.id
+        else:
+            worker.in_flight = command.id
+        self._commands[command.id] = (worker.id, plan, time.monotonic(), lane)
+        return await self.link.send(worker.id, command)
 
     def complete(self, worker: WorkerHandle | None, command_id: int) -> Plan | None:
         entry = self._commands.get(command_id)
-        if entry is None or worker is None or entry[0] != worker.id or worker.in_flight != command_id:
+        if entry is None or worker is None or entry[0] != worker.id:
+            return None
+        lane = entry[3]
+        if (worker.stage_in_flight if lane == STAGE_LANE else worker.in_flight) != command_id:
             return None
         del self._commands[command_id]
-        worker.in_flight = 0
+        if lane == STAGE_LANE:
+            worker.stage_in_flight = 0
+        else:
+            worker.in_flight = 0
         self.policy.charge(worker.id, entry[1], time.monotonic() - entry[2], latent_tokens(worker.hello.card))
         return entry[1]
 
     def forget(self, worker_id: str) -> None:
-        for command_id in [c for c, (w, _, _) in self._commands.items() if w == worker_id]:
+        for command_id in [c for c, entry in self._commands.items() if entry[0] == worker_id]:
             del self._commands[command_id]
         self.policy.forget(worker_id)

@@ -23,6 +23,7 @@ from diffserve.worker.connection import Leave, SchedulerConnection
 from diffserve.worker.parallel import ParallelState
 from diffserve.worker.parallel.cfg import split_rows
 from diffserve.worker.pipelines.base import Pipeline, RequestState
+from diffserve.worker.stage_lane import StageLane
 from diffserve.worker.step_fence import StepFence
 from diffserve.worker.step_trace import StepTrace, SyncDebug
 
@@ -65,6 +66,7 @@ class Runtime:
         self.fence = StepFence(device)  # pipelined steps: see step_fence.py
         self.trace = StepTrace.from_env(device)  # bench instruments, off unless set (step_trace.py)
         self.sync_debug = SyncDebug.from_env(device) or contextlib.nullcontext()
+        self.stage_lane: StageLane | None = None
 
     def status(self) -> pb.WorkerStatus:
         """The heartbeat's status (called on the connection's I/O thread, once a second)."""
@@ -73,6 +75,13 @@ class Runtime:
         status.resident_jobs = len(self.states)
         status.gpu_memory_allocated_bytes, status.gpu_memory_reserved_bytes = device_memory(getattr(self.pipeline, "device", None))
         return status
+
+    def start_stage_lane(self, conn: SchedulerConnection) -> None:
+        """Stages run beside the steps from now on (one-GPU workers; stage_lane.py)."""
+        def reply(command_id, elapsed_ms, results, frames):
+            conn.send(wpb.WorkerMessage(result=wpb.Result(command_id=command_id, elapsed_ms=elapsed_ms, requests=results)), frames)
+
+        self.stage_lane = StageLane(self.run_stage, reply, self.states.get, getattr(self.pipeline, "device", None))
 
     def serve(self, conn: SchedulerConnection | None) -> None:
         """Runs commands until Shutdown. Rank 0 takes them from the scheduler connection and
@@ -94,9 +103,13 @@ class Runtime:
             kind = command.WhichOneof("body")
             if kind == "shutdown":
                 log.info("shutdown requested")
+                if self.stage_lane is not None:
+                    self.stage_lane.close()
                 return
             self.free(command.finished_ids)  # vLLM's finished_req_ids: freed before the body runs
-            if kind == "admit":
+            if kind == "run_stage" and self.stage_lane is not None:
+                self.stage_lane.submit(command)
+            elif kind == "admit":
                 self.admit(command.admit)
             elif kind == "free":
                 self.free(command.free.request_ids)
