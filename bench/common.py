@@ -35,6 +35,26 @@ def time_ms(fn, warmup: int = 2, repeat: int = 5, cuda: bool = True) -> float:
     return statistics.median(times)
 
 
+def count_ops(fn) -> int:
+    """aten ops one fn() call dispatches, views left out: on a GPU about one kernel launch each (an `empty` counts too)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    metadata = {torch.ops.aten._unsafe_view.default}  # a view by another name (what reshape returns after a copy)
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops += not func.is_view and func not in metadata
+            return func(*args, **(kwargs or {}))
+
+    with Count() as count:
+        fn()
+    return count.ops
+
+
 def rel_err(x: torch.Tensor, ref: torch.Tensor) -> float:
     x, ref = x.double(), ref.double()
     return float((x - ref).norm() / ref.norm())

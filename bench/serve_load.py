@@ -80,6 +80,7 @@ class Workload:
     name: str
     jobs: tuple[Spec, ...]
     sequential: bool = False  # each job submitted when the previous one has completed (one at a time)
+    cache: str = ""  # every job's step cache (--cache; client.step_cache syntax), "" = exact
 
 
 WORKLOADS = {
@@ -180,6 +181,13 @@ class GpuBusy:
             self.proc.wait(timeout=10)
 
 
+LAST_EVENTS: dict[str, str] = {}  # job id -> its last event, printed when a run times out (where it hung)
+
+
+def job_step(event) -> int:
+    return event.step_completed.step if event.WhichOneof("event") == "step_completed" else -1
+
+
 async def run_service_jobs(target: str, workload: Workload) -> tuple[float, list[dict]]:
     """Submits the workload's jobs at their arrival offsets (or one after another) and follows their
     events; returns the start (perf_counter) and one dict per job, in the workload's order, with client
@@ -191,7 +199,7 @@ async def run_service_jobs(target: str, workload: Workload) -> tuple[float, list
         if not workload.sequential:
             await asyncio.sleep(max(0.0, t0 + spec.arrival_s - time.perf_counter()))
         params = make_params(PROMPT, height=spec.height, width=spec.width, num_frames=spec.frames, num_inference_steps=spec.steps,
-                             guidance_scale=spec.guidance, seed=spec.seed, output_format="npy")
+                             guidance_scale=spec.guidance, seed=spec.seed, output_format="npy", **({"cache": workload.cache} if workload.cache else {}))
         submitted = time.perf_counter()
         job = await client.submit(params=params)
         created = job.create_time.ToNanoseconds() / 1e9
@@ -201,6 +209,7 @@ async def run_service_jobs(target: str, workload: Workload) -> tuple[float, list
             async for event in events:
                 kind = event.WhichOneof("event")
                 t = event.time.ToNanoseconds() / 1e9
+                LAST_EVENTS[job.id] = f"{spec.shape} {kind} step {job_step(event)} at {time.perf_counter() - t0:.2f} s"
                 if kind == "stage_started" and started is None and event.stage_started.stage == pb.STAGE_ENCODE:
                     started = t
                 elif kind == "step_completed":
@@ -241,6 +250,8 @@ def service_side(ckpt: Path, workdir: Path, workload: Workload, args, gpu: GpuBu
     def expire() -> None:  # a hung run costs at most --timeout-s, and says where it hung
         expired.set()
         print(f"error: the run took more than {args.timeout_s:g} s: the workers' stacks follow (SIGUSR1), then SIGKILL", flush=True)
+        for job_id, last in LAST_EVENTS.items():
+            print(f"  job {job_id}: last event {last}", flush=True)
         server.dump_stacks()
         time.sleep(3)
         if not finished.is_set():
@@ -336,12 +347,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--timeout-s", type=float, default=300.0,
                    help="give up on the service side after this long (warm pass + timed run): dump the workers' stacks, kill (default 300)")
     p.add_argument("--tiny", action="store_true", help="tiny checkpoint on the CPU, tiny shapes, a handful of jobs (checks the script)")
+    p.add_argument("--cache", default="", metavar="POLICY[:THRESHOLD][:KNOB=VALUE]",
+                   help="every job of the service side with this step cache, e.g. taylorseer:interval=5 (a forced schedule: "
+                        "random weights make thresholds meaningless; docs/acceleration.md); the diffusers side stays exact")
     p.add_argument("--suffix", default="", help="appended to the JSON name (e.g. graphs)")
     p.add_argument("--out", default="", help="folder for the JSON (default $OUT, else bench/results; --tiny: a temporary folder)")
     args = p.parse_args(argv)
-    workload = tiny(WORKLOADS[args.workload]) if args.tiny else WORKLOADS[args.workload]
+    workload = replace(tiny(WORKLOADS[args.workload]) if args.tiny else WORKLOADS[args.workload], cache=args.cache)
     device_card = "cpu" if args.tiny else card()
-    version = f"max-batch {args.max_batch_size}" + "".join(f" {a}" for a in args.serve_arg)
+    version = f"max-batch {args.max_batch_size}" + "".join(f" {a}" for a in args.serve_arg) + (f" cache {args.cache}" if args.cache else "")
 
     name = results_name(f"serve_load-{workload.name}{'-' + args.suffix if args.suffix else ''}")
     if args.tiny:

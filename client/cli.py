@@ -136,6 +136,15 @@ def cache_arg(value: str):
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def lora_arg(value: str):
+    from diffserve.client.client import lora_adapter
+
+    try:
+        return lora_adapter(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:
     """The `diffserve` command line; defaults from DIFFSERVE_* variables of `environ` (os.environ)."""
     parser = argparse.ArgumentParser(prog="diffserve", description="Serve diffusion transformers.", epilog=ENV_EPILOG)
@@ -158,9 +167,13 @@ def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentPars
     job.add_argument("--guidance-scale", type=float, help="classifier-free guidance scale (default: the model's)")
     job.add_argument("--guidance-scale-2", type=float, help="low-noise expert's guidance (Wan2.2 A14B)")
     job.add_argument("--seed", type=seed_type, help="0 to 2**64-1 (default: random, reported)")
-    job.add_argument("--cache", default=None, type=cache_arg, metavar="POLICY:THRESHOLD",
-                     help="step caching, an approximation this job opts into, e.g. first-block:0.1 (the model must offer it: "
-                          "`diffserve models` cache_policies; docs/acceleration.md). Default: exact")
+    job.add_argument("--cache", default=None, type=cache_arg, metavar="POLICY[:THRESHOLD][:KNOB=VALUE]",
+                     help="step caching, an approximation this job opts into: first-block:0.1, taylorseer:interval=4:max_order=2 "
+                          "or mag:0.06:mag_ratios=R1,R2,... (the model must offer it: `diffserve models` cache_policies; "
+                          "knobs and defaults: docs/acceleration.md). Default: exact")
+    job.add_argument("--lora", action="append", default=[], type=lora_arg, metavar="NAME[:SCALE]",
+                     help="apply the server's LoRA adapter NAME at SCALE (default 1.0; -4..4); repeatable for several adapters "
+                          "(the model lists its own: `diffserve models` lora_adapters; docs/acceleration.md)")
     job.add_argument("--image-path", action="append", default=[], metavar="PATH_OR_URL",
                      help="conditioning image (image-to-video, editing): a local file (sent as bytes) or an http(s) URL the server fetches; repeatable")
     job.add_argument("--output-format", choices=["png", "mp4", "npy"], default="",
@@ -237,7 +250,7 @@ def run_job(client: Client, args: argparse.Namespace) -> int:
         args.prompt, negative_prompt=args.negative_prompt, height=args.height, width=args.width,
         num_frames=args.num_frames, fps=args.fps, num_inference_steps=args.num_inference_steps,
         guidance_scale=args.guidance_scale, guidance_scale_2=args.guidance_scale_2, seed=args.seed, output_format=args.output_format,
-        cache=args.cache,
+        cache=args.cache, loras=args.lora or None,
         model=args.model_name or "", images=[image_arg(p) for p in args.image_path],
     )
     bar = None

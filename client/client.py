@@ -126,18 +126,54 @@ class DiffserveError(Exception):
                 self.reason = info.reason
 
 
+STEP_CACHE_SYNTAX = ("POLICY[:THRESHOLD][:KNOB=VALUE]..., e.g. first-block:0.1, taylorseer:interval=4:max_order=2, "
+                     "mag:0.06:max_skip_steps=3:mag_ratios=1.0,1.02,0.99")
+
+
 def step_cache(value: str | dict | pb.StepCache) -> pb.StepCache:
-    """A step-caching policy from "POLICY:THRESHOLD" (e.g. "first-block:0.1"), a dict of the
-    message's fields, or the message itself."""
+    """A step-caching policy from a string (STEP_CACHE_SYNTAX: the policy, an optional threshold,
+    then any StepCache field as KNOB=VALUE, mag_ratios comma-separated), a dict of the message's
+    fields, or the message itself. Which knobs a policy takes: docs/acceleration.md."""
     if isinstance(value, pb.StepCache):
         return value
     if isinstance(value, dict):
         return pb.StepCache(**value)
-    policy, _, threshold = str(value).partition(":")
+    policy, *parts = str(value).split(":")
+    cache = pb.StepCache(policy=policy.strip())
+    fields = pb.StepCache.DESCRIPTOR.fields_by_name
     try:
-        return pb.StepCache(policy=policy.strip(), threshold=float(threshold))
+        for i, part in enumerate(parts):
+            name, eq, text = part.partition("=")
+            name = name.strip()
+            if not eq and i == 0:  # a bare number first: the threshold
+                name, text = "threshold", part
+            if name not in fields or name == "policy" or not text.strip():
+                raise ValueError(part)
+            if fields[name].is_repeated:
+                getattr(cache, name).extend(float(x) for x in text.split(","))
+            else:
+                setattr(cache, name, float(text) if fields[name].type == fields[name].TYPE_FLOAT else int(text))
     except ValueError:
-        raise ValueError(f"a step cache is POLICY:THRESHOLD, e.g. first-block:0.1 (got {value!r})") from None
+        raise ValueError(f"a step cache is {STEP_CACHE_SYNTAX} (got {value!r})") from None
+    return cache
+
+
+def lora_adapter(value: str | dict | pb.LoraAdapter) -> pb.LoraAdapter:
+    """A LoRA adapter from "NAME" (scale unset: the server takes 1.0) or "NAME:SCALE" (e.g.
+    "watercolor:0.8"), a dict of the message's fields, or the message itself."""
+    if isinstance(value, pb.LoraAdapter):
+        return value
+    if isinstance(value, dict):
+        return pb.LoraAdapter(**value)
+    name, colon, scale = str(value).partition(":")
+    if not name.strip():
+        raise ValueError(f"a LoRA adapter is NAME or NAME:SCALE, e.g. watercolor:0.8 (got {value!r})")
+    if not colon:
+        return pb.LoraAdapter(name=name.strip())
+    try:
+        return pb.LoraAdapter(name=name.strip(), scale=float(scale))
+    except ValueError:
+        raise ValueError(f"a LoRA adapter is NAME or NAME:SCALE, e.g. watercolor:0.8 (got {value!r})") from None
 
 
 def make_params(prompt: str = "", *, output_format: str | int = "", images: list = (), **fields) -> pb.GenerationParams:
@@ -153,6 +189,8 @@ def make_params(prompt: str = "", *, output_format: str | int = "", images: list
             continue
         if name == "cache":
             params.cache.CopyFrom(step_cache(value))
+        elif name == "loras":  # a list of "NAME[:SCALE]", dicts or LoraAdapter messages
+            params.loras.extend(lora_adapter(v) for v in ([value] if isinstance(value, (str, dict, pb.LoraAdapter)) else value))
         else:
             setattr(params, name, value)
     for image in images:

@@ -24,6 +24,8 @@ def public_model(card: wpb.ModelCard) -> pb.Model:
         num_experts=max(1, card.num_experts),
         packs_mixed_shapes=card.packs_mixed_shapes,
         cache_policies=list(card.cache_policies),
+        quantizations=list(card.quantizations),
+        lora_adapters=list(card.lora_adapters),
     )
 
 

@@ -47,7 +47,8 @@ class WorkerHandle:
     hello: wpb.Hello
     alive: bool = True
     last_seen: float = field(default_factory=time.monotonic)
-    in_flight: int = 0  # id of the compute command it is running, 0 when idle
+    in_flight: int = 0  # id of the compute command it is running, 0 when idle (its denoising step, with concurrent stages)
+    stage_in_flight: int = 0  # with concurrent stages: id of the RunStage on its stage lane, 0 when free
     status: pb.WorkerStatus = field(default_factory=pb.WorkerStatus)
     jobs: dict = field(default_factory=dict)  # job id -> Job admitted to this worker
     finished: list[str] = field(default_factory=list)  # ids that left it; freed by its next command
@@ -58,8 +59,13 @@ class WorkerHandle:
         return self.hello.card
 
     @property
+    def concurrent_stages(self) -> bool:
+        return self.hello.concurrent_stages
+
+    @property
     def idle(self) -> bool:
-        return self.alive and not self.lost_soon and not self.in_flight
+        """It can take a command now: its (step) lane is free, or its stage lane is."""
+        return self.alive and not self.lost_soon and (not self.in_flight or (self.hello.concurrent_stages and not self.stage_in_flight))
 
     @property
     def has_room(self) -> bool:

@@ -46,7 +46,10 @@ def worker_request(params: pb.GenerationParams, model: pb.Model) -> wpb.Request:
     elif model.guidance_kind == pb.GUIDANCE_KIND_EMBEDDED:
         request.embedded_guidance = params.guidance_scale
     if params.cache.policy:
-        request.cache.policy, request.cache.threshold = params.cache.policy, params.cache.threshold
+        # The worker's StepCache has the public one's fields and numbers (tests/unit/test_request_unit.py).
+        request.cache.ParseFromString(params.cache.SerializeToString())
+    for lora in params.loras:  # scales resolved: an unset one is 1.0 by now
+        request.loras.add(name=lora.name, scale=lora.scale)
     return request
 
 

@@ -8,7 +8,9 @@ Bounds on every input (`check_request`, run by the service before anything is fe
 inside `resolve_params`): every string has a length limit in UTF-8 bytes and no NUL byte, a
 required prompt needs a visible character (not only spaces, zero-width or format characters), the
 image count is capped, output_format must be a known value, a timeout lies in (0, 7 days] and a
-priority in [MIN_PRIORITY, MAX_PRIORITY] (`check_priority`).
+priority in [MIN_PRIORITY, MAX_PRIORITY] (`check_priority`). A request names at most MAX_LORAS LoRA
+adapters, each one the model lists, once, with a scale in [-MAX_LORA_SCALE, MAX_LORA_SCALE]
+(`check_loras`; the adapter file itself is checked by the worker, which fails the job naming it).
 """
 
 from __future__ import annotations
@@ -34,6 +36,10 @@ MAX_IMAGE_URL_BYTES = 8192
 MAX_TIMEOUT_S = 7 * 24 * 3600
 MAX_FPS = 120
 MIN_PRIORITY, MAX_PRIORITY = -100, 100  # a job's priority (higher runs sooner)
+MAX_LORAS = 8  # LoRA adapters per request
+MAX_LORA_NAME_BYTES = 128  # the worker's adapter names are at most 128 ASCII characters
+MAX_LORA_SCALE = 4.0  # |scale|: trained adapters run at 0..~1.5; far beyond, the output is noise
+DEFAULT_LORA_SCALE = 1.0
 
 # Characters that draw nothing: a prompt made only of these is empty. Categories Cc (controls),
 # Cf (format: zero-width space / joiners, bidi marks, BOM, tags), Zs / Zl / Zp (separators),
@@ -68,6 +74,11 @@ def check_strings(params: pb.GenerationParams) -> list[tuple[str, str]]:
     if params.output_format not in pb.OutputFormat.values():
         names = ", ".join(pb.OutputFormat.keys())
         bad.append(("params.output_format", f"unknown value {params.output_format}; one of {names}"))
+    if len(params.loras) > MAX_LORAS:
+        bad.append(("params.loras", f"at most {MAX_LORAS} LoRA adapters per request (got {len(params.loras)})"))
+    else:
+        for i, lora in enumerate(params.loras):
+            bad += _check_string(f"params.loras[{i}].name", lora.name, MAX_LORA_NAME_BYTES)
     if len(params.images) > MAX_IMAGES:
         bad.append(("params.images", f"at most {MAX_IMAGES} images per request (got {len(params.images)})"))
     else:
@@ -140,8 +151,11 @@ def resolve_params(params: pb.GenerationParams, model: pb.Model) -> pb.Generatio
         out.seed = secrets.randbits(63)
     if out.output_format == pb.OUTPUT_FORMAT_UNSPECIFIED:
         out.output_format = pb.OUTPUT_FORMAT_PNG if out.num_frames == 1 else pb.OUTPUT_FORMAT_MP4
+    for lora in out.loras:
+        if not lora.HasField("scale"):
+            lora.scale = DEFAULT_LORA_SCALE
 
-    bad: list[tuple[str, str]] = check_guidance(params, out, model) + check_cache(out.cache, model)
+    bad: list[tuple[str, str]] = check_guidance(params, out, model) + resolve_cache(params, out, model) + check_loras(out.loras, model)
     if lim.prompt_required and not visible(out.prompt):
         bad.append(("params.prompt", "must not be empty" if not out.prompt.strip() else "must have a visible character (not only spaces, zero-width or format characters)"))
     bad += [v for v in check_strings(out) if v[0] != "params.model"]  # the model is known: it was found by name
@@ -217,20 +231,96 @@ def check_guidance(params: pb.GenerationParams, out: pb.GenerationParams, model:
 
 
 MAX_CACHE_THRESHOLD = 10.0
+MAX_TAYLOR_ORDER = 4  # higher orders extrapolate noise; diffusers sets no bound
+MAX_CACHE_COUNT = 1000  # interval, max_skip_steps, mag_ratios entries: the most steps a model allows
+
+# The knobs each step-caching policy uses (docs/acceleration.md); a request that sets another is refused.
+CACHE_KNOBS = {
+    "first-block": ("threshold",),
+    "taylorseer": ("interval", "max_order", "warmup_steps", "cooldown_step"),
+    "mag": ("threshold", "warmup_steps", "max_skip_steps", "mag_ratios"),
+}
 
 
-def check_cache(cache: pb.StepCache, model: pb.Model) -> list[tuple[str, str]]:
-    """(field, why) for a step-caching policy the model does not offer or a threshold out of (0, 10]."""
+def cache_knobs_set(cache: pb.StepCache) -> list[str]:
+    """The knobs a request set (0 / empty is unset, except for the optional step counts)."""
+    return [f.name for f, _ in cache.ListFields() if f.name != "policy"]
+
+
+def cache_defaults(policy: str, steps: int) -> dict[str, int]:
+    """diffusers' defaults for the knobs a policy uses: TaylorSeerCacheConfig's cache_interval 5,
+    max_order 1, disable_cache_before_step 3; MagCacheConfig's max_skip_steps 3 and retention_ratio
+    0.2, as steps the way its hook rounds them."""
+    if policy == "taylorseer":
+        return {"interval": 5, "max_order": 1, "warmup_steps": 3}
+    if policy == "mag":
+        return {"max_skip_steps": 3, "warmup_steps": int(0.2 * steps + 0.5)}
+    return {}
+
+
+def check_cache(cache: pb.StepCache, model: pb.Model, steps: int = MAX_CACHE_COUNT) -> list[tuple[str, str]]:
+    """(field, why) for a step-caching policy the model does not offer, a knob the policy does not
+    use, or a knob out of range; `steps` is the request's num_inference_steps."""
+    knobs = cache_knobs_set(cache)
     if not cache.policy:
-        if cache.threshold:
-            return [("params.cache.policy", "a threshold needs a policy (e.g. first-block)")]
-        return []
+        return [("params.cache.policy", f"a cache with {', '.join(knobs)} set needs a policy (e.g. first-block)")] if knobs else []
     if cache.policy not in model.cache_policies:
         offered = ", ".join(model.cache_policies) or "none"
         return [("params.cache.policy", f"model {model.name} offers no step-caching policy {cache.policy!r} (offered: {offered})")]
-    if not math.isfinite(cache.threshold) or not 0 < cache.threshold <= MAX_CACHE_THRESHOLD:
-        return [("params.cache.threshold", f"must be more than 0 and at most {MAX_CACHE_THRESHOLD:g} (got {cache.threshold:g})")]
-    return []
+    uses = CACHE_KNOBS[cache.policy]
+    bad = [(f"params.cache.{k}", f"policy {cache.policy} does not use it (it takes {', '.join(uses)})") for k in knobs if k not in uses]
+    if "threshold" in uses and (not math.isfinite(cache.threshold) or not 0 < cache.threshold <= MAX_CACHE_THRESHOLD):
+        bad.append(("params.cache.threshold", f"must be more than 0 and at most {MAX_CACHE_THRESHOLD:g} (got {cache.threshold:g})"))
+    ranges = {"interval": (1, MAX_CACHE_COUNT), "max_order": (1, MAX_TAYLOR_ORDER), "max_skip_steps": (1, MAX_CACHE_COUNT),
+              # TaylorSeer's first step has nothing to predict from (diffusers' hook raises there).
+              "warmup_steps": (1 if cache.policy == "taylorseer" else 0, steps), "cooldown_step": (1, steps)}
+    for name, (low, high) in ranges.items():
+        if name in uses and name in knobs and not low <= getattr(cache, name) <= high:
+            bad.append((f"params.cache.{name}", f"must be from {low} to {high} (got {getattr(cache, name)})"))
+    if "mag_ratios" in uses:
+        ratios = cache.mag_ratios
+        if not 1 <= len(ratios) <= MAX_CACHE_COUNT:
+            bad.append(("params.cache.mag_ratios", f"mag needs the model's magnitude ratios, 1 to {MAX_CACHE_COUNT} of them "
+                                                   f"(got {len(ratios)}; docs/acceleration.md says how to calibrate them)"))
+        elif not all(math.isfinite(r) and r > 0 for r in ratios):
+            bad.append(("params.cache.mag_ratios", "must be finite numbers > 0"))
+    return bad
+
+
+def resolve_cache(params: pb.GenerationParams, out: pb.GenerationParams, model: pb.Model) -> list[tuple[str, str]]:
+    """Checks the request's step cache (check_cache) and fills the unset knobs its policy uses into
+    `out.cache` (cache_defaults); returns (field, why) for what is wrong."""
+    bad = check_cache(params.cache, model, out.num_inference_steps)
+    if not bad and out.cache.policy:
+        set_knobs = cache_knobs_set(params.cache)
+        for name, value in cache_defaults(out.cache.policy, out.num_inference_steps).items():
+            if name not in set_knobs:
+                setattr(out.cache, name, value)
+    return bad
+
+
+def check_loras(loras: Iterable[pb.LoraAdapter], model: pb.Model) -> list[tuple[str, str]]:
+    """(field, why) for each LoRA adapter the model does not list, named twice, or whose scale is
+    not a finite number in [-MAX_LORA_SCALE, MAX_LORA_SCALE]. The count and name lengths are
+    check_strings'."""
+    bad: list[tuple[str, str]] = []
+    seen: set[str] = set()
+    offered = list(model.lora_adapters)
+    for i, lora in enumerate(loras):
+        field = f"params.loras[{i}]"
+        if lora.name not in offered:
+            if not offered:
+                why = f"model {model.name} takes no LoRA adapters (its workers serve none: `serve --lora-dir`)"
+            else:
+                listed = ", ".join(offered[:10]) + (f", ... ({len(offered)} in all)" if len(offered) > 10 else "")
+                why = f"model {model.name} has no LoRA adapter {lora.name!r} (offered: {listed})"
+            bad.append((f"{field}.name", why))
+        elif lora.name in seen:
+            bad.append((f"{field}.name", f"LoRA adapter {lora.name!r} is named twice"))
+        seen.add(lora.name)
+        if not math.isfinite(lora.scale) or abs(lora.scale) > MAX_LORA_SCALE:
+            bad.append((f"{field}.scale", f"must be a finite number from {-MAX_LORA_SCALE:g} to {MAX_LORA_SCALE:g} (got {lora.scale:g})"))
+    return bad
 
 
 def _derive_size(out: pb.GenerationParams, model: pb.Model) -> set[str]:

@@ -57,6 +57,50 @@ def choose_layout(args: argparse.Namespace, pipeline):
                     ulysses=args.ulysses_degree, ring=args.ring_degree, tp=args.tp_size)
 
 
+def quantize(args: argparse.Namespace, pipeline, parallel, device, dtype) -> str | None:
+    """--quantization fp8 (the DiTs' block linears) and --attention-backend fa3-fp8, recorded in
+    `pipeline.quantizations` for the card ("fp8", "fp8-attention"). Returns why it cannot run, or None."""
+    import torch
+
+    from diffserve.kernels.fp8 import scaled_mm_runs
+    from diffserve.worker.models.fp8 import quantize_pipeline
+
+    log = logging.getLogger("diffserve.worker")
+    if args.quantization != "none":
+        if parallel.dims.tp > 1:
+            return "--quantization fp8 with tensor parallelism (--tp-size > 1) is not built yet"
+        if device.type == "cuda" and not scaled_mm_runs(device, dtype):
+            log.warning("FP8 GEMMs need an sm89+ GPU and bf16 (here %s, %s): the FP8 linears run their dequantizing reference (slow)",
+                        torch.cuda.get_device_name(device), dtype)
+        log.info("quantization %s: %s", args.quantization, quantize_pipeline(pipeline, args.quantization))
+    if args.attention_backend == "fa3-fp8":
+        from diffserve.kernels import attention
+        from diffserve.worker.models import dits
+
+        for head_dim in sorted({m.config.attention_head_dim for m in dits(pipeline)}):
+            if problem := attention.cannot_run("fa3-fp8", device, dtype, head_dim):
+                return problem
+        pipeline.quantizations = (*getattr(pipeline, "quantizations", ()), "fp8-attention")
+    return None
+
+
+def enable_lora(pipeline, args: argparse.Namespace) -> None:
+    """--lora-dir: the folder's adapters per request (docs/acceleration.md, "LoRA"); ValueError where
+    the model or the layout does not offer them."""
+    from pathlib import Path
+
+    if args.num_gpus > 1:
+        raise ValueError("--lora-dir: LoRA adapters are served on one process (--num-gpus 1) only, for now")
+    if args.quantization != "none":
+        raise ValueError("--lora-dir with --quantization fp8 is not built yet (the adapted linears would stay unquantized)")
+    enable = getattr(pipeline, "enable_lora", None)
+    if enable is None:
+        raise ValueError(f"--lora-dir: the {pipeline.card.family} pipeline takes no LoRA adapters yet")
+    enable(Path(args.lora_dir), args.lora_cache_bytes)
+    logging.getLogger("diffserve.worker").info("LoRA adapters from %s: %s (cache budget %d bytes)", args.lora_dir,
+                                               ", ".join(pipeline.lora_adapters) or "none", args.lora_cache_bytes)
+
+
 def model_name_for(path: str) -> str:
     return os.path.basename(os.path.normpath(path)) or path
 
@@ -132,6 +176,8 @@ def main(argv=None) -> int:
             torch.cuda.set_device(device)
         dtype = loading.pick_dtype(args.dtype, device)
         pipeline = load_pipeline(root, args.model_name or model_name_for(args.model_path), device, dtype)
+        if args.lora_dir:
+            enable_lora(pipeline, args)
     except (loading.CheckpointError, ValueError) as exc:
         logging.getLogger("diffserve.worker").error("cannot load the model: %s", exc)
         return EXIT_CANNOT_LOAD
@@ -151,6 +197,11 @@ def main(argv=None) -> int:
         pipeline.parallel = parallel
         if args.rank == 0:
             log.info("parallel layout: %s", summary)
+    if args.quantization != "none" or args.attention_backend == "fa3-fp8":
+        problem = quantize(args, pipeline, parallel, device, dtype)
+        if problem:
+            log.error("%s", problem)
+            return EXIT_CANNOT_LOAD
     try:
         shapes = [parse_shape(s) for s in args.warmup_shape]
     except ValueError as exc:
@@ -185,10 +236,13 @@ def main(argv=None) -> int:
         max_batch_size=args.max_batch_size,
         max_resident=args.max_resident,
         world_size=parallel.world_size,
+        concurrent_stages=parallel.world_size == 1 and args.concurrent_stages,
     )
     conn = SchedulerConnection(args.scheduler, worker_id, hello, runtime.status, args.parent_pid or None, curve=curve)
     signals.conn, signals.serving = conn, True
     conn.start()
+    if hello.concurrent_stages:
+        runtime.start_stage_lane(conn)
     try:
         runtime.serve(conn)
     except KeyboardInterrupt:

@@ -24,6 +24,8 @@ def model_card(pipeline) -> wpb.ModelCard:
         num_experts=card.num_experts or num_experts(pipeline),
         packs_mixed_shapes=bool(getattr(pipeline, "packs", False)),  # read now: it depends on the parallel layout
         cache_policies=list(getattr(pipeline, "cache_policies", ())),
+        quantizations=list(getattr(pipeline, "quantizations", ())),  # set by the worker's --quantization / --attention-backend
+        lora_adapters=list(getattr(pipeline, "lora_adapters", ())),
     )
 
 

@@ -15,5 +15,8 @@ from collections.abc import Sequence
 import torch
 
 
-def to_device(values: Sequence, device, dtype: torch.dtype | None = None) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype).to(device, non_blocking=True)
+def to_device(values: Sequence | torch.Tensor, device, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """values (Python values, or a tensor built on the host) as a tensor on `device`, copied without a wait."""
+    host = values.to(dtype) if torch.is_tensor(values) and dtype is not None else values
+    host = host if torch.is_tensor(host) else torch.tensor(host, dtype=dtype)
+    return host.to(device, non_blocking=True)

@@ -9,7 +9,9 @@ output_format}. A client that goes away cancels the call's jobs at their next st
 fails ends the call with its error (and cancels the call's other jobs).
 
 The engine's own fields ride along as extra body fields (the openai SDK's `extra_body`; form fields
-on /edits): seed, num_inference_steps, guidance_scale, guidance_scale_2, negative_prompt, priority.
+on /edits): seed, num_inference_steps, guidance_scale, guidance_scale_2, negative_prompt, priority, and
+the opt-ins of docs/acceleration.md in their protobuf JSON form: cache ({"policy": "first-block", "threshold":
+0.1}) and loras ([{"name": "ink", "scale": 0.8}]) (on /edits, each a JSON string; cache_loras.py).
 With n > 1 and a seed, image i gets seed + i; without one the engine picks each job's seed (in
 `data[i].seed`). Any field this module does not know is a 400 naming it. Errors name OpenAI's
 fields (size for params.width / params.height, image for params.images, ...): `FIELDS`.
@@ -39,6 +41,7 @@ from diffserve.v1 import generation_pb2 as pb
 from diffserve.scheduler import errors
 from diffserve.scheduler.auth import Principal
 from diffserve.scheduler.http.auth import caller
+from diffserve.scheduler.http.cache_loras import ERROR_FIELDS as CACHE_LORAS_FIELDS, form_value, set_cache_and_loras
 from diffserve.scheduler.http.errors import HttpError, bad_request, from_request_error
 from diffserve.scheduler.http.jobs import door_of, job_failure, submit, wait_done
 from diffserve.scheduler.http.models import served_card
@@ -61,6 +64,7 @@ FIELDS: dict[str, str] = {
     "params.guidance_scale": "guidance_scale", "params.guidance_scale_2": "guidance_scale_2", "params.seed": "seed",
     "params.num_frames": "model", "params.output_format": "output_format", "params.images": "image", "priority": "priority",
     **{f"params.images[{i}].{source}": "image" for i in range(MAX_IMAGES) for source in ("data", "path", "url", "source")},
+    **CACHE_LORAS_FIELDS,
 }
 # How a field path reads inside an error message ("params.width: must be ..." → "size (width): must be ...").
 _MESSAGE_NAMES = {"params.width": "size (width)", "params.height": "size (height)", "params.num_frames": "num_frames (1 for an image)"}
@@ -125,6 +129,9 @@ class ImageRequest(BaseModel):
     guidance_scale_2: float | None = None
     negative_prompt: str | None = None
     priority: int | None = Field(default=None, ge=-INT32, le=INT32)
+    # GenerationParams.cache (a StepCache) and .loras (LoraAdapter list) in their JSON form (docs/acceleration.md)
+    cache: dict | None = None
+    loras: list[dict] | None = None
 
 
 class EditRequest(ImageRequest):
@@ -164,6 +171,7 @@ def to_params(req: ImageRequest, images: list[bytes] = ()) -> pb.GenerationParam
         value = getattr(req, name)
         if value is not None:
             setattr(params, name, value)
+    set_cache_and_loras(params, req.cache, req.loras)
     for data in images:
         params.images.add(data=data)
     return params
@@ -317,7 +325,7 @@ async def edits(request: Request, principal: Principal = Depends(caller)) -> dic
                 continue
             if len(values) > 1:
                 raise bad_request(f"{key}: given more than once", key)
-            value = values[0]
+            value = form_value(key, values[0])  # cache / loras: a JSON string
             fields[key] = value if not isinstance(value, UploadFile) else f"<file {value.filename}>"
         if not images:
             raise bad_request("image: at least one image file is required (image, or image[] for several)", "image")

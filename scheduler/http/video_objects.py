@@ -2,6 +2,9 @@
 a create request's fields → GenerationParams, `seconds` → frames, a job → the Video object and its
 `progress`. The router is videos.py.
 
+diffserve's cache and loras (docs/acceleration.md) are GenerationParams.cache / .loras in their
+protobuf JSON form, as on the Images API (cache_loras.py; a JSON string in a form).
+
 seconds → frames: frames = seconds × fps (the request's fps, else the model's), rounded to the
 nearest count the model accepts (frame_step·k + 1; ties round up), at least 1 and at most the
 model's max_num_frames (more is refused, naming `seconds`). Wan (16 fps, frame_step 4): "4" → 65
@@ -29,6 +32,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from diffserve.v1 import generation_pb2 as pb
 
+from diffserve.scheduler.http import cache_loras
 from diffserve.scheduler.http.models import served_card
 
 # The fields of POST /v1/videos: OpenAI's, then diffserve's own (extra body fields).
@@ -36,7 +40,7 @@ OPENAI_FIELDS = ("prompt", "model", "seconds", "size", "input_reference")
 INT_FIELDS = ("seed", "num_inference_steps", "num_frames", "fps", "priority")
 FLOAT_FIELDS = ("guidance_scale", "guidance_scale_2")
 STRING_FIELDS = ("prompt", "model", "negative_prompt", "size", "client_request_id")
-FIELDS = frozenset(OPENAI_FIELDS + INT_FIELDS + FLOAT_FIELDS + STRING_FIELDS)
+FIELDS = frozenset(OPENAI_FIELDS + INT_FIELDS + FLOAT_FIELDS + STRING_FIELDS + cache_loras.NAMES)
 
 INT32 = (-(1 << 31), (1 << 31) - 1)
 UINT64 = (0, (1 << 64) - 1)
@@ -48,7 +52,7 @@ ERROR_FIELDS = {
     "params.width": "size", "params.height": "size", "params.images": "input_reference", "params.prompt": "prompt",
     "params.model": "model", "params.negative_prompt": "negative_prompt", "params.num_inference_steps": "num_inference_steps",
     "params.guidance_scale": "guidance_scale", "params.guidance_scale_2": "guidance_scale_2", "params.seed": "seed",
-    "params.fps": "fps", "params.num_frames": "seconds",
+    "params.fps": "fps", "params.num_frames": "seconds", **cache_loras.ERROR_FIELDS,
 }
 
 STATUS = {
@@ -188,7 +192,8 @@ def image_input(value) -> pb.ImageInput:
 def video_request(body: Mapping[str, object], models: Iterable[pb.Model]) -> VideoRequest:
     """A create body (JSON object or form fields; input_reference as bytes for an upload) →
     VideoRequest. FieldError for an unknown field, a value of the wrong type, a model that makes
-    no video, or a clip longer than the model makes."""
+    no video, or a clip longer than the model makes; a cache / loras that is not a StepCache /
+    LoraAdapter list: the HttpError 400 of cache_loras.set_cache_and_loras, naming it."""
     unknown = sorted(set(body) - FIELDS)
     if unknown:
         raise FieldError(unknown[0], f"unknown field; accepted: {', '.join(sorted(FIELDS))}")
@@ -210,6 +215,7 @@ def video_request(body: Mapping[str, object], models: Iterable[pb.Model]) -> Vid
         params.width, params.height = parse_size(values["size"])
     if "input_reference" in values:
         params.images.append(image_input(values["input_reference"]))
+    cache_loras.set_cache_and_loras(params, values.get("cache"), values.get("loras"))
 
     request = VideoRequest(params, priority=ints.get("priority"), client_request_id=values.get("client_request_id", ""))
     card = served_card(models, params.model)

@@ -24,6 +24,7 @@ from starlette.datastructures import UploadFile
 from diffserve.scheduler import errors
 from diffserve.scheduler.auth import Principal
 from diffserve.scheduler.http.auth import caller
+from diffserve.scheduler.http.cache_loras import form_value
 from diffserve.scheduler.http.errors import HttpError, bad_request
 from diffserve.scheduler.http.jobs import artifact_response, door_of, job_artifact, owned_job, submit
 from diffserve.scheduler.http.video_objects import FieldError, is_video, last_stage, video_object, video_request
@@ -52,7 +53,8 @@ def _owned_video(request: Request, video_id: str, principal: Principal) -> Job:
 
 async def _body(request: Request) -> dict[str, object]:
     """The create body as a dict: a JSON object, or the form's fields (an uploaded file as bytes;
-    `input_reference[image_url]` as the SDK writes a nested field in a form)."""
+    `input_reference[image_url]` as the SDK writes a nested field in a form; cache / loras, JSON
+    strings in a form, decoded)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type in ("multipart/form-data", "application/x-www-form-urlencoded"):
         form = await request.form()
@@ -72,7 +74,7 @@ async def _body(request: Request) -> dict[str, object]:
                 elif name in body:
                     raise bad_request(f"{name}: given twice", name)
                 else:
-                    body[name] = value
+                    body[name] = form_value(name, value)
             return body
         finally:
             await form.close()

@@ -89,3 +89,56 @@ def test_graphs_pay_tiny_times_every_shape_and_batch(tmp_path):
     rows = json.loads(result.read_text())
     assert [(r["shape"], r["rows"]) for r in rows] == [("32x32x1", 1), ("32x32x1", 2), ("32x32x5", 1), ("32x32x5", 2)]
     assert all(r["eager_ms"] > 0 and r["graph_ms"] > 0 and r["tokens"] > 0 for r in rows)
+
+
+@pytest.mark.timeout(120)
+def test_fp8_forward_tiny_runs_wan_and_flux(tmp_path):
+    """bench/fp8_forward.py --tiny: the kernel checks agree with their references, the float32 rows
+    equal the float32 reference, and the FP8 rows carry an error that is there but small."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "bench/fp8_forward.py", "--tiny"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (result,) = tmp_path.glob("*-cpu-fp8_forward.json")
+    rows = json.loads(result.read_text())
+    checks = [r for r in rows if r["variant"] == "check"]
+    assert {r["model"] for r in checks} == {"wan-1.3b", "flux.1-dev"}
+    assert all(r["quantize_mismatches"] == 0 and float(r["gemm_rel_err"]) < 1e-5 for r in checks), checks
+    assert all(r["heads_scales_equal"] and r["heads_mismatches"] == r["norm_fp8_far"] == r["gelu_fp8_far"] == 0 for r in checks), checks
+    assert all(r[k] > 0 for r in checks for k in ("heads_ms", "heads_torch_per_tensor_ms", "norm_fp8_ms", "gelu_fp8_ms")), checks
+    forwards = {(r["model"], r["variant"]): r for r in rows if r["variant"] != "check"}
+    assert set(forwards) == {(m, v) for m in ("wan-1.3b", "flux.1-dev") for v in ("diffusers eager", "float32", "fp8")}
+    for (model, variant), row in forwards.items():
+        err = float(row["rel_err"])
+        assert (0 < err < 0.05) if variant == "fp8" else err < 1e-5, row
+        assert row["ms"] > 0 and row["speedup_vs_bf16"] > 0, row
+    assert proc.stdout.count('{"model"') == len(rows)  # one JSON line per row
+
+
+def test_lora_overhead_tiny_runs_and_its_rows_equal_merged_weights(tmp_path):
+    """bench/lora_overhead.py --tiny: the 4-adapter batched forward's rows equal each row run alone with
+    its adapter merged into the weights (float32), and the row has what bench/NOTES.md reports."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "bench/lora_overhead.py", "--tiny"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (result,) = tmp_path.glob("*-cpu-lora.json")
+    (row,) = json.loads(result.read_text())
+    assert row["rows"] == row["adapters"] == 4 and min(row["plain_ms"], row["base_ms"], row["lora_ms"], row["lora_cold_ms"], row["shared_ms"]) > 0, row
+    # Two GEMMs per targeted linear (2 blocks x 10 linears), whatever the adapter mix.
+    assert row["lora_ops"] == row["shared_ops"] == row["base_ops"] + 2 * 20, row
+    assert float(row["err_vs_merged"]) < 1e-5, row
+
+
+@pytest.mark.timeout(120)
+def test_packed_forward_tiny_times_every_variant_and_packed_equals_unpacked(tmp_path):
+    """bench/packed_forward.py --tiny: both scenarios, the four variants each, and every packed
+    request equal to its unpacked forward (float32)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "bench/packed_forward.py", "--tiny"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=110)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    (result,) = tmp_path.glob("*-cpu-packed_forward.json")
+    rows = json.loads(result.read_text())
+    variants = ["unpacked", "unpacked graphs", "packed", "packed, loop attention"]
+    assert [(r["scenario"], r["variant"]) for r in rows] == [(s, v) for s in "ab" for v in variants]
+    assert [r["forwards"] for r in rows] == [2, 2, 1, 1, 4, 4, 1, 1]
+    for row in rows:
+        assert row["ms"] > 0 and row["ratio"] > 0 and float(row["rel_err"]) < 1e-5, row

@@ -136,9 +136,12 @@ def test_bfloat16_close_to_diffusers(ckpt, ref):
     torch.testing.assert_close(got.float(), expected.float(), atol=2e-2, rtol=2e-2)
 
 
-def test_packed_requests_of_different_sizes_each_equal_their_own_forward(ours):
+def test_packed_requests_of_different_sizes_each_equal_their_own_forward(ours, monkeypatch):
     """Mixed-shape batching: three images of different sizes (and timesteps, guidance, prompts) in
-    one packed forward; each output equals the request's forward alone."""
+    one packed forward; each output equals the request's forward alone. Every block attends in one
+    varlen call over each request's [text, image]."""
+    from diffserve.worker.models import flux
+
     g = torch.Generator().manual_seed(5)
     sizes, text_len = [(4, 6), (2, 2), (6, 4)], 12
     latents = [torch.randn(h * w, TINY_FLUX_TRANSFORMER["in_channels"], generator=g) for h, w in sizes]
@@ -146,8 +149,12 @@ def test_packed_requests_of_different_sizes_each_equal_their_own_forward(ours):
     pooled = torch.randn(3, TINY_FLUX_TRANSFORMER["pooled_projection_dim"], generator=g)
     ids = [_ids(h, w, text_len) for h, w in sizes]
     t, guidance = torch.tensor([1000.0, 520.0, 7.5]), torch.tensor([3.5, 1.0, 6.0])
+    calls, varlen = [], flux.attention_varlen
+    monkeypatch.setattr(flux, "attention_varlen", lambda q, k, v, ql, kl: calls.append((ql.lengths, kl.lengths)) or varlen(q, k, v, ql, kl))
     with torch.no_grad():
         packed = ours.forward_packed(latents, t, context, pooled, [i for i, _ in ids], ids[0][1], guidance)
+    joint = tuple(text_len + h * w for h, w in sizes)
+    assert calls == [(joint, joint)] * (len(ours.transformer_blocks) + len(ours.single_transformer_blocks))
     for i, lat in enumerate(latents):
         alone = _ours(ours, lat[None], t[i:i + 1], context[i:i + 1], pooled[i:i + 1], ids[i][0], ids[i][1], guidance[i:i + 1])[0]
         assert packed[i].shape == alone.shape

@@ -97,9 +97,12 @@ def test_bf16_as_close_to_float32_as_diffusers(models, tmp_path):
     assert err(ours) < 2 * err(theirs), (err(ours), err(theirs))
 
 
-def test_packed_requests_of_different_sizes_each_equal_their_own_forward(models):
+def test_packed_requests_of_different_sizes_each_equal_their_own_forward(models, monkeypatch):
     """Mixed-shape batching: a text-to-image request, an edit request (two images) and another size,
-    with different prompt lengths and timesteps, in one packed forward; each equals its solo run."""
+    with different prompt lengths and timesteps, in one packed forward; each equals its solo run.
+    Every block attends in one varlen call over each request's unpadded [text, image]."""
+    from diffserve.worker.models import qwen_image
+
     _, ours = models
     g = torch.Generator().manual_seed(3)
     shapes = [[(1, 4, 6)], [(1, 4, 6), (1, 3, 5)], [(1, 6, 2)]]
@@ -107,8 +110,13 @@ def test_packed_requests_of_different_sizes_each_equal_their_own_forward(models)
     latents = [torch.randn(sum(f * h * w for f, h, w in s), TINY_QWEN_TRANSFORMER["in_channels"], generator=g) for s in shapes]
     texts = [torch.randn(n, TINY_QWEN_TRANSFORMER["joint_attention_dim"], generator=g) for n in lengths]
     t = torch.tensor([900.0, 250.0, 500.0])
+    calls, varlen = [], qwen_image.attention_varlen
+    monkeypatch.setattr(qwen_image, "attention_varlen",
+                        lambda q, k, v, ql, kl: calls.append((ql.lengths, kl.lengths)) or varlen(q, k, v, ql, kl))
     with torch.no_grad():
         packed = ours.forward_packed(latents, t, texts, shapes)
+        joint = tuple(n + lat.shape[0] for n, lat in zip(lengths, latents))
+        assert calls == [(joint, joint)] * len(ours.transformer_blocks)
         for i in range(3):
             alone = ours(latents[i][None], t[i:i + 1], texts[i][None], None, shapes[i])[0]
             assert packed[i].shape == alone.shape

@@ -177,3 +177,46 @@ def test_packed_requests_of_different_sizes_each_equal_their_own_forward(ours):
             torch.testing.assert_close(packed[i], alone, **TOL)
         # One segment alone is the plain forward too.
         torch.testing.assert_close(ours.forward_packed(latents[:1], t[:1], context[:1])[0], ours(latents[0][None], t[:1], context[:1])[0], **TOL)
+
+
+def test_packed_forward_keeps_modulation_per_request_and_attends_once_per_layer(ours, monkeypatch):
+    """The packed forward's cost is the unpacked forwards' (issue 15, item 4): each modulation stays one
+    row per request, (N, 1, D), read per token through the segments' index (no (1, sum L, 6, D) copy),
+    and each attention (self and cross) is one varlen call over every request, not one per request."""
+    from diffserve.kernels import norm
+    from diffserve.worker.models import layers, wan
+
+    shapes = [(16, 1, 8, 8), (16, 3, 6, 10), (16, 2, 12, 8)]
+    tokens = [f * (h // 2) * (w // 2) for _, f, h, w in shapes]
+    g = torch.Generator().manual_seed(7)
+    latents = [torch.randn(*shape, generator=g) for shape in shapes]
+    context = torch.randn(3, 16, TINY_WAN_TRANSFORMER["text_dim"], generator=g)
+    seen = {"norm": 0, "residual": 0, "varlen": []}
+    varlen = wan.attention_varlen
+
+    def per_request(t, index):
+        assert t.shape[:2] == (3, 1) and index is not None and index.tolist() == [i for i, n in enumerate(tokens) for _ in range(n)]
+
+    def layer_norm(x, weight=None, bias=None, eps=1e-5, shift=None, scale=None, index=None):
+        if scale is not None:
+            per_request(scale, index)
+            seen["norm"] += 1
+        return norm.layer_norm(x, weight, bias, eps, shift, scale, index)
+
+    def gated_residual(x, y, gate, index=None):
+        per_request(gate, index)
+        seen["residual"] += 1
+        return layers.gated_residual(x, y, gate, index)
+
+    def attention_varlen(q, k, v, q_lens, k_lens):
+        seen["varlen"].append((q_lens.lengths, k_lens.lengths))
+        return varlen(q, k, v, q_lens, k_lens)
+
+    monkeypatch.setattr(layers, "layer_norm", layer_norm)
+    monkeypatch.setattr(wan, "gated_residual", gated_residual)
+    monkeypatch.setattr(wan, "attention_varlen", attention_varlen)
+    with torch.no_grad():
+        ours.forward_packed(latents, torch.tensor([999.0, 500.0, 12.5]), context)
+    blocks = len(ours.blocks)
+    assert seen["norm"] == 2 * blocks + 1 and seen["residual"] == 2 * blocks  # norm1, norm3 per block + norm_out
+    assert seen["varlen"] == [(tuple(tokens), tuple(tokens)), (tuple(tokens), (16, 16, 16))] * blocks

@@ -78,7 +78,9 @@ def _card(model: pb.Model, num_experts: int) -> wpb.ModelCard:
     return wpb.ModelCard(name=model.name, family=model.family, task=model.task, defaults=mirror(model.defaults, wpb.ModelDefaults),
                          limits=mirror(model.limits, wpb.ModelLimits), num_experts=num_experts,
                          guidance_kind=wpb.GuidanceKind.Value(pb.GuidanceKind.Name(model.guidance_kind)),
-                         packs_mixed_shapes=model.packs_mixed_shapes, cache_policies=list(model.cache_policies))
+                         packs_mixed_shapes=model.packs_mixed_shapes, cache_policies=list(model.cache_policies),
+                         quantizations=list(model.quantizations),
+                         lora_adapters=list(model.lora_adapters))
 
 
 def _timed_job(client) -> float:

@@ -139,6 +139,27 @@ def test_async_n_images_batch(wan_http):
     assert max(batches[0]) == 2 and max(batches[1]) == 2, batches  # submitted together, they share steps
 
 
+def test_step_cache_and_loras_ride_along_as_json(wan_http):
+    """The opt-ins of docs/acceleration.md in the body: a cached job equals the gRPC job with the same
+    cache; bad values are 400s naming this API's field."""
+    client = sdk(wan_http, max_retries=0)
+    cache = {"policy": "first-block", "threshold": 0.2}
+    result = client.images.generate(prompt="a red fox", **SMALL, extra_body={"seed": 12, "num_inference_steps": 4, "cache": cache})
+    (item,) = result.data
+    job = http_jobs(wan_http)[item.job_id]
+    assert job["params"]["cache"]["policy"] == "first-block", job["params"]
+    with grpc(wan_http) as rpc:
+        theirs = grpc_png(rpc, prompt="a red fox", width=32, height=32, num_frames=1, num_inference_steps=4, seed=12, cache=cache)
+    assert png(item) == theirs
+    cases = [({"cache": {"policy": "first-block", "threshold": 11}}, "cache.threshold"),
+             ({"cache": {"policy": 3}}, "cache"), ({"cache": {"nonsense": 1}}, "cache"),
+             ({"loras": [{"name": "ink"}]}, "loras[0].name"), ({"loras": [{"name": "ink", "scale": "lots"}]}, "loras[0]")]
+    for body, param in cases:
+        with pytest.raises(openai.BadRequestError) as info:
+            client.images.generate(prompt="a fox", **SMALL, extra_body={"num_inference_steps": 2, **body})
+        assert info.value.body["param"] == param, (body, info.value.body)
+
+
 def test_url_needs_the_token(wan_http):
     result = sdk(wan_http).images.generate(prompt="a fox", response_format="url", **SMALL, extra_body={"num_inference_steps": 2})
     (item,) = result.data

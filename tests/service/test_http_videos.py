@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import time
 
 import httpx2 as httpx  # the HTTP client the openai SDK brings
@@ -173,6 +174,36 @@ def test_errors_pages_and_other_principals(server):
         refused = http.post("/v1/videos", json={"prompt": "a fox", "input_reference": {"image_url": png}})
         assert refused.status_code == 400 and refused.json()["error"]["param"] == "input_reference"
     wait_for(made.json()["id"], client, ended, poll_s=0.1)
+
+
+def test_step_cache_and_loras_ride_along_as_json(server):
+    """docs/acceleration.md's opt-ins beside OpenAI's fields (in the SDK's multipart form, JSON strings;
+    in a JSON body, JSON): the video's job carries the same cache as the gRPC job with that cache, and
+    makes the same MP4; bad values are 400s naming this API's field."""
+    client = sdk(server)
+    cache = {"policy": "first-block", "threshold": 0.2}
+    small = {"seed": 5, "num_inference_steps": 4}
+    video = client.videos.create(prompt="a red fox", seconds="0.25", size="32x32", extra_body={**small, "cache": json.dumps(cache)})
+    assert wait_for(video.id, client, ended)[-1].status == "completed"
+    mp4 = client.videos.download_content(video.id).content
+    with grpc(server) as g:
+        job = g.submit("a red fox", height=32, width=32, num_frames=5, cache=cache, **small)
+        assert g.wait(job.id).state == 3  # JOB_STATE_SUCCEEDED
+        ours, theirs = g.get(video.id).params.cache, g.get(job.id).params.cache
+        assert ours.policy == "first-block" and ours == theirs, (ours, theirs)
+        assert g.download(job.id) == mp4
+    form = [({"cache": json.dumps({"policy": "first-block", "threshold": 11})}, "cache.threshold"),  # the engine's check
+            ({"cache": "first-block"}, "cache"), ({"cache": json.dumps({"nonsense": 1})}, "cache"),
+            ({"loras": json.dumps([{"name": "ink"}])}, "loras[0].name"),  # the model has no adapter "ink"
+            ({"loras": json.dumps([{"name": "ink", "scale": "lots"}])}, "loras[0]"), ({"loras": json.dumps({"name": "ink"})}, "loras")]
+    for body, param in form:
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.videos.create(prompt="x", seconds="0.25", size="32x32", extra_body={**small, **body})
+        assert exc.value.body["param"] == param, (body, exc.value.body)
+    with httpx.Client(base_url=f"http://127.0.0.1:{server.http_port}", headers={"Authorization": f"Bearer {ALICE}"}, timeout=60) as http:
+        for body, param in [({"cache": {"policy": 3}}, "cache"), ({"loras": [{"name": "ink", "scale": 0.5}]}, "loras[0].name")]:
+            refused = http.post("/v1/videos", json={"prompt": "x", "seconds": 0.25, "size": "32x32", **small, **body})
+            assert refused.status_code == 400 and refused.json()["error"]["param"] == param, (body, refused.json())
 
 
 def test_async_client(server):

@@ -201,3 +201,50 @@ def test_generate_cache_flag():
     assert (cache.policy, round(cache.threshold, 6)) == ("first-block", 0.1)
     with pytest.raises(SystemExit):
         generate({}, "--prompt", "p", "--cache", "first-block:lots")
+
+
+def test_generate_lora_flag():
+    assert generate({}, "--prompt", "p").lora == []  # the base model by default
+    loras = generate({}, "--prompt", "p", "--lora", "watercolor", "--lora", "ink:0.5", "--lora", "neg:-1").lora
+    assert [(x.name, x.HasField("scale"), round(x.scale, 6)) for x in loras] == [("watercolor", False, 0.0), ("ink", True, 0.5), ("neg", True, -1.0)]
+    for bad in ("ink:lots", ":0.5", ""):
+        with pytest.raises(SystemExit):
+            generate({}, "--prompt", "p", "--lora", bad)
+    env = generate({"DIFFSERVE_LORA": "a:0.5, b"}, "--prompt", "p").lora  # a comma-separated list from the environment
+    assert [x.name for x in env] == ["a", "b"]
+
+
+def test_worker_lora_dir_is_refused_where_the_model_or_layout_cannot_serve_it(tmp_path):
+    from types import SimpleNamespace
+
+    from diffserve.worker.__main__ import enable_lora
+
+    args = worker_parse_args(["--scheduler", "tcp://127.0.0.1:1", "--model-path", "/m", "--lora-dir", str(tmp_path),
+                              "--lora-cache-bytes", "512MiB"])
+    calls = []
+    pipeline = SimpleNamespace(enable_lora=lambda folder, size: calls.append((folder, size)), lora_adapters=("a",),
+                               card=SimpleNamespace(family="wan2.1"))
+    enable_lora(pipeline, args)
+    assert calls == [(tmp_path, 512 << 20)]
+    with pytest.raises(ValueError, match="one process"):
+        enable_lora(pipeline, worker_parse_args(["--scheduler", "tcp://127.0.0.1:1", "--model-path", "/m", "--lora-dir", "x", "--num-gpus", "2"]))
+    with pytest.raises(ValueError, match="hunyuan-video pipeline takes no LoRA adapters"):
+        enable_lora(SimpleNamespace(card=SimpleNamespace(family="hunyuan-video")), args)
+    with pytest.raises(SystemExit):
+        worker_parse_args(["--scheduler", "tcp://127.0.0.1:1", "--model-path", "/m", "--lora-cache-bytes", "lots"])
+
+
+def test_generate_cache_flag_takes_each_policys_knobs():
+    cache = generate({}, "--prompt", "p", "--cache", "taylorseer").cache
+    assert cache.policy == "taylorseer" and not cache.ListFields()[1:]  # knobs unset: the server's defaults
+    cache = generate({}, "--prompt", "p", "--cache", "taylorseer:interval=4:max_order=2:warmup_steps=0:cooldown_step=20").cache
+    assert (cache.interval, cache.max_order, cache.warmup_steps, cache.cooldown_step) == (4, 2, 0, 20)
+    assert cache.HasField("warmup_steps")  # 0 given is 0, not the default
+    cache = generate({}, "--prompt", "p", "--cache", "mag:0.06:max_skip_steps=2:mag_ratios=1.0,1.02,0.99").cache
+    assert (cache.policy, round(cache.threshold, 6), cache.max_skip_steps) == ("mag", 0.06, 2)
+    assert [round(r, 6) for r in cache.mag_ratios] == [1.0, 1.02, 0.99]
+    cache = generate({}, "--prompt", "p", "--cache", "mag:threshold=0.1:mag_ratios=1").cache
+    assert round(cache.threshold, 6) == 0.1 and list(cache.mag_ratios) == [1.0]
+    for bad in ("taylorseer:every=3", "taylorseer:interval=1.5", "taylorseer:interval=", "mag:0.1:0.2", "mag:policy=x"):
+        with pytest.raises(SystemExit):
+            generate({}, "--prompt", "p", "--cache", bad)

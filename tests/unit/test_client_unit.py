@@ -144,3 +144,14 @@ def test_watch_ends_on_its_deadline_or_a_real_error_and_rewatches_a_dropped_conn
     # the server's own UNAVAILABLE (it carries a reason) is not a dropped connection
     refused = _on_the_wire(errors.unavailable("the server is shutting down", "SHUTTING_DOWN"))
     assert _watch_error(refused, "", 2.0, "SERVING").reason == "SHUTTING_DOWN"
+
+
+def test_make_params_takes_lora_adapters_as_text_dicts_or_messages():
+    from diffserve.client.client import make_params
+    from diffserve.v1 import generation_pb2 as pb
+
+    params = make_params("p", loras=["a", "b:0.25", {"name": "c", "scale": 2.0}, pb.LoraAdapter(name="d")])
+    assert [(x.name, x.HasField("scale"), x.scale) for x in params.loras] == [("a", False, 0.0), ("b", True, 0.25), ("c", True, 2.0), ("d", False, 0.0)]
+    assert [x.name for x in make_params("p", loras="solo").loras] == ["solo"]
+    with pytest.raises(ValueError, match="NAME or NAME:SCALE"):
+        make_params("p", loras=["b:x"])

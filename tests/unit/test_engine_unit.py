@@ -85,8 +85,9 @@ class Harness:
         self.task.cancel()
         await asyncio.gather(self.task, return_exceptions=True)
 
-    async def register(self, worker_id: str = "w1", card: wpb.ModelCard = MODEL) -> None:
-        hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2, card=card, max_batch_size=self.max_batch_size, max_resident=4, world_size=1)
+    async def register(self, worker_id: str = "w1", card: wpb.ModelCard = MODEL, concurrent_stages: bool = False) -> None:
+        hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2, card=card, max_batch_size=self.max_batch_size, max_resident=4, world_size=1,
+                          concurrent_stages=concurrent_stages)
         await self.link.inbox.put((worker_id, wpb.WorkerMessage(hello=hello), []))
         await until(lambda: (worker_id, "welcome") in [(w, c.WhichOneof("body")) for w, c in self.link.sent], f"the Welcome of {worker_id}")
 
@@ -555,5 +556,41 @@ def test_a_failed_send_waits_for_a_goodbye_before_declaring_the_worker_lost(tmp_
             restarted = next(e.restarted for e in job.events if e.WhichOneof("event") == "restarted")
             expected = "shutting down ('SIGTERM on host pid 1')" if goodbye else "its socket is gone"
             assert expected in restarted.reason, restarted.reason
+
+    run(main())
+
+
+def test_a_worker_with_concurrent_stages_gets_a_stage_beside_a_step(tmp_path):
+    """Two lanes: while job a's step is in flight, job b's ENCODE goes out too; a one-lane worker
+    (every other test here) never has two compute commands in flight."""
+
+    async def main():
+        async with Harness(tmp_path, max_batch_size=4) as h:
+            await h.register(concurrent_stages=True)
+            a, _ = h.engine.submit(PARAMS)
+            await h.answer(await h.next_compute(1))  # a: ENCODE
+            await h.answer(await h.next_compute(2))  # a: PREPARE
+            step = await h.next_compute(3)
+            assert step.HasField("denoise_step")
+            b, _ = h.engine.submit(PARAMS)
+            encode = await h.next_compute(4)  # sent while a's step is still in flight
+            assert encode.run_stage.request_id == b.id and encode.run_stage.stage == wpb.WORKER_STAGE_ENCODE
+            worker = h.engine._registry.get("w1")
+            assert a.in_flight and b.in_flight
+            assert worker.in_flight == step.id and worker.stage_in_flight == encode.id and not worker.idle
+            await h.answer(encode)  # the stage lane frees first; the step lane is still busy
+            prepare = await h.next_compute(5)
+            assert prepare.run_stage.request_id == b.id and prepare.run_stage.stage == wpb.WORKER_STAGE_PREPARE
+            assert worker.in_flight == step.id
+            answered = {1, 2, encode.id}  # the step and the prepare are still in flight
+            deadline = asyncio.get_running_loop().time() + 10
+            while not (a.done and b.done):  # answer whatever is in flight until both end
+                assert asyncio.get_running_loop().time() < deadline, f"the jobs did not finish: {a.phase} {b.phase} {[(c.id, c.WhichOneof('body')) for c in h.link.compute()]} {answered}"
+                for command in [step, prepare, *h.link.compute()]:
+                    if command.id not in answered:
+                        answered.add(command.id)
+                        await h.answer(command)
+                await asyncio.sleep(0.005)
+            assert a.state == pb.JOB_STATE_SUCCEEDED and b.state == pb.JOB_STATE_SUCCEEDED
 
     run(main())

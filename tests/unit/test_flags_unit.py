@@ -11,9 +11,9 @@ from diffserve.worker.__main__ import parse_args as worker_parse_args
 from diffserve.worker.v1.launch import WORKER_FLAGS, worker_argv
 
 GIVEN = ["--model-path", "/models/x", "--model-name", "m", "--device", "cpu", "--dtype", "float32", "--attention-backend", "sdpa",
-         "--compile", "--cuda-graphs", "--warmup", "--warmup-shape", "32x32x1", "--warmup-shape", "64x64", "--num-gpus", "4",
+         "--quantization", "fp8", "--compile", "--cuda-graphs", "--warmup", "--warmup-shape", "32x32x1", "--warmup-shape", "64x64", "--num-gpus", "4",
          "--enable-cfg-parallel", "--ulysses-degree", "2", "--ring-degree", "1", "--tp-size", "1", "--max-batch-size", "3",
-         "--max-resident", "5", "--worker-log-level", "DEBUG"]
+         "--max-resident", "5", "--lora-dir", "/loras", "--lora-cache-bytes", "1GiB", "--worker-log-level", "DEBUG"]
 
 
 def serve_parser() -> argparse.ArgumentParser:
@@ -37,6 +37,7 @@ def test_generate_and_serve_pass_every_worker_flag_on():
     worker = worker_parse_args(["--scheduler", "tcp://127.0.0.1:1", *worker_argv(serve)])
     assert worker_values(worker) == outer_values(serve)
     assert worker.log_level == "DEBUG" and worker.warmup_shape == ["32x32x1", "64x64"] and worker.compile
+    assert (worker.lora_dir, worker.lora_cache_bytes) == ("/loras", 1 << 30)
     # generate --model-path hands the same flags to its local `serve` subprocess
     again = serve_parser().parse_args(worker_argv(generate, outer=True))
     assert outer_values(again) == outer_values(serve)

@@ -151,7 +151,109 @@ def test_step_cache_reaches_the_worker_request_and_is_checked_against_the_card()
         request(card, cache=pb.StepCache(policy="teacache", threshold=0.1))
 
 
-def test_cards_carry_packing_and_cache_policies_to_the_public_model():
-    card = wpb.ModelCard(name="m", packs_mixed_shapes=True, cache_policies=["first-block"])
+def test_cards_carry_packing_cache_policies_and_quantizations_to_the_public_model():
+    card = wpb.ModelCard(name="m", packs_mixed_shapes=True, cache_policies=["first-block"], quantizations=["fp8", "fp8-attention"])
     m = public_model(card)
     assert m.packs_mixed_shapes and list(m.cache_policies) == ["first-block"]
+    assert list(m.quantizations) == ["fp8", "fp8-attention"]
+
+
+# ---- per-request LoRA ----
+
+def test_lora_adapters_reach_the_worker_request_with_their_scale_and_are_checked_against_the_card():
+    from diffserve.scheduler.errors import RequestError
+
+    card = model(pb.GUIDANCE_KIND_CFG)
+    assert list(request(card).loras) == []
+    with pytest.raises(RequestError, match=r"params.loras\[0\].name.*takes no LoRA adapters"):
+        request(card, loras=[pb.LoraAdapter(name="a")])
+    card.lora_adapters.extend(["a", "b"])
+    r = request(card, loras=[pb.LoraAdapter(name="a"), pb.LoraAdapter(name="b", scale=0.5)])
+    assert [(x.name, x.scale) for x in r.loras] == [("a", 1.0), ("b", 0.5)]  # unset: 1.0
+    assert request(card, loras=[pb.LoraAdapter(name="a", scale=0.0)]).loras[0].scale == 0.0  # set to 0: kept
+    resolved = resolve_params(pb.GenerationParams(prompt="p", loras=[pb.LoraAdapter(name="a")]), card)
+    assert resolved.loras[0].HasField("scale") and resolved.loras[0].scale == 1.0  # the job shows what ran
+    with pytest.raises(RequestError, match=r"params.loras\[1\].name.*no LoRA adapter 'zz' \(offered: a, b\)"):
+        request(card, loras=[pb.LoraAdapter(name="a"), pb.LoraAdapter(name="zz")])
+    with pytest.raises(RequestError, match=r"params.loras\[1\].name.*'a' is named twice"):
+        request(card, loras=[pb.LoraAdapter(name="a"), pb.LoraAdapter(name="a", scale=0.5)])
+    for scale in (4.5, -5.0, float("inf"), float("nan")):
+        with pytest.raises(RequestError, match=r"params.loras\[0\].scale: must be a finite number from -4 to 4"):
+            request(card, loras=[pb.LoraAdapter(name="a", scale=scale)])
+    assert request(card, loras=[pb.LoraAdapter(name="a", scale=-4.0)]).loras[0].scale == -4.0
+
+
+def test_cards_carry_lora_adapters_to_the_public_model():
+    m = public_model(wpb.ModelCard(name="m", lora_adapters=["a", "b"]))
+    assert list(m.lora_adapters) == ["a", "b"]
+
+
+def cache_card() -> pb.Model:
+    card = model(pb.GUIDANCE_KIND_CFG)
+    card.cache_policies.extend(["first-block", "taylorseer", "mag"])
+    return card
+
+
+def test_the_scheduler_fills_each_policys_defaults_and_the_worker_gets_every_knob():
+    from diffserve.scheduler.validation import resolve_params
+
+    card = cache_card()  # 50 steps by default
+    r = request(card, cache=pb.StepCache(policy="taylorseer"))
+    assert (r.cache.interval, r.cache.max_order, r.cache.warmup_steps) == (5, 1, 3)  # diffusers' TaylorSeerCacheConfig
+    assert not r.cache.HasField("cooldown_step") and r.cache.threshold == 0
+    r = request(card, cache=pb.StepCache(policy="taylorseer", interval=2, max_order=2, warmup_steps=1, cooldown_step=40))
+    assert (r.cache.interval, r.cache.max_order, r.cache.warmup_steps, r.cache.cooldown_step) == (2, 2, 1, 40)
+    r = request(card, num_inference_steps=28, cache=pb.StepCache(policy="mag", threshold=0.06, mag_ratios=[1.0, 1.02, 0.99]))
+    # diffusers' MagCacheConfig: max_skip_steps 3, retention_ratio 0.2 -> int(0.2 * 28 + 0.5) = 6 steps
+    assert (r.cache.max_skip_steps, r.cache.warmup_steps) == (3, 6)
+    assert [round(x, 6) for x in r.cache.mag_ratios] == [1.0, 1.02, 0.99]
+    r = request(card, cache=pb.StepCache(policy="mag", threshold=0.1, warmup_steps=0, max_skip_steps=5, mag_ratios=[1.0]))
+    assert r.cache.HasField("warmup_steps") and (r.cache.warmup_steps, r.cache.max_skip_steps) == (0, 5)  # 0 set is 0
+    # Job.params shows the values used.
+    out = resolve_params(pb.GenerationParams(prompt="a cat", cache=pb.StepCache(policy="taylorseer")), card)
+    assert (out.cache.interval, out.cache.warmup_steps) == (5, 3)
+    first_block = request(card, cache=pb.StepCache(policy="first-block", threshold=0.1)).cache
+    assert [f.name for f, _ in first_block.ListFields()] == ["policy", "threshold"]  # it has no other knob
+
+
+@pytest.mark.parametrize("cache,field,why", [
+    (dict(policy="first-block", threshold=0.1, interval=3), "interval", "policy first-block does not use it"),
+    (dict(policy="taylorseer", threshold=0.1), "threshold", "policy taylorseer does not use it"),
+    (dict(policy="taylorseer", interval=-1), "interval", "from 1 to 1000"),
+    (dict(policy="taylorseer", max_order=5), "max_order", "from 1 to 4"),
+    (dict(policy="taylorseer", warmup_steps=0), "warmup_steps", "from 1 to 50"),
+    (dict(policy="taylorseer", cooldown_step=51), "cooldown_step", "from 1 to 50"),
+    (dict(policy="taylorseer", mag_ratios=[1.0]), "mag_ratios", "does not use it"),
+    (dict(policy="mag", threshold=0.06), "mag_ratios", "magnitude ratios, 1 to 1000"),
+    (dict(policy="mag", mag_ratios=[1.0]), "threshold", "more than 0"),
+    (dict(policy="mag", threshold=0.06, mag_ratios=[1.0, float("inf")]), "mag_ratios", "finite numbers > 0"),
+    (dict(policy="mag", threshold=0.06, mag_ratios=[1.0, 0.0]), "mag_ratios", "finite numbers > 0"),
+    (dict(policy="mag", threshold=0.06, mag_ratios=[1.0] * 1001), "mag_ratios", "1 to 1000"),
+    (dict(policy="mag", threshold=0.06, mag_ratios=[1.0], max_skip_steps=-2), "max_skip_steps", "from 1 to 1000"),
+    (dict(policy="mag", threshold=0.06, mag_ratios=[1.0], warmup_steps=51), "warmup_steps", "from 0 to 50"),
+    (dict(policy="mag", threshold=0.06, mag_ratios=[1.0], max_order=2), "max_order", "does not use it"),
+    (dict(interval=3), "policy", "with interval set needs a policy"),
+])
+def test_a_bad_step_cache_is_refused_naming_the_field(cache, field, why):
+    from diffserve.scheduler.errors import RequestError
+
+    with pytest.raises(RequestError, match=f"params.cache.{field}: .*{why}"):
+        request(cache_card(), cache=pb.StepCache(**cache))
+
+
+def test_the_worker_step_cache_is_the_public_one_field_for_field():
+    """scheduler/requests.py copies it by its wire bytes: names, numbers, types and presence must agree."""
+    def fields(message):
+        return [(f.name, f.number, f.type, f.is_repeated, f.has_presence) for f in message.DESCRIPTOR.fields]
+
+    assert fields(pb.StepCache) == fields(wpb.StepCache)
+
+
+def test_a_step_cache_in_http_json_reaches_the_worker():
+    """POST /v1/jobs parses its body as a SubmitJobRequest in JSON (scheduler/http/jobs.py)."""
+    from google.protobuf import json_format
+
+    body = '{"params": {"prompt": "a cat", "cache": {"policy": "mag", "threshold": 0.06, "max_skip_steps": 2, "mag_ratios": [1.0, 1.02]}}}'
+    params = json_format.Parse(body, pb.SubmitJobRequest()).params
+    r = worker_request(resolve_params(params, cache_card()), cache_card())
+    assert (r.cache.policy, r.cache.max_skip_steps, r.cache.warmup_steps, len(r.cache.mag_ratios)) == ("mag", 2, 10, 2)

@@ -214,6 +214,9 @@ BOUNDS = [
     (dict(images=[pb.ImageInput(url="http://x/\0")]), "params.images[0].url"),
     (dict(images=[pb.ImageInput(url="http://x/" + "a" * 10_000)]), "params.images[0].url"),
     (dict(images=[pb.ImageInput(data=b"x")] * (MAX_IMAGES + 1)), "params.images"),
+    (dict(loras=[pb.LoraAdapter(name=f"l{i}") for i in range(9)]), "params.loras"),
+    (dict(loras=[pb.LoraAdapter(name="ok"), pb.LoraAdapter(name="x" * 129)]), "params.loras[1].name"),
+    (dict(loras=[pb.LoraAdapter(name="a\0")]), "params.loras[0].name"),
 ]
 
 

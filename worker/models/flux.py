@@ -23,18 +23,21 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from diffserve.kernels.attention import attention
+from diffserve.kernels.attention import attention, attention_varlen
 from diffserve.worker.models.checkpoint import load_module, read_config
 from diffserve.worker.models.rope import axes_tables
-from diffserve.kernels.activation import linear_gelu_tanh
+from diffserve.worker.models.step_cache import RowCache, Rows, cached_blocks, forward_rows, take
 from diffserve.worker.models.layers import (
     AdaLNZero,
     FeedForward,
+    Segments,
     TimeGuidanceTextEmbedding,
+    deinterleave,
     gated_residual,
+    interleave,
+    linear_gelu,
     norm_modulate,
     qk_norm_rope,
-    spread,
 )
 
 
@@ -101,21 +104,18 @@ class FluxPosEmbed(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class FluxSegments:
-    """Several requests packed into one forward (mixed-shape batching): request i has `image[i]`
-    image tokens and `text` text tokens. The image stream holds every request's image tokens one
-    after the other (1, sum N, D), the text stream every request's text (1, R * S, D), and the
-    single-stream sequence each request's [text, image] in turn. The rotary tables are laid out
-    the same way."""
+    """Several requests packed into one forward (mixed-shape batching): request i has N_i image
+    tokens and S text tokens. The image stream holds every request's image tokens one after the
+    other (1, sum N, D; `image`), the text stream every request's text (1, R * S, D; `text`), and
+    the single-stream sequence each request's [text, image] in turn (`joint`), which is also how
+    the double-stream blocks attend. The rotary tables are laid out the same way."""
 
-    image: tuple[int, ...]
-    text: int
+    image: Segments
+    text: Segments
+    joint: Segments
     image_rope: tuple[torch.Tensor, torch.Tensor]  # (1, sum N, 1, Dh)
     text_rope: tuple[torch.Tensor, torch.Tensor]  # (1, R * S, 1, Dh)
     joint_rope: tuple[torch.Tensor, torch.Tensor]  # (1, sum (S + N), 1, Dh)
-
-    @property
-    def joint(self) -> tuple[int, ...]:
-        return tuple(self.text + n for n in self.image)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -197,20 +197,18 @@ class FluxAttention(nn.Module):
 
     def _forward_packed(self, x: torch.Tensor, context: torch.Tensor | None, segments: FluxSegments):
         """As forward, for packed requests (FluxSegments' layouts): each request attends over its own
-        [text, image] only."""
+        [text, image] only, all of them in one varlen attention call. (Packing runs on one process
+        only, so no parallel plan's `attend` is bypassed.)"""
+        lens = segments.joint.lengths
         if not self.joint:
             q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, segments.joint_rope)
-            parts = zip(*(t.split(segments.joint, dim=1) for t in (q, k, v)))
-            return torch.cat([self.attend(*part) for part in parts], dim=1).flatten(2, 3)
+            return attention_varlen(q, k, v, lens, lens).flatten(2, 3)
         q, k, v = self._qkv(x, self.to_q, self.to_k, self.to_v, self.norm_q, self.norm_k, segments.image_rope)
         cq, ck, cv = self._qkv(context, self.add_q_proj, self.add_k_proj, self.add_v_proj,
                                self.norm_added_q, self.norm_added_k, segments.text_rope)
-        images = zip(*(t.split(segments.image, dim=1) for t in (q, k, v)))
-        texts = zip(*(t.split(segments.text, dim=1) for t in (cq, ck, cv)))
-        outs = [self.attend(qi, ki, vi, text) for (qi, ki, vi), text in zip(images, texts)]
-        image_out = torch.cat([o[0] for o in outs], dim=1).flatten(2, 3).contiguous()
-        text_out = torch.cat([o[1] for o in outs], dim=1).flatten(2, 3).contiguous()
-        return self.to_out[0](image_out), self.to_add_out(text_out)
+        out = attention_varlen(*(interleave(t, i, segments.text, segments.image) for t, i in ((cq, q), (ck, k), (cv, v))), lens, lens)
+        text_out, image_out = deinterleave(out, segments.text, segments.image)
+        return self.to_out[0](image_out.flatten(2, 3).contiguous()), self.to_add_out(text_out.flatten(2, 3).contiguous())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,26 +240,27 @@ class FluxDoubleBlock(nn.Module):
         segments: FluxSegments | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         # x (B, N, D) image, context (B, S, D) text, temb (B, D); packed (`segments`): x (1, sum N, D),
-        # context (1, R * S, D), each request's modulation on its own tokens.
+        # context (1, R * S, D), each request's modulation row (R, 1, D) read per token by the segments' index.
         mods, c_mods = self.norm1.modulations(temb), self.norm1_context.modulations(temb)  # (B, 1, D) each
-        if segments is not None:
-            mods = [spread(m, segments.image) for m in mods]
-            c_mods = [spread(m, (segments.text,) * len(segments.image)) for m in c_mods]
         shift_a, scale_a, gate_a, shift_f, scale_f, gate_f = mods
         c_shift_a, c_scale_a, c_gate_a, c_shift_f, c_scale_f, c_gate_f = c_mods
+        xi, ci = (segments.image.index, segments.text.index) if segments is not None else (None, None)
 
-        # 1. Joint attention over [text, image].
-        h = norm_modulate(x, shift_a, scale_a, self.norm1.norm)
-        c = norm_modulate(context, c_shift_a, c_scale_a, self.norm1_context.norm)
-        attn_x, attn_c = self.attn(h, rope, context=c, segments=segments)
+        # 1. Joint attention over [text, image]. `into`: the linears reading each norm's output (layers.py, FP8).
+        attn = self.attn
+        h = norm_modulate(x, shift_a, scale_a, self.norm1.norm, index=xi, into=(attn.to_q, attn.to_k, attn.to_v))
+        c = norm_modulate(context, c_shift_a, c_scale_a, self.norm1_context.norm, index=ci,
+                          into=(attn.add_q_proj, attn.add_k_proj, attn.add_v_proj))
+        attn_x, attn_c = attn(h, rope, context=c, segments=segments)
 
         # 2. Image stream: gated residuals.
-        x = gated_residual(x, attn_x, gate_a)
-        x = gated_residual(x, self.ff(norm_modulate(x, shift_f, scale_f, self.norm2)), gate_f)
+        x = gated_residual(x, attn_x, gate_a, xi)
+        x = gated_residual(x, self.ff(norm_modulate(x, shift_f, scale_f, self.norm2, index=xi, into=self.ff.net[0].proj)), gate_f, xi)
 
         # 3. Text stream: the same with its own weights.
-        context = gated_residual(context, attn_c, c_gate_a)
-        context = gated_residual(context, self.ff_context(norm_modulate(context, c_shift_f, c_scale_f, self.norm2_context)), c_gate_f)
+        context = gated_residual(context, attn_c, c_gate_a, ci)
+        c = norm_modulate(context, c_shift_f, c_scale_f, self.norm2_context, index=ci, into=self.ff_context.net[0].proj)
+        context = gated_residual(context, self.ff_context(c), c_gate_f, ci)
         return _clip_fp16(x), _clip_fp16(context)
 
 
@@ -280,14 +279,13 @@ class FluxSingleBlock(nn.Module):
     def forward(self, xc: torch.Tensor, temb: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None,
                 segments: FluxSegments | None = None) -> torch.Tensor:
         # xc = [text, image] (B, S + N, D); packed: each request's [text, image] in turn (1, sum (S + N), D)
-        mods = self.norm.modulations(temb)  # (B, 1, D) each
-        if segments is not None:
-            mods = [spread(m, segments.joint) for m in mods]
-        shift, scale, gate = mods
-        h = norm_modulate(xc, shift, scale, self.norm.norm)
-        mlp = linear_gelu_tanh(h, self.proj_mlp.weight, self.proj_mlp.bias)  # (B, S + N, 4D)
+        shift, scale, gate = self.norm.modulations(temb)  # (B, 1, D) each; packed: a row per request
+        index = segments.joint.index if segments is not None else None
+        h = norm_modulate(xc, shift, scale, self.norm.norm, index=index,
+                          into=(self.proj_mlp, self.attn.to_q, self.attn.to_k, self.attn.to_v))
+        mlp = linear_gelu(self.proj_mlp, h)  # (B, S + N, 4D)
         attn = self.attn(h, rope, segments=segments)  # (B, S + N, D)
-        xc = gated_residual(xc, self.proj_out(torch.cat([attn, mlp], dim=2)), gate)
+        xc = gated_residual(xc, self.proj_out(torch.cat([attn, mlp], dim=2)), gate, index)
         return _clip_fp16(xc)
 
 
@@ -345,6 +343,45 @@ class FluxTransformer(nn.Module):
         embedded guidance scale (guidance-distilled checkpoints only, else None).
         Returns (B, N, Cout) in the model dtype.
         """
+        x, c, temb, rope = self._embed(latents, timestep, context, pooled, img_ids, txt_ids, guidance)
+        for block in self.transformer_blocks:
+            x, c = block(x, c, temb, rope)
+        return self._head(self._single_stream(x, c, temb, rope), temb)
+
+    def forward_cached(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        context: torch.Tensor,
+        pooled: torch.Tensor,
+        img_ids: torch.Tensor,
+        txt_ids: torch.Tensor,
+        guidance: torch.Tensor | None,
+        caches: list[RowCache],
+    ) -> torch.Tensor:
+        """`forward` with a step cache per row (None: the row is exact; worker/models/step_cache.py).
+        The stack is diffusers' for its hooks: every double-stream block, then every single-stream one."""
+
+        def run(rows: Rows) -> torch.Tensor:
+            x, c, temb, rope = self._embed(take(latents, rows), take(timestep, rows), take(context, rows), take(pooled, rows),
+                                           img_ids, txt_ids, take(guidance, rows))
+
+            def first(stream, sub):
+                return self.transformer_blocks[0](*stream, take(temb, sub), rope)
+
+            def rest(stream, sub):
+                (x, c), temb_rows = stream, take(temb, sub)
+                for block in self.transformer_blocks[1:]:
+                    x, c = block(x, c, temb_rows, rope)
+                return self._single_stream(x, c, temb_rows, rope)
+
+            row_caches = caches if rows is None else [caches[i] for i in rows]
+            return self._head(cached_blocks((x, c), row_caches, first, rest), temb)
+
+        return forward_rows(caches, run)
+
+    def _embed(self, latents, timestep, context, pooled, img_ids, txt_ids, guidance):
+        """Token embeddings, conditioning and rotary tables: (x (B, N, D), c (B, S, D), temb (B, D), rope)."""
         x = self.x_embedder(latents)  # (B, N, D)
 
         # Conditioning vector. The reference embeds t / 1000 rounded to the model dtype, times 1000,
@@ -355,19 +392,20 @@ class FluxTransformer(nn.Module):
 
         c = self.context_embedder(context)  # (B, S, D)
         rope = self.pos_embed(txt_ids, img_ids)  # (1, S + N, 1, Dh)
+        return x, c, temb, rope
+
+    def _single_stream(self, x: torch.Tensor, c: torch.Tensor, temb: torch.Tensor, rope) -> torch.Tensor:
+        """The single-stream blocks over [text, image]; returns the image tokens (B, N, D)."""
         text_len = c.shape[1]
-
-        for block in self.transformer_blocks:
-            x, c = block(x, c, temb, rope)
-
         xc = torch.cat([c, x], dim=1)  # (B, S + N, D)
         for block in self.single_transformer_blocks:
             xc = block(xc, temb, rope)
-        x = xc[:, text_len:]
+        return xc[:, text_len:]
 
-        # Output head: AdaLN (scale first, then shift) and linear to packed channels.
+    def _head(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        """Output head: AdaLN (scale first, then shift) and linear to packed channels, (B, N, Cout)."""
         scale, shift = self.norm_out.modulations(temb)
-        return self.proj_out(norm_modulate(x, shift, scale, self.norm_out.norm))  # (B, N, Cout)
+        return self.proj_out(norm_modulate(x, shift, scale, self.norm_out.norm))
 
     def forward_packed(
         self,
@@ -400,21 +438,23 @@ class FluxTransformer(nn.Module):
         def cat(tables, dim=1):
             return tuple(torch.cat([t[j] for t in tables], dim=dim) for j in (0, 1))
 
-        segments = FluxSegments(
-            image=counts, text=text_len, image_rope=cat(image_ropes), text_rope=cat([text_rope] * rows),
+        device = x.device
+        segments = FluxSegments(  # built once for every block
+            image=Segments(counts, device), text=Segments((text_len,) * rows, device),
+            joint=Segments([text_len + n for n in counts], device),
+            image_rope=cat(image_ropes), text_rope=cat([text_rope] * rows),
             joint_rope=cat([r for image in image_ropes for r in (text_rope, image)]),
         )
         for block in self.transformer_blocks:
             x, c = block(x, c, temb, None, segments)
 
-        texts, images = c.split(text_len, dim=1), x.split(counts, dim=1)
-        xc = torch.cat([part for pair in zip(texts, images) for part in pair], dim=1)  # each [text, image] in turn
+        xc = interleave(c, x, segments.text, segments.image)  # each [text, image] in turn
         for block in self.single_transformer_blocks:
             xc = block(xc, temb, None, segments)
-        x = torch.cat([seg[:, text_len:] for seg in xc.split(segments.joint, dim=1)], dim=1)  # (1, sum N, D)
+        x = torch.cat([seg[:, text_len:] for seg in xc.split(segments.joint.counts, dim=1)], dim=1)  # (1, sum N, D)
 
-        scale, shift = (spread(m, counts) for m in self.norm_out.modulations(temb))
-        return list(self.proj_out(norm_modulate(x, shift, scale, self.norm_out.norm))[0].split(counts))
+        scale, shift = self.norm_out.modulations(temb)  # (R, 1, D) each
+        return list(self.proj_out(norm_modulate(x, shift, scale, self.norm_out.norm, index=segments.image.index))[0].split(counts))
 
     # -----------------------------------------------------------------------------------------
     # Loading

@@ -30,7 +30,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffserve.kernels.activation import linear_gelu_tanh
 from diffserve.kernels.attention import attention
 from diffserve.worker.models.checkpoint import load_module, read_config
 from diffserve.worker.models.layers import (
@@ -38,6 +37,7 @@ from diffserve.worker.models.layers import (
     FeedForward,
     TimeGuidanceTextEmbedding,
     gated_residual,
+    linear_gelu,
     norm_modulate,
     qk_norm_rope,
 )
@@ -301,14 +301,15 @@ class DualStreamBlock(nn.Module):
         shift, scale, gate, shift_mlp, scale_mlp, gate_mlp = self.norm1.modulations(temb)  # (B, 1, D) each
         c_shift, c_scale, c_gate, c_shift_mlp, c_scale_mlp, c_gate_mlp = self.norm1_context.modulations(temb)
 
-        h = norm_modulate(x, shift, scale, self.norm1.norm)
-        c = norm_modulate(text, c_shift, c_scale, self.norm1_context.norm)
-        attn, text_attn = self.attn(h, x.shape[1], rope, key_lengths, context=c)
+        a = self.attn  # `into`: the linears reading each norm's output (layers.py, FP8)
+        h = norm_modulate(x, shift, scale, self.norm1.norm, into=(a.to_q, a.to_k, a.to_v))
+        c = norm_modulate(text, c_shift, c_scale, self.norm1_context.norm, into=(a.add_q_proj, a.add_k_proj, a.add_v_proj))
+        attn, text_attn = a(h, x.shape[1], rope, key_lengths, context=c)
         x = gated_residual(x, attn, gate)
         text = gated_residual(text, text_attn, c_gate)
 
-        x = gated_residual(x, self.ff(norm_modulate(x, shift_mlp, scale_mlp, self.norm2)), gate_mlp)
-        c = norm_modulate(text, c_shift_mlp, c_scale_mlp, self.norm2_context)
+        x = gated_residual(x, self.ff(norm_modulate(x, shift_mlp, scale_mlp, self.norm2, into=self.ff.net[0].proj)), gate_mlp)
+        c = norm_modulate(text, c_shift_mlp, c_scale_mlp, self.norm2_context, into=self.ff_context.net[0].proj)
         text = gated_residual(text, self.ff_context(c), c_gate_mlp)
         return x, text
 
@@ -327,8 +328,8 @@ class SingleStreamBlock(nn.Module):
     def forward(self, xc, num_video, temb, rope, key_lengths):
         # xc = [video, text] (B, L + S, D), the first num_video tokens video
         shift, scale, gate = self.norm.modulations(temb)  # (B, 1, D) each
-        h = norm_modulate(xc, shift, scale, self.norm.norm)
-        mlp = linear_gelu_tanh(h, self.proj_mlp.weight, self.proj_mlp.bias)  # (B, L + S, mlp_dim)
+        h = norm_modulate(xc, shift, scale, self.norm.norm, into=(self.proj_mlp, self.attn.to_q, self.attn.to_k, self.attn.to_v))
+        mlp = linear_gelu(self.proj_mlp, h)  # (B, L + S, mlp_dim)
         attn = self.attn(h, num_video, rope, key_lengths)  # (B, L + S, D)
         return gated_residual(xc, self.proj_out(torch.cat([attn, mlp], dim=2)), gate)
 

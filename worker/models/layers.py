@@ -9,6 +9,12 @@ The memory-bound pieces (norms with their AdaLN modulation, gated residuals, q/k
 GELU, the timestep embedding) run through diffserve.kernels' fused ops: Triton kernels on CUDA,
 their torch references (the math written out) on CPU and under torch.compile.
 
+FP8 seam: a producer whose output goes straight into linears (`norm_modulate`, `linear_gelu`) takes
+`into=`, those linears; when they all take FP8 input (`--quantization fp8` made them FP8Linear,
+worker/models/fp8.py), the producer's kernel writes the activation quantized per token (`FP8Rows`)
+instead of in the model's dtype, and the linears skip their own quantization pass. Otherwise
+`into` changes nothing.
+
 Shape legend used in the comments: B batch, L sequence (tokens), H heads,
 D head dim (or channels where there are no heads), N any number of leading dims.
 """
@@ -22,10 +28,26 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from diffserve.kernels.activation import gelu_tanh, linear_gelu_tanh  # noqa: F401  (gelu_tanh for the models)
+from diffserve.kernels.attention import SeqLens
+from diffserve.kernels.fp8 import FP8Rows, gelu_tanh_fp8, layer_norm_fp8, rms_norm_fp8
 from diffserve.kernels.norm import layer_norm, rms_norm
 from diffserve.kernels.residual import gated_residual  # noqa: F401  (x + y * gate for the models)
 from diffserve.kernels.rope import apply_rotary, rms_norm_rope  # noqa: F401  (apply_rotary for the models)
 from diffserve.kernels.timestep import timestep_embedding  # noqa: F401  (for the models)
+from diffserve.worker.models.fp8 import FP8Linear
+from diffserve.worker.transfer import to_device
+
+# The linears a producer's output goes into: one module, several (q / k / v read one input), or None.
+Into = nn.Module | tuple[nn.Module, ...] | None
+
+
+def reads_fp8(into: Into) -> bool:
+    """Whether every linear in `into` takes its input as FP8Rows (FP8Linear), so that the producer
+    writes it quantized (this module's docstring)."""
+    if into is None:
+        return False
+    return all(isinstance(m, FP8Linear) for m in (into if isinstance(into, tuple) else (into,)))
+
 
 # ---------------------------------------------------------------------------------------------
 # Timestep conditioning
@@ -119,10 +141,47 @@ class AdaLNZero(nn.Module):
         return self.linear(F.silu(temb)).unsqueeze(1).chunk(self.chunks, dim=-1)
 
 
-def spread(values: torch.Tensor, counts) -> torch.Tensor:
-    """(R, 1, ...) per-request values -> (1, sum counts, ...): request i's value on its counts[i]
-    tokens (requests packed into one sequence, mixed-shape batching)."""
-    return torch.cat([values[i].expand(n, *values.shape[2:]) for i, n in enumerate(counts)])[None]
+class Segments:
+    """Requests packed one after the other into one token sequence (mixed-shape batching), described
+    once per forward for every layer: `lengths`, each request's token count as a SeqLens (whose int32
+    cumulative offsets `attention_varlen` reads), and `index`, each token's request ((sum L,) int32 on
+    the device), by which the fused norm / residual kernels read the request's modulation row, (R, 1, D),
+    in place: no per-token copy of the modulation is made. Both are built on the host and copied
+    without waiting for the device."""
+
+    def __init__(self, counts: tuple[int, ...] | list[int], device: torch.device | str):
+        self.lengths = SeqLens(counts)
+        index = torch.repeat_interleave(torch.arange(len(self.lengths), dtype=torch.int32), torch.tensor(self.lengths.lengths))
+        self.index = to_device(index, device)  # (sum L,) int32
+        self._keys: dict[int, SeqLens] = {}
+
+    @property
+    def counts(self) -> tuple[int, ...]:
+        return self.lengths.lengths
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def keys(self, per_request: int) -> SeqLens:
+        """`per_request` keys for every request (its own prompt, as long as every other: cross-attention
+        to the (R, S, D) text), cached."""
+        lens = self._keys.get(per_request)
+        if lens is None:
+            lens = self._keys[per_request] = SeqLens((per_request,) * len(self))
+        return lens
+
+
+def interleave(first: torch.Tensor, second: torch.Tensor, a: Segments, b: Segments) -> torch.Tensor:
+    """Two packed streams (1, sum a, ...) and (1, sum b, ...) -> (1, sum a + sum b, ...) with each
+    request's part of `first`, then its part of `second`, in turn ([text, image] per request)."""
+    pairs = zip(first.split(a.counts, dim=1), second.split(b.counts, dim=1))
+    return torch.cat([part for pair in pairs for part in pair], dim=1)
+
+
+def deinterleave(joint: torch.Tensor, a: Segments, b: Segments) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inverse of `interleave`: (first, second) streams back from the joint sequence."""
+    parts = joint.split([n for pair in zip(a.counts, b.counts) for n in pair], dim=1)
+    return torch.cat(parts[0::2], dim=1), torch.cat(parts[1::2], dim=1)
 
 
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -137,20 +196,25 @@ def norm_modulate(
     scale: torch.Tensor,
     norm: nn.LayerNorm | nn.RMSNorm | None = None,
     eps: float = 1e-6,
-) -> torch.Tensor:
-    """`modulate(norm(x), shift, scale)` in one pass, float32 inside, x's dtype out.
+    index: torch.Tensor | None = None,
+    into: Into = None,
+) -> torch.Tensor | FP8Rows:
+    """`modulate(norm(x), shift, scale)` in one pass, float32 inside, x's dtype out (FP8Rows when the
+    linears `into` take FP8 input: this module's docstring).
 
-    x (B, L, D); shift/scale broadcastable, e.g. (B, 1, D) or (B, L, D). `norm` is an nn.LayerNorm
-    (FP32LayerNorm included) or nn.RMSNorm over D whose eps and affine parameters are used; without
-    one it is a LayerNorm with no affine parameters and `eps`.
+    x (B, L, D); shift/scale broadcastable, e.g. (B, 1, D) or (B, L, D), or for packed requests one
+    row per request, (R, 1, D), with `index` (Segments.index) saying each token's. `norm` is an
+    nn.LayerNorm (FP32LayerNorm included) or nn.RMSNorm over D whose eps and affine parameters are
+    used; without one it is a LayerNorm with no affine parameters and `eps`.
     """
+    fp8 = reads_fp8(into)
     if isinstance(norm, nn.RMSNorm):
         eps = norm.eps if norm.eps is not None else torch.finfo(x.dtype).eps
-        return rms_norm(x, norm.weight, eps, shift=shift, scale=scale)
+        return (rms_norm_fp8 if fp8 else rms_norm)(x, norm.weight, eps, shift=shift, scale=scale, index=index)
     if norm is not None:
         assert isinstance(norm, nn.LayerNorm) and norm.normalized_shape == x.shape[-1:], norm
-        return layer_norm(x, norm.weight, norm.bias, norm.eps, shift=shift, scale=scale)
-    return layer_norm(x, eps=eps, shift=shift, scale=scale)
+        return (layer_norm_fp8 if fp8 else layer_norm)(x, norm.weight, norm.bias, norm.eps, shift=shift, scale=scale, index=index)
+    return (layer_norm_fp8 if fp8 else layer_norm)(x, eps=eps, shift=shift, scale=scale, index=index)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,6 +230,19 @@ class FP32LayerNorm(nn.LayerNorm):
         return layer_norm(x, self.weight, self.bias, self.eps)
 
 
+def linear_gelu(linear: nn.Module, x: torch.Tensor | FP8Rows, into: Into = None) -> torch.Tensor | FP8Rows:
+    """gelu_tanh(linear(x)). When the linears `into` take FP8 input, the GELU kernel writes it as
+    FP8Rows (`gelu_tanh_fp8`). Else a plain nn.Linear runs `linear_gelu_tanh` (bias and GELU in the
+    GEMM's epilogue on CUDA); any other linear module runs its own forward, then `gelu_tanh`: FP8Linear
+    (worker/models/fp8.py), a LoraLinear adapting this step's rows (worker/models/lora.py: its
+    low-rank term goes in before the GELU)."""
+    if reads_fp8(into):
+        return gelu_tanh_fp8(linear(x))
+    if type(linear) is nn.Linear or (isinstance(linear, nn.Linear) and not getattr(linear, "adapting", False)):
+        return linear_gelu_tanh(x, linear.weight, linear.bias)  # (a LoRA layer with no adapter on this step too)
+    return gelu_tanh(linear(x))
+
+
 class _LinearGELU(nn.Module):
     """Linear followed by GELU; lives at `net.0` of FeedForward (so its weight is `net.0.proj.weight`)."""
 
@@ -174,10 +251,10 @@ class _LinearGELU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out)
         self.approximate = approximate
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor | FP8Rows, into: Into = None) -> torch.Tensor | FP8Rows:
         if self.approximate == "tanh":
-            return linear_gelu_tanh(x, self.proj.weight, self.proj.bias)
-        return F.gelu(self.proj(x), approximate=self.approximate)
+            return linear_gelu(self.proj, x, into)
+        return F.gelu(self.proj(x), approximate=self.approximate)  # exact GELU: `into` quantizes for itself
 
 
 class FeedForward(nn.Module):
@@ -193,11 +270,11 @@ class FeedForward(nn.Module):
             [_LinearGELU(dim, inner_dim, approximate), nn.Identity(), nn.Linear(inner_dim, dim_out or dim)]
         )
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # (N..., dim) -> (N..., inner_dim) -> (N..., dim_out)
-        for layer in self.net:
-            x = layer(x)
-        return x
+    def forward(self, x: torch.Tensor | FP8Rows) -> torch.Tensor:
+        # (N..., dim) -> (N..., inner_dim) -> (N..., dim_out); the hidden activation comes quantized
+        # out of the GELU when net.2 takes FP8 input
+        h = self.net[0](x, into=self.net[2])
+        return self.net[2](self.net[1](h))
 
 
 # ---------------------------------------------------------------------------------------------

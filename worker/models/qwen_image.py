@@ -25,10 +25,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from diffserve.kernels.attention import attention
+from diffserve.kernels.attention import attention, attention_varlen
 from diffserve.worker.models.checkpoint import load_module, read_config
 from diffserve.worker.models.rope import axes_tables, axis_tables, grid_tables
-from diffserve.worker.models.layers import FeedForward, RMSNorm, TimestepEmbedding, gated_residual, norm_modulate, qk_norm_rope, spread
+from diffserve.worker.models.step_cache import RowCache, Rows, cached_blocks, forward_rows, take
+from diffserve.worker.models.layers import (
+    FeedForward,
+    RMSNorm,
+    Segments,
+    TimestepEmbedding,
+    deinterleave,
+    gated_residual,
+    interleave,
+    norm_modulate,
+    qk_norm_rope,
+)
 
 # (frames, height, width) of one image's token grid, in packed (2x2) latent units.
 ImageShape = tuple[int, int, int]
@@ -159,12 +170,18 @@ class TimeTextEmbed(nn.Module):
 
 @dataclasses.dataclass(frozen=True)
 class QwenSegments:
-    """Requests packed into one forward (mixed-shape batching): request i has `image[i]` image tokens
-    and `text[i]` text tokens (its own length, unpadded); the image stream holds every request's
-    image tokens in turn (1, sum L, D), the text stream every request's text (1, sum S, D)."""
+    """Requests packed into one forward (mixed-shape batching): request i has L_i image tokens and
+    S_i text tokens (its own length, unpadded); the image stream holds every request's image tokens
+    in turn (1, sum L, D; `image`), the text stream every request's text (1, sum S, D; `text`), and
+    each request attends over its own [text, image] (`joint`, S_i + L_i)."""
 
-    image: tuple[int, ...]
-    text: tuple[int, ...]
+    image: Segments
+    text: Segments
+    joint: Segments
+
+    @classmethod
+    def build(cls, image: tuple[int, ...], text: tuple[int, ...], device) -> QwenSegments:
+        return cls(Segments(image, device), Segments(text, device), Segments([s + n for s, n in zip(text, image)], device))
 
 
 class QwenImageAttention(nn.Module):
@@ -212,11 +229,10 @@ class QwenImageAttention(nn.Module):
 
         if segments is None:
             img_out, txt_out = self.attend(img_q, img_k, img_v, (txt_q, txt_k, txt_v), key_mask)
-        else:
-            images = zip(*(t.split(segments.image, dim=1) for t in (img_q, img_k, img_v)))
-            texts = zip(*(t.split(segments.text, dim=1) for t in (txt_q, txt_k, txt_v)))
-            outs = [self.attend(qi, ki, vi, text, None) for (qi, ki, vi), text in zip(images, texts)]
-            img_out, txt_out = torch.cat([o[0] for o in outs], dim=1), torch.cat([o[1] for o in outs], dim=1)
+        else:  # one varlen call over each request's [text, image] (one process only: no plan's `attend` is bypassed)
+            joint = [interleave(t, i, segments.text, segments.image) for t, i in ((txt_q, img_q), (txt_k, img_k), (txt_v, img_v))]
+            txt_out, img_out = deinterleave(attention_varlen(*joint, segments.joint.lengths, segments.joint.lengths),
+                                            segments.text, segments.image)
         img_out, txt_out = img_out.flatten(2, 3).to(img_q.dtype), txt_out.flatten(2, 3).to(img_q.dtype)
         return self.to_out[0](img_out.contiguous()), self.to_add_out(txt_out.contiguous())
 
@@ -237,23 +253,25 @@ class QwenImageBlock(nn.Module):
         # img: (B, L, D), txt: (B, S, D), temb: (B, D); packed: see QwenSegments
         img_mod = self.img_mod(temb)[:, None].chunk(6, dim=-1)  # 6 x (B, 1, D): shift, scale, gate, x2
         txt_mod = self.txt_mod(temb)[:, None].chunk(6, dim=-1)
-        if segments is not None:  # each request's modulation on its own tokens
-            img_mod = [spread(m, segments.image) for m in img_mod]
-            txt_mod = [spread(m, segments.text) for m in txt_mod]
+        # packed: a row per request, read per token through each stream's index
+        ii, ti = (segments.image.index, segments.text.index) if segments is not None else (None, None)
 
-        img_attn, txt_attn = self.attn(
-            norm_modulate(img, img_mod[0], img_mod[1], eps=self.eps),
-            norm_modulate(txt, txt_mod[0], txt_mod[1], eps=self.eps),
+        attn = self.attn  # `into`: the linears reading each norm's output (layers.py, FP8)
+        img_attn, txt_attn = attn(
+            norm_modulate(img, img_mod[0], img_mod[1], eps=self.eps, index=ii, into=(attn.to_q, attn.to_k, attn.to_v)),
+            norm_modulate(txt, txt_mod[0], txt_mod[1], eps=self.eps, index=ti, into=(attn.add_q_proj, attn.add_k_proj, attn.add_v_proj)),
             img_rope,
             txt_rope,
             key_mask,
             segments,
         )
-        img = gated_residual(img, img_attn, img_mod[2])
-        txt = gated_residual(txt, txt_attn, txt_mod[2])
+        img = gated_residual(img, img_attn, img_mod[2], ii)
+        txt = gated_residual(txt, txt_attn, txt_mod[2], ti)
 
-        img = gated_residual(img, self.img_mlp(norm_modulate(img, img_mod[3], img_mod[4], eps=self.eps)), img_mod[5])
-        txt = gated_residual(txt, self.txt_mlp(norm_modulate(txt, txt_mod[3], txt_mod[4], eps=self.eps)), txt_mod[5])
+        img_h = norm_modulate(img, img_mod[3], img_mod[4], eps=self.eps, index=ii, into=self.img_mlp.net[0].proj)
+        img = gated_residual(img, self.img_mlp(img_h), img_mod[5], ii)
+        txt_h = norm_modulate(txt, txt_mod[3], txt_mod[4], eps=self.eps, index=ti, into=self.txt_mlp.net[0].proj)
+        txt = gated_residual(txt, self.txt_mlp(txt_h), txt_mod[5], ti)
         if txt.dtype == torch.float16:
             txt, img = txt.clip(-65504, 65504), img.clip(-65504, 65504)
         return img, txt
@@ -314,6 +332,43 @@ class QwenImageTransformer(nn.Module):
         text_mask: (B, S) bool, False at padding, or None when no row is padded.
         Returns (B, L, patch^2 * out_channels), the flow prediction for every image token.
         """
+        x, txt, temb, img_rope, txt_rope, key_mask = self._embed(latents, timestep, text, text_mask, image_shapes)
+        for block in self.transformer_blocks:
+            x, txt = block(x, txt, temb, img_rope, txt_rope, key_mask)
+        return self.proj_out(self.norm_out(x, temb))  # (B, L, patch^2 * out_channels)
+
+    def forward_cached(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor,
+        text: torch.Tensor,
+        text_mask: torch.Tensor | None,
+        image_shapes: list[ImageShape],
+        caches: list[RowCache],
+    ) -> torch.Tensor:
+        """`forward` with a step cache per row (None: the row is exact; worker/models/step_cache.py)."""
+
+        def run(rows: Rows) -> torch.Tensor:
+            x, txt, temb, img_rope, txt_rope, key_mask = self._embed(
+                take(latents, rows), take(timestep, rows), take(text, rows), take(text_mask, rows), image_shapes)
+
+            def first(stream, sub):
+                return self.transformer_blocks[0](*stream, take(temb, sub), img_rope, txt_rope, take(key_mask, sub))
+
+            def rest(stream, sub):
+                (x, txt), temb_rows, mask_rows = stream, take(temb, sub), take(key_mask, sub)
+                for block in self.transformer_blocks[1:]:
+                    x, txt = block(x, txt, temb_rows, img_rope, txt_rope, mask_rows)
+                return x
+
+            row_caches = caches if rows is None else [caches[i] for i in rows]
+            return self.proj_out(self.norm_out(cached_blocks((x, txt), row_caches, first, rest), temb))
+
+        return forward_rows(caches, run)
+
+    def _embed(self, latents, timestep, text, text_mask, image_shapes):
+        """Token embeddings, conditioning, rotary tables and the key mask:
+        (x (B, L, D), txt (B, S, D), temb (B, D), img_rope, txt_rope, key_mask (B, S + L) or None)."""
         x = self.img_in(latents)  # (B, L, D)
         temb = self.time_text_embed(timestep.to(x.dtype) / 1000, x.dtype)  # (B, D); t / 1000 in the model dtype, as the reference
         txt = self.txt_in(self.txt_norm(text))  # (B, S, D)
@@ -322,11 +377,7 @@ class QwenImageTransformer(nn.Module):
         key_mask = None  # over the keys [text, image tokens], built once for every block
         if text_mask is not None:
             key_mask = torch.cat([text_mask.bool(), text_mask.new_ones(x.shape[:2], dtype=torch.bool)], dim=1)  # (B, S + L)
-
-        for block in self.transformer_blocks:
-            x, txt = block(x, txt, temb, img_rope, txt_rope, key_mask)
-
-        return self.proj_out(self.norm_out(x, temb))  # (B, L, patch^2 * out_channels)
+        return x, txt, temb, img_rope, txt_rope, key_mask
 
     def forward_packed(
         self,
@@ -342,18 +393,18 @@ class QwenImageTransformer(nn.Module):
         latents: R tensors (L_i, Cp); timestep (R,); texts: R tensors (S_i, joint_attention_dim), each
         its real tokens only; image_shapes: each request's images. Returns R tensors (L_i, Cout).
         """
-        segments = QwenSegments(tuple(l.shape[0] for l in latents), tuple(t.shape[0] for t in texts))
         x = self.img_in(torch.cat(latents)[None])  # (1, sum L, D)
+        segments = QwenSegments.build(tuple(l.shape[0] for l in latents), tuple(t.shape[0] for t in texts), x.device)
         temb = self.time_text_embed(timestep.to(x.dtype) / 1000, x.dtype)  # (R, D)
         txt = self.txt_in(self.txt_norm(torch.cat(texts)[None]))  # (1, sum S, D)
-        ropes = [self.pos_embed(shapes, n, x.device) for shapes, n in zip(image_shapes, segments.text)]
+        ropes = [self.pos_embed(shapes, n, x.device) for shapes, n in zip(image_shapes, segments.text.counts)]
         img_rope = tuple(torch.cat([r[0][j] for r in ropes], dim=1) for j in (0, 1))
         txt_rope = tuple(torch.cat([r[1][j] for r in ropes], dim=1) for j in (0, 1))
         for block in self.transformer_blocks:
             x, txt = block(x, txt, temb, img_rope, txt_rope, None, segments)
         scale, shift = self.norm_out.linear(F.silu(temb).to(x.dtype)).chunk(2, dim=-1)  # (R, D) each
-        x = norm_modulate(x, spread(shift[:, None], segments.image), spread(scale[:, None], segments.image), eps=self.norm_out.eps)
-        return list(self.proj_out(x)[0].split(segments.image))
+        x = norm_modulate(x, shift[:, None], scale[:, None], eps=self.norm_out.eps, index=segments.image.index)
+        return list(self.proj_out(x)[0].split(segments.image.counts))
 
     @classmethod
     def from_pretrained(cls, path: str | Path, dtype: torch.dtype, device: torch.device | str) -> QwenImageTransformer:

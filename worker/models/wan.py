@@ -19,18 +19,18 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from diffserve.kernels.attention import attention
-from diffserve.worker.models.block_cache import FirstBlockCache
+from diffserve.kernels.attention import attention, attention_varlen
+from diffserve.worker.models.step_cache import RowCache, Rows, cached_blocks, forward_rows, take
 from diffserve.worker.models.checkpoint import load_module, read_config
 from diffserve.worker.models.layers import (
     FeedForward,
     FP32LayerNorm,
+    Segments,
     TextProjection,
     TimestepEmbedding,
     gated_residual,
     norm_modulate,
     qk_norm_rope,
-    spread,
     timestep_embedding,
 )
 from diffserve.worker.models.rope import grid_tables, rotary_tables
@@ -209,16 +209,15 @@ class WanAttention(nn.Module):
         parallel plan (worker/parallel/plans/) may replace it on an instance."""
         return attention(q, k, v)
 
-    def attend_segments(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: tuple[int, ...], own_keys: bool) -> torch.Tensor:
-        """Packed requests (B = 1, L = sum(segments)): each segment's queries attend only to its own
-        keys — the same segment of k / v for self-attention (`own_keys`), else row i of k / v (its
-        own prompt, k / v: (N, S, Hd, Dh))."""
-        parts = q.split(segments, dim=1)
+    def attend_segments(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: Segments, own_keys: bool) -> torch.Tensor:
+        """Packed requests (B = 1, L = sum of the segments): each segment's queries attend only to its
+        own keys — the same segment of k / v for self-attention (`own_keys`), else row i of k / v (its
+        own prompt, k / v: (N, S, Hd, Dh), read as one (1, N * S, Hd, Dh) sequence) — in one varlen
+        attention call. Packing runs on one process only, so no parallel plan replaces this."""
         if own_keys:
-            pairs = zip(k.split(segments, dim=1), v.split(segments, dim=1))
-        else:
-            pairs = ((k[i:i + 1], v[i:i + 1]) for i in range(len(segments)))
-        return torch.cat([self.attend(qi, ki, vi) for qi, (ki, vi) in zip(parts, pairs)], dim=1)
+            return attention_varlen(q, k, v, segments.lengths, segments.lengths)
+        keys = segments.keys(k.shape[1])
+        return attention_varlen(q, k.flatten(0, 1)[None], v.flatten(0, 1)[None], segments.lengths, keys)
 
     def forward(
         self,
@@ -226,11 +225,11 @@ class WanAttention(nn.Module):
         context: torch.Tensor | None = None,
         rope: tuple[torch.Tensor, torch.Tensor] | None = None,
         context_image: torch.Tensor | None = None,
-        segments: tuple[int, ...] | None = None,
+        segments: Segments | None = None,
     ) -> torch.Tensor:
-        # x: (B, L, D); context: (B, S, D) or None; context_image: (B, S_img, D) or None.
-        # Packed (`segments`, the token count of each request): x is (1, sum(segments), D), context
-        # and context_image have one row per segment.
+        # x: (B, L, D), or FP8Rows of it for FP8 projections; context: (B, S, D) or None; context_image: (B, S_img, D) or None.
+        # Packed (`segments`, the requests' token counts): x is (1, sum L, D), context and context_image
+        # have one row per segment.
         source = x if context is None else context
         q = qk_norm_rope(self._heads(self.to_q(x)), self.norm_q, rope)  # (B, L, Hd, Dh), rope on self-attention only
         k = qk_norm_rope(self._heads(self.to_k(source)), self.norm_k, rope)  # (B, S, Hd, Dh)
@@ -270,24 +269,26 @@ class WanBlock(nn.Module):
         modulation: torch.Tensor,
         rope: tuple[torch.Tensor, torch.Tensor],
         context_image: torch.Tensor | None = None,
-        segments: tuple[int, ...] | None = None,
+        segments: Segments | None = None,
     ) -> torch.Tensor:
         # x: (B, L, D); modulation: (B, T, 6, D) with T = 1 or L; the six parts are float32 (B, T, D).
-        # Packed requests (`segments`): B = 1, T = L, context has a row per segment.
+        # Packed requests (`segments`): x (1, sum L, D), modulation (N, 1, 6, D), one row per request,
+        # read per token through segments.index; context has a row per segment.
         mods = (self.scale_shift_table + modulation.float()).unbind(2)
         shift_sa, scale_sa, gate_sa, shift_ff, scale_ff, gate_ff = mods
+        index = segments.index if segments is not None else None
 
-        # 1. Self-attention (modulation and residual in float32).
-        h = norm_modulate(x, shift_sa, scale_sa, self.norm1)
-        x = gated_residual(x, self.attn1(h, rope=rope, segments=segments), gate_sa)
+        # 1. Self-attention (modulation and residual in float32). `into`: the linears reading h (layers.py, FP8).
+        h = norm_modulate(x, shift_sa, scale_sa, self.norm1, index=index, into=(self.attn1.to_q, self.attn1.to_k, self.attn1.to_v))
+        x = gated_residual(x, self.attn1(h, rope=rope, segments=segments), gate_sa, index)
 
         # 2. Cross-attention to the prompt (and image), no modulation.
         h = self.norm2(x)  # FP32LayerNorm (float32 inside) or Identity
         x = x + self.attn2(h, context=context, context_image=context_image, segments=segments)
 
         # 3. Feed-forward.
-        h = norm_modulate(x, shift_ff, scale_ff, self.norm3)
-        x = gated_residual(x, self.ffn(h), gate_ff)
+        h = norm_modulate(x, shift_ff, scale_ff, self.norm3, index=index, into=self.ffn.net[0].proj)
+        x = gated_residual(x, self.ffn(h), gate_ff, index)
         return x
 
 
@@ -343,38 +344,28 @@ class WanTransformer(nn.Module):
         timestep: torch.Tensor,
         context: torch.Tensor,
         context_image: torch.Tensor | None,
-        caches: list[FirstBlockCache | None],
+        caches: list[RowCache],
     ) -> torch.Tensor:
-        """`forward` with a First-Block Cache per row (None: the row always runs every block): rows
-        whose first-block residual barely moved since their last computed step skip the other blocks
-        and reuse that step's tail residual (worker/models/block_cache.py); the others run on alone."""
-        x, text, modulation, rope, image, temb, grid = self._embed(latents, timestep, context, context_image)
-        first = self.blocks[0](x, text, modulation, rope, image)
-        residual = first - x
-        compute = [cache is None or cache.should_compute(residual[i:i + 1]) for i, cache in enumerate(caches)]
-        out = first.clone()
-        rows = [i for i, c in enumerate(compute) if c]
-        if rows:
-            index = torch.tensor(rows, device=x.device)
+        """`forward` with a step cache per row (None: the row is exact; worker/models/step_cache.py):
+        rows that reuse their cache leave the batch for what they skip, the others run on together."""
 
-            def pick(t: torch.Tensor | None) -> torch.Tensor | None:
-                return None if t is None else t.index_select(0, index)
+        def run(rows: Rows) -> torch.Tensor:
+            x, text, modulation, rope, image, temb, grid = self._embed(
+                take(latents, rows), take(timestep, rows), take(context, rows), take(context_image, rows))
 
-            y = first.index_select(0, index)
-            text_rows, image_rows = text.index_select(0, index), pick(image)
-            mod_rows = modulation.index_select(0, index)
-            for block in self.blocks[1:]:
-                y = block(y, text_rows, mod_rows, rope, image_rows)
-            out.index_copy_(0, index, y)
-        for i, cache in enumerate(caches):
-            if cache is None:
-                continue
-            if compute[i]:
-                cache.computed_step(residual[i:i + 1], out[i:i + 1] - first[i:i + 1])
-            else:
-                out[i:i + 1] = first[i:i + 1] + cache.tail_residual
-                cache.skipped += 1
-        return self._head(out, temb, grid)
+            def first(stream, sub):
+                return (self.blocks[0](stream[0], take(text, sub), take(modulation, sub), rope, take(image, sub)),)
+
+            def rest(stream, sub):
+                y, text_rows, mod_rows, image_rows = stream[0], take(text, sub), take(modulation, sub), take(image, sub)
+                for block in self.blocks[1:]:
+                    y = block(y, text_rows, mod_rows, rope, image_rows)
+                return y
+
+            row_caches = caches if rows is None else [caches[i] for i in rows]
+            return self._head(cached_blocks((x,), row_caches, first, rest), temb, grid)
+
+        return forward_rows(caches, run)
 
     def _embed(self, latents, timestep, context, context_image):
         """Patchify, rotary tables and conditioning: (x (B, L, D), text, modulation, rope, image, temb, grid)."""
@@ -420,21 +411,21 @@ class WanTransformer(nn.Module):
         """
         pt, ph, pw = self.config.patch_size
         grids = [(l.shape[1] // pt, l.shape[2] // ph, l.shape[3] // pw) for l in latents]
-        segments = tuple(math.prod(g) for g in grids)
+        segments = Segments([math.prod(g) for g in grids], latents[0].device)  # once for every block
         ropes = [self.rope(g) for g in grids]
         rope = (torch.cat([c for c, _ in ropes], dim=1), torch.cat([s for _, s in ropes], dim=1))  # (1, sum L, 1, Dh)
         # Patchify each request; their tokens one after the other: (1, sum L, D).
         x = torch.cat([self.patch_embedding(l[None]).flatten(2).transpose(1, 2) for l in latents], dim=1).contiguous()
 
+        # Modulation stays one row per request, (N, 1, 6, D): the blocks' kernels read it per token by segments.index.
         temb, modulation, text, image = self.condition_embedder(timestep[:, None], context, context_image)  # (N, 1, ...)
-        modulation = spread(modulation, segments)  # each request's value on its tokens
         for block in self.blocks:
             x = block(x, text, modulation, rope, image, segments=segments)
 
-        shift, scale = (self.scale_shift_table + spread(temb, segments).unsqueeze(2)).unbind(2)  # (1, sum L, D) each
-        x = self.proj_out(norm_modulate(x, shift, scale, self.norm_out))[0]  # (sum L, pt * ph * pw * C_out)
+        shift, scale = (self.scale_shift_table + temb.unsqueeze(2)).unbind(2)  # (N, 1, D) each
+        x = self.proj_out(norm_modulate(x, shift, scale, self.norm_out, index=segments.index))[0]  # (sum L, pt * ph * pw * C_out)
         outputs = []
-        for tokens, grid in zip(x.split(segments), grids):
+        for tokens, grid in zip(x.split(segments.counts), grids):
             y = tokens.reshape(*grid, pt, ph, pw, -1).permute(6, 0, 3, 1, 4, 2, 5)
             outputs.append(y.reshape(y.shape[0], grid[0] * pt, grid[1] * ph, grid[2] * pw))
         return outputs

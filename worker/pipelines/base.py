@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
@@ -26,6 +26,7 @@ class RequestState:
     timesteps: Any = None
     timesteps_host: Any = None  # the same on the CPU: decisions on a timestep never wait for the device
     step: int = 0  # denoising steps done
+    step_caches: dict = field(default_factory=dict)  # (expert, unconditional) -> its step cache (pipelines/step_caches.py)
 
     def start_sampling(self, sampler) -> None:
         """Takes a fresh sampler (timesteps set) and restarts the step count."""

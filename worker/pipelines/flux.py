@@ -8,6 +8,7 @@ reference is diffusers' FluxPipeline with true CFG off (true_cfg_scale 1, the de
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,11 +20,14 @@ from diffserve.v1 import generation_pb2 as pb
 
 from diffserve.worker import loading
 from diffserve.worker.models.flux import FluxTransformer
+from diffserve.worker.models.step_cache import take
 from diffserve.worker.parallel import ParallelState
 from diffserve.worker.samplers import SamplerFactory
 from diffserve.worker.pipelines.base import Capabilities, RequestState
 from diffserve.worker.pipelines.denoise import Unguided, run_step
 from diffserve.worker.pipelines.latents import calculate_shift, latent_shape, pack, unpack
+from diffserve.worker.pipelines.lora import ServedLora, no_lora
+from diffserve.worker.pipelines.step_caches import FIRST_BLOCK, adapter_keys, per_layout, pick, row_caches
 from diffserve.worker.pipelines.stages import initial_noise, to_uint8_frames
 from diffserve.worker.v1 import worker_pb2 as wpb
 from diffserve.worker.transfer import to_device
@@ -44,6 +48,7 @@ def image_ids(h2: int, w2: int, device: torch.device) -> torch.Tensor:
 class FluxState(RequestState):
     pooled: torch.Tensor | None = None  # CLIP pooled prompt embedding, (1, P)
     latent_hw: tuple[int, int] = (0, 0)  # unpacked latent rows, columns (even)
+    loras: tuple = ()  # the request's LoRA adapters: (LoraWeights, scale) each, held while it is resident
 
 
 class FluxPipeline:
@@ -54,6 +59,7 @@ class FluxPipeline:
     # rows of requests batched together.
     capabilities = Capabilities(uses_cfg=False, cfg_parallel=True)
     parallel = ParallelState.single()  # the worker sets the group's state
+    lora: ServedLora | None = None  # per-request LoRA adapters (enable_lora); None: off
     task = "text-to-image"
     guide = Unguided()
     forward_batched = (0, 1, 2, 3, 6)  # x, t, context, pooled, guidance: one per row
@@ -116,8 +122,18 @@ class FluxPipeline:
     # Stages
     # -----------------------------------------------------------------------------------------
 
+    def enable_lora(self, folder: Path, max_bytes: int) -> None:
+        """Serves the adapters of `folder` per request (--lora-dir; worker/pipelines/lora.py)."""
+        self.lora = ServedLora(self.transformer, folder, max_bytes, _flux_lora_state_dict)
+
+    @property
+    def lora_adapters(self) -> tuple[str, ...]:
+        return () if self.lora is None else self.lora.names
+
     def admit(self, request_id: str, request: wpb.Request) -> FluxState:
-        return FluxState(request_id=request_id, request=request)
+        state = FluxState(request_id=request_id, request=request)
+        state.loras = no_lora(request) if self.lora is None else self.lora.resolve(request)
+        return state
 
     @torch.no_grad()
     def encode(self, state: RequestState) -> None:
@@ -150,10 +166,39 @@ class FluxPipeline:
             kwargs["sigmas"] = np.linspace(1.0, 1 / steps, steps)
         state.start_sampling(self.samplers.new(steps, self.device, **kwargs))
 
-    def forward(self, x, t, context, pooled, img_ids, txt_ids, guidance) -> torch.Tensor | list[torch.Tensor]:
-        if isinstance(x, list):  # requests of different sizes, packed into one sequence
-            return self.transformer.forward_packed(x, t, context, pooled, img_ids, txt_ids, guidance)
-        return self.transformer(x, t, context, pooled, img_ids, txt_ids, guidance)
+    def forward(self, x, t, context, pooled, img_ids, txt_ids, guidance, caches=None, loras=None) -> torch.Tensor | list[torch.Tensor]:
+        model = self.transformer
+        if caches is None and loras is None:
+            if isinstance(x, list):  # requests of different sizes, packed into one sequence
+                return model.forward_packed(x, t, context, pooled, img_ids, txt_ids, guidance)
+            return model(x, t, context, pooled, img_ids, txt_ids, guidance)
+        # Some rows step-cache (decided per row) or run LoRA adapters: eager, and rows do not pack: one
+        # forward per size, exact rows of that size included; where rows step-cache, also one per adapter
+        # set (a cached forward runs its later blocks on some of its rows only). Rows back in their order.
+        keys = adapter_keys([tuple(row.shape) for row in x], caches, loras)
+        if torch.is_tensor(x) and len(set(keys)) == 1:
+            return self._eager(x, t, context, pooled, img_ids, txt_ids, guidance, caches, loras)
+
+        def run(rows: list[int]) -> torch.Tensor:
+            ids = img_ids if torch.is_tensor(img_ids) else img_ids[rows[0]]
+            return self._eager(torch.stack([x[i] for i in rows]), take(t, rows), take(context, rows), take(pooled, rows), ids, txt_ids,
+                               take(guidance, rows), pick(caches, rows), pick(loras, rows))
+
+        return per_layout(keys, run)
+
+    def _eager(self, x, t, context, pooled, img_ids, txt_ids, guidance, caches, loras) -> torch.Tensor:
+        """One forward of same-size rows with their step caches and LoRA adapters (None: none in any
+        row). The class's forward: a CUDA graph there would replay without the adapters."""
+        with self.lora.layers.rows(loras) if loras is not None else contextlib.nullcontext():
+            if caches is not None:
+                return self.transformer.forward_cached(x, t, context, pooled, img_ids, txt_ids, guidance, caches)
+            return FluxTransformer.forward(self.transformer, x, t, context, pooled, img_ids, txt_ids, guidance)
+
+    @property
+    def cache_policies(self) -> tuple[str, ...]:
+        """Step caching it offers (worker/pipelines/step_caches.py), on one process: a row's skip is
+        decided on its rank, and a parallel layout would need the decision shared."""
+        return () if self.parallel.distributed else FIRST_BLOCK
 
     @property
     def packs(self) -> bool:
@@ -164,7 +209,8 @@ class FluxPipeline:
     def _rows(self, group: list[FluxState], uncond: list[bool]) -> tuple:
         """One row per request: the sampler's timestep and the embedded guidance as they are (the
         DiT does the reference's scaling), guidance only for checkpoints with a guidance embedder.
-        Requests of different sizes: lists of their tokens and of their position ids (packed)."""
+        Requests of different sizes: lists of their tokens and of their position ids (packed). Last,
+        each row's step cache, or None where no row step-caches."""
         sizes = {s.latent_hw for s in group}
         if len(sizes) > 1:
             x: torch.Tensor | list[torch.Tensor] = [s.latents[0].to(self.dtype) for s in group]  # (N_i, 4C) each
@@ -180,14 +226,17 @@ class FluxPipeline:
         context = torch.cat([s.cond for s in group])  # (B, 512, J)
         pooled = torch.cat([s.pooled for s in group])  # (B, P)
         txt_ids = torch.zeros(context.shape[1], 3, device=self.device)
-        return x, t, context, pooled, img_ids, txt_ids, guidance
+        loras = [s.loras for s in group] if any(s.loras for s in group) else None  # per row; None: no row has any
+        return x, t, context, pooled, img_ids, txt_ids, guidance, row_caches(group, uncond), loras
 
     def denoise_step(self, states: list[FluxState]) -> int:
         """One step for every state: one transformer forward, packed where sizes differ (`packs`;
         else one forward per size). Each row carries its own timestep, guidance and prompt."""
-        # float32 prediction keeps the latents float32 through the Euler update.
+        # float32 prediction keeps the latents float32 through the Euler update. A step with a LoRA row
+        # does not pack (one forward per size, rows with and without adapters together).
+        packs = self.packs and not any(s.loras for s in states)
         return run_step(states, guide=self.guide, rows=self._rows, forward=self.forward,
-                        key=lambda s: 0 if self.packs else s.latent_hw, prediction=lambda out, s: out.float())
+                        key=lambda s: 0 if packs else s.latent_hw, prediction=lambda out, s: out.float())
 
     @torch.no_grad()
     def decode(self, state: RequestState) -> np.ndarray:
@@ -196,3 +245,15 @@ class FluxPipeline:
         latents = latents / self.scaling_factor + self.shift_factor
         image = self.vae.decode(latents, return_dict=False)[0]  # (1, 3, H, W) in [-1, 1]
         return to_uint8_frames(image[:, :, None])  # (1, H, W, 3)
+
+
+def _flux_lora_state_dict(tensors: dict) -> dict:
+    """diffusers' FLUX LoRA reading (kohya, XLabs, BFL Control, fal layouts to diffusers'); a file
+    with kohya network alphas (`*.alpha` keys beside PEFT names) is refused: diffusers would scale
+    by them, which worker/lora_files.py does not do yet."""
+    from diffusers.loaders.lora_pipeline import FluxLoraLoaderMixin
+
+    state, alphas = FluxLoraLoaderMixin.lora_state_dict(tensors, return_alphas=True)
+    if alphas:
+        raise ValueError(f"network alphas ({next(iter(alphas))}, ...) are not supported yet")
+    return state

@@ -26,6 +26,7 @@ from diffserve.worker.samplers import SamplerFactory
 from diffserve.worker.pipelines.base import Capabilities, RequestState
 from diffserve.worker.pipelines.denoise import Unguided, pad_texts, run_step
 from diffserve.worker.pipelines.latents import latent_shape
+from diffserve.worker.pipelines.lora import no_lora
 from diffserve.worker.pipelines.stages import initial_noise, to_uint8_frames
 from diffserve.worker.v1 import worker_pb2 as wpb
 from diffserve.worker.transfer import to_device
@@ -101,6 +102,7 @@ class HunyuanVideoT2VPipeline:
         )
 
     def admit(self, request_id: str, request: wpb.Request) -> HunyuanVideoState:
+        no_lora(request)  # not offered here yet (docs/acceleration.md)
         return HunyuanVideoState(request_id=request_id, request=request)
 
     @torch.no_grad()

@@ -16,6 +16,7 @@ negative prompt given says so.
 from __future__ import annotations
 
 import io
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,11 +28,14 @@ from diffserve.v1 import generation_pb2 as pb
 
 from diffserve.worker import loading
 from diffserve.worker.models.qwen_image import QwenImageTransformer
+from diffserve.worker.models.step_cache import take
 from diffserve.worker.parallel import ParallelState
 from diffserve.worker.samplers import SamplerFactory
 from diffserve.worker.pipelines.base import Capabilities, RequestState
 from diffserve.worker.pipelines.denoise import Cfg, contexts, pad_texts, per_row, run_step
 from diffserve.worker.pipelines.latents import calculate_shift, latent_shape, pack, unpack
+from diffserve.worker.pipelines.lora import ServedLora, no_lora
+from diffserve.worker.pipelines.step_caches import FIRST_BLOCK, adapter_keys, per_layout, pick, row_caches
 from diffserve.worker.pipelines.stages import initial_noise, to_uint8_frames
 from diffserve.worker.v1 import worker_pb2 as wpb
 from diffserve.worker.transfer import to_device
@@ -53,12 +57,14 @@ class QwenImageState(RequestState):
     image_latents: torch.Tensor | None = None  # Edit: the input image's packed VAE latents, (1, L_img, C * 4)
     condition_shapes: list = field(default_factory=list)  # Edit: the input image's (frames, h, w) token grid
     image_shapes: list = field(default_factory=list)  # every image's token grid: the noise's first, then conditions
+    loras: tuple = ()  # the request's LoRA adapters: (LoraWeights, scale) each, held while it is resident
 
 
 class _QwenImageBase:
     family = "qwen-image"
     capabilities = Capabilities(uses_cfg=True, cfg_parallel=True)  # true CFG: cond / uncond rows on the two cfg halves
     parallel = ParallelState.single()  # the worker sets the group's state
+    lora: ServedLora | None = None  # per-request LoRA adapters (enable_lora); None: off
     guide = Cfg(norm_rescale=True)
     forward_batched = (0, 1, 2, 3)  # latents, timesteps, text, text mask: one per row
     task = ""
@@ -111,7 +117,19 @@ class _QwenImageBase:
     def admit(self, request_id: str, request: wpb.Request) -> QwenImageState:
         if request.num_frames != 1:
             raise ValueError(f"{self.family} makes images: num_frames must be 1 (got {request.num_frames})")
-        return QwenImageState(request_id=request_id, request=request)
+        state = QwenImageState(request_id=request_id, request=request)
+        state.loras = no_lora(request) if self.lora is None else self.lora.resolve(request)
+        return state
+
+    def enable_lora(self, folder: Path, max_bytes: int) -> None:
+        """Serves the adapters of `folder` per request (--lora-dir; worker/pipelines/lora.py)."""
+        from diffusers.loaders.lora_pipeline import QwenImageLoraLoaderMixin
+
+        self.lora = ServedLora(self.transformer, folder, max_bytes, QwenImageLoraLoaderMixin.lora_state_dict)
+
+    @property
+    def lora_adapters(self) -> tuple[str, ...]:
+        return () if self.lora is None else self.lora.names
 
     @torch.no_grad()
     def _hidden_states(self, inputs) -> torch.Tensor:
@@ -141,10 +159,51 @@ class _QwenImageBase:
         patch = self.transformer.config.patch_size
         state.image_shapes = [(1, h // patch, w // patch)] + state.condition_shapes
 
-    def forward(self, x, t, text, mask, image_shapes) -> torch.Tensor | list[torch.Tensor]:
-        if isinstance(x, list):  # requests of different sizes, packed into one sequence
-            return self.transformer.forward_packed(x, t, text, image_shapes)
-        return self.transformer(x, t, text, mask, image_shapes)
+    def forward(self, x, t, text, mask, image_shapes, caches=None, loras=None) -> torch.Tensor | list[torch.Tensor]:
+        model = self.transformer
+        if caches is None and loras is None:
+            if isinstance(x, list):  # requests of different sizes, packed into one sequence
+                return model.forward_packed(x, t, text, image_shapes)
+            return model(x, t, text, mask, image_shapes)
+        # Some rows step-cache (decided per row) or run LoRA adapters: eager, and rows do not pack: one
+        # forward per image layout (texts padded again), exact rows of that layout included; where rows
+        # step-cache, also one per adapter set. Rows back in their order.
+        packed = isinstance(x, list)
+        keys = adapter_keys([tuple(map(tuple, shapes)) for shapes in image_shapes] if packed else [()] * len(x), caches, loras)
+        if not packed and len(set(keys)) == 1:
+            return self._eager(x, t, text, mask, image_shapes, caches, loras)
+
+        def run(rows: list[int]) -> torch.Tensor:
+            if packed:
+                padded, padding = self._texts([text[i][None] for i in rows])
+                return self._eager(torch.stack([x[i] for i in rows]), take(t, rows), padded, padding, image_shapes[rows[0]],
+                                   pick(caches, rows), pick(loras, rows))
+            return self._eager(take(x, rows), take(t, rows), take(text, rows), take(mask, rows), image_shapes, pick(caches, rows), pick(loras, rows))
+
+        return per_layout(keys, run)
+
+    def _eager(self, x, t, text, mask, image_shapes, caches, loras) -> torch.Tensor:
+        """One forward of rows of one image layout with their step caches and LoRA adapters (None: none
+        in any row). The class's forward: a CUDA graph there would replay without the adapters."""
+        with self.lora.layers.rows(loras) if loras is not None else contextlib.nullcontext():
+            if caches is not None:
+                return self.transformer.forward_cached(x, t, text, mask, image_shapes, caches)
+            return QwenImageTransformer.forward(self.transformer, x, t, text, mask, image_shapes)
+
+    @property
+    def cache_policies(self) -> tuple[str, ...]:
+        """Step caching it offers (worker/pipelines/step_caches.py), on one process: a row's skip is
+        decided on its rank, and a parallel layout would need the decision shared."""
+        return () if self.parallel.distributed else FIRST_BLOCK
+
+    def _texts(self, texts: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(1, S_i, D) prompt rows -> right-padded (R, S, D) in the model dtype and the (R, S) mask
+        of real tokens, None where no row is padded."""
+        text, lengths = pad_texts(texts)
+        mask = None
+        if min(lengths) < text.shape[1]:
+            mask = torch.arange(text.shape[1], device=self.device)[None, :] < to_device(lengths, self.device)[:, None]
+        return text.to(self.dtype), mask
 
     @property
     def packs(self) -> bool:
@@ -161,22 +220,22 @@ class _QwenImageBase:
             return torch.cat([s.latents, s.image_latents], dim=1)  # (1, L + L_img, Cp)
 
         t = torch.stack(per_row(group, uncond, lambda s: s.timesteps[s.step]))  # (R,) as the sampler gives them (the DiT scales them)
+        caches = row_caches(group, uncond)  # per row: its step cache or None (exact); None for all: no row step-caches
         if len({tuple(s.image_shapes) for s in group}) > 1:  # packed: lists of rows, texts unpadded
             return ([x[0].to(self.dtype) for x in per_row(group, uncond, latents)], t,
-                    [c[0].to(self.dtype) for c in contexts(group, uncond)], None, per_row(group, uncond, lambda s: list(s.image_shapes)))
-        text, lengths = pad_texts(contexts(group, uncond))  # (R, S, D)
-        longest = text.shape[1]
-        mask = None
-        if min(lengths) < longest:
-            mask = torch.arange(longest, device=self.device)[None, :] < to_device(lengths, self.device)[:, None]
+                    [c[0].to(self.dtype) for c in contexts(group, uncond)], None, per_row(group, uncond, lambda s: list(s.image_shapes)), caches)
+        text, mask = self._texts(contexts(group, uncond))  # (R, S, D), (R, S) or None
         x = torch.cat(per_row(group, uncond, latents)).to(self.dtype)
-        return x, t, text.to(self.dtype), mask, list(group[0].image_shapes)
+        # Each row's LoRA adapters (the unconditional row too, as diffusers); None: no row has any.
+        loras = per_row(group, uncond, lambda s: s.loras) if any(s.loras for s in group) else None
+        return x, t, text, mask, list(group[0].image_shapes), caches, loras
 
     def denoise_step(self, states: list[QwenImageState]) -> int:
         """One step for all `states`: one DiT forward, packed where image-token layouts differ (`packs`;
         else one forward per layout); the prediction of the noise tokens only, in float32, is guided."""
+        packs = self.packs and not any(s.loras for s in states)  # a step with a LoRA row: one forward per layout
         return run_step(states, guide=self.guide, rows=self._rows, forward=self.forward,
-                        key=lambda s: 0 if self.packs else tuple(s.image_shapes),
+                        key=lambda s: 0 if packs else tuple(s.image_shapes),
                         prediction=lambda out, s: out[:, : s.latents.shape[1]].float())
 
     @torch.no_grad()

@@ -24,10 +24,11 @@ the same generator.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import io
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 
@@ -38,7 +39,7 @@ from PIL import Image
 from diffserve.v1 import generation_pb2 as pb
 
 from diffserve.worker import loading
-from diffserve.worker.models.block_cache import POLICIES, FirstBlockCache
+from diffserve.worker.models.step_cache import take
 from diffserve.worker.models.wan import WanTransformer
 from diffserve.worker.parallel import ParallelState
 from diffserve.worker.parallel.decode import decode_video
@@ -47,6 +48,8 @@ from diffserve.worker.samplers.dmd import FASTWAN_DMD_SHIFT, FASTWAN_DMD_STEPS, 
 from diffserve.worker.pipelines.base import Capabilities, RequestState
 from diffserve.worker.pipelines.denoise import Cfg, Unguided, contexts, per_row, run_step
 from diffserve.worker.pipelines.latents import latent_shape
+from diffserve.worker.pipelines.lora import ServedLora, no_lora
+from diffserve.worker.pipelines.step_caches import ALL_POLICIES, adapter_keys, per_layout, pick, row_caches
 from diffserve.worker.pipelines.stages import T5PromptEncoder, initial_noise, to_uint8_frames
 from diffserve.worker.v1 import worker_pb2 as wpb
 
@@ -145,7 +148,7 @@ class WanState(RequestState):
     image_embeds: torch.Tensor | None = None  # CLIP features, (1, S_img, image_dim)
     mask: torch.Tensor | None = None  # FIRST_FRAME: 0 where latents are known, (1, 1, F, H, W)
     condition: torch.Tensor | None = None  # CHANNELS: (1, 4 + z, F, H, W); FIRST_FRAME: (1, z, 1, H, W)
-    block_caches: dict = field(default_factory=dict)  # (expert, unconditional) -> FirstBlockCache
+    loras: tuple = ()  # the request's LoRA adapters: (LoraWeights, scale) each, held while it is resident
 
 
 class WanPipeline:
@@ -153,6 +156,7 @@ class WanPipeline:
     WanDMDPipeline checkpoints; `variant` says which."""
 
     parallel = ParallelState.single()  # the worker sets the group's state
+    lora: ServedLora | None = None  # per-request LoRA adapters (enable_lora); None: off
     forward_batched = (1, 2, 3, 4)  # latents, timesteps, text, image features: one per row
 
     def __init__(self, root: Path, name: str, device: torch.device, dtype: torch.dtype):
@@ -260,8 +264,24 @@ class WanPipeline:
 
     # -- stages ---------------------------------------------------------------------------------
 
+    def enable_lora(self, folder: Path, max_bytes: int) -> None:
+        """Serves the adapters of `folder` per request (--lora-dir). One expert only: diffusers loads a
+        Wan2.2 A14B adapter into one of its two transformers, a choice a request cannot make yet."""
+        if len(self.experts) > 1:
+            raise ValueError("LoRA adapters are not offered on two-expert Wan2.2 A14B checkpoints yet")
+        from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
+
+        # FLF2V folds two image rows into one in the image embedder: its linears see no row per request.
+        exclude = ("condition_embedder.image_embedder",) if self.transformer.config.pos_embed_seq_len else ()
+        self.lora = ServedLora(self.transformer, folder, max_bytes, WanLoraLoaderMixin.lora_state_dict, exclude)
+
+    @property
+    def lora_adapters(self) -> tuple[str, ...]:
+        return () if self.lora is None else self.lora.names
+
     def admit(self, request_id: str, request: wpb.Request) -> WanState:
         state = WanState(request_id=request_id, request=request)
+        state.loras = no_lora(request) if self.lora is None else self.lora.resolve(request)
         if self.variant.image is ImageConditioning.NONE or (not request.images and not self.variant.image_required):
             return state  # text-to-video
         if len(request.images) != 1 or not request.images[0]:
@@ -344,45 +364,40 @@ class WanPipeline:
         tensor's bool() would wait for the GPU every step)."""
         return 0 if self.boundary is None or bool(state.timesteps_host[state.step] >= self.boundary) else 1
 
-    def forward(self, expert: int, latents, timesteps, context, image_embeds, caches=None) -> torch.Tensor | list[torch.Tensor]:
+    def forward(self, expert: int, latents, timesteps, context, image_embeds, caches=None, loras=None) -> torch.Tensor | list[torch.Tensor]:
         model = self.experts[expert]
-        if caches is None:
+        if caches is None and loras is None:
             if isinstance(latents, list):  # requests of different sizes, packed into one sequence
                 return model.forward_packed(latents, timesteps, context, image_embeds)
             return model(latents, timesteps, context, image_embeds)
-        # Some rows step-cache (First-Block Cache, decided per row, eager). They do not pack: one
-        # cached forward per size, exact rows of that size included, rows back in their order.
-        if torch.is_tensor(latents):
-            return model.forward_cached(latents, timesteps, context, image_embeds, caches)
-        out: list[torch.Tensor | None] = [None] * len(latents)
-        sizes: dict[tuple, list[int]] = {}
-        for i, x in enumerate(latents):
-            sizes.setdefault(tuple(x.shape), []).append(i)
-        for rows in sizes.values():
-            index = torch.tensor(rows, device=timesteps.device)
-            images = None if image_embeds is None else image_embeds.index_select(0, index)
-            y = model.forward_cached(torch.stack([latents[i] for i in rows]), timesteps.index_select(0, index),
-                                     context.index_select(0, index), images, [caches[i] for i in rows])
-            for j, i in enumerate(rows):
-                out[i] = y[j]
-        return out
+        # Some rows step-cache (decided per row) or run LoRA adapters: eager, and rows do not pack: one
+        # forward per size, plain rows of that size included. A cached forward runs its later blocks on
+        # some of its rows only, so there every row of one forward has the same adapters (one forward per
+        # size and adapter set). Rows come back in their order.
+        keys = adapter_keys([tuple(x.shape) for x in latents], caches, loras)
+        if torch.is_tensor(latents) and len(set(keys)) == 1:
+            return self._eager(model, latents, timesteps, context, image_embeds, caches, loras)
 
-    def _cache(self, state: WanState, uncond: bool) -> FirstBlockCache | None:
-        """The row's First-Block Cache (one per expert and pass, as diffusers keeps one per cache
-        context), or None where the request does not step-cache."""
-        policy = state.request.cache
-        if policy.policy != "first-block":
-            return None
-        key = (self.expert_of(state), uncond)
-        if key not in state.block_caches:
-            state.block_caches[key] = FirstBlockCache(policy.threshold)
-        return state.block_caches[key]
+        def run(rows: list[int]) -> torch.Tensor:
+            return self._eager(model, torch.stack([latents[i] for i in rows]), take(timesteps, rows), take(context, rows), take(image_embeds, rows),
+                               pick(caches, rows), pick(loras, rows))
+
+        return per_layout(keys, run)
+
+    def _eager(self, model: WanTransformer, latents, timesteps, context, image_embeds, caches, loras) -> torch.Tensor:
+        """One forward of same-size rows, each with its step cache and LoRA adapters (None: none in any
+        row). The class's forward, not the instance's: a CUDA graph or compiled graph there would replay
+        without the adapters."""
+        with self.lora.layers.rows(loras) if loras is not None else contextlib.nullcontext():
+            if caches is not None:
+                return model.forward_cached(latents, timesteps, context, image_embeds, caches)
+            return WanTransformer.forward(model, latents, timesteps, context, image_embeds)
 
     @property
     def cache_policies(self) -> tuple[str, ...]:
-        """Step caching it offers: First-Block Cache on one process (a row's skip is decided on its
-        rank; a parallel layout would need the decision shared)."""
-        return () if self.parallel.distributed else POLICIES
+        """Step caching it offers (worker/pipelines/step_caches.py), on one process: a row's skip is
+        decided on its rank, and a parallel layout would need the decision shared."""
+        return () if self.parallel.distributed else ALL_POLICIES
 
     @property
     def packs(self) -> bool:
@@ -420,16 +435,17 @@ class WanPipeline:
             stacked: torch.Tensor | list[torch.Tensor] = [x[0].to(self.dtype) for x in latents]
         else:
             stacked = torch.cat(latents).to(self.dtype)  # (rows, C_in, F, H, W)
-        caches = None
-        if any(s.request.cache.policy for s in group):
-            caches = [self._cache(s, u) for s, u in zip(group, uncond) for u in ([False, True] if u else [False])]
+        caches = row_caches(group, uncond, self.expert_of)
+        # Each row's LoRA adapters (a CFG request's unconditional row too, as diffusers); None: no row has any.
+        loras = per_row(group, uncond, lambda s: s.loras) if any(s.loras for s in group) else None
         return (
             self.expert_of(group[0]),
             stacked,
             torch.cat([t for _, t in inputs]),  # (rows,) or (rows, L)
             torch.cat(contexts(group, uncond)),  # (rows, S, text_dim)
             torch.cat(images) if images else None,  # (rows, S_img, image_dim); the uncond row sees the image too
-            caches,  # per row: its First-Block Cache or None; None for all: no row step-caches
+            caches,  # per row: its step cache or None (exact); None for all: no row step-caches
+            loras,  # per row: its (LoraWeights, scale) pairs
         )
 
     def denoise_step(self, states: list[WanState]) -> int:

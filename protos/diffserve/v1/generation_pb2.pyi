@@ -76,7 +76,7 @@ GUIDANCE_KIND_EMBEDDED: GuidanceKind
 GUIDANCE_KIND_NONE: GuidanceKind
 
 class GenerationParams(_message.Message):
-    __slots__ = ("model", "prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale", "seed", "fps", "output_format", "images", "guidance_scale_2", "cache")
+    __slots__ = ("model", "prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "guidance_scale", "seed", "fps", "output_format", "images", "guidance_scale_2", "cache", "loras")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +91,7 @@ class GenerationParams(_message.Message):
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     GUIDANCE_SCALE_2_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
     model: str
     prompt: str
     negative_prompt: str
@@ -105,15 +106,36 @@ class GenerationParams(_message.Message):
     images: _containers.RepeatedCompositeFieldContainer[ImageInput]
     guidance_scale_2: float
     cache: StepCache
-    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., fps: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., guidance_scale_2: _Optional[float] = ..., cache: _Optional[_Union[StepCache, _Mapping]] = ...) -> None: ...
+    loras: _containers.RepeatedCompositeFieldContainer[LoraAdapter]
+    def __init__(self, model: _Optional[str] = ..., prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., guidance_scale: _Optional[float] = ..., seed: _Optional[int] = ..., fps: _Optional[int] = ..., output_format: _Optional[_Union[OutputFormat, str]] = ..., images: _Optional[_Iterable[_Union[ImageInput, _Mapping]]] = ..., guidance_scale_2: _Optional[float] = ..., cache: _Optional[_Union[StepCache, _Mapping]] = ..., loras: _Optional[_Iterable[_Union[LoraAdapter, _Mapping]]] = ...) -> None: ...
+
+class LoraAdapter(_message.Message):
+    __slots__ = ("name", "scale")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    scale: float
+    def __init__(self, name: _Optional[str] = ..., scale: _Optional[float] = ...) -> None: ...
 
 class StepCache(_message.Message):
-    __slots__ = ("policy", "threshold")
+    __slots__ = ("policy", "threshold", "interval", "max_order", "warmup_steps", "cooldown_step", "max_skip_steps", "mag_ratios")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    MAX_ORDER_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_STEP_FIELD_NUMBER: _ClassVar[int]
+    MAX_SKIP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAG_RATIOS_FIELD_NUMBER: _ClassVar[int]
     policy: str
     threshold: float
-    def __init__(self, policy: _Optional[str] = ..., threshold: _Optional[float] = ...) -> None: ...
+    interval: int
+    max_order: int
+    warmup_steps: int
+    cooldown_step: int
+    max_skip_steps: int
+    mag_ratios: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, policy: _Optional[str] = ..., threshold: _Optional[float] = ..., interval: _Optional[int] = ..., max_order: _Optional[int] = ..., warmup_steps: _Optional[int] = ..., cooldown_step: _Optional[int] = ..., max_skip_steps: _Optional[int] = ..., mag_ratios: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class ImageInput(_message.Message):
     __slots__ = ("data", "path", "url")
@@ -324,7 +346,7 @@ class ListModelsResponse(_message.Message):
     def __init__(self, models: _Optional[_Iterable[_Union[Model, _Mapping]]] = ...) -> None: ...
 
 class Model(_message.Message):
-    __slots__ = ("name", "family", "task", "defaults", "limits", "state", "workers", "guidance_kind", "num_experts", "packs_mixed_shapes", "cache_policies")
+    __slots__ = ("name", "family", "task", "defaults", "limits", "state", "workers", "guidance_kind", "num_experts", "packs_mixed_shapes", "cache_policies", "quantizations", "lora_adapters")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -336,6 +358,8 @@ class Model(_message.Message):
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     PACKS_MIXED_SHAPES_FIELD_NUMBER: _ClassVar[int]
     CACHE_POLICIES_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATIONS_FIELD_NUMBER: _ClassVar[int]
+    LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     task: str
@@ -347,7 +371,9 @@ class Model(_message.Message):
     num_experts: int
     packs_mixed_shapes: bool
     cache_policies: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., task: _Optional[str] = ..., defaults: _Optional[_Union[ModelDefaults, _Mapping]] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., state: _Optional[_Union[ServingState, str]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., guidance_kind: _Optional[_Union[GuidanceKind, str]] = ..., num_experts: _Optional[int] = ..., packs_mixed_shapes: _Optional[bool] = ..., cache_policies: _Optional[_Iterable[str]] = ...) -> None: ...
+    quantizations: _containers.RepeatedScalarFieldContainer[str]
+    lora_adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., task: _Optional[str] = ..., defaults: _Optional[_Union[ModelDefaults, _Mapping]] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., state: _Optional[_Union[ServingState, str]] = ..., workers: _Optional[_Iterable[_Union[WorkerStatus, _Mapping]]] = ..., guidance_kind: _Optional[_Union[GuidanceKind, str]] = ..., num_experts: _Optional[int] = ..., packs_mixed_shapes: _Optional[bool] = ..., cache_policies: _Optional[_Iterable[str]] = ..., quantizations: _Optional[_Iterable[str]] = ..., lora_adapters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelDefaults(_message.Message):
     __slots__ = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps", "negative_prompt", "sampler", "flow_shift", "guidance_scale_2")

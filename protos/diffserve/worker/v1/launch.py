@@ -44,6 +44,23 @@ def die_with_parent(parent_pid: int, sig: int) -> bool:
     return True
 
 
+_UNITS = {"": 1, "B": 1, "K": 1 << 10, "KB": 1000, "KIB": 1 << 10, "M": 1 << 20, "MB": 1000**2, "MIB": 1 << 20,
+          "G": 1 << 30, "GB": 1000**3, "GIB": 1 << 30, "T": 1 << 40, "TB": 1000**4, "TIB": 1 << 40}
+
+
+def byte_size(text: str) -> int:
+    """'4GiB', '512M', '1000000' -> bytes (K/M/G/T and KiB.. are powers of 1024, KB.. of 1000)."""
+    number = text.strip().rstrip("bBiIkKmMgGtT").strip()
+    unit = text.strip()[len(number):].strip().upper() if number else ""
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (e.g. 512MiB, 4GiB or a number of bytes)") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0 bytes (got {text!r})")
+    return int(value)
+
+
 @dataclass(frozen=True)
 class Flag:
     name: str  # as the worker spells it
@@ -67,7 +84,11 @@ WORKER_FLAGS: tuple[Flag, ...] = (
     Flag("--model-name", dict(default="", help="model name clients use (default: the folder's name); with generate --server, the served model to use")),
     Flag("--device", dict(default="auto", help="auto, cpu, cuda, cuda:N")),
     Flag("--dtype", dict(default="auto", help="auto (bf16 on GPU, float32 on CPU), bfloat16, float16, float32")),
-    Flag("--attention-backend", dict(default="auto", help="auto (fastest exact one available), fa3, flash-attn, cudnn, sdpa")),
+    Flag("--attention-backend", dict(default="auto", help="auto (fastest exact one available), fa3, flash-attn, cudnn, sdpa; "
+                                                          "fa3-fp8: FA3 on FP8 q/k/v, an approximation (docs/acceleration.md)")),
+    Flag("--quantization", dict(default="none", choices=("none", "fp8"),
+                                help="none (default): the checkpoint's precision; fp8: the transformer blocks' linears in FP8 (weights per "
+                                     "output channel, activations per token), an approximation (docs/acceleration.md)")),
     Flag("--compile", dict(action="store_true", help="torch.compile the DiT (GPU; see bench/NOTES.md)")),
     Flag("--cuda-graphs", dict(nargs="?", const="on", default="auto", choices=("auto", "on", "off"),
                                help="replay the DiT forward from CUDA graphs, one per shape and batch (GPU): auto (default) where "
@@ -76,6 +97,9 @@ WORKER_FLAGS: tuple[Flag, ...] = (
     Flag("--cuda-graph-max-tokens", dict(type=int, default=4096, metavar="N",
                                          help="with --cuda-graphs auto: capture forwards of at most N latent tokens (all rows) per GPU "
                                               "of the group; larger ones are GPU-bound and gain nothing (bench/NOTES.md; default 4096)")),
+    Flag("--concurrent-stages", dict(action="store_true",
+                                     help="run encode / prepare / decode beside the denoising steps, on a thread and CUDA stream of "
+                                          "their own (one-GPU workers; default: between steps; docs/architecture.md)")),
     Flag("--warmup", dict(action="store_true", help="warm up before serving (the first request is not the slow one)")),
     Flag("--warmup-shape", dict(action="append", default=[], metavar="HxWxF", help="shape bucket to warm up (repeatable; default: the model's default size)")),
     Flag("--num-gpus", dict(type=int, default=1, help="processes (GPUs) in the worker group (default 1)")),
@@ -83,6 +107,12 @@ WORKER_FLAGS: tuple[Flag, ...] = (
     Flag("--ulysses-degree", dict(type=int, default=0, help="Ulysses sequence-parallel degree (default: chosen from --num-gpus)")),
     Flag("--ring-degree", dict(type=int, default=0, help="Ring sequence-parallel degree (default: chosen from --num-gpus)")),
     Flag("--tp-size", dict(type=int, default=0, help="tensor-parallel degree (default 1)")),
+    Flag("--lora-dir", dict(default="", metavar="DIR",
+                            help="serve the LoRA adapters in DIR per request: each NAME.safetensors there is adapter NAME "
+                                 "(diffusers / PEFT format; docs/acceleration.md). Default: no LoRA")),
+    Flag("--lora-cache-bytes", dict(type=byte_size, default=4 << 30, metavar="SIZE",
+                                    help="most memory the LoRA adapters kept loaded may take, e.g. 512MiB or 8GiB; the least "
+                                         "recently used go first (default 4GiB)")),
     Flag("--max-batch-size", dict(type=int, default=4, help="most jobs sharing one denoising step (default 4)")),
     Flag("--max-resident", dict(type=int, default=8, help="most jobs a worker holds at once (default 8)")),
     Flag("--log-level", dict(default="INFO", help="log level of the worker process"), outer="--worker-log-level"),

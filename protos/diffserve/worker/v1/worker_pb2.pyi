@@ -93,7 +93,7 @@ class Admit(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., request: _Optional[_Union[Request, _Mapping]] = ...) -> None: ...
 
 class Request(_message.Message):
-    __slots__ = ("prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "seed", "cfg_scales", "embedded_guidance", "images", "cache")
+    __slots__ = ("prompt", "negative_prompt", "height", "width", "num_frames", "num_inference_steps", "seed", "cfg_scales", "embedded_guidance", "images", "cache", "loras")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     NEGATIVE_PROMPT_FIELD_NUMBER: _ClassVar[int]
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +105,7 @@ class Request(_message.Message):
     EMBEDDED_GUIDANCE_FIELD_NUMBER: _ClassVar[int]
     IMAGES_FIELD_NUMBER: _ClassVar[int]
     CACHE_FIELD_NUMBER: _ClassVar[int]
+    LORAS_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     negative_prompt: str
     height: int
@@ -116,15 +117,36 @@ class Request(_message.Message):
     embedded_guidance: float
     images: _containers.RepeatedScalarFieldContainer[bytes]
     cache: StepCache
-    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., seed: _Optional[int] = ..., cfg_scales: _Optional[_Iterable[float]] = ..., embedded_guidance: _Optional[float] = ..., images: _Optional[_Iterable[bytes]] = ..., cache: _Optional[_Union[StepCache, _Mapping]] = ...) -> None: ...
+    loras: _containers.RepeatedCompositeFieldContainer[LoraAdapter]
+    def __init__(self, prompt: _Optional[str] = ..., negative_prompt: _Optional[str] = ..., height: _Optional[int] = ..., width: _Optional[int] = ..., num_frames: _Optional[int] = ..., num_inference_steps: _Optional[int] = ..., seed: _Optional[int] = ..., cfg_scales: _Optional[_Iterable[float]] = ..., embedded_guidance: _Optional[float] = ..., images: _Optional[_Iterable[bytes]] = ..., cache: _Optional[_Union[StepCache, _Mapping]] = ..., loras: _Optional[_Iterable[_Union[LoraAdapter, _Mapping]]] = ...) -> None: ...
+
+class LoraAdapter(_message.Message):
+    __slots__ = ("name", "scale")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    SCALE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    scale: float
+    def __init__(self, name: _Optional[str] = ..., scale: _Optional[float] = ...) -> None: ...
 
 class StepCache(_message.Message):
-    __slots__ = ("policy", "threshold")
+    __slots__ = ("policy", "threshold", "interval", "max_order", "warmup_steps", "cooldown_step", "max_skip_steps", "mag_ratios")
     POLICY_FIELD_NUMBER: _ClassVar[int]
     THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    MAX_ORDER_FIELD_NUMBER: _ClassVar[int]
+    WARMUP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    COOLDOWN_STEP_FIELD_NUMBER: _ClassVar[int]
+    MAX_SKIP_STEPS_FIELD_NUMBER: _ClassVar[int]
+    MAG_RATIOS_FIELD_NUMBER: _ClassVar[int]
     policy: str
     threshold: float
-    def __init__(self, policy: _Optional[str] = ..., threshold: _Optional[float] = ...) -> None: ...
+    interval: int
+    max_order: int
+    warmup_steps: int
+    cooldown_step: int
+    max_skip_steps: int
+    mag_ratios: _containers.RepeatedScalarFieldContainer[float]
+    def __init__(self, policy: _Optional[str] = ..., threshold: _Optional[float] = ..., interval: _Optional[int] = ..., max_order: _Optional[int] = ..., warmup_steps: _Optional[int] = ..., cooldown_step: _Optional[int] = ..., max_skip_steps: _Optional[int] = ..., mag_ratios: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RunStage(_message.Message):
     __slots__ = ("request_id", "stage")
@@ -185,23 +207,25 @@ class Goodbye(_message.Message):
     def __init__(self, reason: _Optional[str] = ...) -> None: ...
 
 class Hello(_message.Message):
-    __slots__ = ("protocol_version", "description", "card", "max_batch_size", "max_resident", "world_size")
+    __slots__ = ("protocol_version", "description", "card", "max_batch_size", "max_resident", "world_size", "concurrent_stages")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     CARD_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_RESIDENT_FIELD_NUMBER: _ClassVar[int]
     WORLD_SIZE_FIELD_NUMBER: _ClassVar[int]
+    CONCURRENT_STAGES_FIELD_NUMBER: _ClassVar[int]
     protocol_version: ProtocolVersion
     description: str
     card: ModelCard
     max_batch_size: int
     max_resident: int
     world_size: int
-    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., description: _Optional[str] = ..., card: _Optional[_Union[ModelCard, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., max_resident: _Optional[int] = ..., world_size: _Optional[int] = ...) -> None: ...
+    concurrent_stages: bool
+    def __init__(self, protocol_version: _Optional[_Union[ProtocolVersion, str]] = ..., description: _Optional[str] = ..., card: _Optional[_Union[ModelCard, _Mapping]] = ..., max_batch_size: _Optional[int] = ..., max_resident: _Optional[int] = ..., world_size: _Optional[int] = ..., concurrent_stages: _Optional[bool] = ...) -> None: ...
 
 class ModelCard(_message.Message):
-    __slots__ = ("name", "family", "task", "defaults", "limits", "guidance_kind", "num_experts", "packs_mixed_shapes", "cache_policies")
+    __slots__ = ("name", "family", "task", "defaults", "limits", "guidance_kind", "num_experts", "packs_mixed_shapes", "cache_policies", "quantizations", "lora_adapters")
     NAME_FIELD_NUMBER: _ClassVar[int]
     FAMILY_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -211,6 +235,8 @@ class ModelCard(_message.Message):
     NUM_EXPERTS_FIELD_NUMBER: _ClassVar[int]
     PACKS_MIXED_SHAPES_FIELD_NUMBER: _ClassVar[int]
     CACHE_POLICIES_FIELD_NUMBER: _ClassVar[int]
+    QUANTIZATIONS_FIELD_NUMBER: _ClassVar[int]
+    LORA_ADAPTERS_FIELD_NUMBER: _ClassVar[int]
     name: str
     family: str
     task: str
@@ -220,7 +246,9 @@ class ModelCard(_message.Message):
     num_experts: int
     packs_mixed_shapes: bool
     cache_policies: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., task: _Optional[str] = ..., defaults: _Optional[_Union[ModelDefaults, _Mapping]] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., guidance_kind: _Optional[_Union[GuidanceKind, str]] = ..., num_experts: _Optional[int] = ..., packs_mixed_shapes: _Optional[bool] = ..., cache_policies: _Optional[_Iterable[str]] = ...) -> None: ...
+    quantizations: _containers.RepeatedScalarFieldContainer[str]
+    lora_adapters: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., family: _Optional[str] = ..., task: _Optional[str] = ..., defaults: _Optional[_Union[ModelDefaults, _Mapping]] = ..., limits: _Optional[_Union[ModelLimits, _Mapping]] = ..., guidance_kind: _Optional[_Union[GuidanceKind, str]] = ..., num_experts: _Optional[int] = ..., packs_mixed_shapes: _Optional[bool] = ..., cache_policies: _Optional[_Iterable[str]] = ..., quantizations: _Optional[_Iterable[str]] = ..., lora_adapters: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ModelDefaults(_message.Message):
     __slots__ = ("height", "width", "num_frames", "num_inference_steps", "guidance_scale", "fps", "negative_prompt", "sampler", "flow_shift", "guidance_scale_2")
