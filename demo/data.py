@@ -142,6 +142,12 @@ def shape_mask(shape: str, centre: tuple[float, float], radius: float, size: int
     raise ValueError(f"unknown shape {shape!r}")
 
 
+# A grey frame this many pixels wide round every picture (0: none). Wan's DiT has no absolute position
+# embedding (RoPE is relative): a frame in the pictures tells it where the edges are (docs/decisions.md).
+FRAME = 3
+FRAME_RGB = (128, 128, 128)  # in no caption's palette
+
+
 def render(scene: Scene) -> np.ndarray:
     """uint8 (F, SIZE, SIZE, 3)."""
     out = np.empty((scene.frames, SIZE, SIZE, 3), dtype=np.uint8)
@@ -149,4 +155,6 @@ def render(scene: Scene) -> np.ndarray:
     radius = SIZES[scene.size]
     for i, centre in enumerate(scene.centres()):
         out[i][shape_mask(scene.shape, centre, radius)] = COLOURS[scene.colour]
+    if FRAME:
+        out[:, :FRAME], out[:, -FRAME:], out[:, :, :FRAME], out[:, :, -FRAME:] = (FRAME_RGB,) * 4
     return out

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from diffserve.demo import data
 from diffserve.demo.data import COLOURS, PLACES, SIZE, Scene
 
 _PALETTE = np.array(list(COLOURS.values()), dtype=np.float64)
@@ -28,6 +29,7 @@ OBJECT_DISTANCE = 80.0  # RGB distance from the background above which a pixel i
 # The outline's radius profile (PROFILE_BINS angles): its 3rd, 4th or 5th harmonic, relative to the mean radius,
 # is ~0.3 for a triangle, ~0.15 for a square and ~0.5 for a star as data.py draws them, and below 0.01 for a circle.
 PROFILE_BINS = 36
+FRAME_BLUR = 2  # pixels inside the pictures' frame where the background is read
 CORNERED = 0.05  # the strongest of those harmonics must reach this for a shape to have corners
 SMALL_RADIUS_MAX = 16.0  # pixels from the centroid to the farthest object pixel: small shapes ~13-14, large ~18-19
 
@@ -122,8 +124,12 @@ def read(pixels: np.ndarray) -> Reading:
     frames = _frames(pixels)
     h, w = frames.shape[1:3]
     scale = SIZE / max(h, w)
+    edge = round(data.FRAME / scale)  # the pictures' grey frame, left out of the reading
+    if edge:
+        frames = frames[:, edge:h - edge, edge:w - edge]
     first = frames[0]
-    border = np.concatenate([first[0], first[-1], first[:, 0], first[:, -1]]).astype(np.float64)
+    ring = FRAME_BLUR if edge else 0  # inside a frame, the background a few pixels in (a decoder blurs the frame's edge)
+    border = np.concatenate([first[ring], first[-1 - ring], first[:, ring], first[:, -1 - ring]]).astype(np.float64)
     background = nearest_colour(np.median(border, axis=0))
     background_rgb = np.asarray(COLOURS[background], dtype=np.float64)
     rough = _object(first, background_rgb)
@@ -140,7 +146,7 @@ def read(pixels: np.ndarray) -> Reading:
     if mask.sum() < 8:
         return Reading(background, colour, None, None, None, None)
     cx, cy = _centroid(mask)
-    cx, cy = cx * scale, cy * scale
+    cx, cy = (cx + edge) * scale, (cy + edge) * scale
     place = min(PLACES, key=lambda p: (PLACES[p][1][0] - cx) ** 2 + (PLACES[p][1][1] - cy) ** 2)
     size = "small" if _radius(mask) * scale <= SMALL_RADIUS_MAX else "large"
     direction = None

@@ -1,6 +1,6 @@
 """Prompt adherence of a model that draws demo scenes, through the real service (issue 16):
 
-    python -m diffserve.demo.quality --model-path DIR [--steps 20] [--guidance 5] [--json OUT]
+    python -m diffserve.demo.quality [--model-path DIR] [--steps 20] [--guidance 5] [--json OUT]
 
 A fixed set of scenes (PROMPTS stills and CLIPS clips, drawn by data.sample from fixed seeds) is
 generated at SEEDS through `diffserve.Engine` (a private `diffserve serve` on the CPU), and
@@ -49,23 +49,34 @@ def evaluate(generate: Callable[[Scene, int], np.ndarray], concurrency: int = 1)
     return result
 
 
+def run(model_path, steps: int = 20, guidance: float = 5.0, concurrency: int = 8) -> dict:
+    """The prompt set through a private `diffserve serve` of `model_path` on the CPU, scored."""
+    from diffserve import Engine
+
+    started = time.perf_counter()
+    with Engine(str(model_path), device="cpu", max_batch_size=concurrency) as engine:
+        def generate(scene: Scene, seed: int) -> np.ndarray:
+            return engine.generate(scene.caption, height=64, width=64, num_frames=scene.frames, seed=seed,
+                                   num_inference_steps=steps, guidance_scale=guidance, output_format="npy").frames
+
+        result = evaluate(generate, concurrency=concurrency)
+    result["seconds"] = round(time.perf_counter() - started, 1)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m diffserve.demo.quality", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model-path", required=True)
+    p.add_argument("--model-path", default="", help="a pipeline folder (default: the built-in model)")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--json", default="", help="also write the scores here")
     args = p.parse_args(argv)
-    from diffserve import Engine
+    from diffserve.demo import builtin_model
 
-    started = time.perf_counter()
-    with Engine(args.model_path, device="cpu", max_batch_size=8) as engine:
-        def generate(scene: Scene, seed: int) -> np.ndarray:
-            return engine.generate(scene.caption, height=64, width=64, num_frames=scene.frames, seed=seed,
-                                   num_inference_steps=args.steps, guidance_scale=args.guidance, output_format="npy").frames
-
-        result = evaluate(generate, concurrency=8)
-    result["seconds"] = round(time.perf_counter() - started, 1)
+    path = args.model_path or builtin_model()
+    if not path:
+        p.error("this install has no built-in model: give --model-path DIR")
+    result = run(path, args.steps, args.guidance)
     print(json.dumps(result, indent=1))
     if args.json:
         with open(args.json, "w") as f:

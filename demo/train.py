@@ -31,7 +31,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from diffserve.demo import model as demo_model
+from diffserve.demo import data as demo_data, model as demo_model
 from diffserve.demo.data import COLOURS, loose_caption, render, sample
 from diffserve.demo.evaluate import judge, score
 
@@ -71,12 +71,23 @@ VAE_OBJECT_WEIGHT = 8.0
 VAE_WARMUP = 50
 
 
+def out_of_time(started: float, max_seconds: float, step: int, steps: int, what: str, log) -> bool:
+    """True (and logged) once a stage has run `max_seconds` (0: no limit): recipe searches on a
+    time-limited machine stop a stage early and keep what it learned, rather than lose the run."""
+    if not max_seconds or time.perf_counter() - started < max_seconds:
+        return False
+    log(f"{what}: stopped after {step} of {steps} steps ({max_seconds:.0f} s limit)")
+    return True
+
+
 def train_vae(vae, steps: int, rng: np.random.Generator, log, lr: float = VAE_LR, object_weight_: float = VAE_OBJECT_WEIGHT,
-              device="cpu") -> None:
+              device="cpu", max_seconds: float = 0.0) -> None:
     opt = torch.optim.AdamW(vae.parameters(), lr=lr, betas=(0.9, 0.99), weight_decay=0.0)
     vae.train()
     started = time.perf_counter()
     for step in range(steps):
+        if out_of_time(started, max_seconds, step, steps, "vae", log):
+            break
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / VAE_WARMUP) * 0.5 * (1 + math.cos(math.pi * step / steps))
         clip = step % 4 == 3
@@ -193,6 +204,29 @@ class CompactText:
         return out
 
 
+CROSS_ATTN_GAIN = 4.0
+
+
+@torch.no_grad()
+def open_text_path(transformer, gain: float) -> None:
+    """The initial cross-attention, made able to attend to the prompt. WanPipeline pads every prompt to
+    512 rows of zeros, all mapped to one key: with qk-RMSNorm and 32-dim heads a real token's score
+    can exceed that key's by at most ~sqrt(32) = 5.7, against log(500) = 6.2 for the padding's copies,
+    so at diffusers' init the prompt gets a few % of the attention. `gain` scales the q / k norm
+    weights (the logits by gain²), and the padding's key and value start at zero (the text projection's
+    and the key / value biases zeroed), so the padding adds nothing until training says otherwise."""
+    if gain == 1.0:
+        return
+    for block in transformer.blocks:
+        block.attn2.norm_q.weight.fill_(gain)
+        block.attn2.norm_k.weight.fill_(gain)
+        block.attn2.to_k.bias.zero_()
+        block.attn2.to_v.bias.zero_()
+    projection = transformer.condition_embedder.text_embedder
+    projection.linear_1.bias.zero_()
+    projection.linear_2.bias.zero_()
+
+
 DIT_LR = 5e-4
 DIT_BATCH = 24  # stills per step (a third as many clips)
 
@@ -202,7 +236,7 @@ def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def train_dit(transformer, text_encoder, tok, data: dict, steps: int, rng: np.random.Generator, log, device="cpu",
-              lr: float = 0.0, batch: int = 0) -> dict:
+              lr: float = 0.0, batch: int = 0, max_seconds: float = 0.0) -> dict:
     """Flow matching on pre-encoded latents; returns the EMA weights of both modules."""
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     lr, batch = lr or DIT_LR, batch or DIT_BATCH
@@ -213,8 +247,11 @@ def train_dit(transformer, text_encoder, tok, data: dict, steps: int, rng: np.ra
     gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
     compact = CompactText()
     compact.install(transformer)
-    started = time.perf_counter()
+    started, ran = time.perf_counter(), 0
     for step in range(steps):
+        if out_of_time(started, max_seconds, step, steps, "dit", log):
+            break
+        ran = step + 1
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
         clip = rng.random() < 0.3
@@ -240,7 +277,7 @@ def train_dit(transformer, text_encoder, tok, data: dict, steps: int, rng: np.ra
                     e.lerp_(p, 1 - decay)
         if step % 100 == 0:
             log(f"dit step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
-    log(f"dit: {steps} steps in {time.perf_counter() - started:.0f} s")
+    log(f"dit: {ran} steps run in {time.perf_counter() - started:.0f} s")
     for module in (transformer, ema["transformer"]):
         module.set_attn_processor(type(compact.processor).__mro__[1]())  # diffusers' own again
     return ema
@@ -289,9 +326,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--clips", type=int, default=600)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu", help="cpu (the reference recipe) or cuda")
-    p.add_argument("--vae-from", default="", help="reuse the VAE of an earlier run's folder (skips step 1)")
+    p.add_argument("--vae-from", default="", help="reuse the VAE of an earlier run's folder (skips step 1; its latent stats are measured again)")
     p.add_argument("--dit-from", default="", help="continue from an earlier run's text encoder and DiT")
+    p.add_argument("--vae-max-seconds", type=float, default=0.0, help="stop the VAE's training after this long (0: no limit)")
+    p.add_argument("--dit-max-seconds", type=float, default=0.0, help="stop the DiT's training after this long, keeping what it learned (0: no limit)")
     p.add_argument("--no-score", action="store_true", help="skip scoring the written model with WanPipeline")
+    p.add_argument("--frame", type=int, default=demo_data.FRAME, help="grey frame round every picture, pixels (data.FRAME)")
+    p.add_argument("--cross-attn-gain", type=float, default=CROSS_ATTN_GAIN,
+                   help="initial cross-attention q/k norm weight (text keys must outscore 500 padding copies; 1: diffusers' init)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -307,8 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     def write_record(**extra) -> None:
         (out / "training.json").write_text(json.dumps({"args": vars(args), "log": log_lines, **extra}, indent=1))
 
+    demo_data.FRAME = args.frame
     rng = np.random.default_rng(args.seed)
     vae, text_encoder, transformer = demo_model.new_modules(args.seed, decoder_base_dim=args.vae_decoder_dim)
+    open_text_path(transformer, args.cross_attn_gain)
     started = time.perf_counter()
     if args.vae_from:
         from diffusers import AutoencoderKLWan
@@ -316,7 +360,8 @@ def main(argv: list[str] | None = None) -> int:
         vae = AutoencoderKLWan.from_pretrained(Path(args.vae_from) / "vae").to(device).eval()
     else:
         vae.to(device)
-        train_vae(vae, args.vae_steps, rng, log, lr=args.vae_lr, object_weight_=args.vae_object_weight, device=device)
+        train_vae(vae, args.vae_steps, rng, log, lr=args.vae_lr, object_weight_=args.vae_object_weight, device=device,
+                  max_seconds=args.vae_max_seconds)
     recon = reconstruction_score(vae, device, out)
     log(f"vae reconstructions read back: { {k: v for k, v in recon.items() if k != 'misses'} } ({time.perf_counter() - started:.0f} s so far)")
     if args.vae_only:
@@ -326,8 +371,7 @@ def main(argv: list[str] | None = None) -> int:
     still_scenes = [sample(int(rng.integers(1 << 31))) for _ in range(args.stills)]
     clip_scenes = [sample(int(rng.integers(1 << 31)), frames=CLIP_FRAMES) for _ in range(args.clips)]
     stills, clips = encode_set(vae, still_scenes, 64, device), encode_set(vae, clip_scenes, 8, device)
-    if not args.vae_from:
-        set_latent_stats(vae, stills, clips)
+    set_latent_stats(vae, stills, clips)  # measured on this run's set (a reused VAE's config may hold other stats)
     mean = torch.tensor(vae.config.latents_mean, device=device).view(1, -1, 1, 1, 1)
     std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
     data = {"stills": (stills - mean) / std, "clips": (clips - mean) / std,
@@ -341,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         transformer = WanTransformer3DModel.from_pretrained(Path(args.dit_from) / "transformer")
         text_encoder = UMT5EncoderModel.from_pretrained(Path(args.dit_from) / "text_encoder")
     ema = train_dit(transformer.to(device), text_encoder.to(device), tok, data, args.dit_steps, rng, log, device,
-                    lr=args.dit_lr, batch=args.dit_batch)
+                    lr=args.dit_lr, batch=args.dit_batch, max_seconds=args.dit_max_seconds)
     demo_model.save(out, vae.cpu(), ema["text_encoder"].cpu(), ema["transformer"].cpu())
     log(f"wrote {out} ({time.perf_counter() - started:.0f} s in all)")
     result = {} if args.no_score else pipeline_score(out, device)

@@ -28,6 +28,12 @@ TESTS = Path(__file__).parent
 # their bare names from every tier's folder.
 sys.path.insert(0, str(TESTS))
 
+# `diffserve serve` without --model-path serves the built-in demo model. The tests' servers either name
+# their model or mean a bare scheduler that remote / simulated workers join: --no-local-worker, through
+# its DIFFSERVE_* variable, for every process the suite starts. test_demo_quality.py covers the default
+# (`generate` and the Engine start private servers, which ignore DIFFSERVE_* variables).
+os.environ["DIFFSERVE_NO_LOCAL_WORKER"] = "1"
+
 TIERS = ("unit", "models", "distributed", "service")  # the markers are declared in pyproject.toml
 
 
