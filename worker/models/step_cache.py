@@ -41,6 +41,12 @@ def take(t: torch.Tensor | None, rows: Rows) -> torch.Tensor | None:
     return t.index_select(0, torch.tensor(rows, device=t.device))
 
 
+def whole_outputs_only(caches: Sequence[RowCache]) -> bool:
+    """True where every row is exact or TaylorSeer: each row then runs the whole forward or none of
+    it, so the rows that run can take the model's plain forward (and its CUDA graph)."""
+    return all(c is None or isinstance(c, TaylorSeerCache) for c in caches)
+
+
 def forward_rows(caches: Sequence[RowCache], run: Callable[[Rows], torch.Tensor]) -> torch.Tensor:
     """The forward's output for every row: a TaylorSeer row whose step predicts takes its prediction
     and does not run; `run(rows)` computes the others ((len(rows), ...), rows None: all)."""

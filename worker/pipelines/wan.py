@@ -39,7 +39,7 @@ from PIL import Image
 from diffserve.v1 import generation_pb2 as pb
 
 from diffserve.worker import loading
-from diffserve.worker.models.step_cache import take
+from diffserve.worker.models.step_cache import forward_rows, take, whole_outputs_only
 from diffserve.worker.models.wan import WanTransformer
 from diffserve.worker.parallel import ParallelState
 from diffserve.worker.parallel.decode import decode_video
@@ -370,6 +370,10 @@ class WanPipeline:
             if isinstance(latents, list):  # requests of different sizes, packed into one sequence
                 return model.forward_packed(latents, timesteps, context, image_embeds)
             return model(latents, timesteps, context, image_embeds)
+        if loras is None and torch.is_tensor(latents) and whole_outputs_only(caches):
+            # TaylorSeer rows (with exact ones): a row is predicted or runs the whole forward, so the rows
+            # that run take the instance's forward, its CUDA graph where one is captured (bench/NOTES.md).
+            return forward_rows(caches, lambda rows: model(take(latents, rows), take(timesteps, rows), take(context, rows), take(image_embeds, rows)))
         # Some rows step-cache (decided per row) or run LoRA adapters: eager, and rows do not pack: one
         # forward per size, plain rows of that size included. A cached forward runs its later blocks on
         # some of its rows only, so there every row of one forward has the same adapters (one forward per
