@@ -251,8 +251,9 @@ def shifted_sigmas(u: torch.Tensor, shift: float) -> torch.Tensor:
 
 
 def train_dit(transformer, text_encoder, tok, data: dict, steps: int, rng: np.random.Generator, log, device="cpu",
-              lr: float = 0.0, batch: int = 0, max_seconds: float = 0.0) -> dict:
-    """Flow matching on pre-encoded latents; returns the EMA weights of both modules."""
+              lr: float = 0.0, batch: int = 0, max_seconds: float = 0.0, drill_steps: int = 0, drill_mix: float = 0.0) -> dict:
+    """Flow matching on pre-encoded latents; returns the EMA weights of both modules. With place-drill
+    scenes in `data` ("drills"), the first `drill_steps` steps and a `drill_mix` share of the others train on them."""
     params = list(transformer.parameters()) + list(text_encoder.parameters())
     lr, batch = lr or DIT_LR, batch or DIT_BATCH
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
@@ -262,18 +263,21 @@ def train_dit(transformer, text_encoder, tok, data: dict, steps: int, rng: np.ra
     gen = torch.Generator().manual_seed(int(rng.integers(1 << 31)))
     compact = CompactText()
     compact.install(transformer)
-    started, ran = time.perf_counter(), 0
+    started, ran, drilled = time.perf_counter(), 0, 0
     for step in range(steps):
         if out_of_time(started, max_seconds, step, steps, "dit", log):
             break
         ran = step + 1
         for group in opt.param_groups:
             group["lr"] = lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
-        clip = rng.random() < 0.3
-        latents, scenes = (data["clips"], data["clip_scenes"]) if clip else (data["stills"], data["still_scenes"])
+        drill = "drills" in data and (step < drill_steps or rng.random() < drill_mix)
+        drilled += drill
+        clip = not drill and rng.random() < 0.3
+        kind = "drill" if drill else "clip" if clip else "still"
+        latents, scenes = data[f"{kind}s"], data[f"{kind}_scenes"]
         idx = torch.from_numpy(rng.integers(len(latents), size=batch // 3 if clip else batch))
         x0 = latents[idx.to(latents.device)]
-        weights = data.get("clip_weights" if clip else "still_weights")
+        weights = data.get(f"{kind}_weights")
         batch_captions = ["" if rng.random() < CAPTION_DROP else loose_caption(scenes[i], rng) for i in idx.tolist()]
         sigma = shifted_sigmas(torch.rand(len(idx), generator=gen), demo_model.SCHEDULER["flow_shift"]).to(device)
         noise = torch.randn(x0.shape, generator=gen).to(device)
@@ -297,11 +301,21 @@ def train_dit(transformer, text_encoder, tok, data: dict, steps: int, rng: np.ra
                     e.lerp_(p, 1 - decay)
         if step % 100 == 0:
             log(f"dit step {step}/{steps} loss {loss.item():.4f} ({time.perf_counter() - started:.0f} s)")
-    log(f"dit: {ran} steps run in {time.perf_counter() - started:.0f} s")
+    log(f"dit: {ran} steps run in {time.perf_counter() - started:.0f} s ({drilled} on place drills)")
     log(f"dit: caption loss gaps at sigma 0.9 (wrong word minus right, EMA weights): {caption_gaps(ema, compact, tok, data, device)}")
     for module in (transformer, ema["transformer"]):
         module.set_attn_processor(type(compact.processor).__mro__[1]())  # diffusers' own again
     return ema
+
+
+def drill_scene(seed: int) -> demo_data.Scene:
+    """A place drill: a large red square on a white background at one of the places, nothing else
+    varying (docs/decisions.md, third round: on such scenes the DiT learns to read the place words)."""
+    rng = np.random.default_rng(seed)
+    place = list(PLACES)[rng.integers(len(PLACES))]
+    cx, cy = PLACES[place][1]
+    jx, jy = (float(v) for v in rng.uniform(-demo_data.JITTER, demo_data.JITTER, size=2))
+    return demo_data.Scene("red", "square", "large", "white", place=place, centre=(cx + jx, cy + jy))
 
 
 SWAPS = {"place": [p for p, _ in demo_data.PLACES.values()], "shape": list(demo_data.SHAPES), "colour": list(COLOURS)}
@@ -378,6 +392,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dit-lr", type=float, default=DIT_LR)
     p.add_argument("--dit-batch", type=int, default=DIT_BATCH, help="stills per step (a third as many clips)")
     p.add_argument("--dit-object-weight", type=float, default=DIT_OBJECT_WEIGHT, help="extra DiT loss weight on the shape's latent cells")
+    p.add_argument("--place-drills", type=int, default=0, help="place-drill scenes encoded (a red square on white, only the place varies)")
+    p.add_argument("--drill-steps", type=int, default=0, help="the DiT's first steps on place drills only")
+    p.add_argument("--drill-mix", type=float, default=0.0, help="share of the later steps on place drills")
     p.add_argument("--stills", type=int, default=4000, help="scenes encoded for the DiT's training set")
     p.add_argument("--clips", type=int, default=600)
     p.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's choice)")
@@ -432,9 +449,13 @@ def main(argv: list[str] | None = None) -> int:
     std = torch.tensor(vae.config.latents_std, device=device).view(1, -1, 1, 1, 1)
     data = {"stills": (stills - mean) / std, "clips": (clips - mean) / std,
             "still_scenes": still_scenes, "clip_scenes": clip_scenes}
+    if args.place_drills:
+        drill_scenes = [drill_scene(int(rng.integers(1 << 31))) for _ in range(args.place_drills)]
+        data["drills"], data["drill_scenes"] = (encode_set(vae, drill_scenes, 64, device) - mean) / std, drill_scenes
     if args.dit_object_weight:
-        data["still_weights"] = latent_weights(still_scenes, args.dit_object_weight, device)
-        data["clip_weights"] = latent_weights(clip_scenes, args.dit_object_weight, device)
+        for kind in ("still", "clip", "drill"):
+            if f"{kind}_scenes" in data:
+                data[f"{kind}_weights"] = latent_weights(data[f"{kind}_scenes"], args.dit_object_weight, device)
     log(f"encoded {len(still_scenes)} stills and {len(clip_scenes)} clips ({time.perf_counter() - started:.0f} s so far)")
     tok = demo_model.tokenizer()
     if args.dit_from:
@@ -444,7 +465,8 @@ def main(argv: list[str] | None = None) -> int:
         transformer = WanTransformer3DModel.from_pretrained(Path(args.dit_from) / "transformer")
         text_encoder = UMT5EncoderModel.from_pretrained(Path(args.dit_from) / "text_encoder")
     ema = train_dit(transformer.to(device), text_encoder.to(device), tok, data, args.dit_steps, rng, log, device,
-                    lr=args.dit_lr, batch=args.dit_batch, max_seconds=args.dit_max_seconds)
+                    lr=args.dit_lr, batch=args.dit_batch, max_seconds=args.dit_max_seconds,
+                    drill_steps=args.drill_steps, drill_mix=args.drill_mix)
     demo_model.save(out, vae.cpu(), ema["text_encoder"].cpu(), ema["transformer"].cpu())
     log(f"wrote {out} ({time.perf_counter() - started:.0f} s in all)")
     result = {} if args.no_score else pipeline_score(out, device)
