@@ -7,12 +7,28 @@ from __future__ import annotations
 from contextlib import contextmanager
 
 import numpy as np
+import pytest
+import torch
 
 from diffserve.scheduler.cards import public_model
 from diffserve.scheduler.requests import worker_request
 from diffserve.scheduler.validation import resolve_params
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.card import model_card
+from diffserve.worker.registry import load_pipeline
+
+
+# Fixtures of the Wan step-caching tests (import them by name into the test module).
+@pytest.fixture(scope="module")
+def ckpt(tiny_wan):
+    """The session's tiny Wan checkpoint."""
+    return tiny_wan
+
+
+@pytest.fixture(scope="module")
+def pipe(ckpt):
+    """Its worker pipeline, float32 on the CPU."""
+    return load_pipeline(ckpt, "m", torch.device("cpu"), torch.float32)
 
 
 def cached_state(pipe, rid: str, prompt: str, seed: int, cache: dict | None, *, steps: int, height: int = 32, width: int = 32,

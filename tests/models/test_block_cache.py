@@ -6,26 +6,14 @@ uncached request at another step."""
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
+from cache_util import ckpt, frames, pipe, run  # noqa: F401 (ckpt, pipe: fixtures)
 from diffserve.scheduler.requests import worker_request
 from diffserve.v1 import generation_pb2 as pb
-from diffserve.worker.registry import load_pipeline
-from tests.fixtures.tiny.wan import build_tiny_wan
 
 THRESHOLD = 0.2  # on the tiny random checkpoint this skips most steps (measured: 4 of 20 passes computed)
 STEPS = 10
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return build_tiny_wan(tmp_path_factory.mktemp("tiny_wan"))
-
-
-@pytest.fixture(scope="module")
-def pipe(ckpt):
-    return load_pipeline(ckpt, "m", torch.device("cpu"), torch.float32)
 
 
 def state(pipe, rid: str, prompt: str, seed: int, threshold: float | None, height: int = 32):
@@ -38,10 +26,6 @@ def state(pipe, rid: str, prompt: str, seed: int, threshold: float | None, heigh
     pipe.encode(s)
     pipe.prepare(s)
     return s
-
-
-def frames(pipe, s) -> np.ndarray:
-    return pipe.decode(s).astype(np.int16)
 
 
 def reference(ckpt, prompt: str, seed: int, threshold: float) -> tuple[np.ndarray, list[bool]]:
@@ -67,10 +51,6 @@ def reference(ckpt, prompt: str, seed: int, threshold: float) -> tuple[np.ndarra
         fbc.FBCHeadBlockHook._should_compute_remaining_blocks = original
     return (out * 255).round().astype(np.int16), decisions
 
-
-def run(pipe, states, steps: int) -> None:
-    for _ in range(steps):
-        pipe.denoise_step(states)
 
 
 def test_a_cached_request_skips_what_diffusers_skips_and_draws_the_same(ckpt, pipe):

@@ -6,30 +6,17 @@ alone and batched with an uncached request at another step; a skipping row leave
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 
 from bench.mag_calibrate import calibrate
-from cache_util import cached_state, decisions, frames, run, spy, uint8
+from cache_util import cached_state, ckpt, decisions, frames, pipe, run, spy, uint8  # noqa: F401 (ckpt, pipe: fixtures)
 from diffserve.v1 import generation_pb2 as pb
-from diffserve.worker.registry import load_pipeline
-from tests.fixtures.tiny.wan import build_tiny_wan
 
 STEPS = 10
 # Calibrated on the tiny checkpoint (test_our_calibration_gives_diffusers_ratios), 7 entries for
 # 10 steps so that the nearest-neighbour interpolation runs too.
 RATIOS = [1.0, 1.01822, 1.02447, 0.99043, 1.00217, 0.99450, 1.01088]
 THRESHOLD = 0.06
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return build_tiny_wan(tmp_path_factory.mktemp("tiny_wan"))
-
-
-@pytest.fixture(scope="module")
-def pipe(ckpt):
-    return load_pipeline(ckpt, "m", torch.device("cpu"), torch.float32)
 
 
 def reference(ckpt, prompt: str, seed: int, **config) -> tuple[np.ndarray, list[list[bool]], list[list[float]]]:

@@ -9,24 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from cache_util import cached_state, decisions, frames, run, spy, uint8
-from diffserve.worker.registry import load_pipeline
-from tests.fixtures.tiny.wan import build_tiny_wan
+from cache_util import cached_state, ckpt, decisions, frames, pipe, run, spy, uint8  # noqa: F401 (ckpt, pipe: fixtures)
 
 STEPS = 10
 CACHE = dict(policy="taylorseer", interval=3, max_order=2, warmup_steps=2)
 # Steps 0-1 warm up, then one in three runs: (s - 2 - 1) % 3 == 0.
 SCHEDULE = [True, True, False, True, False, False, True, False, False, True]
-
-
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return build_tiny_wan(tmp_path_factory.mktemp("tiny_wan"))
-
-
-@pytest.fixture(scope="module")
-def pipe(ckpt):
-    return load_pipeline(ckpt, "m", torch.device("cpu"), torch.float32)
 
 
 def reference(ckpt, prompt: str, seed: int, **config) -> tuple[np.ndarray, list[list[bool]]]:
