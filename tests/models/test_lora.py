@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from diffserve.scheduler.requests import worker_request
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.registry import load_pipeline
-from tests.fixtures.tiny.lora import WAN_ATTENTION_AND_FFN, write_lora
+from tests.fixtures.tiny.lora import WAN_ATTENTION_AND_FFN, lora_pipeline, set_reference_adapters, write_lora
 from tests.fixtures.tiny.wan import build_tiny_wan
 
 STEPS = 6
@@ -42,9 +42,7 @@ def loras(ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(ckpt, loras):
-    pipe = load_pipeline(ckpt, "m", torch.device("cpu"), torch.float32)
-    pipe.enable_lora(loras, 1 << 30)
-    return pipe
+    return lora_pipeline(ckpt, loras)
 
 
 def state(pipe, rid: str, prompt: str, seed: int, adapters: list[tuple[str, float]], **size):
@@ -79,10 +77,7 @@ def reference(ckpt, loras, prompt: str, seed: int, adapters: list[tuple[str, flo
 
     ref = WanPipeline.from_pretrained(ckpt)
     ref.set_progress_bar_config(disable=True)
-    for name, _ in adapters:
-        ref.load_lora_weights(loras, weight_name=f"{name}.safetensors", adapter_name=name)
-    if adapters:
-        ref.set_adapters([n for n, _ in adapters], [s for _, s in adapters])
+    set_reference_adapters(ref, loras, adapters)
     kwargs = dict(negative_prompt="", **(size or SIZE), num_inference_steps=STEPS, guidance_scale=5.0,
                   generator=torch.Generator().manual_seed(seed))
     latents = ref(prompt, output_type="latent", **kwargs).frames
@@ -139,8 +134,7 @@ def test_adapters_held_by_a_batch_with_step_cache_and_mixed_sizes_equal_solo_run
 
 
 def test_adapters_load_on_first_use_and_stay_within_the_budget(ckpt, loras):
-    pipe = load_pipeline(ckpt, "m", torch.device("cpu"), torch.float32)
-    pipe.enable_lora(loras, 1 << 30)
+    pipe = lora_pipeline(ckpt, loras)
     cache = pipe.lora.cache
     assert pipe.lora_adapters == ("a", "b") and cache.loads == 0
     a = cache.get("a")
@@ -178,8 +172,7 @@ def test_bad_adapter_files_are_refused_naming_the_adapter_and_other_requests_go_
     bad_file(folder, "dora", {**good, f"{q}.lora_magnitude_vector": torch.ones(32)})
     bad_file(folder, "nan", {**good, f"{q}.lora_A.weight": torch.full((4, 32), float("nan"))})
     bad_file(folder, "gone", good)
-    pipe = load_pipeline(ckpt, "m", torch.device("cpu"), torch.float32)
-    pipe.enable_lora(folder, 1 << 30)
+    pipe = lora_pipeline(ckpt, folder)
     (folder / "gone.safetensors").unlink()  # listed at start, removed since
     why = {"junk": "not a readable safetensors file", "shapes": "to_q.lora_B.weight has shape (5, 4); the module (32 -> 32) needs (32, 4)",
            "unknown": "no linear layer for: blocks.0.attn9.to_q", "outside": "keys outside the transformer (text_encoder.encoder.lora_A.weight)",
@@ -191,8 +184,7 @@ def test_bad_adapter_files_are_refused_naming_the_adapter_and_other_requests_go_
             state(pipe, name, "a cat", 7, [(name, 1.0)])
     with pytest.raises(ValueError, match="'a' named twice"):
         state(pipe, "twice", "a cat", 7, [("a", 1.0), ("a", 0.5)])
-    small = load_pipeline(ckpt, "m", torch.device("cpu"), torch.float32)
-    small.enable_lora(folder, 1000)
+    small = lora_pipeline(ckpt, folder, 1000)
     with pytest.raises(ValueError, match="'a': .* bytes resident, more than the LoRA memory budget"):
         state(small, "big", "a cat", 7, [("a", 1.0)])
     run(pipe, [ok], 2)  # the good request is unaffected

@@ -11,10 +11,9 @@ import torch
 
 from diffserve.scheduler.requests import worker_request
 from diffserve.v1 import generation_pb2 as pb
-from diffserve.worker.registry import load_pipeline
 from diffserve.worker.v1 import worker_pb2 as wpb
 from tests.fixtures.tiny.flux import build_tiny_flux
-from tests.fixtures.tiny.lora import write_lora
+from tests.fixtures.tiny.lora import lora_pipeline, set_reference_adapters, write_lora
 
 STEPS = 4
 # Joint blocks: every attention projection (image and text streams) and both FFNs; single blocks: all linears.
@@ -39,9 +38,7 @@ def loras(ckpt, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def pipe(ckpt, loras):
-    pipe = load_pipeline(ckpt, "m", torch.device("cpu"), torch.float32)
-    pipe.enable_lora(loras, 1 << 30)
-    return pipe
+    return lora_pipeline(ckpt, loras)
 
 
 def state(pipe, rid: str, prompt: str, seed: int, adapters, height: int = 32, width: int = 32):
@@ -60,10 +57,7 @@ def reference(ckpt, loras, prompt: str, seed: int, adapters) -> np.ndarray:
 
     ref = FluxPipeline.from_pretrained(ckpt, torch_dtype=torch.float32)
     ref.set_progress_bar_config(disable=True)
-    for name, _ in adapters:
-        ref.load_lora_weights(loras, weight_name=f"{name}.safetensors", adapter_name=name)
-    if adapters:
-        ref.set_adapters([n for n, _ in adapters], [s for _, s in adapters])
+    set_reference_adapters(ref, loras, adapters)
     out = ref(prompt=prompt, height=32, width=32, num_inference_steps=STEPS, guidance_scale=3.5,
               generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images
     return (out * 255).round().astype(np.int16)

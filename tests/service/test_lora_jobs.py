@@ -17,7 +17,7 @@ from diffserve.client.client import DiffserveError
 from diffserve.v1 import generation_pb2 as pb
 from jobs_util import npy_output
 from reference import max_level_diff
-from tests.fixtures.tiny.lora import WAN_ATTENTION_AND_FFN, write_lora
+from tests.fixtures.tiny.lora import WAN_ATTENTION_AND_FFN, set_reference_adapters, write_lora
 
 PARAMS = dict(negative_prompt="", height=32, width=32, num_frames=1, num_inference_steps=10, guidance_scale=5.0, output_format="npy")
 JOBS = [("a cat in the snow", 7, [("a", 0.8)]), ("a red car", 9, []), ("a dog on the beach", 8, [("b", 1.0)])]
@@ -37,10 +37,7 @@ def reference(path, folder, prompt: str, seed: int, adapters) -> np.ndarray:
 
     pipe = WanPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
-    for name, _ in adapters:
-        pipe.load_lora_weights(folder, weight_name=f"{name}.safetensors", adapter_name=name)
-    if adapters:
-        pipe.set_adapters([n for n, _ in adapters], [s for _, s in adapters])
+    set_reference_adapters(pipe, folder, adapters)
     out = pipe(prompt, negative_prompt="", height=32, width=32, num_frames=1, num_inference_steps=10, guidance_scale=5.0,
                output_type="np", generator=torch.Generator().manual_seed(seed)).frames[0]
     return (out * 255).round().astype(np.uint8)
