@@ -18,7 +18,7 @@ Also the `diffserve keys` command (run by exec from the client's CLI):
     diffserve keys remove NAME                   forbid it again (new connections)
     diffserve keys scheduler                     print the scheduler's public key (creating the store)
 
-Imports only zmq (the scheduler never imports torch).
+Imports only zmq and the worker command line's module (the scheduler never imports torch).
 """
 
 from __future__ import annotations
@@ -37,13 +37,14 @@ import zmq
 import zmq.auth
 from zmq.utils import z85
 
+from diffserve.worker.v1.launch import Z85_KEY_RE, shield_dash_keys
+
 log = logging.getLogger(__name__)
 
 DEFAULT_STATE_DIR = ".diffserve"
 LOCAL = "local"  # the key of the workers the scheduler starts itself; they register as local-N
 RESERVED = frozenset({LOCAL, "scheduler"})
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-Z85_KEY_RE = re.compile(r"[0-9A-Za-z.:+=^!/*?&<>()\[\]{}@%$#-]{40}")
 
 
 class KeyStoreError(ValueError):
@@ -205,7 +206,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def main(argv=None, prog: str = "") -> int:
     prog = prog or os.environ.get("DIFFSERVE_PROG") or "python -m diffserve.scheduler.keys"
-    args = build_parser(prog).parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = build_parser(prog).parse_args(shield_dash_keys(argv))
     logging.basicConfig(level="WARNING", format="%(levelname)s: %(message)s")
     try:
         if args.action == "new":

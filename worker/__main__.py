@@ -25,12 +25,13 @@ import uuid
 
 from diffserve.worker.v1 import logformat
 from diffserve.worker.v1 import worker_pb2 as wpb
-from diffserve.worker.v1.launch import EXIT_CANNOT_LOAD, add_worker_auth_flags, add_worker_flags, die_with_parent, env_defaults
+from diffserve.worker.v1.launch import EXIT_CANNOT_LOAD, add_worker_auth_flags, add_worker_flags, die_with_parent, env_defaults, shield_dash_keys
 
 
 def parse_args(argv=None, environ: dict[str, str] | None = None) -> argparse.Namespace:
     """The worker's flags; defaults from DIFFSERVE_* variables of `environ` (os.environ)."""
-    return build_parser(environ).parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return build_parser(environ).parse_args(shield_dash_keys(argv))
 
 
 def build_parser(environ: dict[str, str] | None = None) -> argparse.ArgumentParser:

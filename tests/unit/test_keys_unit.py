@@ -74,3 +74,25 @@ def test_plaintext_refused_off_loopback(tmp_path):
     with pytest.raises(WorkerAuthError, match="loopback"):
         WorkerLink("tcp://0.0.0.0:0", WorkerAuth(state_dir=str(tmp_path / "s"), plaintext=True))
     assert not (tmp_path / "s").exists()
+
+
+def _dash_key() -> str:
+    """A real public key whose z85 text starts with '-' (about one in 85 does)."""
+    for _ in range(20_000):
+        public, _secret = zmq.curve_keypair()
+        if public.startswith(b"-"):
+            return public.decode()
+    raise AssertionError("no key starting with '-' in 20,000 tries")
+
+
+def test_a_key_starting_with_a_dash_is_a_value_not_an_option(tmp_path):
+    """argparse reads '-...' as an option: a scheduler key that starts with '-' once made a remote
+    worker exit with "--scheduler-key: expected one argument" (CI, stop 25)."""
+    from diffserve.worker.__main__ import parse_args
+
+    key = _dash_key()
+    args = parse_args(["--scheduler", "tcp://127.0.0.1:5555", "--model-path", "m", "--key-file", "w.key_secret",
+                       "--scheduler-key", key])
+    assert args.scheduler_key == key
+    assert main(["--state-dir", str(tmp_path / "state"), "add", "gpu-a", key]) == 0
+    assert dict(KeyStore.open(tmp_path / "state").listed())["gpu-a"] == key.encode()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from dataclasses import dataclass, field
 from typing import Any
@@ -117,6 +118,26 @@ WORKER_FLAGS: tuple[Flag, ...] = (
     Flag("--max-resident", dict(type=int, default=8, help="most jobs a worker holds at once (default 8)")),
     Flag("--log-level", dict(default="INFO", help="log level of the worker process"), outer="--worker-log-level"),
 )
+
+
+Z85_KEY_RE = re.compile(r"[0-9A-Za-z.:+=^!/*?&<>()\[\]{}@%$#-]{40}")  # a CURVE key's 40-character z85 text
+
+
+def shield_dash_keys(argv: list[str], value_flags: tuple[str, ...] = ("--scheduler-key",)) -> list[str]:
+    """`argv` with every z85 key that starts with '-' made safe for argparse, which would read it as
+    an unknown option (z85 has '-' among its 85 characters: about one key in 85 starts with it).
+    After one of `value_flags` the key joins the flag (`--scheduler-key=-Kx...`); elsewhere (a
+    positional key, `keys add NAME KEY`) a '--' goes before it, so it must be the last argument."""
+    out: list[str] = []
+    for i, arg in enumerate(argv):
+        if arg.startswith("-") and Z85_KEY_RE.fullmatch(arg) and "--" not in argv[:i]:
+            if out and out[-1] in value_flags:
+                out[-1] = f"{out[-1]}={arg}"
+                continue
+            if i == len(argv) - 1:
+                out.append("--")
+        out.append(arg)
+    return out
 
 
 def add_worker_auth_flags(parser: argparse.ArgumentParser) -> None:
