@@ -27,6 +27,7 @@ class RequestState:
     timesteps_host: Any = None  # the same on the CPU: decisions on a timestep never wait for the device
     step: int = 0  # denoising steps done
     step_caches: dict = field(default_factory=dict)  # (expert, unconditional) -> its step cache (pipelines/step_caches.py)
+    loras: tuple = ()  # the request's LoRA adapters: (LoraWeights, scale) each, held while it is resident
 
     def start_sampling(self, sampler) -> None:
         """Takes a fresh sampler (timesteps set) and restarts the step count."""

@@ -8,7 +8,6 @@ reference is diffusers' FluxPipeline with true CFG off (true_cfg_scale 1, the de
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from diffserve.worker.samplers import SamplerFactory
 from diffserve.worker.pipelines.base import Capabilities, RequestState
 from diffserve.worker.pipelines.denoise import Unguided, run_step
 from diffserve.worker.pipelines.latents import calculate_shift, latent_shape, pack, unpack
-from diffserve.worker.pipelines.lora import ServedLora, no_lora
+from diffserve.worker.pipelines.lora import OffersLora, ServedLora
 from diffserve.worker.pipelines.step_caches import FIRST_BLOCK, adapter_keys, per_layout, pick, row_caches
 from diffserve.worker.pipelines.stages import initial_noise, to_uint8_frames
 from diffserve.worker.v1 import worker_pb2 as wpb
@@ -48,10 +47,9 @@ def image_ids(h2: int, w2: int, device: torch.device) -> torch.Tensor:
 class FluxState(RequestState):
     pooled: torch.Tensor | None = None  # CLIP pooled prompt embedding, (1, P)
     latent_hw: tuple[int, int] = (0, 0)  # unpacked latent rows, columns (even)
-    loras: tuple = ()  # the request's LoRA adapters: (LoraWeights, scale) each, held while it is resident
 
 
-class FluxPipeline:
+class FluxPipeline(OffersLora):
     """Serves a diffusers-layout FluxPipeline checkpoint (model_index `_class_name` FluxPipeline)."""
 
     family = "flux.1"
@@ -59,7 +57,6 @@ class FluxPipeline:
     # rows of requests batched together.
     capabilities = Capabilities(uses_cfg=False, cfg_parallel=True)
     parallel = ParallelState.single()  # the worker sets the group's state
-    lora: ServedLora | None = None  # per-request LoRA adapters (enable_lora); None: off
     task = "text-to-image"
     guide = Unguided()
     forward_batched = (0, 1, 2, 3, 6)  # x, t, context, pooled, guidance: one per row
@@ -126,13 +123,9 @@ class FluxPipeline:
         """Serves the adapters of `folder` per request (--lora-dir; worker/pipelines/lora.py)."""
         self.lora = ServedLora(self.transformer, folder, max_bytes, _flux_lora_state_dict)
 
-    @property
-    def lora_adapters(self) -> tuple[str, ...]:
-        return () if self.lora is None else self.lora.names
-
     def admit(self, request_id: str, request: wpb.Request) -> FluxState:
         state = FluxState(request_id=request_id, request=request)
-        state.loras = no_lora(request) if self.lora is None else self.lora.resolve(request)
+        state.loras = self.request_loras(request)
         return state
 
     @torch.no_grad()
@@ -189,7 +182,7 @@ class FluxPipeline:
     def _eager(self, x, t, context, pooled, img_ids, txt_ids, guidance, caches, loras) -> torch.Tensor:
         """One forward of same-size rows with their step caches and LoRA adapters (None: none in any
         row). The class's forward: a CUDA graph there would replay without the adapters."""
-        with self.lora.layers.rows(loras) if loras is not None else contextlib.nullcontext():
+        with self.lora_rows(loras):
             if caches is not None:
                 return self.transformer.forward_cached(x, t, context, pooled, img_ids, txt_ids, guidance, caches)
             return FluxTransformer.forward(self.transformer, x, t, context, pooled, img_ids, txt_ids, guidance)

@@ -26,7 +26,7 @@ from diffserve.worker.samplers import SamplerFactory
 from diffserve.worker.pipelines.base import Capabilities, RequestState
 from diffserve.worker.pipelines.denoise import Unguided, pad_texts, run_step
 from diffserve.worker.pipelines.latents import latent_shape
-from diffserve.worker.pipelines.lora import no_lora
+from diffserve.worker.pipelines.lora import OffersLora, ServedLora
 from diffserve.worker.pipelines.stages import initial_noise, to_uint8_frames
 from diffserve.worker.v1 import worker_pb2 as wpb
 from diffserve.worker.transfer import to_device
@@ -52,7 +52,7 @@ class HunyuanVideoState(RequestState):
     pooled: torch.Tensor | None = None  # CLIP pooled prompt embedding, (1, clip_dim)
 
 
-class HunyuanVideoT2VPipeline:
+class HunyuanVideoT2VPipeline(OffersLora):
     """Serves a diffusers-layout HunyuanVideoPipeline checkpoint (model_index `_class_name` HunyuanVideoPipeline)."""
 
     family = "hunyuan-video"
@@ -101,9 +101,17 @@ class HunyuanVideoT2VPipeline:
             ),
         )
 
+    def enable_lora(self, folder: Path, max_bytes: int) -> None:
+        """Serves the adapters of `folder` per request (--lora-dir; worker/pipelines/lora.py), read as
+        diffusers' HunyuanVideoPipeline.load_lora_weights reads them (the original layout converted)."""
+        from diffusers.loaders.lora_pipeline import HunyuanVideoLoraLoaderMixin
+
+        self.lora = ServedLora(self.transformer, folder, max_bytes, HunyuanVideoLoraLoaderMixin.lora_state_dict)
+
     def admit(self, request_id: str, request: wpb.Request) -> HunyuanVideoState:
-        no_lora(request)  # not offered here yet (docs/acceleration.md)
-        return HunyuanVideoState(request_id=request_id, request=request)
+        state = HunyuanVideoState(request_id=request_id, request=request)
+        state.loras = self.request_loras(request)
+        return state
 
     @torch.no_grad()
     def encode(self, state: HunyuanVideoState) -> None:
@@ -138,19 +146,26 @@ class HunyuanVideoT2VPipeline:
         sigmas = np.linspace(1.0, 0.0, r.num_inference_steps + 1)[:-1]  # as the reference passes them
         state.start_sampling(self.samplers.new(r.num_inference_steps, self.device, sigmas=sigmas))
 
-    def forward(self, latents, t, text, lengths, pooled, guidance) -> torch.Tensor:
-        return self.transformer(latents, t, text, lengths, pooled, guidance)
+    def forward(self, latents, t, text, lengths, pooled, guidance, loras=None) -> torch.Tensor:
+        if loras is None:
+            return self.transformer(latents, t, text, lengths, pooled, guidance)
+        # Rows with LoRA adapters: the class's forward, eager (a graph on the instance would replay
+        # without the adapters); rows with other adapters or none share it.
+        with self.lora_rows(loras):
+            return HunyuanVideoTransformer.forward(self.transformer, latents, t, text, lengths, pooled, guidance)
 
     def _rows(self, group: list[HunyuanVideoState], uncond: list[bool]) -> tuple:
         """One row per request; texts are right-padded to the longest in the batch and each row
         attends only to its own valid tokens. Timesteps and the embedded guidance go in as they are
-        (float32); the DiT rounds the guidance to its dtype and scales it by 1000, as the reference."""
+        (float32); the DiT rounds the guidance to its dtype and scales it by 1000, as the reference.
+        Last, each row's LoRA adapters, or None where no row has any."""
         text, lengths = pad_texts([s.cond for s in group])
         latents = torch.cat([s.latents for s in group]).to(self.dtype)  # (B, C, F, H, W)
         t = torch.stack([s.timesteps[s.step] for s in group]).float()  # (B,)
         pooled = torch.cat([s.pooled for s in group])
         guidance = to_device([s.request.embedded_guidance for s in group], self.device, torch.float32)
-        return latents, t, text, lengths, pooled, guidance
+        loras = [s.loras for s in group] if any(s.loras for s in group) else None  # per row; None: no row has any
+        return latents, t, text, lengths, pooled, guidance, loras
 
     def denoise_step(self, states: list[HunyuanVideoState]) -> int:
         """One step for every state in one forward, one row per request."""

@@ -2,13 +2,15 @@
 LoRA-capable linears (models/lora.py), the resident adapters (lora_cache.py) and a request's
 adapters resolved at admission.
 
-A pipeline that offers LoRA has `enable_lora(folder, max_bytes)` (the worker calls it for
---lora-dir), keeps `ServedLora.resolve(request)` in its request state and passes each row's
-adapters to its forward, which runs them eagerly inside `layers.rows(...)`.
+A pipeline that offers LoRA derives from `OffersLora`, has `enable_lora(folder, max_bytes)` (the
+worker calls it for --lora-dir) that sets `self.lora`, keeps `request_loras(request)` in its
+request state (`RequestState.loras`) and passes each row's adapters to its forward, which runs them
+eagerly inside `lora_rows(...)`.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -35,14 +37,36 @@ class ServedLora:
     def names(self) -> tuple[str, ...]:
         return self.cache.names
 
-    def resolve(self, request: wpb.Request) -> RowAdapters:
-        """The request's adapters with their scales, loaded; ValueError naming a bad one."""
+    def resolve(self, request: wpb.Request, *, partial: bool = False) -> RowAdapters:
+        """The request's adapters with their scales, loaded; ValueError naming a bad one. `partial`:
+        only those this folder has (a two-expert model's folders each hold some)."""
         seen = set()
         for lora in request.loras:
             if lora.name in seen:
                 raise ValueError(f"LoRA adapter {lora.name!r} named twice")
             seen.add(lora.name)
-        return tuple((self.cache.get(lora.name), lora.scale) for lora in request.loras)
+        return tuple((self.cache.get(lora.name), lora.scale) for lora in request.loras
+                     if not partial or lora.name in self.names)
+
+
+class OffersLora:
+    """The LoRA side of a one-DiT pipeline: off until `enable_lora` sets `lora`."""
+
+    lora: ServedLora | None = None  # per-request LoRA adapters (enable_lora); None: off
+
+    @property
+    def lora_adapters(self) -> tuple[str, ...]:
+        """The adapter names its card lists (`Model.lora_adapters`)."""
+        return () if self.lora is None else self.lora.names
+
+    def request_loras(self, request: wpb.Request) -> RowAdapters:
+        """A request's adapters, loaded at admission (ValueError naming a bad one or any where off)."""
+        return no_lora(request) if self.lora is None else self.lora.resolve(request)
+
+    def lora_rows(self, loras: Sequence[RowAdapters] | None, served: ServedLora | None = None):
+        """The context a forward runs each row's adapters in (None: no row has any), on `served`'s
+        DiT (default: `lora`'s)."""
+        return contextlib.nullcontext() if loras is None else (served or self.lora).layers.rows(loras)
 
 
 def no_lora(request: wpb.Request) -> RowAdapters:

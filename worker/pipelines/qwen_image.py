@@ -16,7 +16,6 @@ negative prompt given says so.
 from __future__ import annotations
 
 import io
-import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,7 +33,7 @@ from diffserve.worker.samplers import SamplerFactory
 from diffserve.worker.pipelines.base import Capabilities, RequestState
 from diffserve.worker.pipelines.denoise import Cfg, contexts, pad_texts, per_row, run_step
 from diffserve.worker.pipelines.latents import calculate_shift, latent_shape, pack, unpack
-from diffserve.worker.pipelines.lora import ServedLora, no_lora
+from diffserve.worker.pipelines.lora import OffersLora, ServedLora
 from diffserve.worker.pipelines.step_caches import FIRST_BLOCK, adapter_keys, per_layout, pick, row_caches
 from diffserve.worker.pipelines.stages import initial_noise, to_uint8_frames
 from diffserve.worker.v1 import worker_pb2 as wpb
@@ -57,14 +56,12 @@ class QwenImageState(RequestState):
     image_latents: torch.Tensor | None = None  # Edit: the input image's packed VAE latents, (1, L_img, C * 4)
     condition_shapes: list = field(default_factory=list)  # Edit: the input image's (frames, h, w) token grid
     image_shapes: list = field(default_factory=list)  # every image's token grid: the noise's first, then conditions
-    loras: tuple = ()  # the request's LoRA adapters: (LoraWeights, scale) each, held while it is resident
 
 
-class _QwenImageBase:
+class _QwenImageBase(OffersLora):
     family = "qwen-image"
     capabilities = Capabilities(uses_cfg=True, cfg_parallel=True)  # true CFG: cond / uncond rows on the two cfg halves
     parallel = ParallelState.single()  # the worker sets the group's state
-    lora: ServedLora | None = None  # per-request LoRA adapters (enable_lora); None: off
     guide = Cfg(norm_rescale=True)
     forward_batched = (0, 1, 2, 3)  # latents, timesteps, text, text mask: one per row
     task = ""
@@ -118,7 +115,7 @@ class _QwenImageBase:
         if request.num_frames != 1:
             raise ValueError(f"{self.family} makes images: num_frames must be 1 (got {request.num_frames})")
         state = QwenImageState(request_id=request_id, request=request)
-        state.loras = no_lora(request) if self.lora is None else self.lora.resolve(request)
+        state.loras = self.request_loras(request)
         return state
 
     def enable_lora(self, folder: Path, max_bytes: int) -> None:
@@ -126,10 +123,6 @@ class _QwenImageBase:
         from diffusers.loaders.lora_pipeline import QwenImageLoraLoaderMixin
 
         self.lora = ServedLora(self.transformer, folder, max_bytes, QwenImageLoraLoaderMixin.lora_state_dict)
-
-    @property
-    def lora_adapters(self) -> tuple[str, ...]:
-        return () if self.lora is None else self.lora.names
 
     @torch.no_grad()
     def _hidden_states(self, inputs) -> torch.Tensor:
@@ -185,7 +178,7 @@ class _QwenImageBase:
     def _eager(self, x, t, text, mask, image_shapes, caches, loras) -> torch.Tensor:
         """One forward of rows of one image layout with their step caches and LoRA adapters (None: none
         in any row). The class's forward: a CUDA graph there would replay without the adapters."""
-        with self.lora.layers.rows(loras) if loras is not None else contextlib.nullcontext():
+        with self.lora_rows(loras):
             if caches is not None:
                 return self.transformer.forward_cached(x, t, text, mask, image_shapes, caches)
             return QwenImageTransformer.forward(self.transformer, x, t, text, mask, image_shapes)

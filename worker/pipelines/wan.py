@@ -24,7 +24,6 @@ the same generator.
 
 from __future__ import annotations
 
-import contextlib
 import importlib
 import io
 import json
@@ -48,7 +47,7 @@ from diffserve.worker.samplers.dmd import FASTWAN_DMD_SHIFT, FASTWAN_DMD_STEPS, 
 from diffserve.worker.pipelines.base import Capabilities, RequestState
 from diffserve.worker.pipelines.denoise import Cfg, Unguided, contexts, per_row, run_step
 from diffserve.worker.pipelines.latents import latent_shape
-from diffserve.worker.pipelines.lora import ServedLora, no_lora
+from diffserve.worker.pipelines.lora import OffersLora, ServedLora
 from diffserve.worker.pipelines.step_caches import ALL_POLICIES, adapter_keys, per_layout, pick, row_caches
 from diffserve.worker.pipelines.stages import T5PromptEncoder, initial_noise, to_uint8_frames
 from diffserve.worker.v1 import worker_pb2 as wpb
@@ -148,15 +147,14 @@ class WanState(RequestState):
     image_embeds: torch.Tensor | None = None  # CLIP features, (1, S_img, image_dim)
     mask: torch.Tensor | None = None  # FIRST_FRAME: 0 where latents are known, (1, 1, F, H, W)
     condition: torch.Tensor | None = None  # CHANNELS: (1, 4 + z, F, H, W); FIRST_FRAME: (1, z, 1, H, W)
-    loras: tuple = ()  # the request's LoRA adapters: (LoraWeights, scale) each, held while it is resident
+    loras_2: tuple = ()  # Wan2.2 A14B: the request's adapters for `transformer_2` (`loras`: for `transformer`)
 
 
-class WanPipeline:
+class WanPipeline(OffersLora):
     """Serves diffusers-layout WanPipeline / WanImageToVideoPipeline checkpoints and FastVideo's
     WanDMDPipeline checkpoints; `variant` says which."""
 
     parallel = ParallelState.single()  # the worker sets the group's state
-    lora: ServedLora | None = None  # per-request LoRA adapters (enable_lora); None: off
     forward_batched = (1, 2, 3, 4)  # latents, timesteps, text, image features: one per row
 
     def __init__(self, root: Path, name: str, device: torch.device, dtype: torch.dtype):
@@ -264,24 +262,44 @@ class WanPipeline:
 
     # -- stages ---------------------------------------------------------------------------------
 
+    lora_2: ServedLora | None = None  # Wan2.2 A14B: the adapters of `transformer_2` (folder/transformer_2)
+
     def enable_lora(self, folder: Path, max_bytes: int) -> None:
-        """Serves the adapters of `folder` per request (--lora-dir). One expert only: diffusers loads a
-        Wan2.2 A14B adapter into one of its two transformers, a choice a request cannot make yet."""
-        if len(self.experts) > 1:
-            raise ValueError("LoRA adapters are not offered on two-expert Wan2.2 A14B checkpoints yet")
+        """Serves the adapters of `folder` per request (--lora-dir). On a two-expert Wan2.2 A14B,
+        folder/NAME.safetensors goes into `transformer` (the high-noise expert) and
+        folder/transformer_2/NAME.safetensors into `transformer_2`, as diffusers' load_lora_weights
+        without and with `load_into_transformer_2=True`; a request's adapter NAME runs in each expert
+        that has a file of that name, at its one scale. Each expert's cache gets half of `max_bytes`."""
         from diffusers.loaders.lora_pipeline import WanLoraLoaderMixin
 
         # FLF2V folds two image rows into one in the image embedder: its linears see no row per request.
         exclude = ("condition_embedder.image_embedder",) if self.transformer.config.pos_embed_seq_len else ()
+        second = folder / "transformer_2"
+        if len(self.experts) > 1:
+            max_bytes //= 2
+            if second.is_dir():
+                self.lora_2 = ServedLora(self.experts[1], second, max_bytes, WanLoraLoaderMixin.lora_state_dict, exclude)
         self.lora = ServedLora(self.transformer, folder, max_bytes, WanLoraLoaderMixin.lora_state_dict, exclude)
 
     @property
     def lora_adapters(self) -> tuple[str, ...]:
-        return () if self.lora is None else self.lora.names
+        return tuple(sorted(set(super().lora_adapters) | set(self.lora_2.names if self.lora_2 else ())))
+
+    def _admit_loras(self, state: WanState) -> None:
+        """The request's adapters of each expert, loaded (ValueError naming an unknown or bad one)."""
+        if self.lora_2 is None:
+            state.loras = self.request_loras(state.request)
+            return
+        offered = self.lora_adapters
+        for lora in state.request.loras:
+            if lora.name not in offered:
+                raise ValueError(f"no LoRA adapter {lora.name!r} on this worker (its --lora-dir offers: {', '.join(offered)})")
+        state.loras = self.lora.resolve(state.request, partial=True)
+        state.loras_2 = self.lora_2.resolve(state.request, partial=True)
 
     def admit(self, request_id: str, request: wpb.Request) -> WanState:
         state = WanState(request_id=request_id, request=request)
-        state.loras = no_lora(request) if self.lora is None else self.lora.resolve(request)
+        self._admit_loras(state)
         if self.variant.image is ImageConditioning.NONE or (not request.images and not self.variant.image_required):
             return state  # text-to-video
         if len(request.images) != 1 or not request.images[0]:
@@ -392,7 +410,7 @@ class WanPipeline:
         """One forward of same-size rows, each with its step cache and LoRA adapters (None: none in any
         row). The class's forward, not the instance's: a CUDA graph or compiled graph there would replay
         without the adapters."""
-        with self.lora.layers.rows(loras) if loras is not None else contextlib.nullcontext():
+        with self.lora_rows(loras, self.lora if model is self.transformer else self.lora_2):
             if caches is not None:
                 return model.forward_cached(latents, timesteps, context, image_embeds, caches)
             return WanTransformer.forward(model, latents, timesteps, context, image_embeds)
@@ -440,10 +458,13 @@ class WanPipeline:
         else:
             stacked = torch.cat(latents).to(self.dtype)  # (rows, C_in, F, H, W)
         caches = row_caches(group, uncond, self.expert_of)
-        # Each row's LoRA adapters (a CFG request's unconditional row too, as diffusers); None: no row has any.
-        loras = per_row(group, uncond, lambda s: s.loras) if any(s.loras for s in group) else None
+        # Each row's LoRA adapters for this expert (a CFG request's unconditional row too, as diffusers);
+        # None: no row has any.
+        expert = self.expert_of(group[0])
+        adapters = (lambda s: s.loras) if expert == 0 else (lambda s: s.loras_2)
+        loras = per_row(group, uncond, adapters) if any(adapters(s) for s in group) else None
         return (
-            self.expert_of(group[0]),
+            expert,
             stacked,
             torch.cat([t for _, t in inputs]),  # (rows,) or (rows, L)
             torch.cat(contexts(group, uncond)),  # (rows, S, text_dim)
