@@ -90,8 +90,9 @@ def enable_lora(pipeline, args: argparse.Namespace) -> None:
     the model or the layout does not offer them."""
     from pathlib import Path
 
-    if args.num_gpus > 1:
-        raise ValueError("--lora-dir: LoRA adapters are served on one process (--num-gpus 1) only, for now")
+    if args.tp_size > 1:
+        raise ValueError("--lora-dir with --tp-size > 1 is not built yet (the adapters would need sharding like the linears); "
+                         "cfg-parallel and sequence-parallel layouts take LoRA adapters")
     if args.quantization != "none":
         raise ValueError("--lora-dir with --quantization fp8 is not built yet (the adapted linears would stay unquantized)")
     enable = getattr(pipeline, "enable_lora", None)

@@ -2,11 +2,13 @@
 ListModels, jobs with different adapters (and none) share denoising steps and each draws what
 diffusers' WanPipeline draws with load_lora_weights + set_adapters; a bad adapter file fails only
 its own job, naming the adapter; an unknown name or a scale out of range is refused at submission;
-the HTTP API's /v1/jobs takes the same field."""
+the HTTP API's /v1/jobs takes the same field. A cfg × ulysses worker group (gloo, 4 ranks) serves the
+same adapters and draws the same."""
 
 from __future__ import annotations
 
 import io
+from functools import lru_cache
 
 import httpx2 as httpx  # the HTTP client the openai SDK brings
 import numpy as np
@@ -20,7 +22,7 @@ from reference import max_level_diff
 from tests.fixtures.tiny.lora import WAN_ATTENTION_AND_FFN, set_reference_adapters, write_lora
 
 PARAMS = dict(negative_prompt="", height=32, width=32, num_frames=1, num_inference_steps=10, guidance_scale=5.0, output_format="npy")
-JOBS = [("a cat in the snow", 7, [("a", 0.8)]), ("a red car", 9, []), ("a dog on the beach", 8, [("b", 1.0)])]
+JOBS = [("a cat in the snow", 7, (("a", 0.8),)), ("a red car", 9, ()), ("a dog on the beach", 8, (("b", 1.0),))]
 
 
 @pytest.fixture(scope="module")
@@ -32,13 +34,14 @@ def lora_dir(tiny_wan, tmp_path_factory):
     return folder
 
 
-def reference(path, folder, prompt: str, seed: int, adapters) -> np.ndarray:
+@lru_cache(maxsize=8)
+def reference(path, folder, prompt: str, seed: int, adapters: tuple, guidance: float = 5.0) -> np.ndarray:
     from diffusers import WanPipeline
 
     pipe = WanPipeline.from_pretrained(path)
     pipe.set_progress_bar_config(disable=True)
     set_reference_adapters(pipe, folder, adapters)
-    out = pipe(prompt, negative_prompt="", height=32, width=32, num_frames=1, num_inference_steps=10, guidance_scale=5.0,
+    out = pipe(prompt, negative_prompt="", height=32, width=32, num_frames=1, num_inference_steps=10, guidance_scale=guidance,
                output_type="np", generator=torch.Generator().manual_seed(seed)).frames[0]
     return (out * 255).round().astype(np.uint8)
 
@@ -74,3 +77,22 @@ def test_jobs_with_different_adapters_share_steps_and_match_diffusers(tiny_wan, 
         job = created.json()["job"]
         assert job["params"]["loras"] == [{"name": "b", "scale": 1.0}]
     assert np.array_equal(npy_output(client, job["id"]), outputs[2])
+
+
+def test_a_cfg_and_ulysses_group_serves_the_adapters_as_diffusers(tiny_wan, lora_dir, start_server):
+    """The cfg axis splits the batched rows with their adapters (a CFG request's two rows on two ranks; a
+    request without CFG makes the row count odd, so the last row's adapters pad the split), the ulysses
+    axis each row's tokens: every job still draws what diffusers draws."""
+    group = start_server(tiny_wan, "--lora-dir", str(lora_dir), "--max-batch-size", "4", "--num-gpus", "4",
+                         "--enable-cfg-parallel", "--ulysses-degree", "2")
+    client = group.client
+    assert len(group.worker_pids()) == 4
+    cases = [(*job, 5.0) for job in JOBS] + [("a blue bird", 5, (("a", 1.0),), 1.0)]  # the last: one row, no CFG
+    jobs = [client.submit(prompt, seed=seed, loras=[f"{n}:{s}" for n, s in adapters], **{**PARAMS, "guidance_scale": guidance})
+            for prompt, seed, adapters, guidance in cases]
+    for job, case in zip(jobs, cases):
+        out = npy_output(client, job.id)
+        assert out.std() > 1
+        assert max_level_diff(out, reference(tiny_wan, lora_dir, *case)) <= 2, case
+    batched = [max(e.step_completed.batch_jobs for e in client.events(j.id) if e.WhichOneof("event") == "step_completed") for j in jobs]
+    assert max(batched) >= 2, f"the jobs never shared a step: {batched}"

@@ -15,7 +15,7 @@ from diffserve.worker.parallel.state import ParallelState
 def split_rows(state: ParallelState, model, batched: tuple[int, ...] = (0, 1, 2)):
     """Wraps model(*args) so each cfg rank runs an equal contiguous share of the rows and all
     ranks get every row's output (one all-gather per step). `batched` are the positions of the
-    arguments that have one row per batch row (None allowed); the others are shared. With one
+    arguments that have one row per batch row (tensors, lists or None); the others are shared. With one
     CFG request the conditional row runs on cfg rank 0 and the unconditional row on cfg rank 1."""
     if state.dims.cfg == 1:
         return model
@@ -29,6 +29,9 @@ def split_rows(state: ParallelState, model, batched: tuple[int, ...] = (0, 1, 2)
         for i in batched:
             a = args[i]
             if a is None:
+                continue
+            if isinstance(a, list):  # one entry per row (a row's LoRA adapters): the same split
+                args[i] = (a + a[-1:] * pad)[lo : lo + share]
                 continue
             if pad:  # repeat the last row so every rank runs the same count
                 a = torch.cat([a, a[-1:].expand(pad, *a.shape[1:])])

@@ -59,7 +59,7 @@ class FluxPipeline(OffersLora):
     parallel = ParallelState.single()  # the worker sets the group's state
     task = "text-to-image"
     guide = Unguided()
-    forward_batched = (0, 1, 2, 3, 6)  # x, t, context, pooled, guidance: one per row
+    forward_batched = (0, 1, 2, 3, 6, 8)  # x, t, context, pooled, guidance, LoRA adapters: one per row
 
     def __init__(self, root: Path, name: str, device: torch.device, dtype: torch.dtype):
         index = loading.read_model_index(root)

@@ -62,7 +62,7 @@ class HunyuanVideoT2VPipeline(OffersLora):
     # travel as a list, which the row split does not cut), so cfg-parallel layouts are refused.
     capabilities = Capabilities(uses_cfg=False, cfg_parallel=False, decodes_on_every_rank=True)
     guide = Unguided()
-    forward_batched = (0, 1, 2, 4, 5)  # latents, t, text, pooled, guidance (lengths: a list, not split)
+    forward_batched = (0, 1, 2, 4, 5)  # latents, t, text, pooled, guidance (lengths: a list, not split; no cfg axis)
 
     def __init__(self, root: Path, name: str, device: torch.device, dtype: torch.dtype):
         index = loading.read_model_index(root)

@@ -63,7 +63,7 @@ class _QwenImageBase(OffersLora):
     capabilities = Capabilities(uses_cfg=True, cfg_parallel=True)  # true CFG: cond / uncond rows on the two cfg halves
     parallel = ParallelState.single()  # the worker sets the group's state
     guide = Cfg(norm_rescale=True)
-    forward_batched = (0, 1, 2, 3)  # latents, timesteps, text, text mask: one per row
+    forward_batched = (0, 1, 2, 3, 6)  # latents, timesteps, text, text mask, LoRA adapters: one per row
     task = ""
     template = ""
     template_drop = 0  # tokens of the template before the user's text (prompt_template_encode_start_idx)

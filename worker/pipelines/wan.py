@@ -155,7 +155,7 @@ class WanPipeline(OffersLora):
     WanDMDPipeline checkpoints; `variant` says which."""
 
     parallel = ParallelState.single()  # the worker sets the group's state
-    forward_batched = (1, 2, 3, 4)  # latents, timesteps, text, image features: one per row
+    forward_batched = (1, 2, 3, 4, 6)  # latents, timesteps, text, image features, LoRA adapters: one per row
 
     def __init__(self, root: Path, name: str, device: torch.device, dtype: torch.dtype):
         index = loading.read_model_index(root)
