@@ -34,6 +34,11 @@ sys.path.insert(0, str(TESTS))
 # (`generate` and the Engine start private servers, which ignore DIFFSERVE_* variables).
 os.environ["DIFFSERVE_NO_LOCAL_WORKER"] = "1"
 
+# One intra-op thread per process (before torch is imported here or in any process the tests start): two
+# test workers on two cores already fill the machine, and each test may start several processes of its own
+# (servers, worker groups); more threads only contend (~6 % of the models and gloo tiers' time).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 TIERS = ("unit", "models", "distributed", "service")  # the markers are declared in pyproject.toml
 
 

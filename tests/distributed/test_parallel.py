@@ -25,12 +25,13 @@ JOBS = [
 
 UNEVEN = dict(prompt="a boat on the lake", negative_prompt="", height=48, width=48, num_frames=1,
               num_inference_steps=3, guidance_scale=5.0, seed=5, output_format="npy")  # 3x3 = 9 tokens: padded on 2 and 4 ranks
-# Every axis alone on Wan, and the combinations on Wan (cfg × ulysses) and FLUX (ulysses × ring,
-# cfg × ulysses): each axis runs on both families, each 4-rank combination once (a 4-rank group
-# costs ~16 s of the suite on 2 cores; the three 4-rank layouts per family were 100 s).
+# Every axis alone on Wan but Ulysses (alone on Qwen-Image and HunyuanVideo below, and inside cfg × ulysses
+# here), and the combinations on Wan (cfg × ulysses) and FLUX (ulysses × ring, cfg × ulysses): each axis runs on
+# both families, each 4-rank combination once (a 4-rank group costs ~16 s of the suite on 2 cores; the three
+# 4-rank layouts per family were 100 s; Ulysses alone on Wan and FLUX, 17 s each, repeated what the
+# combinations cover).
 WAN_LAYOUTS = {
     "cfg2": ("--num-gpus", "2", "--enable-cfg-parallel"),
-    "ulysses2": ("--num-gpus", "2", "--ulysses-degree", "2"),
     "ring2": ("--num-gpus", "2", "--ring-degree", "2"),
     "cfg2-ulysses2": ("--num-gpus", "4", "--ulysses-degree", "2", "--enable-cfg-parallel"),
     "tp2": ("--num-gpus", "2", "--tp-size", "2"),  # DiT heads/MLP and the UMT5 encoder sharded
@@ -65,7 +66,6 @@ FLUX_JOBS = [dict(prompt="a cat in the snow", height=32, width=48, num_frames=1,
              dict(prompt="a small dog on the beach at night", height=32, width=32, num_frames=1, num_inference_steps=2, seed=22,
                   guidance_scale=5.0, output_format="npy")]
 FLUX_LAYOUTS = {  # ring and cfg (FLUX has no CFG: the axis splits batched requests' rows) inside the 4-rank combinations
-    "ulysses2": ("--num-gpus", "2", "--ulysses-degree", "2"),
     "ulysses2-ring2": ("--num-gpus", "4", "--ulysses-degree", "2", "--ring-degree", "2"),
     "tp2": ("--num-gpus", "2", "--tp-size", "2"),  # DiT heads/MLP and the T5 encoder sharded
     "cfg2-ulysses2": ("--num-gpus", "4", "--ulysses-degree", "2", "--enable-cfg-parallel"),

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +18,25 @@ MODELS = {"wan-1.3b", "wan-14b", "flux.1-dev", "qwen-image", "hunyuan-video"}
 KEYS = {"model", "shape", "card", "diffserve_ms", "diffusers_ms", "ratio", "tflops", "diffserve_err", "diffusers_err"}
 
 
+@pytest.fixture
+def bench(tmp_path, monkeypatch, capsys):
+    """Runs bench/SCRIPT's main(args) in this process, as `python bench/SCRIPT` from the repo root would
+    (bench/ first on sys.path, results under OUT=tmp_path), and returns what it printed. In-process:
+    a script's own process would import torch, diffusers and transformers again (~8 s each on 2 cores)."""
+    monkeypatch.setenv("OUT", str(tmp_path))
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+
+    def run(script: str, *args: str) -> str:
+        capsys.readouterr()
+        runpy.run_path(str(ROOT / "bench" / script), run_name="bench_script")["main"](["--tiny", *args])
+        return capsys.readouterr().out
+
+    return run
+
+
 @pytest.mark.timeout(120)
-def test_dit_forward_tiny_runs_every_model(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "bench/dit_forward.py", "--tiny"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=110)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+def test_dit_forward_tiny_runs_every_model(tmp_path, bench):
+    bench("dit_forward.py")
     (result,) = tmp_path.glob("*-cpu.json")
     rows = json.loads(result.read_text())
     assert {r["model"] for r in rows} == MODELS
@@ -33,16 +48,15 @@ def test_dit_forward_tiny_runs_every_model(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_parallel_step_and_profile_scripts_run_tiny(tmp_path):
-    """bench/parallel_step.py (2 gloo ranks, --profile) and bench/profile_forward.py on tiny FLUX run
-    and write the rows bench/NOTES.md reports (the sharded step's correctness: test_parallel.py)."""
+def test_parallel_step_and_profile_scripts_run_tiny(tmp_path, bench):
+    """bench/parallel_step.py (2 gloo ranks, --profile; its own process) and bench/profile_forward.py on
+    tiny FLUX run and write the rows bench/NOTES.md reports (the sharded step's correctness: test_parallel.py)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)}
-    for script, args in (("parallel_step.py", ["--models", "flux.1-dev", "--gpus", "2", "--layouts", "ulysses2", "--profile", "--cuda-graphs"]),
-                         ("profile_forward.py", ["--models", "flux.1-dev"])):
-        proc = subprocess.run([sys.executable, f"bench/{script}", "--tiny", *args], cwd=ROOT, env=env, capture_output=True,
-                              text=True, timeout=100)
-        assert proc.returncode == 0, f"{script}: {proc.stderr[-4000:]}"
-        assert "[profile]" in proc.stdout, script
+    proc = subprocess.run([sys.executable, "bench/parallel_step.py", "--tiny", "--models", "flux.1-dev", "--gpus", "2", "--layouts",
+                           "ulysses2", "--profile", "--cuda-graphs"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=100)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert "[profile]" in proc.stdout
+    assert "[profile]" in bench("profile_forward.py", "--models", "flux.1-dev")
     (parallel,) = tmp_path.glob("*-cpu-parallel-flux1-dev-graphs.json")
     (row,) = json.loads(parallel.read_text())
     assert row["layout"] == "ulysses2 +graphs" and row["graph_err"] == 0 and row["gpus"] == 2 and row["step_ms"] > 0 and row["profile"]["wall_ms"] > 0, row
@@ -79,12 +93,9 @@ def test_serve_load_tiny_runs_service_and_diffusers(tmp_path):
     assert max(j["mean_batch_jobs"] for j in ours["per_job"]) <= 2
 
 
-def test_graphs_pay_tiny_times_every_shape_and_batch(tmp_path):
+def test_graphs_pay_tiny_times_every_shape_and_batch(tmp_path, bench):
     """bench/graphs_pay.py --tiny: one row per (shape, rows), eager and GraphedForward (eager on the CPU)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "bench/graphs_pay.py", "--tiny", "--rows", "1,2"], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=110)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    bench("graphs_pay.py", "--rows", "1,2")
     (result,) = tmp_path.glob("*-cpu-graphs_pay.json")
     rows = json.loads(result.read_text())
     assert [(r["shape"], r["rows"]) for r in rows] == [("32x32x1", 1), ("32x32x1", 2), ("32x32x5", 1), ("32x32x5", 2)]
@@ -92,12 +103,10 @@ def test_graphs_pay_tiny_times_every_shape_and_batch(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_fp8_forward_tiny_runs_wan_and_flux(tmp_path):
+def test_fp8_forward_tiny_runs_wan_and_flux(tmp_path, bench):
     """bench/fp8_forward.py --tiny: the kernel checks agree with their references, the float32 rows
     equal the float32 reference, and the FP8 rows carry an error that is there but small."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "bench/fp8_forward.py", "--tiny"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=110)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    printed = bench("fp8_forward.py")
     (result,) = tmp_path.glob("*-cpu-fp8_forward.json")
     rows = json.loads(result.read_text())
     checks = [r for r in rows if r["variant"] == "check"]
@@ -111,15 +120,13 @@ def test_fp8_forward_tiny_runs_wan_and_flux(tmp_path):
         err = float(row["rel_err"])
         assert (0 < err < 0.05) if variant == "fp8" else err < 1e-5, row
         assert row["ms"] > 0 and row["speedup_vs_bf16"] > 0, row
-    assert proc.stdout.count('{"model"') == len(rows)  # one JSON line per row
+    assert printed.count('{"model"') == len(rows)  # one JSON line per row
 
 
-def test_lora_overhead_tiny_runs_and_its_rows_equal_merged_weights(tmp_path):
+def test_lora_overhead_tiny_runs_and_its_rows_equal_merged_weights(tmp_path, bench):
     """bench/lora_overhead.py --tiny: the 4-adapter batched forward's rows equal each row run alone with
     its adapter merged into the weights (float32), and the row has what bench/NOTES.md reports."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "bench/lora_overhead.py", "--tiny"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=110)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    bench("lora_overhead.py")
     (result,) = tmp_path.glob("*-cpu-lora.json")
     (row,) = json.loads(result.read_text())
     assert row["rows"] == row["adapters"] == 4 and min(row["plain_ms"], row["base_ms"], row["lora_ms"], row["lora_cold_ms"], row["shared_ms"]) > 0, row
@@ -129,12 +136,10 @@ def test_lora_overhead_tiny_runs_and_its_rows_equal_merged_weights(tmp_path):
 
 
 @pytest.mark.timeout(120)
-def test_packed_forward_tiny_times_every_variant_and_packed_equals_unpacked(tmp_path):
+def test_packed_forward_tiny_times_every_variant_and_packed_equals_unpacked(tmp_path, bench):
     """bench/packed_forward.py --tiny: both scenarios, the four variants each, and every packed
     request equal to its unpacked forward (float32)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT": str(tmp_path)}
-    proc = subprocess.run([sys.executable, "bench/packed_forward.py", "--tiny"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=110)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    bench("packed_forward.py")
     (result,) = tmp_path.glob("*-cpu-packed_forward.json")
     rows = json.loads(result.read_text())
     variants = ["unpacked", "unpacked graphs", "packed", "packed, loop attention"]

@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from diffserve.scheduler.requests import worker_request
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.registry import load_pipeline
-from tests.fixtures.tiny.lora import WAN_ATTENTION_AND_FFN, lora_pipeline, set_reference_adapters, write_lora
+from tests.fixtures.tiny.lora import WAN_ATTENTION_AND_FFN, activate, lora_pipeline, reference_with_all, write_lora
 from tests.fixtures.tiny.wan import build_tiny_wan
 
 STEPS = 6
@@ -71,13 +71,19 @@ def frames(pipe, s) -> np.ndarray:
     return pipe.decode(s).astype(np.int16)
 
 
-def reference(ckpt, loras, prompt: str, seed: int, adapters: list[tuple[str, float]], **size) -> tuple[np.ndarray, torch.Tensor]:
-    """diffusers' WanPipeline with `adapters` loaded and set (none: the plain pipeline): (frames, latents)."""
+@pytest.fixture(scope="module")
+def ref(ckpt, loras):
+    """diffusers' WanPipeline with every test adapter loaded once; `reference` activates a case's."""
     from diffusers import WanPipeline
 
-    ref = WanPipeline.from_pretrained(ckpt)
-    ref.set_progress_bar_config(disable=True)
-    set_reference_adapters(ref, loras, adapters)
+    pipe = WanPipeline.from_pretrained(ckpt)
+    pipe.set_progress_bar_config(disable=True)
+    return reference_with_all(pipe, loras, ("a", "b"))
+
+
+def reference(ref, prompt: str, seed: int, adapters: list[tuple[str, float]], **size) -> tuple[np.ndarray, torch.Tensor]:
+    """diffusers' WanPipeline with `adapters` loaded and set (none: the plain pipeline): (frames, latents)."""
+    activate(ref, adapters)
     kwargs = dict(negative_prompt="", **(size or SIZE), num_inference_steps=STEPS, guidance_scale=5.0,
                   generator=torch.Generator().manual_seed(seed))
     latents = ref(prompt, output_type="latent", **kwargs).frames
@@ -94,7 +100,7 @@ MIX = [  # (request id, prompt, seed, adapters): one batch, every row of it in e
 ]
 
 
-def test_a_batch_mixing_adapters_matches_diffusers_lora_row_by_row(ckpt, loras, pipe, monkeypatch):
+def test_a_batch_mixing_adapters_matches_diffusers_lora_row_by_row(ref, pipe, monkeypatch):
     states = [state(pipe, rid, prompt, seed, adapters) for rid, prompt, seed, adapters in MIX]
     forwards = []
     eager = pipe._eager
@@ -102,7 +108,7 @@ def test_a_batch_mixing_adapters_matches_diffusers_lora_row_by_row(ckpt, loras, 
     run(pipe, states)
     assert forwards == [8] * STEPS, "each step is one forward of all 8 rows (4 requests, CFG)"
     for s, (rid, prompt, seed, adapters) in zip(states, MIX):
-        expected, latents = reference(ckpt, loras, prompt, seed, adapters)
+        expected, latents = reference(ref, prompt, seed, adapters)
         torch.testing.assert_close(s.latents, latents, atol=2e-4, rtol=1e-4, msg=f"request {rid}")
         assert np.abs(frames(pipe, s) - expected).max() <= 2, rid
     # The adapters must change the result for the test to mean anything.

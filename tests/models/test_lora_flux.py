@@ -13,7 +13,7 @@ from diffserve.scheduler.requests import worker_request
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.v1 import worker_pb2 as wpb
 from tests.fixtures.tiny.flux import build_tiny_flux
-from tests.fixtures.tiny.lora import lora_pipeline, set_reference_adapters, write_lora
+from tests.fixtures.tiny.lora import activate, reference_with_all, lora_pipeline, write_lora
 
 STEPS = 4
 # Joint blocks: every attention projection (image and text streams) and both FFNs; single blocks: all linears.
@@ -52,12 +52,18 @@ def state(pipe, rid: str, prompt: str, seed: int, adapters, height: int = 32, wi
     return s
 
 
-def reference(ckpt, loras, prompt: str, seed: int, adapters) -> np.ndarray:
+@pytest.fixture(scope="module")
+def ref(ckpt, loras):
+    """diffusers' FluxPipeline with every test adapter loaded once; `reference` activates a case's."""
     from diffusers import FluxPipeline
 
-    ref = FluxPipeline.from_pretrained(ckpt, torch_dtype=torch.float32)
-    ref.set_progress_bar_config(disable=True)
-    set_reference_adapters(ref, loras, adapters)
+    pipe = FluxPipeline.from_pretrained(ckpt, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return reference_with_all(pipe, loras, ("a", "b"))
+
+
+def reference(ref, prompt: str, seed: int, adapters) -> np.ndarray:
+    activate(ref, adapters)
     out = ref(prompt=prompt, height=32, width=32, num_inference_steps=STEPS, guidance_scale=3.5,
               generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images
     return (out * 255).round().astype(np.int16)
@@ -67,7 +73,7 @@ MIX = [("a", "a red cat walking on the beach", 1, [("a", 0.8)]), ("none", "a blu
        ("b", "a green tree at sunset", 3, [("b", 1.0)]), ("ab", "a dog", 4, [("a", 0.5), ("b", 1.5)])]
 
 
-def test_a_flux_batch_mixing_adapters_matches_diffusers_lora_row_by_row(ckpt, loras, pipe):
+def test_a_flux_batch_mixing_adapters_matches_diffusers_lora_row_by_row(ref, pipe):
     states = [state(pipe, rid, prompt, seed, adapters) for rid, prompt, seed, adapters in MIX]
     for _ in range(STEPS):
         assert pipe.denoise_step(states) == 4  # one forward, one row per request
@@ -78,7 +84,7 @@ def test_a_flux_batch_mixing_adapters_matches_diffusers_lora_row_by_row(ckpt, lo
     for s, (rid, prompt, seed, adapters) in zip(states, MIX):
         ours = pipe.decode(s).astype(np.int16)
         assert ours.std() > 1
-        assert np.abs(ours - reference(ckpt, loras, prompt, seed, adapters)).max() <= 2, rid
+        assert np.abs(ours - reference(ref, prompt, seed, adapters)).max() <= 2, rid
 
 
 def test_a_flux_step_with_a_lora_row_and_another_size_equals_solo_runs(pipe):

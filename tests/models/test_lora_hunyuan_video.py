@@ -13,7 +13,7 @@ from diffserve.scheduler.requests import worker_request
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.v1 import worker_pb2 as wpb
 from tests.fixtures.tiny.hunyuan_video import build_tiny_hunyuan_video
-from tests.fixtures.tiny.lora import lora_pipeline, set_reference_adapters, write_lora
+from tests.fixtures.tiny.lora import activate, reference_with_all, lora_pipeline, write_lora
 
 STEPS = 3
 SIZE = dict(height=32, width=32, num_frames=5)
@@ -54,12 +54,18 @@ def state(pipe, rid: str, prompt: str, seed: int, adapters):
     return s
 
 
-def reference(ckpt, loras, prompt: str, seed: int, adapters) -> np.ndarray:
+@pytest.fixture(scope="module")
+def ref(ckpt, loras):
+    """diffusers' HunyuanVideoPipeline with every test adapter loaded once; `reference` activates a case's."""
     from diffusers import HunyuanVideoPipeline
 
-    ref = HunyuanVideoPipeline.from_pretrained(ckpt, torch_dtype=torch.float32)
-    ref.set_progress_bar_config(disable=True)
-    set_reference_adapters(ref, loras, adapters)
+    pipe = HunyuanVideoPipeline.from_pretrained(ckpt, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return reference_with_all(pipe, loras, ("a", "b"))
+
+
+def reference(ref, prompt: str, seed: int, adapters) -> np.ndarray:
+    activate(ref, adapters)
     out = ref(prompt=prompt, num_inference_steps=STEPS, guidance_scale=6.0, generator=torch.Generator("cpu").manual_seed(seed),
               output_type="np", **SIZE).frames[0]
     return (out * 255).round().astype(np.int16)
@@ -73,7 +79,7 @@ def test_card_lists_the_folder_adapters(pipe):
     assert pipe.lora_adapters == ("a", "b")
 
 
-def test_a_hunyuan_video_batch_mixing_adapters_matches_diffusers_lora_row_by_row(ckpt, loras, pipe):
+def test_a_hunyuan_video_batch_mixing_adapters_matches_diffusers_lora_row_by_row(ref, pipe):
     states = [state(pipe, rid, prompt, seed, adapters) for rid, prompt, seed, adapters in MIX]
     for _ in range(STEPS):
         assert pipe.denoise_step(states) == 4  # one forward, one row per request
@@ -84,7 +90,7 @@ def test_a_hunyuan_video_batch_mixing_adapters_matches_diffusers_lora_row_by_row
     for s, (rid, prompt, seed, adapters) in zip(states, MIX):
         ours = pipe.decode(s).astype(np.int16)
         assert ours.std() > 1
-        assert np.abs(ours - reference(ckpt, loras, prompt, seed, adapters)).max() <= 2, rid
+        assert np.abs(ours - reference(ref, prompt, seed, adapters)).max() <= 2, rid
 
 
 def test_an_unknown_adapter_is_refused_naming_it(pipe):

@@ -12,7 +12,7 @@ import torch
 from diffserve.scheduler.requests import worker_request
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.v1 import worker_pb2 as wpb
-from tests.fixtures.tiny.lora import lora_pipeline, set_reference_adapters, write_lora
+from tests.fixtures.tiny.lora import activate, reference_with_all, lora_pipeline, write_lora
 from tests.fixtures.tiny.qwen_image import build_tiny_qwen_image
 
 STEPS = 4
@@ -50,12 +50,18 @@ def state(pipe, rid: str, prompt: str, seed: int, adapters):
     return s
 
 
-def reference(ckpt, loras, prompt: str, seed: int, adapters) -> np.ndarray:
+@pytest.fixture(scope="module")
+def ref(ckpt, loras):
+    """diffusers' QwenImagePipeline with every test adapter loaded once; `reference` activates a case's."""
     from diffusers import QwenImagePipeline
 
-    ref = QwenImagePipeline.from_pretrained(ckpt, torch_dtype=torch.float32)
-    ref.set_progress_bar_config(disable=True)
-    set_reference_adapters(ref, loras, adapters)
+    pipe = QwenImagePipeline.from_pretrained(ckpt, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return reference_with_all(pipe, loras, ("a", "b"))
+
+
+def reference(ref, prompt: str, seed: int, adapters) -> np.ndarray:
+    activate(ref, adapters)
     out = ref(prompt=prompt, negative_prompt="blurry", height=32, width=32, num_inference_steps=STEPS, true_cfg_scale=4.0,
               generator=torch.Generator("cpu").manual_seed(seed), output_type="np").images
     return (out * 255).round().astype(np.int16)
@@ -65,7 +71,7 @@ MIX = [("a", "a red cat walking on the beach at sunset", 1, [("a", 0.8)]), ("non
        ("b", "a green tree", 3, [("b", 1.0)]), ("ab", "a dog", 4, [("a", 0.5), ("b", 1.5)])]
 
 
-def test_a_qwen_image_batch_mixing_adapters_matches_diffusers_lora_row_by_row(ckpt, loras, pipe):
+def test_a_qwen_image_batch_mixing_adapters_matches_diffusers_lora_row_by_row(ref, pipe):
     states = [state(pipe, rid, prompt, seed, adapters) for rid, prompt, seed, adapters in MIX]
     for _ in range(STEPS):
         assert pipe.denoise_step(states) == 8  # one forward: cond and uncond rows of 4 requests
@@ -76,4 +82,4 @@ def test_a_qwen_image_batch_mixing_adapters_matches_diffusers_lora_row_by_row(ck
     for s, (rid, prompt, seed, adapters) in zip(states, MIX):
         ours = pipe.decode(s).astype(np.int16)
         assert ours.std() > 1
-        assert np.abs(ours - reference(ckpt, loras, prompt, seed, adapters)).max() <= 2, rid
+        assert np.abs(ours - reference(ref, prompt, seed, adapters)).max() <= 2, rid

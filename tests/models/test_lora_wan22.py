@@ -13,7 +13,7 @@ import torch
 from diffserve.scheduler.requests import worker_request
 from diffserve.v1 import generation_pb2 as pb
 from diffserve.worker.v1 import worker_pb2 as wpb
-from tests.fixtures.tiny.lora import WAN_ATTENTION_AND_FFN, lora_pipeline, set_reference_adapters, write_lora
+from tests.fixtures.tiny.lora import activate, reference_with_all, WAN_ATTENTION_AND_FFN, lora_pipeline, write_lora
 from tests.fixtures.tiny.wan22 import build_tiny_wan22_a14b
 
 STEPS = 4  # timesteps 999, 900 (high-noise expert) | 750, 500 (low-noise expert)
@@ -51,12 +51,18 @@ def state(pipe, rid: str, prompt: str, seed: int, adapters):
     return s
 
 
-def reference(ckpt, loras, prompt: str, seed: int, adapters) -> np.ndarray:
+@pytest.fixture(scope="module")
+def ref(ckpt, loras):
+    """diffusers' WanPipeline with every test adapter loaded once; `reference` activates a case's."""
     from diffusers import WanPipeline
 
-    ref = WanPipeline.from_pretrained(ckpt, torch_dtype=torch.float32)
-    ref.set_progress_bar_config(disable=True)
-    set_reference_adapters(ref, loras, adapters)
+    pipe = WanPipeline.from_pretrained(ckpt, torch_dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    return reference_with_all(pipe, loras, ("a", "b", "c"))
+
+
+def reference(ref, prompt: str, seed: int, adapters) -> np.ndarray:
+    activate(ref, adapters)
     out = ref(prompt=prompt, negative_prompt="", num_inference_steps=STEPS, guidance_scale=5.0,
               generator=torch.Generator("cpu").manual_seed(seed), output_type="np", **SIZE).frames[0]
     return (out * 255).round().astype(np.int16)
@@ -70,7 +76,7 @@ def test_card_lists_both_experts_adapters(pipe):
     assert pipe.lora_adapters == ("a", "b", "c")
 
 
-def test_a14b_steps_with_adapters_on_both_experts_match_diffusers_row_by_row(ckpt, loras, pipe):
+def test_a14b_steps_with_adapters_on_both_experts_match_diffusers_row_by_row(ref, pipe):
     first = [state(pipe, *case) for case in MIX[:2]]
     for _ in range(2):
         pipe.denoise_step(first)  # now on the low-noise expert
@@ -88,7 +94,7 @@ def test_a14b_steps_with_adapters_on_both_experts_match_diffusers_row_by_row(ckp
     for s, (rid, prompt, seed, adapters) in zip(states, MIX):
         ours = pipe.decode(s).astype(np.int16)
         assert ours.std() > 1
-        assert np.abs(ours - reference(ckpt, loras, prompt, seed, adapters)).max() <= 2, rid
+        assert np.abs(ours - reference(ref, prompt, seed, adapters)).max() <= 2, rid
 
 
 def test_an_adapter_no_expert_has_is_refused_naming_it(pipe):
