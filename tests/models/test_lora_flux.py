@@ -9,17 +9,12 @@ import numpy as np
 import pytest
 import torch
 
-from diffserve.scheduler.requests import worker_request
 from diffserve.v1 import generation_pb2 as pb
-from diffserve.worker.v1 import worker_pb2 as wpb
 from tests.fixtures.tiny.flux import build_tiny_flux
-from tests.fixtures.tiny.lora import activate, reference_with_all, lora_pipeline, write_lora
+from tests.fixtures.tiny.lora import (DOUBLE_AND_SINGLE_STREAM, SOME_STREAM_LINEARS, activate, assert_mix_matches, lora_pipeline, lora_state,
+                                     reference_with_all, write_lora)
 
 STEPS = 4
-# Joint blocks: every attention projection (image and text streams) and both FFNs; single blocks: all linears.
-FLUX_TARGETS = (r"transformer_blocks\.\d+\.attn\.(to_q|to_k|to_v|to_out\.0|add_q_proj|add_k_proj|add_v_proj|to_add_out)",
-                r"transformer_blocks\.\d+\.ff(_context)?\.net\.(0\.proj|2)",
-                r"single_transformer_blocks\.\d+\.(proj_mlp|proj_out|attn\.to_q|attn\.to_k|attn\.to_v)")
 
 
 @pytest.fixture(scope="module")
@@ -30,9 +25,8 @@ def ckpt(tmp_path_factory):
 @pytest.fixture(scope="module")
 def loras(ckpt, tmp_path_factory):
     folder = tmp_path_factory.mktemp("loras")
-    write_lora(folder / "a.safetensors", ckpt / "transformer", FLUX_TARGETS, seed=1)
-    write_lora(folder / "b.safetensors", ckpt / "transformer", (r"single_transformer_blocks\.\d+\.proj_mlp", r"proj_out",
-                                                                 r"transformer_blocks\.0\.attn\.to_q"), seed=2, alpha=8.0)
+    write_lora(folder / "a.safetensors", ckpt / "transformer", DOUBLE_AND_SINGLE_STREAM, seed=1)
+    write_lora(folder / "b.safetensors", ckpt / "transformer", SOME_STREAM_LINEARS, seed=2, alpha=8.0)
     return folder
 
 
@@ -44,12 +38,7 @@ def pipe(ckpt, loras):
 def state(pipe, rid: str, prompt: str, seed: int, adapters, height: int = 32, width: int = 32):
     params = pb.GenerationParams(prompt=prompt, height=height, width=width, num_frames=1, num_inference_steps=STEPS,
                                  guidance_scale=3.5, seed=seed)
-    request = worker_request(params, pipe.card)
-    request.loras.extend(wpb.LoraAdapter(name=n, scale=s) for n, s in adapters)
-    s = pipe.admit(rid, request)
-    pipe.encode(s)
-    pipe.prepare(s)
-    return s
+    return lora_state(pipe, rid, params, adapters)
 
 
 @pytest.fixture(scope="module")
@@ -74,17 +63,8 @@ MIX = [("a", "a red cat walking on the beach", 1, [("a", 0.8)]), ("none", "a blu
 
 
 def test_a_flux_batch_mixing_adapters_matches_diffusers_lora_row_by_row(ref, pipe):
-    states = [state(pipe, rid, prompt, seed, adapters) for rid, prompt, seed, adapters in MIX]
-    for _ in range(STEPS):
-        assert pipe.denoise_step(states) == 4  # one forward, one row per request
-    plain = state(pipe, "plain", MIX[0][1], MIX[0][2], [])
-    for _ in range(STEPS):
-        pipe.denoise_step([plain])
-    assert (plain.latents - states[0].latents).abs().max() > 0.05, "the adapter must change the result"
-    for s, (rid, prompt, seed, adapters) in zip(states, MIX):
-        ours = pipe.decode(s).astype(np.int16)
-        assert ours.std() > 1
-        assert np.abs(ours - reference(ref, prompt, seed, adapters)).max() <= 2, rid
+    assert_mix_matches(pipe, lambda *case: state(pipe, *case), lambda *case: reference(ref, *case), MIX, STEPS,
+                       rows=4)  # one forward, one row per request
 
 
 def test_a_flux_step_with_a_lora_row_and_another_size_equals_solo_runs(pipe):

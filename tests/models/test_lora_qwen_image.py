@@ -9,10 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffserve.scheduler.requests import worker_request
 from diffserve.v1 import generation_pb2 as pb
-from diffserve.worker.v1 import worker_pb2 as wpb
-from tests.fixtures.tiny.lora import activate, reference_with_all, lora_pipeline, write_lora
+from tests.fixtures.tiny.lora import activate, assert_mix_matches, lora_pipeline, lora_state, reference_with_all, write_lora
 from tests.fixtures.tiny.qwen_image import build_tiny_qwen_image
 
 STEPS = 4
@@ -42,12 +40,7 @@ def pipe(ckpt, loras):
 def state(pipe, rid: str, prompt: str, seed: int, adapters):
     params = pb.GenerationParams(prompt=prompt, negative_prompt="blurry", height=32, width=32, num_frames=1,
                                  num_inference_steps=STEPS, guidance_scale=4.0, seed=seed)
-    request = worker_request(params, pipe.card)
-    request.loras.extend(wpb.LoraAdapter(name=n, scale=s) for n, s in adapters)
-    s = pipe.admit(rid, request)
-    pipe.encode(s)
-    pipe.prepare(s)
-    return s
+    return lora_state(pipe, rid, params, adapters)
 
 
 @pytest.fixture(scope="module")
@@ -72,14 +65,5 @@ MIX = [("a", "a red cat walking on the beach at sunset", 1, [("a", 0.8)]), ("non
 
 
 def test_a_qwen_image_batch_mixing_adapters_matches_diffusers_lora_row_by_row(ref, pipe):
-    states = [state(pipe, rid, prompt, seed, adapters) for rid, prompt, seed, adapters in MIX]
-    for _ in range(STEPS):
-        assert pipe.denoise_step(states) == 8  # one forward: cond and uncond rows of 4 requests
-    plain = state(pipe, "plain", MIX[0][1], MIX[0][2], [])
-    for _ in range(STEPS):
-        pipe.denoise_step([plain])
-    assert (plain.latents - states[0].latents).abs().max() > 0.05, "the adapter must change the result"
-    for s, (rid, prompt, seed, adapters) in zip(states, MIX):
-        ours = pipe.decode(s).astype(np.int16)
-        assert ours.std() > 1
-        assert np.abs(ours - reference(ref, prompt, seed, adapters)).max() <= 2, rid
+    assert_mix_matches(pipe, lambda *case: state(pipe, *case), lambda *case: reference(ref, *case), MIX, STEPS,
+                       rows=8)  # one forward: cond and uncond rows of 4 requests

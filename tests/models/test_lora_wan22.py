@@ -10,10 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from diffserve.scheduler.requests import worker_request
 from diffserve.v1 import generation_pb2 as pb
-from diffserve.worker.v1 import worker_pb2 as wpb
-from tests.fixtures.tiny.lora import activate, reference_with_all, WAN_ATTENTION_AND_FFN, lora_pipeline, write_lora
+from tests.fixtures.tiny.lora import WAN_ATTENTION_AND_FFN, activate, lora_pipeline, lora_state, reference_with_all, write_lora
 from tests.fixtures.tiny.wan22 import build_tiny_wan22_a14b
 
 STEPS = 4  # timesteps 999, 900 (high-noise expert) | 750, 500 (low-noise expert)
@@ -43,12 +41,7 @@ def pipe(ckpt, loras):
 
 def state(pipe, rid: str, prompt: str, seed: int, adapters):
     params = pb.GenerationParams(prompt=prompt, negative_prompt="", num_inference_steps=STEPS, guidance_scale=5.0, seed=seed, **SIZE)
-    request = worker_request(params, pipe.card)
-    request.loras.extend(wpb.LoraAdapter(name=n, scale=s) for n, s in adapters)
-    s = pipe.admit(rid, request)
-    pipe.encode(s)
-    pipe.prepare(s)
-    return s
+    return lora_state(pipe, rid, params, adapters)
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +91,5 @@ def test_a14b_steps_with_adapters_on_both_experts_match_diffusers_row_by_row(ref
 
 
 def test_an_adapter_no_expert_has_is_refused_naming_it(pipe):
-    request = worker_request(pb.GenerationParams(prompt="x", num_inference_steps=STEPS, seed=1, **SIZE), pipe.card)
-    request.loras.append(wpb.LoraAdapter(name="nope", scale=1.0))
     with pytest.raises(ValueError, match="'nope'.*offers: a, b, c"):
-        pipe.admit("r", request)
+        lora_state(pipe, "r", pb.GenerationParams(prompt="x", num_inference_steps=STEPS, seed=1, **SIZE), [("nope", 1.0)])
