@@ -58,11 +58,12 @@ class HunyuanVideoT2VPipeline(OffersLora):
     family = "hunyuan-video"
     task = "text-to-video"
     parallel = ParallelState.single()  # the worker sets the group's state
-    # Embedded guidance: one row per request. Rows are not split over a cfg axis (their text lengths
-    # travel as a list, which the row split does not cut), so cfg-parallel layouts are refused.
+    # Embedded guidance: one row per request. Rows are not split over a cfg axis, so cfg-parallel layouts
+    # are refused (the row split cuts per-row lists too now, so listing the text lengths and adapters in
+    # forward_batched would be the start; not built or tested).
     capabilities = Capabilities(uses_cfg=False, cfg_parallel=False, decodes_on_every_rank=True)
     guide = Unguided()
-    forward_batched = (0, 1, 2, 4, 5)  # latents, t, text, pooled, guidance (lengths: a list, not split; no cfg axis)
+    forward_batched = (0, 1, 2, 4, 5)  # latents, t, text, pooled, guidance (no cfg axis: never split)
 
     def __init__(self, root: Path, name: str, device: torch.device, dtype: torch.dtype):
         index = loading.read_model_index(root)
