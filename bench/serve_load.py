@@ -6,7 +6,7 @@ diffusers' own WanPipeline (issue 15).
     python bench/serve_load.py --tiny [--workload ...]                       (CPU: tiny checkpoint, 32x32 / 32x48, 2-3 steps)
 
 Workloads (every arrival, shape, step count and seed is in WORKLOADS below; Wan2.1-T2V-1.3B, one frame,
-CFG with guidance 5.0, the same prompt):
+CFG with guidance 5.0, the empty negative prompt, each job its own prompt (Spec.prompt)):
 - mixed: 16 jobs over 7.5 s, half 480x832 and half 720x1280 images, 20/30/40/50 steps (each twice per shape);
 - same-shape: 16 480x832 images submitted at once, 20 or 30 steps;
 - solo: 4 480x832 images, 50 steps, each submitted when the previous one has completed;
@@ -69,10 +69,23 @@ class Spec:
     seed: int
     frames: int = 1
     guidance: float = 5.0
+    warm: bool = False  # the untimed warm pass's copy: prompts of its own, so it leaves none encoded for the timed run
 
     @property
     def shape(self) -> str:
         return f"{self.height}x{self.width}x{self.frames}"
+
+    @property
+    def prompt(self) -> str:
+        """Each job its own prompt (the seed picks it), as users' jobs come: a server that encoded a
+        prompt once would otherwise be measured encoding nothing."""
+        return f"{PROMPT} , {SUBJECTS[self.seed % len(SUBJECTS)]}" + " , warm-up" * self.warm
+
+
+# 17 (prime): the seeds of a workload pick distinct ones.
+SUBJECTS = ("oil painting", "at night", "in the rain", "aerial view", "close-up", "wide angle", "golden hour", "foggy morning",
+            "black and white", "watercolor", "from below", "pixel art", "in autumn", "underwater light", "neon lights",
+            "studio lighting", "long exposure")
 
 
 @dataclass(frozen=True)
@@ -198,18 +211,20 @@ async def run_service_jobs(target: str, workload: Workload) -> tuple[float, list
     async def one(client, spec: Spec, t0: float) -> dict:
         if not workload.sequential:
             await asyncio.sleep(max(0.0, t0 + spec.arrival_s - time.perf_counter()))
-        params = make_params(PROMPT, height=spec.height, width=spec.width, num_frames=spec.frames, num_inference_steps=spec.steps,
+        params = make_params(spec.prompt, height=spec.height, width=spec.width, num_frames=spec.frames, num_inference_steps=spec.steps,
                              guidance_scale=spec.guidance, seed=spec.seed, output_format="npy", **({"cache": workload.cache} if workload.cache else {}))
         submitted = time.perf_counter()
         job = await client.submit(params=params)
         created = job.create_time.ToNanoseconds() / 1e9
         started = end = failure = None
-        batch_jobs, step_times = [], []
+        batch_jobs, step_times, stages = [], [], {}  # stages: first stage_started time per stage
         async with contextlib.aclosing(client.events(job.id)) as events:
             async for event in events:
                 kind = event.WhichOneof("event")
                 t = event.time.ToNanoseconds() / 1e9
                 LAST_EVENTS[job.id] = f"{spec.shape} {kind} step {job_step(event)} at {time.perf_counter() - t0:.2f} s"
+                if kind == "stage_started":
+                    stages.setdefault(event.stage_started.stage, t)
                 if kind == "stage_started" and started is None and event.stage_started.stage == pb.STAGE_ENCODE:
                     started = t
                 elif kind == "step_completed":
@@ -224,7 +239,12 @@ async def run_service_jobs(target: str, workload: Workload) -> tuple[float, list
         done = time.perf_counter()
         if end is None:
             raise SystemExit(f"error: job {job.id} ({spec}) did not complete: {failure or 'its event stream ended'}")
+        # Stage spans from the events: encode until prepare starts, decode (and save) until completed.
+        def span(first, then) -> float:
+            return (stages.get(then, end) - stages[first]) if first in stages else float("nan")
+
         return dict(shape=spec.shape, steps=spec.steps, seed=spec.seed, arrival_s=spec.arrival_s, submitted=submitted - t0,
+                    encode_s=span(pb.STAGE_ENCODE, pb.STAGE_PREPARE), decode_s=span(pb.STAGE_DECODE, None),
                     done=done - t0, latency_s=end - created, queue_wait_s=(started if started is not None else end) - created,
                     client_latency_s=done - submitted, mean_batch_jobs=round(sum(batch_jobs) / max(1, len(batch_jobs)), 2),
                     max_step_gap_s=max((b - a for a, b in zip(step_times, step_times[1:])), default=0.0))
@@ -262,7 +282,7 @@ def service_side(ckpt: Path, workdir: Path, workload: Workload, args, gpu: GpuBu
     watchdog.start()
     try:
         if not args.no_warm_pass:
-            warm = replace(workload, jobs=tuple(replace(s, arrival_s=0.0, steps=2) for s in workload.jobs), sequential=False)
+            warm = replace(workload, jobs=tuple(replace(s, arrival_s=0.0, steps=2, warm=True) for s in workload.jobs), sequential=False)
             started = time.perf_counter()
             asyncio.run(run_service_jobs(server.target, warm))
             print(f"warm pass ({len(warm.jobs)} jobs, 2 steps each): {time.perf_counter() - started:.1f} s", flush=True)
@@ -282,6 +302,7 @@ def service_side(ckpt: Path, workdir: Path, workload: Workload, args, gpu: GpuBu
         side="diffserve", jobs=len(jobs), wall_s=round(window, 2), jobs_per_min=round(len(jobs) * 60 / window, 2),
         **percentiles([j["latency_s"] for j in jobs], "latency"), **percentiles([j["queue_wait_s"] for j in jobs], "queue_wait"),
         **percentiles([j["client_latency_s"] for j in jobs], "client_latency"),
+        **percentiles([j["encode_s"] for j in jobs], "encode"), **percentiles([j["decode_s"] for j in jobs], "decode"),
         mean_batch_jobs=round(float(np.mean([j["mean_batch_jobs"] for j in jobs])), 2),
         # The stall: the longest a job waited between two of its steps (another job's stage, or steps, in between).
         max_step_gap_s=round(max(j["max_step_gap_s"] for j in jobs), 3),
@@ -303,7 +324,7 @@ def diffusers_side(ckpt: Path, workdir: Path, workload: Workload, tiny_run: bool
     print(f"diffusers pipeline loaded: {load_s:.0f} s", flush=True)
 
     def run(spec: Spec) -> np.ndarray:
-        return pipe(prompt=PROMPT, negative_prompt="", height=spec.height, width=spec.width, num_frames=spec.frames,
+        return pipe(prompt=spec.prompt, negative_prompt="", height=spec.height, width=spec.width, num_frames=spec.frames,
                     num_inference_steps=spec.steps, guidance_scale=spec.guidance, output_type="np",
                     generator=torch.Generator(device).manual_seed(spec.seed)).frames[0]
 
@@ -391,7 +412,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows = finish(rows)
     path = write_json(name, rows, out)
     print_table(rows, ["workload", "side", "version", "jobs", "jobs_per_min", "ratio", "latency_p50_s", "latency_p90_s",
-                       "latency_p99_s", "queue_wait_p50_s", "queue_wait_p90_s", "mean_batch_jobs", "max_step_gap_s", "gpu_busy_pct", "wall_s", "card"])
+                       "latency_p99_s", "queue_wait_p50_s", "queue_wait_p90_s", "encode_p50_s", "decode_p50_s", "mean_batch_jobs",
+                       "max_step_gap_s", "gpu_busy_pct", "wall_s", "card"])
     print(f"GPU busy: {rows[0]['gpu_busy_source'] or 'not sampled (no GPU)'}")
     print(f"wrote {path}")
     return rows

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import re
+from collections import OrderedDict
 from collections.abc import Sequence
 
 import numpy as np
@@ -25,19 +26,49 @@ def clean_prompt(text: str) -> str:
 
 
 class T5PromptEncoder:
-    """Tokenizes to a fixed length and encodes; positions past each prompt's length are zeroed."""
+    """Tokenizes to a fixed length and encodes; positions past each prompt's length are zeroed.
 
-    def __init__(self, tokenizer, text_encoder, max_length: int, device: torch.device, dtype: torch.dtype):
+    The encoder runs on the prompts' tokens only (padding cut to the longest prompt, rounded up to
+    TRIM_TO tokens): T5 masks padded keys out of every softmax and its position bias is relative,
+    so the real tokens' states do not depend on how much padding follows; the output is padded back
+    to `max_length` with zeros, as the reference pipelines pad it. A prompt encoded once is kept
+    (the last `cache_prompts` prompts, by their cleaned text): the negative prompt most requests
+    share is encoded once per worker, not once per request."""
+
+    TRIM_TO = 64
+
+    def __init__(self, tokenizer, text_encoder, max_length: int, device: torch.device, dtype: torch.dtype,
+                 cache_prompts: int = 64):
         self.tokenizer = tokenizer
         self.text_encoder = text_encoder
         self.max_length = max_length
         self.device = device
         self.dtype = dtype
+        self.cache_prompts = cache_prompts
+        self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # cleaned prompt -> (length, D)
 
     @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        texts = [clean_prompt(p) for p in prompts]
+        missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
+        encoded = dict(zip(missing, self._encode(missing))) if missing else {}
+        rows = []
+        for text in texts:
+            row = encoded.get(text)
+            if row is None:
+                row = self._cache[text]
+                self._cache.move_to_end(text)
+            rows.append(row)
+        for text, row in encoded.items():
+            self._remember(text, row)
+        out = torch.zeros(len(rows), self.max_length, rows[0].shape[-1], device=self.device, dtype=self.dtype)
+        for i, row in enumerate(rows):
+            out[i, : row.shape[0]] = row
+        return out
+
+    def _encode(self, texts: list[str]) -> list[torch.Tensor]:
         tokens = self.tokenizer(
-            [clean_prompt(p) for p in prompts],
+            texts,
             padding="max_length",
             max_length=self.max_length,
             truncation=True,
@@ -45,12 +76,20 @@ class T5PromptEncoder:
             return_attention_mask=True,
             return_tensors="pt",
         )
-        ids = tokens.input_ids.to(self.device)
-        mask = tokens.attention_mask.to(self.device)
-        hidden = self.text_encoder(ids, mask).last_hidden_state  # (B, L, D)
-        lengths = mask.gt(0).sum(dim=1)
-        keep = torch.arange(self.max_length, device=self.device)[None, :] < lengths[:, None]  # (B, L)
-        return (hidden * keep[..., None]).to(self.dtype)
+        lengths = tokens.attention_mask.gt(0).sum(dim=1).tolist()
+        width = min(self.max_length, -(-max(lengths) // self.TRIM_TO) * self.TRIM_TO)
+        ids = tokens.input_ids[:, :width].to(self.device)
+        mask = tokens.attention_mask[:, :width].to(self.device)
+        hidden = self.text_encoder(ids, mask).last_hidden_state  # (B, width, D)
+        return [hidden[i, :n].to(self.dtype) for i, n in enumerate(lengths)]
+
+    def _remember(self, text: str, row: torch.Tensor) -> None:
+        if self.cache_prompts <= 0:
+            return
+        self._cache[text] = row
+        self._cache.move_to_end(text)
+        while len(self._cache) > self.cache_prompts:
+            self._cache.popitem(last=False)
 
 
 def initial_noise(shape: Sequence[int], seed: int, device: torch.device) -> torch.Tensor:
