@@ -90,9 +90,6 @@ def enable_lora(pipeline, args: argparse.Namespace) -> None:
     the model or the layout does not offer them."""
     from pathlib import Path
 
-    if args.tp_size > 1:
-        raise ValueError("--lora-dir with --tp-size > 1 is not built yet (the adapters would need sharding like the linears); "
-                         "cfg-parallel and sequence-parallel layouts take LoRA adapters")
     if args.quantization != "none":
         raise ValueError("--lora-dir with --quantization fp8 is not built yet (the adapted linears would stay unquantized)")
     enable = getattr(pipeline, "enable_lora", None)
@@ -178,8 +175,6 @@ def main(argv=None) -> int:
             torch.cuda.set_device(device)
         dtype = loading.pick_dtype(args.dtype, device)
         pipeline = load_pipeline(root, args.model_name or model_name_for(args.model_path), device, dtype)
-        if args.lora_dir:
-            enable_lora(pipeline, args)
     except (loading.CheckpointError, ValueError) as exc:
         logging.getLogger("diffserve.worker").error("cannot load the model: %s", exc)
         return EXIT_CANNOT_LOAD
@@ -199,6 +194,12 @@ def main(argv=None) -> int:
         pipeline.parallel = parallel
         if args.rank == 0:
             log.info("parallel layout: %s", summary)
+    if args.lora_dir:
+        try:
+            enable_lora(pipeline, args)  # after the tp split: adapters are cut as the layers they adapt are
+        except ValueError as exc:
+            log.error("cannot load the model: %s", exc)
+            return EXIT_CANNOT_LOAD
     if args.quantization != "none" or args.attention_backend == "fa3-fp8":
         problem = quantize(args, pipeline, parallel, device, dtype)
         if problem:

@@ -123,15 +123,22 @@ class AdapterFile:
         if down is None or up is None:
             raise refuse(f"{module} has lora_{'A' if down is None else 'B'}.weight missing")
         rank = down.shape[0] if down.ndim == 2 else 0
-        expected = {"lora_A.weight": ((rank, linear.in_features), down), "lora_B.weight": ((linear.out_features, rank), up)}
+        shard = getattr(linear, "tp_shard", None)  # a tensor-parallel share of the layer (worker/parallel/tensor.py)
+        in_features = shard.full if shard is not None and shard.dim == 1 else linear.in_features
+        out_features = shard.full if shard is not None and shard.dim == 0 else linear.out_features
+        expected = {"lora_A.weight": ((rank, in_features), down), "lora_B.weight": ((out_features, rank), up)}
         if bias is not None:
-            expected["lora_B.bias"] = ((linear.out_features,), bias)
+            expected["lora_B.bias"] = ((out_features,), bias)
         for part, (shape, tensor) in expected.items():
             if rank < 1 or tuple(tensor.shape) != shape:
-                raise refuse(f"{module}.{part} has shape {tuple(tensor.shape)}; the module ({linear.in_features} -> "
-                             f"{linear.out_features}) needs {shape if rank else '(rank, in_features)'}")
+                raise refuse(f"{module}.{part} has shape {tuple(tensor.shape)}; the module ({in_features} -> "
+                             f"{out_features}) needs {shape if rank else '(rank, in_features)'}")
             if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
                 raise refuse(f"{module}.{part} must hold finite floating-point values")
+        if shard is not None and shard.dim == 0:  # column-parallel: this rank's output rows of lora_B and its bias
+            up, bias = shard.take(up, 0), None if bias is None else shard.take(bias, 0)
+        elif shard is not None:  # row-parallel: this rank's input columns of lora_A; the bias once, on the first rank
+            down, bias = shard.take(down, 1), bias if shard.first else None
         weight = linear.weight
 
         def place(t: torch.Tensor | None) -> torch.Tensor | None:

@@ -8,6 +8,7 @@ Plus the layout checks that refuse models without a tensor-parallel path."""
 from __future__ import annotations
 
 import tempfile
+from pathlib import Path
 
 import torch
 from diffserve.worker.parallel import ParallelDims
@@ -61,16 +62,49 @@ def _check_dits(rank: int, state) -> None:
         assert single.std() > 0.1
 
 
+def _check_lora(rank: int, state, names=("wan", "flux", "qwen", "hunyuan")) -> None:
+    """Per-row LoRA adapters on the split DiTs (column-parallel layers take their rows of lora_B,
+    row-parallel ones their columns of lora_A and the bias on one rank) give the single process's rows."""
+    import copy
+
+    from diffserve.worker.parallel.plans import parallelize
+    from diffserve.worker.pipelines.lora import ServedLora
+    from tests.fixtures.tiny.lora import write_lora
+
+    with tempfile.TemporaryDirectory(prefix="lora-") as folder:
+        for name, model, args in [c for c in _cases() + [_hunyuan_case()] if c[0] in names]:
+            shapes = {n: (m.in_features, m.out_features) for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+            blocks = [r".*blocks\.\d+\..*"]
+            write_lora(Path(folder) / f"{name}-a.safetensors", shapes, blocks, seed=1, alpha=8.0, bias=True)
+            write_lora(Path(folder) / f"{name}-b.safetensors", shapes, blocks, rank=2, seed=2)
+
+            def run(model):
+                lora = ServedLora(model, Path(folder), 1 << 30, None)
+                a, b = lora.cache.get(f"{name}-a"), lora.cache.get(f"{name}-b")
+                with lora.layers.rows([((a, 1.0),), ((a, 0.5), (b, 1.0))]):
+                    return model(*args)
+
+            single, plain = run(copy.deepcopy(model)), model(*args)
+            parallelize(model, state)
+            ours = run(model)
+            err = (ours - single).abs().max().item()
+            assert err < 1e-4, f"{name} {state.dims} rank {rank}: max error {err}"
+            assert (single - plain).abs().max() > 0.05, f"{name}: the adapters change nothing"
+
+
 def _tp2(rank: int, world: int, init: str) -> None:
     state = _state(rank, init, tp=2)
     _check_dits(rank, state)
     _check_encoders(rank, state)
+    _check_lora(rank, state)
 
 
 def _four_ranks(rank: int, world: int, init: str, second_init: str) -> None:
     import torch.distributed as dist
 
-    _check_dits(rank, _state(rank, init, ulysses=2, tp=2))
+    state = _state(rank, init, ulysses=2, tp=2)
+    _check_dits(rank, state)
+    _check_lora(rank, state, names=("wan",))
     dist.destroy_process_group()  # same processes, second layout (saves starting 4 more on CPU)
     _check_dits(rank, _state(rank, second_init, cfg=2, tp=2))
 

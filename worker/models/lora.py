@@ -181,9 +181,9 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-class LoraLinear(nn.Linear):
-    """nn.Linear plus the low-rank terms of the batch in flight (module docstring). `lora_name` is
-    the module's dotted name in its DiT; `lora_layers` the owner holding the batch."""
+class LoraTerms:
+    """The low-rank terms of the batch in flight for one linear module (mixed into its class).
+    `lora_name` is the module's dotted name in its DiT; `lora_layers` the owner holding the batch."""
 
     lora_name: str
     lora_layers: LoraLayers
@@ -195,12 +195,28 @@ class LoraLinear(nn.Linear):
         plan = self.lora_layers.plan
         return plan is not None and self.lora_name in plan.names
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.linear(x, self.weight, self.bias)  # (B, ..., out): the one base GEMM
+    def add_lora(self, x: torch.Tensor, out: torch.Tensor) -> None:
+        """out += the rows' low-rank terms for input x."""
         plan = self.lora_layers.plan
         if plan is not None and self.lora_name in plan.names:
             plan.add(self.lora_name, x, out)
+
+
+class LoraLinear(LoraTerms, nn.Linear):
+    """nn.Linear plus the low-rank terms of the batch in flight (module docstring)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)  # (B, ..., out): the one base GEMM
+        self.add_lora(x, out)
         return out
+
+
+def lora_class(module: nn.Module) -> type | None:
+    """The LoRA-capable class a module's class is swapped to: LoraLinear for an nn.Linear, a class's
+    own `lora_class` (the tensor-parallel row-parallel layer's), else None (not adaptable)."""
+    if type(module) in (nn.Linear, LoraLinear):
+        return LoraLinear
+    return getattr(type(module), "lora_class", None)
 
 
 class LoraLayers:
@@ -227,8 +243,9 @@ class LoraLayers:
         layers = cls({})
         for name in names:
             linear = modules[name]
-            assert type(linear) in (nn.Linear, LoraLinear), f"{name} is a {type(linear).__name__}, not a linear"
-            linear.__class__ = LoraLinear
+            kind = lora_class(linear)
+            assert kind is not None, f"{name} is a {type(linear).__name__}, not a linear"
+            linear.__class__ = kind
             linear.lora_name, linear.lora_layers = name, layers
             layers.targets[name] = linear
         return layers
@@ -261,7 +278,7 @@ class LoraLayers:
 
 
 def linear_names(model: nn.Module, exclude: Sequence[str] = ()) -> list[str]:
-    """Dotted names of the model's nn.Linear modules (the modules an adapter may target), less
+    """Dotted names of the model's linear layers an adapter may target (`lora_class`), less
     those under any prefix in `exclude`."""
     return [name for name, m in model.named_modules()
-            if isinstance(m, nn.Linear) and not any(name == p or name.startswith(p + ".") for p in exclude)]
+            if lora_class(m) is not None and not any(name == p or name.startswith(p + ".") for p in exclude)]

@@ -29,6 +29,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from diffserve.worker.models.lora import LoraTerms
+
 Ranges = list[tuple[int, int]]  # [start, stop) index ranges along one weight dim, concatenated in order
 
 
@@ -53,8 +55,29 @@ def _param(t: torch.Tensor, like: nn.Parameter) -> nn.Parameter:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class TpShard:
+    """What one tp rank keeps of a linear layer, recorded on it as `tp_shard` (an adapter for the
+    layer is cut the same way, worker/lora_files.py): `ranges` of its `full` output features (dim 0,
+    column-parallel) or input features (dim 1, row-parallel)."""
+
+    dim: int
+    ranges: Ranges
+    full: int
+
+    @property
+    def first(self) -> bool:
+        """Rank 0's share (it starts at feature 0): a row-parallel layer's additive terms go in there
+        only, as the all_reduce sums every rank's partial result."""
+        return self.ranges[0][0] == 0
+
+    def take(self, t: torch.Tensor, dim: int) -> torch.Tensor:
+        return _take(t, dim, self.ranges)
+
+
 def column_parallel(linear: nn.Linear, ranges: Ranges) -> nn.Linear:
     """Keeps only the output features in `ranges` (weight rows and bias), in place."""
+    linear.tp_shard = TpShard(0, ranges, linear.out_features)
     linear.weight = _param(_take(linear.weight.data, 0, ranges), linear.weight)
     if linear.bias is not None:
         linear.bias = _param(_take(linear.bias.data, 0, ranges), linear.bias)
@@ -70,25 +93,48 @@ class RowParallelLinear(nn.Module):
     full result on every rank: all_reduce(x_local @ W_localᵀ) + b.
     """
 
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, requires_grad: bool = False):
+    lora_class: type  # its LoRA-capable class (below), which LoraLayers swaps in
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, group, requires_grad: bool = False,
+                 shard: TpShard | None = None):
         super().__init__()
         self.weight = nn.Parameter(weight, requires_grad=requires_grad)
         self.bias = nn.Parameter(bias, requires_grad=requires_grad) if bias is not None else None
         self.out_features, self.in_features = weight.shape
         self.group = group
+        self.tp_shard = shard
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, ranges: Ranges, group) -> RowParallelLinear:
         bias = linear.bias.data if linear.bias is not None else None
-        return cls(_take(linear.weight.data, 1, ranges), bias, group, linear.weight.requires_grad)
+        shard = TpShard(1, ranges, linear.in_features)
+        return cls(_take(linear.weight.data, 1, ranges), bias, group, linear.weight.requires_grad, shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = F.linear(x, self.weight)  # (N..., out) partial sum over this rank's input features
+        y = self.partial(x)
         dist.all_reduce(y, group=self.group)
         return y if self.bias is None else y + self.bias
 
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        """(N..., out): this rank's share of the sum over the input features."""
+        return F.linear(x, self.weight)
+
     def extra_repr(self) -> str:
         return f"in_features={self.in_features} (local), out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class LoraRowParallelLinear(LoraTerms, RowParallelLinear):
+    """RowParallelLinear plus the low-rank terms of the batch in flight (worker/models/lora.py),
+    added to this rank's partial sum, so the one all_reduce sums them as well: each adapter holds
+    this rank's columns of lora_A and the whole lora_B, and lora_B's bias on the first rank only."""
+
+    def partial(self, x: torch.Tensor) -> torch.Tensor:
+        y = super().partial(x)
+        self.add_lora(x, y)
+        return y
+
+
+RowParallelLinear.lora_class = LoraRowParallelLinear
 
 
 class ParallelRMSNorm(nn.Module):
