@@ -8,8 +8,11 @@ step loop (steps.py) owns one FairShare and measures `elapsed_s` itself (dispatc
 worker cannot claim a cheaper step than it took. `next_plan(jobs, max_batch)` alone is the same
 choice with fresh accounts (no history: the oldest job's shape).
 
-1. Stages first (ENCODE, PREPARE, DECODE), one job each, highest priority then oldest: they are
-   short, a newly encoded job joins the denoising sooner, a decoded job frees its memory.
+1. Stages first (ENCODE, PREPARE, DECODE), highest priority then oldest: they are short, a newly
+   encoded job joins the denoising sooner, a decoded job frees its memory. The first job's stage
+   takes along the other jobs waiting at the same stage when it is ENCODE or PREPARE (up to
+   `max_batch`, in the same order): a burst of arrivals is encoded in one text-encoder call, not
+   one per job. A DECODE runs one job.
 2. Otherwise one denoising step for one *shape group*: the ready jobs whose latents have the same
    shape share the step (batching, even at different step indices), up to `max_batch` of them,
    highest priority then oldest first.
@@ -55,13 +58,16 @@ from diffserve.scheduler.jobs import Job
 from diffserve.scheduler.lifecycle import Phase
 
 STAGES = (Phase.ENCODE, Phase.PREPARE, Phase.DECODE)
+# Stages one command runs for several jobs (the worker encodes their prompts in one call); a decode
+# stays one job a command (a video's decode is long, and a batch of them would hold the worker).
+BATCHED_STAGES = (Phase.ENCODE, Phase.PREPARE)
 
 Shape = tuple[int, int, int]
 
 
 @dataclass
 class Plan:
-    """One command: a stage for one job, or a denoising step for several."""
+    """One command: a stage for one job (several at once for BATCHED_STAGES), or a denoising step for several."""
 
     phase: Phase
     jobs: list[Job]
@@ -140,6 +146,7 @@ def next_plan(jobs: Iterable[Job], max_batch: int, accounts: Accounts | None = N
     """The next command's plan; `stages` / `steps` False leave that kind out (a worker's lane for
     it is busy: workers with concurrent stages, steps.py)."""
     stage: Job | None = None
+    staged: dict[Phase, list[Job]] = {}  # BATCHED_STAGES: their waiting jobs
     shapes: set[Shape] = set()
     groups: dict[Shape, list[Job]] = {}
     for job in jobs:  # one pass; each job's shape read once (protobuf fields are not free)
@@ -149,10 +156,15 @@ def next_plan(jobs: Iterable[Job], max_batch: int, accounts: Accounts | None = N
             shapes.add(shape)
             if not job.in_flight:
                 groups.setdefault(shape, []).append(job)
-        elif stages and phase in STAGES and not job.in_flight and (stage is None or _order(job) < _order(stage)):
-            stage = job
+        elif stages and phase in STAGES and not job.in_flight:
+            if stage is None or _order(job) < _order(stage):
+                stage = job
+            if phase in BATCHED_STAGES:
+                staged.setdefault(phase, []).append(job)
     if stage is not None:
-        return Plan(stage.phase, [stage])
+        if stage.phase not in BATCHED_STAGES:
+            return Plan(stage.phase, [stage])
+        return Plan(stage.phase, sorted(staged[stage.phase], key=_order)[:max(1, max_batch)])
     accounts = accounts if accounts is not None else Accounts()
     accounts.sync(shapes)
     if not groups or not steps:

@@ -35,7 +35,7 @@ from diffserve.scheduler.wire import peer
 
 log = logging.getLogger(__name__)
 
-PROTOCOL_VERSION = wpb.PROTOCOL_VERSION_2
+PROTOCOL_VERSION = wpb.PROTOCOL_VERSION_3
 
 
 @dataclass(eq=False)

@@ -135,7 +135,7 @@ class StepLoop:
             for job in plan.jobs:
                 entries.add(request_id=job.id, step_index=job.step)
         else:
-            command.run_stage.request_id = plan.jobs[0].id
+            command.run_stage.request_ids.extend(job.id for job in plan.jobs)
             command.run_stage.stage = worker_stage(plan.stage)
         for job in plan.jobs:
             job.advance(Event.DISPATCH)

@@ -233,7 +233,7 @@ def main(argv=None) -> int:
     from diffserve.worker.card import model_card
 
     hello = wpb.Hello(
-        protocol_version=wpb.PROTOCOL_VERSION_2,
+        protocol_version=wpb.PROTOCOL_VERSION_3,
         description=f"{platform.node()} pid {os.getpid()} {device} {str(dtype).removeprefix('torch.')}",
         card=model_card(pipeline),
         max_batch_size=args.max_batch_size,

@@ -150,30 +150,48 @@ class Runtime:
         return state
 
     def run_stage(self, cmd: wpb.RunStage) -> tuple[list[wpb.RequestResult], list]:
-        result = wpb.RequestResult(request_id=cmd.request_id)
+        """One stage for each request of the command: an ENCODE of several runs the pipeline's
+        `encode_batch` (one text-encoder call), falling back to one request at a time if that fails,
+        so each request gets its own error; the other stages run one request at a time."""
+        results = {rid: wpb.RequestResult(request_id=rid) for rid in cmd.request_ids}
         frames: list = []
-        try:
-            state = self._state(cmd.request_id)
-            if cmd.stage == wpb.WORKER_STAGE_ENCODE:
-                self.pipeline.encode(state)
-            elif cmd.stage == wpb.WORKER_STAGE_PREPARE:
-                self.pipeline.prepare(state)
-            elif cmd.stage == wpb.WORKER_STAGE_DECODE and self.parallel.rank != 0:
-                if self.pipeline.capabilities.decodes_on_every_rank:
-                    self.pipeline.decode(state)  # its share of a parallel decode; rank 0 answers
-            elif cmd.stage == wpb.WORKER_STAGE_DECODE:
-                video = np.ascontiguousarray(self.pipeline.decode(state), dtype=np.uint8)
-                result.frames.CopyFrom(wpb.Tensor(dtype="uint8", shape=video.shape, frame=0))
-                frames.append(memoryview(video).cast("B"))
-            else:
-                raise ValueError(f"unknown stage {cmd.stage}")
-        except _Refused as exc:
-            result.status.CopyFrom(exc.status)
-        except Exception as exc:
-            stage = wpb.WorkerStage.Name(cmd.stage) if cmd.stage in wpb.WorkerStage.values() else cmd.stage
-            log.error("stage %s of %s failed:\n%s", stage, cmd.request_id, traceback.format_exc())
-            result.status.CopyFrom(error_status(exc))
-        return [result], frames
+        states = []
+        for rid in cmd.request_ids:
+            try:
+                states.append(self._state(rid))
+            except _Refused as exc:
+                results[rid].status.CopyFrom(exc.status)
+        batch = getattr(self.pipeline, "encode_batch", None) if cmd.stage == wpb.WORKER_STAGE_ENCODE else None
+        if batch is not None and len(states) > 1:
+            try:
+                batch(states)
+                states = []
+            except Exception:
+                log.warning("encoding %d requests at once failed; encoding them one at a time:\n%s", len(states), traceback.format_exc())
+        for state in states:
+            result = results[state.request_id]
+            try:
+                self._stage_one(cmd.stage, state, result, frames)
+            except Exception as exc:
+                stage = wpb.WorkerStage.Name(cmd.stage) if cmd.stage in wpb.WorkerStage.values() else cmd.stage
+                log.error("stage %s of %s failed:\n%s", stage, state.request_id, traceback.format_exc())
+                result.status.CopyFrom(error_status(exc))
+        return list(results.values()), frames
+
+    def _stage_one(self, stage: int, state: RequestState, result: wpb.RequestResult, frames: list) -> None:
+        if stage == wpb.WORKER_STAGE_ENCODE:
+            self.pipeline.encode(state)
+        elif stage == wpb.WORKER_STAGE_PREPARE:
+            self.pipeline.prepare(state)
+        elif stage == wpb.WORKER_STAGE_DECODE and self.parallel.rank != 0:
+            if self.pipeline.capabilities.decodes_on_every_rank:
+                self.pipeline.decode(state)  # its share of a parallel decode; rank 0 answers
+        elif stage == wpb.WORKER_STAGE_DECODE:
+            video = np.ascontiguousarray(self.pipeline.decode(state), dtype=np.uint8)
+            result.frames.CopyFrom(wpb.Tensor(dtype="uint8", shape=video.shape, frame=len(frames)))
+            frames.append(memoryview(video).cast("B"))
+        else:
+            raise ValueError(f"unknown stage {stage}")
 
     def denoise(self, cmd: wpb.DenoiseStep) -> tuple[list[wpb.RequestResult], list]:
         results = {e.request_id: wpb.RequestResult(request_id=e.request_id) for e in cmd.entries}

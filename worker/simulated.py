@@ -296,24 +296,25 @@ class Group:
             stats.step_entries += len(command.denoise_step.entries)
         else:
             stage = command.run_stage
-            result = wpb.RequestResult(request_id=stage.request_id)
-            try:
-                state = self._state(stage.request_id)
-                if stage.stage == wpb.WORKER_STAGE_ENCODE:
-                    pass
-                elif stage.stage == wpb.WORKER_STAGE_PREPARE:
-                    state.prepared, state.step = True, 0
-                elif stage.stage == wpb.WORKER_STAGE_DECODE:
-                    if not state.prepared:
-                        raise _Refused(code_pb2.FAILED_PRECONDITION, f"request {stage.request_id} was never prepared")
-                    r = state.request
-                    frames.append(sim_frames(r, state.step))
-                    result.frames.CopyFrom(wpb.Tensor(dtype="uint8", shape=[r.num_frames, r.height, r.width, 3], frame=0))
-                else:
-                    raise _Refused(code_pb2.INVALID_ARGUMENT, f"unknown stage {stage.stage}")
-            except _Refused as exc:
-                result.status.CopyFrom(exc.status)
-            out.requests.append(result)
+            for rid in stage.request_ids:
+                result = wpb.RequestResult(request_id=rid)
+                try:
+                    state = self._state(rid)
+                    if stage.stage == wpb.WORKER_STAGE_ENCODE:
+                        pass
+                    elif stage.stage == wpb.WORKER_STAGE_PREPARE:
+                        state.prepared, state.step = True, 0
+                    elif stage.stage == wpb.WORKER_STAGE_DECODE:
+                        if not state.prepared:
+                            raise _Refused(code_pb2.FAILED_PRECONDITION, f"request {rid} was never prepared")
+                        r = state.request
+                        result.frames.CopyFrom(wpb.Tensor(dtype="uint8", shape=[r.num_frames, r.height, r.width, 3], frame=len(frames)))
+                        frames.append(sim_frames(r, state.step))
+                    else:
+                        raise _Refused(code_pb2.INVALID_ARGUMENT, f"unknown stage {stage.stage}")
+                except _Refused as exc:
+                    result.status.CopyFrom(exc.status)
+                out.requests.append(result)
             stats.stage_commands += 1
         out.elapsed_ms = (now - self.started) * 1e3
         self._send(message, frames)
@@ -339,7 +340,7 @@ class Simulator:
         self.step_s = max(0.0, args.step_ms) / 1e3
         self.stage_s = max(0.0, args.stage_ms) / 1e3
         self.hello = wpb.Hello(
-            protocol_version=wpb.PROTOCOL_VERSION_2,
+            protocol_version=wpb.PROTOCOL_VERSION_3,
             description=f"{platform.node()} pid {os.getpid()} simulated (step {args.step_ms:g} ms, stage {args.stage_ms:g} ms)",
             card=sim_card(args.model_name),
             max_batch_size=args.max_batch_size,

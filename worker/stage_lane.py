@@ -88,7 +88,7 @@ class StageLane:
             except Exception as exc:  # run_stage answers its own errors; this is the lane's own failure
                 log.exception("the stage lane failed on command %d", command.id)
                 status = status_pb2.Status(code=code_pb2.INTERNAL, message=f"stage lane: {type(exc).__name__}: {exc}")
-                results, frames = [wpb.RequestResult(request_id=command.run_stage.request_id, status=status)], []
+                results, frames = [wpb.RequestResult(request_id=rid, status=status) for rid in command.run_stage.request_ids], []
             self._reply(command.id, (time.perf_counter() - started) * 1e3, results, frames)
 
     def _stage(self, command: wpb.Command) -> tuple[list, list]:
@@ -99,8 +99,8 @@ class StageLane:
         with torch.cuda.stream(self._stream):
             results, frames = self._run(command.run_stage)
         self._stream.synchronize()
-        state = self._state_of(command.run_stage.request_id)
-        if state is not None:
+        for rid in command.run_stage.request_ids:
+            state = self._state_of(rid)
             for tensor in tensors_of(state):
                 if tensor.is_cuda:
                     tensor.record_stream(steps)

@@ -160,7 +160,7 @@ def test_a_registered_peer_that_sends_a_bad_tensor_is_dropped_alone(server):
     forger = Peer(server.worker_address)
     try:
         for num_experts in (0, 1):  # the public card shows max(1, num_experts)
-            forger.send(_message(hello=wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2, card=_card(model, num_experts), max_resident=1, world_size=1)))
+            forger.send(_message(hello=wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_3, card=_card(model, num_experts), max_resident=1, world_size=1)))
         assert forger.recv().HasField("welcome")
         wait_for(lambda: len(_worker_ids(server)) == 2, what="the forger registered")
         forger.send(*_bad_tensor_result(1))
@@ -182,7 +182,7 @@ def test_a_card_with_raised_limits_is_refused(server):
             card = _card(model, num_experts)
             card.limits.max_num_inference_steps = 10**9
             card.limits.max_height = card.limits.max_width = 4096
-            forger.send(_message(hello=wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2, card=card, max_resident=8, world_size=1)))
+            forger.send(_message(hello=wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_3, card=card, max_resident=8, world_size=1)))
         assert not forger.sock.poll(1500), "the scheduler answered a Hello with raised limits"
     finally:
         forger.close()
@@ -206,7 +206,7 @@ def test_worker_link_caps_message_size():
         link = WorkerLink("tcp://127.0.0.1:0", WorkerAuth(plaintext=True), max_message_bytes=4096)
         big, split, good = Peer(link.address, b"big"), Peer(link.address, b"split"), Peer(link.address, b"good")
         try:
-            hello = _message(hello=wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2))
+            hello = _message(hello=wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_3))
             big.send(hello, b"\0" * 65536)
             with pytest.raises(asyncio.TimeoutError):
                 await asyncio.wait_for(link.recv(), 0.5)

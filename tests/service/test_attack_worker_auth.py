@@ -70,7 +70,7 @@ class FakeWorker:
 
     def hello(self, model: str) -> None:
         card = wpb.ModelCard(name=model, family="wan2.1", task="text-to-video")
-        hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2, description="fake", card=card, max_batch_size=4, max_resident=8, world_size=1)
+        hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_3, description="fake", card=card, max_batch_size=4, max_resident=8, world_size=1)
         self._send(wpb.WorkerMessage(hello=hello))
 
     def heartbeat(self, n: int) -> None:

@@ -36,7 +36,7 @@ class Router:
 
 
 def connect(router: Router) -> SchedulerConnection:
-    hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2, card=wpb.ModelCard(name="m"))
+    hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_3, card=wpb.ModelCard(name="m"))
     conn = SchedulerConnection(router.address, "w1", hello, pb.WorkerStatus)
     conn.start()
     router.recv("hello")
@@ -79,7 +79,7 @@ def test_a_result_leaves_at_once_not_at_the_next_poll(monkeypatch):
 
     monkeypatch.setattr(connection, "POLL_MS", 60_000)
     router = Router()
-    hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2, card=wpb.ModelCard(name="m"))
+    hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_3, card=wpb.ModelCard(name="m"))
     conn = SchedulerConnection(router.address, "w1", hello, pb.WorkerStatus)
     conn.start()
     try:

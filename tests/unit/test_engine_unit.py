@@ -86,7 +86,7 @@ class Harness:
         await asyncio.gather(self.task, return_exceptions=True)
 
     async def register(self, worker_id: str = "w1", card: wpb.ModelCard = MODEL, concurrent_stages: bool = False) -> None:
-        hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2, card=card, max_batch_size=self.max_batch_size, max_resident=4, world_size=1,
+        hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_3, card=card, max_batch_size=self.max_batch_size, max_resident=4, world_size=1,
                           concurrent_stages=concurrent_stages)
         await self.link.inbox.put((worker_id, wpb.WorkerMessage(hello=hello), []))
         await until(lambda: (worker_id, "welcome") in [(w, c.WhichOneof("body")) for w, c in self.link.sent], f"the Welcome of {worker_id}")
@@ -100,11 +100,12 @@ class Harness:
         result = wpb.Result(command_id=command.id, elapsed_ms=1.0)
         frames = []
         if command.HasField("run_stage"):
-            entry = result.requests.add(request_id=command.run_stage.request_id)
-            if command.run_stage.stage == wpb.WORKER_STAGE_DECODE:
-                video = np.zeros((1, 32, 32, 3), dtype=np.uint8)
-                entry.frames.CopyFrom(wpb.Tensor(dtype="uint8", shape=video.shape, frame=0))
-                frames.append(video.tobytes())
+            for rid in command.run_stage.request_ids:
+                entry = result.requests.add(request_id=rid)
+                if command.run_stage.stage == wpb.WORKER_STAGE_DECODE:
+                    video = np.zeros((1, 32, 32, 3), dtype=np.uint8)
+                    entry.frames.CopyFrom(wpb.Tensor(dtype="uint8", shape=video.shape, frame=len(frames)))
+                    frames.append(video.tobytes())
         else:
             result.requests.extend(wpb.RequestResult(request_id=e.request_id) for e in command.denoise_step.entries)
         await self.link.inbox.put((worker_id, wpb.WorkerMessage(result=result), frames))
@@ -148,7 +149,7 @@ def test_finished_ids_ride_on_the_next_command(tmp_path):
             b, _ = h.engine.submit(PARAMS)
             await h.answer(await h.next_compute(1))  # ENCODE a
             second = await h.next_compute(2)  # PREPARE a (older first); b waits for ENCODE
-            assert second.run_stage.request_id == a.id and b.phase is Phase.ENCODE and not b.in_flight
+            assert list(second.run_stage.request_ids) == [a.id] and b.phase is Phase.ENCODE and not b.in_flight
             h.engine.cancel(b, cancelled())
             assert b.phase is Phase.CANCELLED  # between commands: at once, freed with the next command
             await h.answer(second)
@@ -381,7 +382,7 @@ def _tensor_result(request_id: str, command_id: int, tensor: wpb.Tensor | None) 
 
 
 GOOD_FRAMES = np.zeros((1, 32, 32, 3), dtype=np.uint8).tobytes()
-HELLO_BYTES = wpb.WorkerMessage(hello=wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2, card=MODEL, max_resident=4)).SerializeToString()
+HELLO_BYTES = wpb.WorkerMessage(hello=wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_3, card=MODEL, max_resident=4)).SerializeToString()
 
 # Raw messages from w2, each breaking the protocol. Those marked `decode` answer w2's DECODE
 # command (so only the plan shows they are wrong); the others are wrong on their own.
@@ -463,7 +464,7 @@ def test_a_card_cannot_raise_the_limits_of_the_first(tmp_path):
             job, _ = h.engine.submit(PARAMS)
             await h.next_compute(1)
             for worker_id in ("w2", "w1"):
-                hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2, card=raised, max_resident=4, world_size=1)
+                hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_3, card=raised, max_resident=4, world_size=1)
                 await h.link.inbox.put((worker_id, wpb.WorkerMessage(hello=hello), []))
             await _engine_processed(h)
             assert not _sent_to(h, "w2", "welcome") and len(_sent_to(h, "w1", "welcome")) == 1
@@ -483,7 +484,7 @@ def test_a_card_whose_output_exceeds_the_message_cap_is_refused(tmp_path):
     async def main():
         async with Harness(tmp_path) as h:
             h.engine.config.max_worker_message_bytes = 9 * 256 * 256 * 3 - 1  # MODEL: 9 frames of at most 256x256
-            hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2, card=MODEL, max_resident=4, world_size=1)
+            hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_3, card=MODEL, max_resident=4, world_size=1)
             await h.link.inbox.put(("w1", wpb.WorkerMessage(hello=hello), []))
             await _engine_processed(h)
             assert not _sent_to(h, "w1", "welcome") and h.engine.list_models() == []
@@ -574,13 +575,13 @@ def test_a_worker_with_concurrent_stages_gets_a_stage_beside_a_step(tmp_path):
             assert step.HasField("denoise_step")
             b, _ = h.engine.submit(PARAMS)
             encode = await h.next_compute(4)  # sent while a's step is still in flight
-            assert encode.run_stage.request_id == b.id and encode.run_stage.stage == wpb.WORKER_STAGE_ENCODE
+            assert list(encode.run_stage.request_ids) == [b.id] and encode.run_stage.stage == wpb.WORKER_STAGE_ENCODE
             worker = h.engine._registry.get("w1")
             assert a.in_flight and b.in_flight
             assert worker.in_flight == step.id and worker.stage_in_flight == encode.id and not worker.idle
             await h.answer(encode)  # the stage lane frees first; the step lane is still busy
             prepare = await h.next_compute(5)
-            assert prepare.run_stage.request_id == b.id and prepare.run_stage.stage == wpb.WORKER_STAGE_PREPARE
+            assert list(prepare.run_stage.request_ids) == [b.id] and prepare.run_stage.stage == wpb.WORKER_STAGE_PREPARE
             assert worker.in_flight == step.id
             answered = {1, 2, encode.id}  # the step and the prepare are still in flight
             deadline = asyncio.get_running_loop().time() + 10

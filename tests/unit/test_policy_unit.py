@@ -41,6 +41,22 @@ def test_stages_by_priority_then_age():
     assert next_plan([a, b, c], 4).jobs == [b]
 
 
+def test_encodes_and_prepares_go_together_decodes_one_at_a_time():
+    """The first stage's job takes the others waiting at the same ENCODE or PREPARE along (up to the
+    batch size, by priority then age); a DECODE runs alone."""
+    enc = [job(age, phase=Phase.ENCODE) for age in (5, 3, 4)]
+    late = job(6, phase=Phase.ENCODE, priority=9)
+    dec, prep = job(1, phase=Phase.DECODE), job(2, phase=Phase.PREPARE)
+    assert next_plan([*enc, dec, prep], 4).jobs == [dec]
+    assert next_plan([*enc, prep], 4).jobs == [prep]
+    plan = next_plan([*enc, late], 3)
+    assert plan.stage == pb.STAGE_ENCODE and plan.jobs == [late, enc[1], enc[2]]
+    enc[1].in_flight = True
+    assert next_plan(enc, 4).jobs == [enc[2], enc[0]]
+    twice = [job(1, phase=Phase.DECODE), job(2, phase=Phase.DECODE)]
+    assert next_plan(twice, 4).jobs == [twice[0]]
+
+
 def test_same_shape_batched_across_steps_oldest_first():
     a, b, c, d = job(1, step=5), job(2, height=64), job(3, step=1), job(4)
     plan = next_plan([d, c, b, a], 2)
@@ -279,7 +295,7 @@ CARD = wpb.ModelCard(
 
 def admission(rule: PriorityRule | None = None, max_resident: int = 0) -> tuple[Admission, WorkerRegistry]:
     registry = WorkerRegistry()
-    registry.register("w1", wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2, card=CARD, max_batch_size=1, max_resident=max_resident, world_size=1))
+    registry.register("w1", wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_3, card=CARD, max_batch_size=1, max_resident=max_resident, world_size=1))
     return Admission(JobTable(), registry, FakeLink(), max_queue=100, retry_after_s=1, priorities=rule), registry
 
 

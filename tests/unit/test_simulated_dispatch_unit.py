@@ -35,7 +35,7 @@ class InstantLink:
         return self._next_id
 
     def hello(self, worker_id: str) -> None:
-        hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2, card=sim_card("sim"), max_batch_size=2, max_resident=2, world_size=1)
+        hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_3, card=sim_card("sim"), max_batch_size=2, max_resident=2, world_size=1)
         self.inbox.put_nowait([worker_id.encode(), wpb.WorkerMessage(hello=hello).SerializeToString()])
 
     async def send(self, worker_id: str, command: wpb.Command) -> bool:
@@ -49,11 +49,12 @@ class InstantLink:
         result = wpb.Result(command_id=command.id)
         frames = []
         if kind == "run_stage":
-            self.log.append((worker_id, wpb.WorkerStage.Name(command.run_stage.stage), command.run_stage.request_id))
-            entry = result.requests.add(request_id=command.run_stage.request_id)
-            if command.run_stage.stage == wpb.WORKER_STAGE_DECODE:
-                entry.frames.CopyFrom(wpb.Tensor(dtype="uint8", shape=[1, 8, 8, 3], frame=0))
-                frames.append(np.zeros((1, 8, 8, 3), np.uint8).tobytes())
+            for rid in command.run_stage.request_ids:
+                self.log.append((worker_id, wpb.WorkerStage.Name(command.run_stage.stage), rid))
+                entry = result.requests.add(request_id=rid)
+                if command.run_stage.stage == wpb.WORKER_STAGE_DECODE:
+                    entry.frames.CopyFrom(wpb.Tensor(dtype="uint8", shape=[1, 8, 8, 3], frame=len(frames)))
+                    frames.append(np.zeros((1, 8, 8, 3), np.uint8).tobytes())
         else:
             for e in command.denoise_step.entries:
                 self.log.append((worker_id, "step", e.request_id))

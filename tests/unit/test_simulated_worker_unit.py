@@ -27,7 +27,7 @@ def test_importing_it_pulls_in_no_torch():
 
 
 def test_card_registers_and_validates_requests():
-    hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_2, card=sim_card("sim"), max_batch_size=4, max_resident=8, world_size=1)
+    hello = wpb.Hello(protocol_version=wpb.PROTOCOL_VERSION_3, card=sim_card("sim"), max_batch_size=4, max_resident=8, world_size=1)
     registry = WorkerRegistry()
     assert registry.compatible("sim-0", hello) and registry.refusal(hello, 2 << 30) is None
     registry.register("sim-0", hello)

@@ -54,6 +54,9 @@ class Pipeline(Protocol):
 
     def encode(self, state: RequestState) -> None: ...
 
+    # Optional: `encode_batch(states)` encodes several requests in one call (an ENCODE command may
+    # carry several, scheduler/policy.py); without it the runtime calls `encode` for each.
+
     def prepare(self, state: RequestState) -> None: ...
 
     def forward(self, *args): ...

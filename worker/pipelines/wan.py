@@ -307,19 +307,35 @@ class WanPipeline(OffersLora):
         state.image = decode_image(request.images[0])  # fails early on undecodable bytes
         return state
 
-    @torch.no_grad()
     def encode(self, state: WanState) -> None:
-        r = state.request
-        uncond = self.guide.unconditional(r)
-        embeds = self.encoder([r.prompt] + ([r.negative_prompt] if uncond else [])).to(self.dtype)
-        state.cond = embeds[:1]
-        state.uncond = embeds[1:2] if uncond else None
-        if self.image_encoder is not None:
-            # CLIP sees the original image (its processor resizes / crops it); same rows for cond and uncond.
-            pixels = self.image_processor(images=state.image, return_tensors="pt").pixel_values
-            pixels = pixels.to(self.device, self.image_encoder.dtype)
-            hidden = self.image_encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
-            state.image_embeds = hidden.to(self.dtype)  # (1, S_img, image_dim)
+        self.encode_batch([state])
+
+    @torch.no_grad()
+    def encode_batch(self, states: list[WanState]) -> None:
+        """The prompts (and negative prompts) of every request in one text-encoder call; each row
+        is its prompt's alone (T5 masks the other rows' padding), so batching changes no result."""
+        texts = []
+        for state in states:
+            texts.append(state.request.prompt)
+            if self.guide.unconditional(state.request):
+                texts.append(state.request.negative_prompt)
+        rows = list(self.encoder(texts).to(self.dtype).split(1))  # (1, L, D) each
+        if len(states) > 1:  # each request its own memory (a view would keep the whole batch's alive)
+            rows = [row.clone() for row in rows]
+        rows = iter(rows)
+        for state in states:
+            state.cond = next(rows)
+            state.uncond = next(rows) if self.guide.unconditional(state.request) else None
+            if self.image_encoder is not None:
+                self._encode_image(state)
+
+    def _encode_image(self, state: WanState) -> None:
+        """CLIP features of the request's image (Wan2.1 I2V)."""
+        # CLIP sees the original image (its processor resizes / crops it); same rows for cond and uncond.
+        pixels = self.image_processor(images=state.image, return_tensors="pt").pixel_values
+        pixels = pixels.to(self.device, self.image_encoder.dtype)
+        hidden = self.image_encoder(pixel_values=pixels, output_hidden_states=True).hidden_states[-2]
+        state.image_embeds = hidden.to(self.dtype)  # (1, S_img, image_dim)
 
     @torch.no_grad()
     def prepare(self, state: WanState) -> None:

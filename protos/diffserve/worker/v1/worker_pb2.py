@@ -26,19 +26,19 @@ from diffserve.v1 import generation_pb2 as diffserve_dot_v1_dot_generation__pb2
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n diffserve/worker/v1/worker.proto\x12\x13\x64iffserve.worker.v1\x1a\x1d\x64iffserve/v1/generation.proto\x1a\x17google/rpc/status.proto\"5\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x66rame\x18\x03 \x01(\x05\"\xc6\x03\n\x07\x43ommand\x12\n\n\x02id\x18\x01 \x01(\x04\x12/\n\x07welcome\x18\x02 \x01(\x0b\x32\x1c.diffserve.worker.v1.WelcomeH\x00\x12+\n\x05\x61\x64mit\x18\x03 \x01(\x0b\x32\x1a.diffserve.worker.v1.AdmitH\x00\x12\x32\n\trun_stage\x18\x04 \x01(\x0b\x32\x1d.diffserve.worker.v1.RunStageH\x00\x12\x38\n\x0c\x64\x65noise_step\x18\x05 \x01(\x0b\x32 .diffserve.worker.v1.DenoiseStepH\x00\x12)\n\x04\x66ree\x18\x06 \x01(\x0b\x32\x19.diffserve.worker.v1.FreeH\x00\x12\x31\n\x08shutdown\x18\x07 \x01(\x0b\x32\x1d.diffserve.worker.v1.ShutdownH\x00\x12\x35\n\nreregister\x18\x08 \x01(\x0b\x32\x1f.diffserve.worker.v1.ReregisterH\x00\x12\x30\n\x08\x66ree_all\x18\t \x01(\x0b\x32\x1c.diffserve.worker.v1.FreeAllH\x00\x12\x14\n\x0c\x66inished_ids\x18\n \x03(\tB\x06\n\x04\x62ody\":\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x02\"X\n\x05\x41\x64mit\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x07request\x18\x03 \x01(\x0b\x32\x1c.diffserve.worker.v1.RequestJ\x04\x08\x02\x10\x03R\x06params\"\xaf\x02\n\x07Request\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x12\n\nnum_frames\x18\x05 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x06 \x01(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x12\n\ncfg_scales\x18\x08 \x03(\x02\x12\x19\n\x11\x65mbedded_guidance\x18\t \x01(\x02\x12\x0e\n\x06images\x18\n \x03(\x0c\x12-\n\x05\x63\x61\x63he\x18\x0b \x01(\x0b\x32\x1e.diffserve.worker.v1.StepCache\x12/\n\x05loras\x18\x0c \x03(\x0b\x32 .diffserve.worker.v1.LoraAdapter\"*\n\x0bLoraAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\x02\"\xd9\x01\n\tStepCache\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x11\n\tthreshold\x18\x02 \x01(\x02\x12\x10\n\x08interval\x18\x03 \x01(\x05\x12\x11\n\tmax_order\x18\x04 \x01(\x05\x12\x19\n\x0cwarmup_steps\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\rcooldown_step\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x16\n\x0emax_skip_steps\x18\x07 \x01(\x05\x12\x12\n\nmag_ratios\x18\x08 \x03(\x02\x42\x0f\n\r_warmup_stepsB\x10\n\x0e_cooldown_step\"O\n\x08RunStage\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12/\n\x05stage\x18\x02 \x01(\x0e\x32 .diffserve.worker.v1.WorkerStage\">\n\x0b\x44\x65noiseStep\x12/\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1e.diffserve.worker.v1.StepEntry\"3\n\tStepEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nstep_index\x18\x02 \x01(\x05\"\x1b\n\x04\x46ree\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"\t\n\x07\x46reeAll\"\x0c\n\nReregister\"\n\n\x08Shutdown\"\xd9\x01\n\rWorkerMessage\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.diffserve.worker.v1.HelloH\x00\x12\x33\n\theartbeat\x18\x02 \x01(\x0b\x32\x1e.diffserve.worker.v1.HeartbeatH\x00\x12-\n\x06result\x18\x03 \x01(\x0b\x32\x1b.diffserve.worker.v1.ResultH\x00\x12/\n\x07goodbye\x18\x04 \x01(\x0b\x32\x1c.diffserve.worker.v1.GoodbyeH\x00\x42\x06\n\x04\x62ody\"\x19\n\x07Goodbye\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xf4\x01\n\x05Hello\x12>\n\x10protocol_version\x18\x01 \x01(\x0e\x32$.diffserve.worker.v1.ProtocolVersion\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12,\n\x04\x63\x61rd\x18\x07 \x01(\x0b\x32\x1e.diffserve.worker.v1.ModelCard\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x05\x12\x14\n\x0cmax_resident\x18\x05 \x01(\x05\x12\x12\n\nworld_size\x18\x06 \x01(\x05\x12\x19\n\x11\x63oncurrent_stages\x18\x08 \x01(\x08J\x04\x08\x03\x10\x04R\x05model\"\xd0\x02\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x34\n\x08\x64\x65\x66\x61ults\x18\x04 \x01(\x0b\x32\".diffserve.worker.v1.ModelDefaults\x12\x30\n\x06limits\x18\x05 \x01(\x0b\x32 .diffserve.worker.v1.ModelLimits\x12\x38\n\rguidance_kind\x18\x06 \x01(\x0e\x32!.diffserve.worker.v1.GuidanceKind\x12\x13\n\x0bnum_experts\x18\x07 \x01(\x05\x12\x1a\n\x12packs_mixed_shapes\x18\x08 \x01(\x08\x12\x16\n\x0e\x63\x61\x63he_policies\x18\t \x03(\t\x12\x15\n\rquantizations\x18\x0b \x03(\t\x12\x15\n\rlora_adapters\x18\n \x03(\t\"\xdc\x01\n\rModelDefaults\x12\x0e\n\x06height\x18\x01 \x01(\x05\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x12\n\nnum_frames\x18\x03 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x04 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x05 \x01(\x02\x12\x0b\n\x03\x66ps\x18\x06 \x01(\x05\x12\x17\n\x0fnegative_prompt\x18\x07 \x01(\t\x12\x0f\n\x07sampler\x18\x08 \x01(\t\x12\x12\n\nflow_shift\x18\t \x01(\x02\x12\x18\n\x10guidance_scale_2\x18\n \x01(\x02\"\xf1\x01\n\x0bModelLimits\x12\x15\n\rsize_multiple\x18\x01 \x01(\x05\x12\x12\n\nmax_height\x18\x02 \x01(\x05\x12\x11\n\tmax_width\x18\x03 \x01(\x05\x12\x12\n\nmax_pixels\x18\x04 \x01(\x03\x12\x12\n\nframe_step\x18\x05 \x01(\x05\x12\x16\n\x0emax_num_frames\x18\x06 \x01(\x05\x12\x1f\n\x17max_num_inference_steps\x18\x07 \x01(\x05\x12\x17\n\x0fprompt_required\x18\x08 \x01(\x08\x12\x16\n\x0eimage_required\x18\t \x01(\x08\x12\x12\n\nmax_images\x18\n \x01(\x05\"I\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12*\n\x06status\x18\x02 \x01(\x0b\x32\x1a.diffserve.v1.WorkerStatus\"f\n\x06Result\x12\x12\n\ncommand_id\x18\x01 \x01(\x04\x12\x12\n\nelapsed_ms\x18\x02 \x01(\x02\x12\x34\n\x08requests\x18\x03 \x03(\x0b\x32\".diffserve.worker.v1.RequestResult\"t\n\rRequestResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x12+\n\x06\x66rames\x18\x03 \x01(\x0b\x32\x1b.diffserve.worker.v1.Tensor*c\n\x0fProtocolVersion\x12 \n\x1cPROTOCOL_VERSION_UNSPECIFIED\x10\x00\x12\x16\n\x12PROTOCOL_VERSION_1\x10\x01\x12\x16\n\x12PROTOCOL_VERSION_2\x10\x02*w\n\x0bWorkerStage\x12\x1c\n\x18WORKER_STAGE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_STAGE_ENCODE\x10\x01\x12\x18\n\x14WORKER_STAGE_PREPARE\x10\x02\x12\x17\n\x13WORKER_STAGE_DECODE\x10\x03*\x9c\x01\n\x0cGuidanceKind\x12\x1d\n\x19GUIDANCE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11GUIDANCE_KIND_CFG\x10\x01\x12\"\n\x1eGUIDANCE_KIND_CFG_NORM_RESCALE\x10\x02\x12\x1a\n\x16GUIDANCE_KIND_EMBEDDED\x10\x03\x12\x16\n\x12GUIDANCE_KIND_NONE\x10\x04\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n diffserve/worker/v1/worker.proto\x12\x13\x64iffserve.worker.v1\x1a\x1d\x64iffserve/v1/generation.proto\x1a\x17google/rpc/status.proto\"5\n\x06Tensor\x12\r\n\x05\x64type\x18\x01 \x01(\t\x12\r\n\x05shape\x18\x02 \x03(\x03\x12\r\n\x05\x66rame\x18\x03 \x01(\x05\"\xc6\x03\n\x07\x43ommand\x12\n\n\x02id\x18\x01 \x01(\x04\x12/\n\x07welcome\x18\x02 \x01(\x0b\x32\x1c.diffserve.worker.v1.WelcomeH\x00\x12+\n\x05\x61\x64mit\x18\x03 \x01(\x0b\x32\x1a.diffserve.worker.v1.AdmitH\x00\x12\x32\n\trun_stage\x18\x04 \x01(\x0b\x32\x1d.diffserve.worker.v1.RunStageH\x00\x12\x38\n\x0c\x64\x65noise_step\x18\x05 \x01(\x0b\x32 .diffserve.worker.v1.DenoiseStepH\x00\x12)\n\x04\x66ree\x18\x06 \x01(\x0b\x32\x19.diffserve.worker.v1.FreeH\x00\x12\x31\n\x08shutdown\x18\x07 \x01(\x0b\x32\x1d.diffserve.worker.v1.ShutdownH\x00\x12\x35\n\nreregister\x18\x08 \x01(\x0b\x32\x1f.diffserve.worker.v1.ReregisterH\x00\x12\x30\n\x08\x66ree_all\x18\t \x01(\x0b\x32\x1c.diffserve.worker.v1.FreeAllH\x00\x12\x14\n\x0c\x66inished_ids\x18\n \x03(\tB\x06\n\x04\x62ody\":\n\x07Welcome\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x1c\n\x14heartbeat_interval_s\x18\x02 \x01(\x02\"X\n\x05\x41\x64mit\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12-\n\x07request\x18\x03 \x01(\x0b\x32\x1c.diffserve.worker.v1.RequestJ\x04\x08\x02\x10\x03R\x06params\"\xaf\x02\n\x07Request\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x17\n\x0fnegative_prompt\x18\x02 \x01(\t\x12\x0e\n\x06height\x18\x03 \x01(\x05\x12\r\n\x05width\x18\x04 \x01(\x05\x12\x12\n\nnum_frames\x18\x05 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x06 \x01(\x05\x12\x0c\n\x04seed\x18\x07 \x01(\x04\x12\x12\n\ncfg_scales\x18\x08 \x03(\x02\x12\x19\n\x11\x65mbedded_guidance\x18\t \x01(\x02\x12\x0e\n\x06images\x18\n \x03(\x0c\x12-\n\x05\x63\x61\x63he\x18\x0b \x01(\x0b\x32\x1e.diffserve.worker.v1.StepCache\x12/\n\x05loras\x18\x0c \x03(\x0b\x32 .diffserve.worker.v1.LoraAdapter\"*\n\x0bLoraAdapter\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05scale\x18\x02 \x01(\x02\"\xd9\x01\n\tStepCache\x12\x0e\n\x06policy\x18\x01 \x01(\t\x12\x11\n\tthreshold\x18\x02 \x01(\x02\x12\x10\n\x08interval\x18\x03 \x01(\x05\x12\x11\n\tmax_order\x18\x04 \x01(\x05\x12\x19\n\x0cwarmup_steps\x18\x05 \x01(\x05H\x00\x88\x01\x01\x12\x1a\n\rcooldown_step\x18\x06 \x01(\x05H\x01\x88\x01\x01\x12\x16\n\x0emax_skip_steps\x18\x07 \x01(\x05\x12\x12\n\nmag_ratios\x18\x08 \x03(\x02\x42\x0f\n\r_warmup_stepsB\x10\n\x0e_cooldown_step\"V\n\x08RunStage\x12/\n\x05stage\x18\x02 \x01(\x0e\x32 .diffserve.worker.v1.WorkerStage\x12\x13\n\x0brequest_ids\x18\x03 \x03(\tJ\x04\x08\x01\x10\x02\">\n\x0b\x44\x65noiseStep\x12/\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x1e.diffserve.worker.v1.StepEntry\"3\n\tStepEntry\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x12\n\nstep_index\x18\x02 \x01(\x05\"\x1b\n\x04\x46ree\x12\x13\n\x0brequest_ids\x18\x01 \x03(\t\"\t\n\x07\x46reeAll\"\x0c\n\nReregister\"\n\n\x08Shutdown\"\xd9\x01\n\rWorkerMessage\x12+\n\x05hello\x18\x01 \x01(\x0b\x32\x1a.diffserve.worker.v1.HelloH\x00\x12\x33\n\theartbeat\x18\x02 \x01(\x0b\x32\x1e.diffserve.worker.v1.HeartbeatH\x00\x12-\n\x06result\x18\x03 \x01(\x0b\x32\x1b.diffserve.worker.v1.ResultH\x00\x12/\n\x07goodbye\x18\x04 \x01(\x0b\x32\x1c.diffserve.worker.v1.GoodbyeH\x00\x42\x06\n\x04\x62ody\"\x19\n\x07Goodbye\x12\x0e\n\x06reason\x18\x01 \x01(\t\"\xf4\x01\n\x05Hello\x12>\n\x10protocol_version\x18\x01 \x01(\x0e\x32$.diffserve.worker.v1.ProtocolVersion\x12\x13\n\x0b\x64\x65scription\x18\x02 \x01(\t\x12,\n\x04\x63\x61rd\x18\x07 \x01(\x0b\x32\x1e.diffserve.worker.v1.ModelCard\x12\x16\n\x0emax_batch_size\x18\x04 \x01(\x05\x12\x14\n\x0cmax_resident\x18\x05 \x01(\x05\x12\x12\n\nworld_size\x18\x06 \x01(\x05\x12\x19\n\x11\x63oncurrent_stages\x18\x08 \x01(\x08J\x04\x08\x03\x10\x04R\x05model\"\xd0\x02\n\tModelCard\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06\x66\x61mily\x18\x02 \x01(\t\x12\x0c\n\x04task\x18\x03 \x01(\t\x12\x34\n\x08\x64\x65\x66\x61ults\x18\x04 \x01(\x0b\x32\".diffserve.worker.v1.ModelDefaults\x12\x30\n\x06limits\x18\x05 \x01(\x0b\x32 .diffserve.worker.v1.ModelLimits\x12\x38\n\rguidance_kind\x18\x06 \x01(\x0e\x32!.diffserve.worker.v1.GuidanceKind\x12\x13\n\x0bnum_experts\x18\x07 \x01(\x05\x12\x1a\n\x12packs_mixed_shapes\x18\x08 \x01(\x08\x12\x16\n\x0e\x63\x61\x63he_policies\x18\t \x03(\t\x12\x15\n\rquantizations\x18\x0b \x03(\t\x12\x15\n\rlora_adapters\x18\n \x03(\t\"\xdc\x01\n\rModelDefaults\x12\x0e\n\x06height\x18\x01 \x01(\x05\x12\r\n\x05width\x18\x02 \x01(\x05\x12\x12\n\nnum_frames\x18\x03 \x01(\x05\x12\x1b\n\x13num_inference_steps\x18\x04 \x01(\x05\x12\x16\n\x0eguidance_scale\x18\x05 \x01(\x02\x12\x0b\n\x03\x66ps\x18\x06 \x01(\x05\x12\x17\n\x0fnegative_prompt\x18\x07 \x01(\t\x12\x0f\n\x07sampler\x18\x08 \x01(\t\x12\x12\n\nflow_shift\x18\t \x01(\x02\x12\x18\n\x10guidance_scale_2\x18\n \x01(\x02\"\xf1\x01\n\x0bModelLimits\x12\x15\n\rsize_multiple\x18\x01 \x01(\x05\x12\x12\n\nmax_height\x18\x02 \x01(\x05\x12\x11\n\tmax_width\x18\x03 \x01(\x05\x12\x12\n\nmax_pixels\x18\x04 \x01(\x03\x12\x12\n\nframe_step\x18\x05 \x01(\x05\x12\x16\n\x0emax_num_frames\x18\x06 \x01(\x05\x12\x1f\n\x17max_num_inference_steps\x18\x07 \x01(\x05\x12\x17\n\x0fprompt_required\x18\x08 \x01(\x08\x12\x16\n\x0eimage_required\x18\t \x01(\x08\x12\x12\n\nmax_images\x18\n \x01(\x05\"I\n\tHeartbeat\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12*\n\x06status\x18\x02 \x01(\x0b\x32\x1a.diffserve.v1.WorkerStatus\"f\n\x06Result\x12\x12\n\ncommand_id\x18\x01 \x01(\x04\x12\x12\n\nelapsed_ms\x18\x02 \x01(\x02\x12\x34\n\x08requests\x18\x03 \x03(\x0b\x32\".diffserve.worker.v1.RequestResult\"t\n\rRequestResult\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\"\n\x06status\x18\x02 \x01(\x0b\x32\x12.google.rpc.Status\x12+\n\x06\x66rames\x18\x03 \x01(\x0b\x32\x1b.diffserve.worker.v1.Tensor*{\n\x0fProtocolVersion\x12 \n\x1cPROTOCOL_VERSION_UNSPECIFIED\x10\x00\x12\x16\n\x12PROTOCOL_VERSION_1\x10\x01\x12\x16\n\x12PROTOCOL_VERSION_2\x10\x02\x12\x16\n\x12PROTOCOL_VERSION_3\x10\x03*w\n\x0bWorkerStage\x12\x1c\n\x18WORKER_STAGE_UNSPECIFIED\x10\x00\x12\x17\n\x13WORKER_STAGE_ENCODE\x10\x01\x12\x18\n\x14WORKER_STAGE_PREPARE\x10\x02\x12\x17\n\x13WORKER_STAGE_DECODE\x10\x03*\x9c\x01\n\x0cGuidanceKind\x12\x1d\n\x19GUIDANCE_KIND_UNSPECIFIED\x10\x00\x12\x15\n\x11GUIDANCE_KIND_CFG\x10\x01\x12\"\n\x1eGUIDANCE_KIND_CFG_NORM_RESCALE\x10\x02\x12\x1a\n\x16GUIDANCE_KIND_EMBEDDED\x10\x03\x12\x16\n\x12GUIDANCE_KIND_NONE\x10\x04\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'diffserve.worker.v1.worker_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_PROTOCOLVERSION']._serialized_start=3206
-  _globals['_PROTOCOLVERSION']._serialized_end=3305
-  _globals['_WORKERSTAGE']._serialized_start=3307
-  _globals['_WORKERSTAGE']._serialized_end=3426
-  _globals['_GUIDANCEKIND']._serialized_start=3429
-  _globals['_GUIDANCEKIND']._serialized_end=3585
+  _globals['_PROTOCOLVERSION']._serialized_start=3213
+  _globals['_PROTOCOLVERSION']._serialized_end=3336
+  _globals['_WORKERSTAGE']._serialized_start=3338
+  _globals['_WORKERSTAGE']._serialized_end=3457
+  _globals['_GUIDANCEKIND']._serialized_start=3460
+  _globals['_GUIDANCEKIND']._serialized_end=3616
   _globals['_TENSOR']._serialized_start=113
   _globals['_TENSOR']._serialized_end=166
   _globals['_COMMAND']._serialized_start=169
@@ -54,35 +54,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STEPCACHE']._serialized_start=1126
   _globals['_STEPCACHE']._serialized_end=1343
   _globals['_RUNSTAGE']._serialized_start=1345
-  _globals['_RUNSTAGE']._serialized_end=1424
-  _globals['_DENOISESTEP']._serialized_start=1426
-  _globals['_DENOISESTEP']._serialized_end=1488
-  _globals['_STEPENTRY']._serialized_start=1490
-  _globals['_STEPENTRY']._serialized_end=1541
-  _globals['_FREE']._serialized_start=1543
-  _globals['_FREE']._serialized_end=1570
-  _globals['_FREEALL']._serialized_start=1572
-  _globals['_FREEALL']._serialized_end=1581
-  _globals['_REREGISTER']._serialized_start=1583
-  _globals['_REREGISTER']._serialized_end=1595
-  _globals['_SHUTDOWN']._serialized_start=1597
-  _globals['_SHUTDOWN']._serialized_end=1607
-  _globals['_WORKERMESSAGE']._serialized_start=1610
-  _globals['_WORKERMESSAGE']._serialized_end=1827
-  _globals['_GOODBYE']._serialized_start=1829
-  _globals['_GOODBYE']._serialized_end=1854
-  _globals['_HELLO']._serialized_start=1857
-  _globals['_HELLO']._serialized_end=2101
-  _globals['_MODELCARD']._serialized_start=2104
-  _globals['_MODELCARD']._serialized_end=2440
-  _globals['_MODELDEFAULTS']._serialized_start=2443
-  _globals['_MODELDEFAULTS']._serialized_end=2663
-  _globals['_MODELLIMITS']._serialized_start=2666
-  _globals['_MODELLIMITS']._serialized_end=2907
-  _globals['_HEARTBEAT']._serialized_start=2909
-  _globals['_HEARTBEAT']._serialized_end=2982
-  _globals['_RESULT']._serialized_start=2984
-  _globals['_RESULT']._serialized_end=3086
-  _globals['_REQUESTRESULT']._serialized_start=3088
-  _globals['_REQUESTRESULT']._serialized_end=3204
+  _globals['_RUNSTAGE']._serialized_end=1431
+  _globals['_DENOISESTEP']._serialized_start=1433
+  _globals['_DENOISESTEP']._serialized_end=1495
+  _globals['_STEPENTRY']._serialized_start=1497
+  _globals['_STEPENTRY']._serialized_end=1548
+  _globals['_FREE']._serialized_start=1550
+  _globals['_FREE']._serialized_end=1577
+  _globals['_FREEALL']._serialized_start=1579
+  _globals['_FREEALL']._serialized_end=1588
+  _globals['_REREGISTER']._serialized_start=1590
+  _globals['_REREGISTER']._serialized_end=1602
+  _globals['_SHUTDOWN']._serialized_start=1604
+  _globals['_SHUTDOWN']._serialized_end=1614
+  _globals['_WORKERMESSAGE']._serialized_start=1617
+  _globals['_WORKERMESSAGE']._serialized_end=1834
+  _globals['_GOODBYE']._serialized_start=1836
+  _globals['_GOODBYE']._serialized_end=1861
+  _globals['_HELLO']._serialized_start=1864
+  _globals['_HELLO']._serialized_end=2108
+  _globals['_MODELCARD']._serialized_start=2111
+  _globals['_MODELCARD']._serialized_end=2447
+  _globals['_MODELDEFAULTS']._serialized_start=2450
+  _globals['_MODELDEFAULTS']._serialized_end=2670
+  _globals['_MODELLIMITS']._serialized_start=2673
+  _globals['_MODELLIMITS']._serialized_end=2914
+  _globals['_HEARTBEAT']._serialized_start=2916
+  _globals['_HEARTBEAT']._serialized_end=2989
+  _globals['_RESULT']._serialized_start=2991
+  _globals['_RESULT']._serialized_end=3093
+  _globals['_REQUESTRESULT']._serialized_start=3095
+  _globals['_REQUESTRESULT']._serialized_end=3211
 # @@protoc_insertion_point(module_scope)

@@ -14,6 +14,7 @@ class ProtocolVersion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PROTOCOL_VERSION_UNSPECIFIED: _ClassVar[ProtocolVersion]
     PROTOCOL_VERSION_1: _ClassVar[ProtocolVersion]
     PROTOCOL_VERSION_2: _ClassVar[ProtocolVersion]
+    PROTOCOL_VERSION_3: _ClassVar[ProtocolVersion]
 
 class WorkerStage(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -32,6 +33,7 @@ class GuidanceKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 PROTOCOL_VERSION_UNSPECIFIED: ProtocolVersion
 PROTOCOL_VERSION_1: ProtocolVersion
 PROTOCOL_VERSION_2: ProtocolVersion
+PROTOCOL_VERSION_3: ProtocolVersion
 WORKER_STAGE_UNSPECIFIED: WorkerStage
 WORKER_STAGE_ENCODE: WorkerStage
 WORKER_STAGE_PREPARE: WorkerStage
@@ -149,12 +151,12 @@ class StepCache(_message.Message):
     def __init__(self, policy: _Optional[str] = ..., threshold: _Optional[float] = ..., interval: _Optional[int] = ..., max_order: _Optional[int] = ..., warmup_steps: _Optional[int] = ..., cooldown_step: _Optional[int] = ..., max_skip_steps: _Optional[int] = ..., mag_ratios: _Optional[_Iterable[float]] = ...) -> None: ...
 
 class RunStage(_message.Message):
-    __slots__ = ("request_id", "stage")
-    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("stage", "request_ids")
     STAGE_FIELD_NUMBER: _ClassVar[int]
-    request_id: str
+    REQUEST_IDS_FIELD_NUMBER: _ClassVar[int]
     stage: WorkerStage
-    def __init__(self, request_id: _Optional[str] = ..., stage: _Optional[_Union[WorkerStage, str]] = ...) -> None: ...
+    request_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, stage: _Optional[_Union[WorkerStage, str]] = ..., request_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class DenoiseStep(_message.Message):
     __slots__ = ("entries",)
