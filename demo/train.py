@@ -268,8 +268,10 @@ def train_dit(transformer, text_encoder, tok, data: dict, steps: int, rng: np.ra
         if out_of_time(started, max_seconds, step, steps, "dit", log):
             break
         ran = step + 1
+        # The cosine follows the steps, or the time when a time limit ends the run first (it then still decays).
+        progress = max(step / steps, (time.perf_counter() - started) / max_seconds if max_seconds else 0.0)
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / steps)))
+            group["lr"] = lr * min(1.0, (step + 1) / 200) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
         drill = "drills" in data and (step < drill_steps or rng.random() < drill_mix)
         drilled += drill
         clip = not drill and rng.random() < 0.3
