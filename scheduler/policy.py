@@ -10,9 +10,9 @@ choice with fresh accounts (no history: the oldest job's shape).
 
 1. Stages first (ENCODE, PREPARE, DECODE), highest priority then oldest: they are short, a newly
    encoded job joins the denoising sooner, a decoded job frees its memory. The first job's stage
-   takes along the other jobs waiting at the same stage (up to `max_batch`, in the same order): a
-   burst of arrivals is encoded in one text-encoder call, not one per job, and images of one shape
-   that finish together are decoded in one VAE call. A video's DECODE runs alone.
+   takes along the other jobs waiting at the same stage when it is ENCODE or PREPARE (up to
+   `max_batch`, in the same order): a burst of arrivals is encoded in one text-encoder call, not
+   one per job. A DECODE runs one job.
 2. Otherwise one denoising step for one *shape group*: the ready jobs whose latents have the same
    shape share the step (batching, even at different step indices), up to `max_batch` of them,
    highest priority then oldest first.
@@ -58,6 +58,9 @@ from diffserve.scheduler.jobs import Job
 from diffserve.scheduler.lifecycle import Phase
 
 STAGES = (Phase.ENCODE, Phase.PREPARE, Phase.DECODE)
+# Stages one command runs for several jobs (the worker encodes their prompts in one call); a decode
+# stays one job a command (a video's decode is long, and a batch of them would hold the worker).
+BATCHED_STAGES = (Phase.ENCODE, Phase.PREPARE)
 
 Shape = tuple[int, int, int]
 
@@ -143,7 +146,7 @@ def next_plan(jobs: Iterable[Job], max_batch: int, accounts: Accounts | None = N
     """The next command's plan; `stages` / `steps` False leave that kind out (a worker's lane for
     it is busy: workers with concurrent stages, steps.py)."""
     stage: Job | None = None
-    staged: dict[Phase, list[Job]] = {}  # the jobs waiting at each stage
+    staged: dict[Phase, list[Job]] = {}  # BATCHED_STAGES: their waiting jobs
     shapes: set[Shape] = set()
     groups: dict[Shape, list[Job]] = {}
     for job in jobs:  # one pass; each job's shape read once (protobuf fields are not free)
@@ -156,9 +159,12 @@ def next_plan(jobs: Iterable[Job], max_batch: int, accounts: Accounts | None = N
         elif stages and phase in STAGES and not job.in_flight:
             if stage is None or _order(job) < _order(stage):
                 stage = job
-            staged.setdefault(phase, []).append(job)
+            if phase in BATCHED_STAGES:
+                staged.setdefault(phase, []).append(job)
     if stage is not None:
-        return Plan(stage.phase, _stage_batch(stage, staged[stage.phase], max_batch))
+        if stage.phase not in BATCHED_STAGES:
+            return Plan(stage.phase, [stage])
+        return Plan(stage.phase, sorted(staged[stage.phase], key=_order)[:max(1, max_batch)])
     accounts = accounts if accounts is not None else Accounts()
     accounts.sync(shapes)
     if not groups or not steps:
@@ -188,18 +194,6 @@ def next_plan(jobs: Iterable[Job], max_batch: int, accounts: Accounts | None = N
                 chosen.append(job)
                 total += n
     return Plan(Phase.DENOISE, chosen)
-
-
-def _stage_batch(first: Job, waiting: list[Job], max_batch: int) -> list[Job]:
-    """The jobs of `first`'s stage command (`first` leads: it is the best-ordered of `waiting`): an
-    ENCODE or PREPARE takes every job waiting at that stage, a DECODE of an image (one frame) the
-    other images of its shape (one VAE call); a video's decode runs alone (seconds of VAE work that
-    would hold the worker's steps for longer still). At most `max_batch` jobs, by priority then age."""
-    if first.phase is Phase.DECODE:
-        if first.params.num_frames != 1:
-            return [first]
-        waiting = [j for j in waiting if j.params.num_frames == 1 and j.shape_key == first.shape_key]
-    return sorted(waiting, key=_order)[:max(1, max_batch)]
 
 
 class FairShare:

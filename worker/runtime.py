@@ -150,10 +150,9 @@ class Runtime:
         return state
 
     def run_stage(self, cmd: wpb.RunStage) -> tuple[list[wpb.RequestResult], list]:
-        """One stage for each request of the command. Several requests run as one call where the
-        pipeline has it (`encode_batch`: their prompts in one text-encoder call; `decode_batch`:
-        images in VAE calls, one process only); if that fails, each request runs alone, so only a
-        request that fails by itself fails."""
+        """One stage for each request of the command: an ENCODE of several runs the pipeline's
+        `encode_batch` (one text-encoder call), falling back to one request at a time if that fails,
+        so each request gets its own error; the other stages run one request at a time."""
         results = {rid: wpb.RequestResult(request_id=rid) for rid in cmd.request_ids}
         frames: list = []
         states = []
@@ -162,17 +161,13 @@ class Runtime:
                 states.append(self._state(rid))
             except _Refused as exc:
                 results[rid].status.CopyFrom(exc.status)
-        batch = self._batch_call(cmd.stage)
+        batch = getattr(self.pipeline, "encode_batch", None) if cmd.stage == wpb.WORKER_STAGE_ENCODE else None
         if batch is not None and len(states) > 1:
             try:
-                outputs = batch(states)
-            except Exception:
-                log.warning("stage %s of %d requests at once failed; running them one at a time:\n%s",
-                            wpb.WorkerStage.Name(cmd.stage), len(states), traceback.format_exc())
-            else:
-                for state, video in zip(states, outputs or ()):
-                    attach_frames(results[state.request_id], video, frames)
+                batch(states)
                 states = []
+            except Exception:
+                log.warning("encoding %d requests at once failed; encoding them one at a time:\n%s", len(states), traceback.format_exc())
         for state in states:
             result = results[state.request_id]
             try:
@@ -183,14 +178,6 @@ class Runtime:
                 result.status.CopyFrom(error_status(exc))
         return list(results.values()), frames
 
-    def _batch_call(self, stage: int):
-        """The pipeline's call for several requests at this stage, or None."""
-        if stage == wpb.WORKER_STAGE_ENCODE:
-            return getattr(self.pipeline, "encode_batch", None)
-        if stage == wpb.WORKER_STAGE_DECODE and not self.parallel.distributed:  # a group decodes together, one at a time
-            return getattr(self.pipeline, "decode_batch", None)
-        return None
-
     def _stage_one(self, stage: int, state: RequestState, result: wpb.RequestResult, frames: list) -> None:
         if stage == wpb.WORKER_STAGE_ENCODE:
             self.pipeline.encode(state)
@@ -200,7 +187,9 @@ class Runtime:
             if self.pipeline.capabilities.decodes_on_every_rank:
                 self.pipeline.decode(state)  # its share of a parallel decode; rank 0 answers
         elif stage == wpb.WORKER_STAGE_DECODE:
-            attach_frames(result, self.pipeline.decode(state), frames)
+            video = np.ascontiguousarray(self.pipeline.decode(state), dtype=np.uint8)
+            result.frames.CopyFrom(wpb.Tensor(dtype="uint8", shape=video.shape, frame=len(frames)))
+            frames.append(memoryview(video).cast("B"))
         else:
             raise ValueError(f"unknown stage {stage}")
 
@@ -239,13 +228,6 @@ class Runtime:
                 for state in runnable:
                     results[state.request_id].status.CopyFrom(status)
         return list(results.values()), []
-
-
-def attach_frames(result: wpb.RequestResult, video, frames: list) -> None:
-    """A decoded video (uint8 (F, H, W, 3)) into the Result: its buffer as the next frame."""
-    video = np.ascontiguousarray(video, dtype=np.uint8)
-    result.frames.CopyFrom(wpb.Tensor(dtype="uint8", shape=video.shape, frame=len(frames)))
-    frames.append(memoryview(video).cast("B"))
 
 
 class _Refused(Exception):

@@ -24,9 +24,8 @@ from diffserve.worker.v1 import worker_pb2 as wpb
 pytestmark = pytest.mark.usefixtures("event_loop_for_jobs")  # tests/conftest.py
 
 
-def job(age: float, phase: Phase = Phase.DENOISE, height: int = 32, step: int = 0, steps: int = 10, priority: int = 0,
-        frames: int = 1) -> Job:
-    j = Job(params=pb.GenerationParams(prompt="x", height=height, width=32, num_frames=frames, num_inference_steps=steps), priority=priority)
+def job(age: float, phase: Phase = Phase.DENOISE, height: int = 32, step: int = 0, steps: int = 10, priority: int = 0) -> Job:
+    j = Job(params=pb.GenerationParams(prompt="x", height=height, width=32, num_frames=1, num_inference_steps=steps), priority=priority)
     j.phase, j.admitted_at, j.step = phase, age, step
     return j
 
@@ -42,10 +41,9 @@ def test_stages_by_priority_then_age():
     assert next_plan([a, b, c], 4).jobs == [b]
 
 
-def test_stages_go_together_a_videos_decode_alone():
+def test_encodes_and_prepares_go_together_decodes_one_at_a_time():
     """The first stage's job takes the others waiting at the same ENCODE or PREPARE along (up to the
-    batch size, by priority then age), an image's DECODE the other images of its shape; a video's
-    DECODE runs alone."""
+    batch size, by priority then age); a DECODE runs alone."""
     enc = [job(age, phase=Phase.ENCODE) for age in (5, 3, 4)]
     late = job(6, phase=Phase.ENCODE, priority=9)
     dec, prep = job(1, phase=Phase.DECODE), job(2, phase=Phase.PREPARE)
@@ -55,12 +53,8 @@ def test_stages_go_together_a_videos_decode_alone():
     assert plan.stage == pb.STAGE_ENCODE and plan.jobs == [late, enc[1], enc[2]]
     enc[1].in_flight = True
     assert next_plan(enc, 4).jobs == [enc[2], enc[0]]
-    images = [job(1, phase=Phase.DECODE), job(3, phase=Phase.DECODE), job(2, phase=Phase.DECODE, height=64), job(4, phase=Phase.DECODE)]
-    assert next_plan(images, 4).jobs == [images[0], images[1], images[3]]  # not the 64x32 one
-    assert next_plan(images, 2).jobs == [images[0], images[1]]
-    videos = [job(1, phase=Phase.DECODE, frames=5), job(2, phase=Phase.DECODE, frames=5)]
-    assert next_plan(videos, 4).jobs == [videos[0]]
-    assert next_plan([videos[1], images[1]], 4).jobs == [videos[1]]
+    twice = [job(1, phase=Phase.DECODE), job(2, phase=Phase.DECODE)]
+    assert next_plan(twice, 4).jobs == [twice[0]]
 
 
 def test_same_shape_batched_across_steps_oldest_first():

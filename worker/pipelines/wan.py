@@ -53,9 +53,6 @@ from diffserve.worker.pipelines.stages import T5PromptEncoder, initial_noise, to
 from diffserve.worker.v1 import worker_pb2 as wpb
 
 TEXT_LENGTH = 512  # UMT5 tokens; the DiT's cross-attention context length
-# Output pixels (frames x height x width) one VAE call decodes for several requests (decode_batch): ten 480x832
-# images, four 720x1280 ones (the decoder's activations grow with it: ~2-3 GB a 720p frame in float32).
-DECODE_BATCH_PIXELS = 4 << 20
 
 # Card defaults: (height, width, num_frames, steps, guidance_scale, fps).
 # Wan2.1: diffusers WanPipeline's (and WanImageToVideoPipeline's) call defaults. Wan2.2: the Wan2.2
@@ -501,33 +498,9 @@ class WanPipeline(OffersLora):
 
     @torch.no_grad()
     def decode(self, state: WanState) -> np.ndarray:
-        video = decode_video(self.parallel, self.vae, self._vae_latents(state))  # (1, 3, F, H, W) in [-1, 1]; None on followers
-        return None if video is None else to_uint8_frames(video)
-
-    @torch.no_grad()
-    def decode_batch(self, states: list[WanState]) -> list[np.ndarray]:
-        """Several requests' videos (one process): those of one latent shape in VAE calls of up to
-        DECODE_BATCH_PIXELS output pixels (each sample is decoded alone inside the VAE's convolutions
-        and norms, so batching changes no result)."""
-        videos: dict[int, np.ndarray] = {}
-        by_shape: dict[tuple, list[int]] = {}
-        for i, state in enumerate(states):
-            by_shape.setdefault(tuple(state.latents.shape), []).append(i)
-        for shape, indices in by_shape.items():
-            r = states[indices[0]].request
-            per_call = max(1, DECODE_BATCH_PIXELS // (r.num_frames * r.height * r.width))
-            for start in range(0, len(indices), per_call):
-                chunk = indices[start:start + per_call]
-                latents = torch.cat([self._vae_latents(states[i]) for i in chunk])
-                video = self.vae.decode(latents, return_dict=False)[0]  # (n, 3, F, H, W)
-                for j, i in enumerate(chunk):
-                    videos[i] = to_uint8_frames(video[j:j + 1])
-        return [videos[i] for i in range(len(states))]
-
-    def _vae_latents(self, state: WanState) -> torch.Tensor:
-        """The request's final latents as the VAE takes them: the known first frame put back (FIRST_FRAME
-        image-to-video), the latent normalisation undone."""
         latents = state.latents
         if self.variant.image is ImageConditioning.FIRST_FRAME:
             latents = (1 - state.mask) * state.condition + state.mask * latents
-        return latents.to(self.vae.dtype) / self._latents_inv_std + self._latents_mean
+        latents = latents.to(self.vae.dtype) / self._latents_inv_std + self._latents_mean  # undo the latent normalisation
+        video = decode_video(self.parallel, self.vae, latents)  # (1, 3, F, H, W) in [-1, 1]; None on followers
+        return None if video is None else to_uint8_frames(video)
