@@ -147,3 +147,13 @@ def test_packed_forward_tiny_times_every_variant_and_packed_equals_unpacked(tmp_
     assert [r["forwards"] for r in rows] == [2, 2, 1, 1, 4, 4, 1, 1]
     for row in rows:
         assert row["ms"] > 0 and row["ratio"] > 0 and float(row["rel_err"]) < 1e-5, row
+
+
+@pytest.mark.timeout(120)
+def test_cache_skips_counts_the_computed_row_steps(bench):
+    """bench/cache_skips.py (a policy's computed share, printed beside demo/quality.py's scores): 2 prompts x
+    2 rows (CFG) x 4 steps; TaylorSeer at interval 2 computes half of them after one warm-up step, three
+    quarters after diffusers' three (the same decisions as diffusers' hook: test_taylorseer_cache.py)."""
+    out = bench("cache_skips.py", "--cache", "taylorseer:interval=2:warmup_steps=1", "--cache", "taylorseer:interval=2")
+    assert "taylorseer:interval=2:warmup_steps=1: 8 of 16 row-steps computed (50%)" in out, out
+    assert "taylorseer:interval=2: 12 of 16 row-steps computed (75%)" in out, out
