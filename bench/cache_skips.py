@@ -28,8 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.tiny and not args.model_path:
         p.error("give MODEL_PATH (or --tiny)")
-    torch.set_grad_enabled(False)
-    with tempfile.TemporaryDirectory(prefix="cache-skips-") as folder:
+    with tempfile.TemporaryDirectory(prefix="cache-skips-") as folder, torch.no_grad():  # (not set_grad_enabled: tests run main in-process)
         if args.tiny:
             from service import build_checkpoint
 
