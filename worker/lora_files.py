@@ -124,8 +124,7 @@ class AdapterFile:
             raise refuse(f"{module} has lora_{'A' if down is None else 'B'}.weight missing")
         rank = down.shape[0] if down.ndim == 2 else 0
         shard = getattr(linear, "tp_shard", None)  # a tensor-parallel share of the layer (worker/parallel/tensor.py)
-        in_features = shard.full if shard is not None and shard.dim == 1 else linear.in_features
-        out_features = shard.full if shard is not None and shard.dim == 0 else linear.out_features
+        in_features, out_features = (linear.in_features, linear.out_features) if shard is None else shard.unsplit(linear)
         expected = {"lora_A.weight": ((rank, in_features), down), "lora_B.weight": ((out_features, rank), up)}
         if bias is not None:
             expected["lora_B.bias"] = ((out_features,), bias)
@@ -135,10 +134,8 @@ class AdapterFile:
                              f"{out_features}) needs {shape if rank else '(rank, in_features)'}")
             if not tensor.is_floating_point() or not torch.isfinite(tensor).all():
                 raise refuse(f"{module}.{part} must hold finite floating-point values")
-        if shard is not None and shard.dim == 0:  # column-parallel: this rank's output rows of lora_B and its bias
-            up, bias = shard.take(up, 0), None if bias is None else shard.take(bias, 0)
-        elif shard is not None:  # row-parallel: this rank's input columns of lora_A; the bias once, on the first rank
-            down, bias = shard.take(down, 1), bias if shard.first else None
+        if shard is not None:
+            down, up, bias = shard.cut_lora(down, up, bias)
         weight = linear.weight
 
         def place(t: torch.Tensor | None) -> torch.Tensor | None:

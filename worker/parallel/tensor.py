@@ -71,8 +71,16 @@ class TpShard:
         only, as the all_reduce sums every rank's partial result."""
         return self.ranges[0][0] == 0
 
-    def take(self, t: torch.Tensor, dim: int) -> torch.Tensor:
-        return _take(t, dim, self.ranges)
+    def unsplit(self, linear: nn.Module) -> tuple[int, int]:
+        """The layer's (in_features, out_features) before the split."""
+        return (self.full, linear.out_features) if self.dim == 1 else (linear.in_features, self.full)
+
+    def cut_lora(self, down: torch.Tensor, up: torch.Tensor, bias: torch.Tensor | None):
+        """This rank's share of a LoRA pair for the layer: a column-parallel layer's rows of lora_B (and
+        of its bias), a row-parallel layer's columns of lora_A and the bias on the first rank only."""
+        if self.dim == 0:
+            return down, _take(up, 0, self.ranges), None if bias is None else _take(bias, 0, self.ranges)
+        return _take(down, 1, self.ranges), up, bias if self.first else None
 
 
 def column_parallel(linear: nn.Linear, ranges: Ranges) -> nn.Linear:

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 def clean_prompt(text: str) -> str:
@@ -47,8 +48,14 @@ class T5PromptEncoder:
         self.cache_prompts = cache_prompts
         self._cache: OrderedDict[str, torch.Tensor] = OrderedDict()  # cleaned prompt -> (length, D)
 
-    @torch.no_grad()
     def __call__(self, prompts: Sequence[str]) -> torch.Tensor:
+        """(len(prompts), max_length, D)."""
+        return torch.cat(self.rows(prompts))
+
+    @torch.no_grad()
+    def rows(self, prompts: Sequence[str]) -> list[torch.Tensor]:
+        """One (1, max_length, D) tensor per prompt, each its own memory (a request keeps its rows
+        without holding the others'); the prompts not kept are encoded in one call."""
         texts = [clean_prompt(p) for p in prompts]
         missing = list(dict.fromkeys(t for t in texts if t not in self._cache))
         encoded = dict(zip(missing, self._encode(missing))) if missing else {}
@@ -61,10 +68,7 @@ class T5PromptEncoder:
             rows.append(row)
         for text, row in encoded.items():
             self._remember(text, row)
-        out = torch.zeros(len(rows), self.max_length, rows[0].shape[-1], device=self.device, dtype=self.dtype)
-        for i, row in enumerate(rows):
-            out[i, : row.shape[0]] = row
-        return out
+        return [F.pad(row, (0, 0, 0, self.max_length - row.shape[0]))[None] for row in rows]
 
     def _encode(self, texts: list[str]) -> list[torch.Tensor]:
         tokens = self.tokenizer(
@@ -81,7 +85,7 @@ class T5PromptEncoder:
         ids = tokens.input_ids[:, :width].to(self.device)
         mask = tokens.attention_mask[:, :width].to(self.device)
         hidden = self.text_encoder(ids, mask).last_hidden_state  # (B, width, D)
-        return [hidden[i, :n].to(self.dtype) for i, n in enumerate(lengths)]
+        return [hidden[i, :n].to(self.dtype, copy=True) for i, n in enumerate(lengths)]  # kept alone, not as views of the batch
 
     def _remember(self, text: str, row: torch.Tensor) -> None:
         if self.cache_prompts <= 0:

@@ -319,10 +319,7 @@ class WanPipeline(OffersLora):
             texts.append(state.request.prompt)
             if self.guide.unconditional(state.request):
                 texts.append(state.request.negative_prompt)
-        rows = list(self.encoder(texts).to(self.dtype).split(1))  # (1, L, D) each
-        if len(states) > 1:  # each request its own memory (a view would keep the whole batch's alive)
-            rows = [row.clone() for row in rows]
-        rows = iter(rows)
+        rows = iter(self.encoder.rows(texts))  # (1, L, D) each, in the pipeline's dtype
         for state in states:
             state.cond = next(rows)
             state.uncond = next(rows) if self.guide.unconditional(state.request) else None
